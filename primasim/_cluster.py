@@ -18,6 +18,7 @@ File layout (see data/clusters/prima-d1-d4.toml for a complete example):
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -172,6 +173,8 @@ def cluster_from_toml(raw: dict[str, Any], where: str) -> ClusterSpec:
 
 def _derived_cluster(raw: dict[str, Any], where: str) -> ClusterSpec:
     """`base = "other-cluster"` + `use = [names]`: a subset of another cluster file's devices."""
+    if not isinstance(raw["base"], str) or not raw["base"].strip():
+        raise SpecError(f"'base' must name a cluster, got {raw['base']!r}", where=where, fix="base = \"prima-d1-d6\"")
     base_ref = str(raw["base"])
     rel = Path(where).parent / base_ref
     base = load_cluster(rel if rel.suffix == ".toml" and rel.exists() else base_ref)
@@ -191,7 +194,7 @@ def _derived_cluster(raw: dict[str, Any], where: str) -> ClusterSpec:
 
 def _num(raw: dict[str, Any], key: str, default: float, where: str, positive: bool = False) -> float:
     v = raw.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0 or (positive and v == 0):
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0 or (positive and v == 0):
         raise SpecError(f"'{key}' must be a {'positive' if positive else 'non-negative'} number, got {v!r}",
                         where=where, fix=f"set {key} = <number>")
     return float(v)
@@ -207,6 +210,10 @@ def _network_from_toml(raw: Any, where: str) -> NetworkSpec:
     kind = raw.get("kind", "wifi")
     if kind not in ("wifi", "switched"):
         raise SpecError(f"'kind' must be wifi or switched, got {kind!r}", where=where, fix="kind = \"wifi\"")
+    if not isinstance(raw.get("sources", {}), dict):
+        raise SpecError("'sources' must be a table of strings", where=where, fix="[network.sources] key = \"...\"")
+    if not isinstance(raw.get("links", []), list):
+        raise SpecError("'links' must be an array of tables", where=where, fix="[[network.links]] a = ..., b = ...")
     links = []
     for i, ln in enumerate(raw.get("links", [])):
         w = f"{where}.links[{i}]"
@@ -249,5 +256,8 @@ def load_cluster(ref: str | Path) -> ClusterSpec:
         raise SpecError(f"not valid TOML ({exc})", where=str(p), fix="fix the TOML syntax") from None
     except UnicodeDecodeError:
         raise SpecError("not a text file", where=str(p), fix="give a TOML cluster file") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise SpecError(f"cannot read the cluster file ({exc.strerror})", where=str(p),
+                        fix="give the path of a TOML cluster file") from None
     where = os.path.relpath(p) if p.is_absolute() and str(p).startswith(os.getcwd()) else str(p)
     return cluster_from_toml(raw, where)

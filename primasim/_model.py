@@ -31,6 +31,8 @@ GGML_BLOCK: dict[str, tuple[int, int]] = {
     "BF16": (1, 2),
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
     "Q4_K": (256, 144),
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
@@ -69,13 +71,21 @@ class Tensor:
         return math.prod(self.shape)
 
     @property
+    def storage_type(self) -> str:
+        """The ggml type actually stored. Blocks run along a row, so a row length the block does
+        not divide falls back as llama-quant.cpp does (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, else
+        F16; F16 too if the fallback's block does not divide either)."""
+        t = self.ggml_type
+        row = self.shape[-1]
+        if row % GGML_BLOCK[t][0] == 0:
+            return t
+        t = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}.get(t, "F16")
+        return t if row % GGML_BLOCK[t][0] == 0 else "F16"
+
+    @property
     def nbytes(self) -> int:
-        per_block, block_bytes = GGML_BLOCK[self.ggml_type]
-        n = self.n_elements
-        if n % per_block:
-            # ggml falls back to a non-block type when a row does not divide; so do we (Q8_0).
-            per_block, block_bytes = GGML_BLOCK["Q8_0"] if n % 32 == 0 else GGML_BLOCK["F16"]
-        return n // per_block * block_bytes
+        per_block, block_bytes = GGML_BLOCK[self.storage_type]
+        return self.n_elements // per_block * block_bytes
 
     @property
     def dtype(self) -> str:
@@ -298,6 +308,11 @@ class ModelSpec:
         """Per-layer FLOPs averaged over the mixed-precision layers (the cost model's f_m^q)."""
         tot: dict[str, float] = {}
         attn = self.layer_flops(n_ctx)
+        # keep only attention + element-wise work of layer_flops: with f16/f32 weights its f16/f32
+        # entries also hold the middle layer's weight matmuls, which the loop below averages in
+        for t in self.layer_tensors(0 if self.n_layers == 1 else self.n_layers // 2):
+            if len(t.shape) == 2 and t.dtype in ("f16", "f32"):
+                attn[t.dtype] -= 2.0 * t.n_elements
         for k in ("f16", "f32"):
             tot[k] = attn.get(k, 0.0)
         n = self.n_layers
@@ -405,6 +420,19 @@ SUPPORTED_HF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 def from_hf_config(cfg: dict[str, Any], *, name: str = "hf-model", where: str = "config.json") -> ModelSpec:
     """ModelSpec from a Hugging Face config dict (Llama and Qwen2 families)."""
+    if not isinstance(cfg, dict):
+        raise SpecError("expected a JSON object", where=where, fix="give a Hugging Face config.json")
+    try:
+        return _from_hf_config(cfg, name=name, where=where)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as exc:
+        # junk values (lists for sizes, a string rope_scaling, zero heads, ...)
+        raise SpecError(f"a field has the wrong type or value ({type(exc).__name__}: {exc})", where=where,
+                        fix="compare with the model's original config.json") from None
+
+
+def _from_hf_config(cfg: dict[str, Any], *, name: str, where: str) -> ModelSpec:
     mt = cfg.get("model_type")
     if mt not in SUPPORTED_HF:
         raise SpecError(f"unsupported architecture model_type={mt!r} (architectures={cfg.get('architectures')})",
@@ -468,6 +496,10 @@ def from_hf_config_file(path: str | Path) -> ModelSpec:
     except json.JSONDecodeError as exc:
         raise SpecError(f"not valid JSON ({exc.msg} at line {exc.lineno})", where=str(p),
                         fix="repair the file or re-download config.json") from None
+    except UnicodeDecodeError:
+        raise SpecError("not a UTF-8 text file", where=str(p), fix="give a Hugging Face config.json") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read the file ({exc.strerror})", where=str(p), fix="check the path") from None
     if not isinstance(cfg, dict):
         raise SpecError("expected a JSON object", where=str(p), fix="give a Hugging Face config.json")
     name = p.parent.name or p.stem
@@ -477,15 +509,18 @@ def from_hf_config_file(path: str | Path) -> ModelSpec:
 _GGUF_FTYPE = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4k", 18: "q6k", 17: "q5k", 2: "q4_0"}
 
 
-def from_gguf(path: str | Path) -> ModelSpec:
-    """ModelSpec from a GGUF file's metadata; bytes are measured from its tensors."""
+def from_gguf(path: str | Path, *, reader: Any = None) -> ModelSpec:
+    """ModelSpec from a GGUF file's metadata; bytes are measured from its tensors.
+
+    `reader`: an already open gguf.GGUFReader of the file (parsing a 32k-token vocabulary takes
+    ~1.4 s, so runtime.checkpoint parses once and passes it)."""
     import gguf  # local: the gguf package is only needed for GGUF files
 
     p = Path(path)
     if not p.exists():
         raise SpecError("file not found", where=str(p), fix="give a path to a .gguf file")
     try:
-        reader = gguf.GGUFReader(str(p), "r")
+        reader = reader if reader is not None else gguf.GGUFReader(str(p), "r")
     except Exception as exc:  # the reader raises assorted errors on junk
         raise SpecError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", where=str(p),
                         fix="check the file is complete (re-download or re-convert it)") from None
