@@ -172,13 +172,15 @@ def evaluate_plan(cell: dict[str, Any]) -> dict[str, Any]:
 def evaluate_simulate(cell: dict[str, Any]) -> dict[str, Any]:
     from ._cluster import load_cluster
     from ._model import load_model
-    from .sim import simulate
+    from .sim import SimConfig, simulate
 
     model = load_model(cell["model"], cell.get("quant"))
     cluster = apply_knobs(load_cluster(cell["cluster"]), cell)
-    res = simulate(cell["system"], model, cluster, prompt_tokens=int(cell.get("prompt_tokens", 16)),
-                   tokens=int(cell.get("tokens", 16)), seed=int(cell.get("seed", 0)),
-                   n_ctx=int(cell.get("n_ctx", 1024)), **_plan_options(cell))
+    opts = _plan_options(cell)
+    cfg = SimConfig(tokens=int(cell.get("tokens", 16)), prompt_tokens=int(cell.get("prompt_tokens", 16)),
+                    seed=int(cell.get("seed", 0)), prefetch=opts.pop("prefetch", None),
+                    S=opts.pop("S", None), batch=opts.pop("batch", None))
+    res = simulate(cell["system"], model, cluster, config=cfg, n_ctx=int(cell.get("n_ctx", 1024)), **opts)
     j = res.to_json()
     row = {k: j.get(k) for k in ("feasible", "reason", "tpot_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
                                  "throughput_tok_s")}

@@ -1,0 +1,29 @@
+"""The SimPy simulator: devices (CPU, GPU, disk, RAM + OS page cache), Wi-Fi, and every system's
+schedule on them. `simulate(system, model, cluster)` returns a SimResult with a Trace in the schema
+the runtime shares (primasim._trace), its Metrics, and the plan simulated.
+"""
+
+from ._api import simulate as simulate
+from ._config import SimConfig as SimConfig, config_help as config_help
+from ._context import SimContext as SimContext, SimResult as SimResult
+from ._engine import Recorder as Recorder, Server as Server
+from ._feedback import (
+    Candidate as Candidate,
+    SimHaldaResult as SimHaldaResult,
+    rerank as rerank,
+    sim_corrections as sim_corrections,
+    sim_halda as sim_halda,
+)
+from ._network import Network as Network
+from ._pagecache import PageCache as PageCache
+from ._systems import (
+    SYSTEMS as SYSTEMS,
+    SystemEntry as SystemEntry,
+    get_system as get_system,
+    system_names as system_names,
+)
+from ._timing import DeviceTiming as DeviceTiming
+
+__all__ = ["simulate", "SimConfig", "config_help", "SimContext", "SimResult", "Recorder", "Server", "Network",
+           "PageCache", "SYSTEMS", "SystemEntry", "get_system", "system_names", "DeviceTiming", "Candidate",
+           "SimHaldaResult", "rerank", "sim_corrections", "sim_halda"]

@@ -1,0 +1,66 @@
+"""SimConfig: the knobs of one simulation run (workload, fidelity and calibration)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _h(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How to simulate: workload, randomness, fidelity and the few calibrated factors."""
+
+    tokens: int = _h(32, "tokens generated per sequence (TPOT is measured over them)")
+    prompt_tokens: int = _h(16, "prompt length; the prompt is prefilled as one batch (TTFT)")
+    seed: int = _h(0, "seed of every random draw (network jitter, request lengths)")
+    jitter: bool = _h(True, "draw per-message latency from the cluster's jitter (P50/P90 differ)")
+    chunks_per_layer: int = _h(4, "page-cache granularity: a layer's weights are this many chunks")
+    warmup: bool = _h(True, "run one untimed decode pass first (llama.cpp's warm-up): the page cache "
+                      "starts in its steady state, as in the paper's measurements")
+    prefetch: bool | None = _h(None, "override the plan's prefetch flag (None: keep the plan's)")
+    # --- calibration (see data/clusters/prima-d1-d6.toml [devices.sources] and README material)
+    fault_efficiency: float = _h(1.0, "demand-paging read throughput as a fraction of the disk's "
+                                 "(small synchronous readahead windows on page faults)")
+    sample_cost_per_vocab: float = _h(0.0, "host seconds per vocabulary entry to sample a token "
+                                      "(softmax + sampler chain over V logits); 0 = as the cost model")
+    kv_read: Literal["ctx", "filled"] = _h("ctx", "KV bytes read per layer: the whole n_ctx cache (the "
+                                           "cost model's b') or only the filled positions")
+    wifi_frame_overhead: float = _h(0.0, "seconds of airtime per message on top of bytes/bandwidth "
+                                    "(MAC contention, preamble, ACK)")
+    # --- schedule-specific workload knobs
+    S: int | None = _h(None, "mdi-llm: sequences in flight (default: number of nodes)")
+    batch: int | None = _h(None, "bud: max batch / pipo, flexgen: batch size (default per system)")
+    requests: int = _h(100, "bud: number of requests in the workload")
+    max_len: int = _h(2048, "bud: max sequence length a max-length KV preallocation reserves")
+    # --- output
+    record_spans: bool = _h(True, "keep per-resource busy intervals in the trace (timeline)")
+    max_sim_time: float = _h(1e6, "safety stop for the simulated clock, seconds")
+
+    def replace(self, **changes: Any) -> SimConfig:
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        from .._errors import SpecError
+
+        if self.tokens < 1:
+            raise SpecError(f"tokens must be >= 1, got {self.tokens}", where="--tokens", fix="generate at least one token")
+        if self.prompt_tokens < 1:
+            raise SpecError(f"prompt tokens must be >= 1, got {self.prompt_tokens}", where="--prompt-tokens",
+                            fix="use a prompt of at least one token")
+        if self.chunks_per_layer < 1:
+            raise SpecError("chunks_per_layer must be >= 1", where="SimConfig", fix="use 1..16")
+        if not 0 < self.fault_efficiency <= 1:
+            raise SpecError("fault_efficiency must be in (0, 1]", where="SimConfig", fix="use e.g. 0.8")
+        if self.S is not None and self.S < 1:
+            raise SpecError(f"S must be >= 1, got {self.S}", where="--S", fix="put at least one sequence in flight")
+        if self.batch is not None and self.batch < 1:
+            raise SpecError(f"batch must be >= 1, got {self.batch}", where="--batch", fix="use a batch of at least 1")
+
+
+def config_help() -> list[tuple[str, str]]:
+    return [(f.name, f.metadata["help"]) for f in dataclasses.fields(SimConfig)]

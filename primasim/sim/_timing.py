@@ -1,0 +1,81 @@
+"""Service times of one device for one model: the roofline terms of prima.cpp's cost model.
+
+A layer on the CPU costs sum_q f^q / s^cpu_q (compute per weight dtype) + the KV-cache append
+(kv_copy per token) + b' / T^cpu (streaming the weights and the KV cache from RAM); on the GPU the
+same with the GPU's rates; a window with GPU layers on a discrete GPU adds two host<->device copies
+of the hidden state. These are the paper-variant terms (reference 1.2), so where the cost model's
+assumptions hold (everything resident, nothing overlapping) the simulator reproduces it exactly;
+everything else the simulator adds (page faults, prefetch, contention, jitter) comes on top.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .._cost import FLOPS_POSITIONS
+from .._device import DeviceSpec, rate
+from .._model import ModelSpec
+
+
+@lru_cache(maxsize=256)
+def _layer_flops(model: ModelSpec, n_kv: int) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(model.layer_flops_avg(n_kv).items()))
+
+
+@lru_cache(maxsize=64)
+def _output_flops(model: ModelSpec) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted(model.output_flops().items()))
+
+
+class DeviceTiming:
+    """Per-layer, per-window and output-layer times of `model` on `dev` (seconds)."""
+
+    def __init__(self, dev: DeviceSpec, model: ModelSpec) -> None:
+        self.dev = dev
+        self.model = model
+        self._memo: dict[tuple[str, int, int, int], float] = {}
+
+    def _flop_time(self, table: dict[str, float], n_kv: int, n_tokens: int) -> float:
+        return n_tokens * sum(f / rate(table, q) for q, f in _layer_flops(self.model, n_kv))
+
+    def layer(self, where: str, n_tokens: int, n_kv: int, pos: int | None = None) -> float:
+        """One layer for `n_tokens` new tokens: reads `n_kv` cached positions of K and V, and
+        attends over `pos` positions (default: as the cost model counts, min(n_kv, 256))."""
+        if pos is None:
+            pos = min(n_kv, FLOPS_POSITIONS)
+        key = (where, n_tokens, n_kv, pos)
+        t = self._memo.get(key)
+        if t is not None:
+            return t
+        m, d = self.model, self.dev
+        read = m.layer_bytes + m.kv_bytes_per_token() * n_kv
+        if where == "gpu":
+            assert d.gpu is not None
+            t = self._flop_time(d.gpu.flops, pos, n_tokens) + d.gpu.kv_copy * n_tokens + read / d.gpu.mem_bw
+        else:
+            t = self._flop_time(d.cpu_flops, pos, n_tokens) + d.kv_copy * n_tokens + read / d.ram_bw
+        self._memo[key] = t
+        return t
+
+    def layer_flops_only(self, where: str, n_tokens: int, n_kv: int) -> float:
+        d = self.dev
+        table = d.gpu.flops if (where == "gpu" and d.gpu is not None) else d.cpu_flops
+        return self._flop_time(table, n_kv, n_tokens)
+
+    def output(self, n_tokens: int = 1, where: str = "cpu") -> float:
+        """Output norm + projection (+ the one embedding row read from RAM), prima.cpp's head term."""
+        m, d = self.model, self.dev
+        flops = sum(f / (rate(d.gpu.flops, q) if (where == "gpu" and d.gpu) else rate(d.cpu_flops, q))
+                    for q, f in _output_flops(m))
+        bw = d.gpu.mem_bw if (where == "gpu" and d.gpu) else d.ram_bw
+        return n_tokens * flops + (m.input_bytes / m.vocab + m.output_bytes) / bw
+
+    def host_copy(self, nbytes: float) -> float:
+        """One RAM<->VRAM copy of `nbytes` (0 on unified memory or without a GPU)."""
+        d = self.dev
+        if d.gpu is None or d.uma:
+            return 0.0
+        return d.gpu.copy_latency + nbytes / d.gpu.pcie_bw
+
+    def disk_read(self, nbytes: float, efficiency: float = 1.0) -> float:
+        return nbytes / (self.dev.disk_speed * efficiency)

@@ -1,0 +1,126 @@
+"""The page cache at chunk granularity: per-OS reclaim policies, and the prefetch-release conflict
+of plain pipelining + prefetch emerging from LRU-ish eviction and background reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from primasim import load_model
+from primasim._plan import DevicePlan, Plan
+from primasim.sim import PageCache, SimConfig, simulate
+from primasim.sim._testbeds import prefetch_pair
+
+MB = 1e6
+
+
+def _scan(pc: PageCache, ids: list[int], passes: int) -> list[int]:
+    """Access `ids` cyclically; return the number of faults in each pass."""
+    out = []
+    for _ in range(passes):
+        faults = 0
+        for c in ids:
+            if pc.resident(c):
+                pc.touch(c)
+            else:
+                pc.admit(c, demand=True)  # the faulting access is the chunk's first reference
+                pc.unlock(c)
+                faults += 1
+        out.append(faults)
+    return out
+
+
+def _cache(os: str, n: int, capacity_chunks: float, swappable_chunks: float = 0.0, metal: bool = False) -> PageCache:
+    pc = PageCache(os=os, capacity=capacity_chunks * MB, swappable=swappable_chunks * MB, metal=metal)
+    for c in range(n):
+        pc.register(c, MB, metal=metal)
+    return pc
+
+
+@pytest.mark.parametrize("os", ["linux", "android", "macos"])
+def test_a_working_set_that_fits_faults_once(os: str) -> None:
+    pc = _cache(os, 40, 50)
+    assert _scan(pc, list(range(40)), 4) == [40, 0, 0, 0]
+
+
+def test_linux_cyclic_scan_larger_than_memory_thrashes() -> None:
+    """LRU meets a cyclic scan: every chunk is evicted before its next use (llama.cpp >= 60B)."""
+    pc = _cache("linux", 60, 40)
+    faults = _scan(pc, list(range(60)), 5)
+    assert faults[1:] == [60, 60, 60, 60]
+    assert pc.used <= 40 * MB + 1e-6
+
+
+def test_linux_small_shortfall_is_absorbed_by_swapping_idle_memory() -> None:
+    """Refaults within the workingset come back active and push idle anonymous memory to swap:
+    after a transition, nothing is re-read (the gradual regime of a small overflow)."""
+    pc = _cache("linux", 50, 40, swappable_chunks=15)
+    faults = _scan(pc, list(range(50)), 5)
+    assert faults[0] == 50 and faults[-1] == 0 and faults[-2] == 0
+    assert pc.x_used == pytest.approx(10 * MB)  # exactly the shortfall went to swap
+
+
+def test_linux_large_shortfall_is_not_absorbed() -> None:
+    """A refault distance beyond the workingset is not activated: no swapping, full thrash."""
+    pc = _cache("linux", 100, 40, swappable_chunks=15)
+    faults = _scan(pc, list(range(100)), 4)
+    assert faults[1:] == [100, 100, 100]
+    assert pc.x_used == 0
+
+
+def test_android_swaps_other_apps_first() -> None:
+    """Android (Termux): other apps' cold pages go to swap before any mmap'd page is dropped."""
+    pc = _cache("android", 50, 40, swappable_chunks=15)
+    faults = _scan(pc, list(range(50)), 3)
+    assert faults == [50, 0, 0]  # absorbed during the very first pass
+    assert pc.stats.evicted_bytes == 0 and pc.x_used == pytest.approx(10 * MB)
+
+
+def test_metal_evicts_all_or_nothing() -> None:
+    """macOS with Metal: once the GPU working set overflows, the whole mapped slice is dropped, so
+    an oversized slice is re-read entirely every token (not just the shortfall)."""
+    pc = _cache("macos", 50, 40, metal=True)
+    faults = _scan(pc, list(range(50)), 4)
+    assert faults[1:] == [50, 50, 50]
+    assert pc.stats.metal_flushes >= 3
+    lin = _cache("linux", 50, 40, swappable_chunks=15)
+    assert sum(_scan(lin, list(range(50)), 4)[1:]) < sum(faults[1:])
+
+
+def test_prefetched_chunks_evicted_unused_are_counted() -> None:
+    pc = _cache("linux", 10, 4)
+    for c in range(10):  # madvise(WILLNEED) of 10 chunks into room for 4
+        pc.admit(c, demand=False)
+        pc.unlock(c)
+    assert pc.stats.wasted_prefetch_bytes == pytest.approx(6 * MB)
+    assert pc.stats.prefetch_bytes == pytest.approx(10 * MB)
+
+
+# ------------------------------------------------------------------ the prefetch-release conflict
+def test_prefetch_release_conflict_emerges_in_plain_pipeline() -> None:
+    """Plain pipeline (k = 1): B owns 6 layers but has memory for ~3. Prefetching its window runs
+    past memory, evicting what it just read; at compute time the *last* layers are resident and
+    computing the first ones faults and evicts them again: every layer is read twice, prefetch
+    buys nothing. The piped ring (k = 2, windows of 3) prefetches only what fits: each layer is
+    read once and prefetching lowers TPOT. Nothing of this is a rule in the simulator."""
+    m = load_model("llama3-8b", "q4k")
+    cl = prefetch_pair(m, window_layers=6, fits_layers=3.4)
+    cfg = SimConfig(tokens=6, jitter=False, chunks_per_layer=4)
+    pp = Plan("prima", m.name, 32, 1, (DevicePlan("A", 26), DevicePlan("B", 6)), quant="q4k")
+    prp = Plan("prima", m.name, 32, 2, (DevicePlan("A", 13), DevicePlan("B", 3)), quant="q4k")
+    window = 6 * m.layer_bytes  # what B must read per token if nothing stays resident
+    res = {}
+    for name, plan in (("pp", pp), ("prp", prp)):
+        for pf in (False, True):
+            res[(name, pf)] = simulate("prima", m, cl, plan=plan.replace(prefetch=pf), config=cfg)
+    disk = {k: r.extra["disk_read_bytes_per_token"]["B"] for k, r in res.items()}
+    tpot = {k: r.tpot_ms for k, r in res.items()}
+    # PP: without prefetch each layer faults once; with prefetch each is read twice
+    assert disk[("pp", False)] == pytest.approx(window, rel=0.05)
+    assert disk[("pp", True)] == pytest.approx(2 * window, rel=0.1)
+    assert res[("pp", True)].trace.device_stats["B"]["cache_wasted_prefetch_bytes"] > 0.5 * window
+    assert tpot[("pp", True)] >= 0.97 * tpot[("pp", False)]  # no benefit (the conflict)
+    # PRP: windows fit, every layer read once, prefetch overlaps the reads with A's work
+    assert disk[("prp", True)] == pytest.approx(window, rel=0.1)
+    assert res[("prp", True)].trace.device_stats["B"]["cache_wasted_prefetch_bytes"] == 0
+    assert tpot[("prp", True)] < 0.9 * tpot[("prp", False)]
+    assert tpot[("prp", True)] < tpot[("pp", True)]
