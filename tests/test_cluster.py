@@ -135,7 +135,9 @@ def test_derived_cluster(tmp_path: Path) -> None:
     raw = {"name": "mine", "base": "prima-d1-d6", "use": ["D2", "D3", "D5"]}
     p = _write(tmp_path, raw)
     c = load_cluster(p)
-    assert c.names == ["D2", "D3", "D5"] and c.head == "D2"
+    assert c.names == ["D2", "D3", "D5"] and c.head == "D3"  # the base's head, since it is used
+    raw["use"] = ["D2", "D5"]
+    assert load_cluster(_write(tmp_path, raw)).head == "D2"  # else the first device used
     raw["use"] = ["D2", "D7"]
     _expect(tmp_path, raw, "D7")
 

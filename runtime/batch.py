@@ -1,0 +1,228 @@
+"""Bud's request manager: many requests decoded together on one worker over a paged KV pool.
+
+Iteration-level batching: every step decodes one token of every running request in one batched
+call (the batch is padded to a power of two, so XLA compiles a handful of shapes, all at set-up);
+a newly admitted request is prefilled alone, then joins the batch. The KV cache is the paged pool
+of runtime/_kvcache.py: a request holds ceil(length / block_size) blocks that grow with it and go
+back to the free list when it finishes, instead of a max-length reservation per request.
+
+Admission by memory: the pool gets the memory the device has left for KV (its memory cgroup's free
+room, or ``options["kv_bytes"]``); a waiting request is admitted only when the pool's free blocks,
+minus the blocks the running requests will still grow into, hold its whole prompt + output. So the
+pool never runs dry mid-decode and nothing is preempted; when memory is short, requests wait (FIFO).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._measure import own_cgroup, read_int
+from .wire import MsgType
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _bucket(n: int) -> int:
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    return n
+
+
+@dataclass
+class Req:
+    seq: int
+    ids: list[int]
+    max_new: int
+    rng: np.random.Generator
+    generated: list[int]
+    last: int = -1
+
+
+def block_tokens(options: dict[str, Any]) -> int:
+    """Tokens per KV block: the plan's Bud tile size (``tile_tokens``), 16 by default."""
+    return int(options.get("tile_tokens", 16))
+
+
+def kv_budget(options: dict[str, Any]) -> float | None:
+    """Bytes for the KV pool: options["kv_bytes"], else half the free room of a limited memory
+    cgroup (the other half stays for activations and the allocator), else None (unbounded)."""
+    if options.get("kv_bytes"):
+        return float(options["kv_bytes"])
+    cg = own_cgroup("memory")
+    if cg is not None:
+        limit = read_int(cg / "memory.limit_in_bytes", 1 << 62)
+        if limit < 1 << 60:
+            return 0.5 * max(0, limit - read_int(cg / "memory.usage_in_bytes"))
+    return None
+
+
+class BatchServer:
+    """Runs all requests of one GENERATE to completion; emits TOKEN and DONE messages."""
+
+    def __init__(self, stage: Any, obj: dict[str, Any], rec: Any, emit: Callable[[MsgType, dict[str, Any]], None],
+                 io: Any, mem: Any) -> None:
+        from .model import run_layers  # noqa: F401 - fail early if the model is missing
+
+        self.stage, self.rec, self.emit, self.io, self.mem = stage, rec, emit, io, mem
+        self.opts = obj
+        o = dict(obj.get("options", {}))
+        self.block = block_tokens(o)
+        self.max_batch = int(o.get("batch", 64))
+        # Bud's comparison: "prealloc" reserves max_len tokens per request, "paged" what it uses
+        self.prealloc = o.get("kv") == "prealloc"
+        self.max_len = int(o.get("max_len", 0) or 0)
+        seed = int(obj.get("seed", 0))
+        self.waiting = collections.deque(
+            Req(i, list(p), int(obj["max_new_tokens"]), np.random.default_rng([seed, i]), [])
+            for i, p in enumerate(obj["prompts"]))
+        need = max(len(r.ids) + r.max_new for r in self.waiting)
+        self.max_seq = need
+        per_req = -(-need // self.block)
+        spec = stage.spec
+        block_bytes = 2 * len(stage.layers) * self.block * spec.n_kv_heads * spec.head_dim * 4
+        budget = kv_budget(o)
+        if budget is None:
+            n_blocks = 1 + per_req * min(len(self.waiting), self.max_batch)
+        else:
+            n_blocks = int(budget // block_bytes)
+        if n_blocks - 1 < per_req:
+            from primasim._errors import WorkerError
+
+            raise WorkerError(f"the KV pool ({n_blocks} blocks of {self.block} tokens, {budget or 0:.0f} bytes) "
+                              f"cannot hold one request of {need} tokens", where="batch",
+                              fix="give the device more memory or shorten the requests")
+        from ._kvcache import PagedKVPool
+
+        self.pool = PagedKVPool(spec, stage.layers, n_blocks=n_blocks, block_size=self.block, max_seq=self.max_seq)
+        self.running: list[Req] = []
+        self.stats = {"n_blocks": n_blocks, "block_bytes": block_bytes, "max_running": 0}
+
+    # -------------------------------------------------------------------- admission
+    def _full(self, r: Req) -> int:
+        """Blocks request r holds at its end (prealloc: max_len tokens, whatever it uses)."""
+        tokens = len(r.ids) + r.max_new
+        if self.prealloc and self.max_len:
+            tokens = max(tokens, self.max_len)
+        return -(-tokens // self.block)
+
+    def _reserved(self) -> int:
+        """Blocks the running requests will still take before they finish."""
+        return sum(max(0, self._full(r) - -(-self.pool.length(r.seq) // self.block)) for r in self.running)
+
+    def _admit(self) -> list[Req]:
+        new = []
+        while self.waiting and len(self.running) + len(new) < self.max_batch:
+            r = self.waiting[0]
+            reserved = self._reserved() + sum(self._full(q) for q in new)
+            if self.pool.free_blocks - reserved < self._full(r):
+                break
+            new.append(self.waiting.popleft())
+        return new
+
+    # -------------------------------------------------------------------- compute
+    def _forward(self, seqs: list[int | None], ids: np.ndarray, n_new: int) -> np.ndarray:
+        """Run every window for tokens `ids` (B, T) of `seqs` (None = padding); logits (B, V)."""
+        from . import model as md
+
+        pos = self.pool.prepare(seqs, n_new)
+        params = self.stage.params
+        x = md.embed(params, ids)
+        pool = self.pool
+        for s, e in self.stage.windows:
+            x, pool = md.run_layers(params, pool, x, pos, range(s, e))
+        self.pool.advance(seqs, n_new)
+        return np.asarray(md.logits(params, x[:, -1:]))[:, -1]
+
+    def _sample(self, r: Req, logits: np.ndarray, t: float) -> bool:
+        o = self.opts
+        tok = self.stage.sample(logits, r.rng, float(o.get("temperature", 0.0)), int(o.get("top_k", 0)),
+                                float(o.get("top_p", 1.0)))
+        r.generated.append(tok)
+        r.last = tok
+        self.emit(MsgType.TOKEN, {"seq": r.seq, "index": len(r.generated) - 1, "token_id": tok, "time": t})
+        return len(r.generated) >= r.max_new or tok in set(o.get("stop_ids", []))
+
+    def run(self) -> None:
+        done: dict[int, list[int]] = {}
+        while self.waiting or self.running:
+            for r in self._admit():
+                self.pool.add(r.seq)
+                t0 = time.time()
+                lg = self._forward([r.seq], np.asarray([r.ids], np.int32), len(r.ids))
+                t1 = time.time()
+                self.rec.span("cpu", t0, t1, f"prefill {len(r.ids)} tokens", r.seq, 0)
+                if self._sample(r, lg[0], t1):
+                    self.pool.free(r.seq)
+                    done[r.seq] = r.generated
+                else:
+                    self.running.append(r)
+            if not self.running:
+                if self.waiting and not self._admit_possible():
+                    from primasim._errors import WorkerError
+
+                    raise WorkerError("a waiting request can never be admitted", where="batch",
+                                      fix="give the device more memory")
+                continue
+            self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
+            b = _bucket(len(self.running))
+            seqs: list[int | None] = [r.seq for r in self.running] + [None] * (b - len(self.running))
+            ids = np.zeros((b, 1), np.int32)
+            ids[:len(self.running), 0] = [r.last for r in self.running]
+            t0 = time.time()
+            lg = self._forward(seqs, ids, 1)
+            t1 = time.time()
+            self.rec.span("cpu", t0, t1, f"decode batch {len(self.running)} (padded {b})", 0, -1)
+            self.rec.sample("batch_size", t1, len(self.running))
+            self.rec.sample("kv_free_blocks", t1, self.pool.free_blocks)
+            self.rec.sample("disk_read_bytes", t1, self.io.read_bytes())
+            self.mem.sample()
+            still = []
+            for i, r in enumerate(self.running):
+                if self._sample(r, lg[i], t1):
+                    self.pool.free(r.seq)
+                    done[r.seq] = r.generated
+                else:
+                    still.append(r)
+            self.running = still
+        self.emit(MsgType.DONE, {"tokens": {str(k): v for k, v in sorted(done.items())}, **self.stats})
+
+    def _admit_possible(self) -> bool:
+        return self._full(self.waiting[0]) <= self.pool.n_blocks - 1
+
+    @staticmethod
+    def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = 16) -> None:
+        """Compile the prefill shapes and every decode bucket up to max_batch."""
+        from . import model as md
+        from ._kvcache import PagedKVPool
+
+        longest = max(lengths) + 1
+        pool = PagedKVPool(stage.spec, stage.layers, n_blocks=1 + -(-longest // block) * max(1, max_batch),
+                           block_size=block, max_seq=longest)
+        for n in sorted(set(lengths)):
+            pool.add("w")
+            pos = pool.prepare(["w"], n)
+            x = md.embed(stage.params, np.zeros((1, n), np.int32))
+            for s, e in stage.windows:
+                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e))
+            md.logits(stage.params, x[:, -1:])
+            pool.free("w")
+        for b in BUCKETS:
+            if b > _bucket(max_batch):
+                break
+            seqs: list[Any] = [f"w{i}" for i in range(b)]
+            for q in seqs:
+                pool.add(q)
+            pos = pool.prepare(seqs, 1)
+            x = md.embed(stage.params, np.zeros((b, 1), np.int32))
+            for s, e in stage.windows:
+                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e))
+            md.logits(stage.params, x[:, -1:])
+            for q in seqs:
+                pool.free(q)

@@ -1,0 +1,700 @@
+"""An emulated home cluster on one Linux host: every device is a worker process with real OS limits.
+
+Per device (from `DeviceSpec.emulate`, an `EmulationSpec`):
+
+- a cgroup v1 **memory** cgroup ``primasim-e<rid>-<i>-<name>``: bounds anonymous memory *and* the page
+  cache the worker charges, so mmap'd weights beyond the limit are evicted and re-read for real.
+  The limit is `memory_limit` on top of the worker's own footprint, measured after start-up with
+  its weight pages dropped (`set_memory_budget`): the runtime itself (Python, JAX, XLA) is not part
+  of a phone's memory budget either;
+- a **cpu** cgroup with ``cpu.cfs_quota_us = cpu_quota x cpu.cfs_period_us``, plus a CPU affinity of
+  `threads` cores so XLA sizes its thread pool to the device;
+- a **blkio** cgroup with ``blkio.throttle.read_bps_device = disk_read_bw`` on the disk(s) that hold
+  the checkpoint (page-fault reads are throttled too; buffered writes are not, in cgroup v1);
+- its own **network namespace** ``primasim-e<rid>-<i>``, joined by a veth pair to a bridge
+  ``primasim-e<rid>`` in the root namespace (where the driver lives). Egress from each device is
+  shaped with ``tc tbf`` at the link bandwidth of `NetworkSpec`, one tbf per peer under an htb
+  classifier (per-pair overrides; traffic to the driver is not shaped). Link latency and jitter are added in user space by the
+  worker's sender thread (``netem`` is not available here).
+
+Robust set-up and tear-down: `EmulatedCluster` is a context manager; before creating anything it
+writes a state file (owner pid + start time) listing every resource it creates, so a run killed
+with SIGKILL leaves a record and the next start (or `cleanup_stale()`, ``primasim run --cleanup``)
+removes the leftovers. Workers die with their parent (PR_SET_PDEATHSIG) and also exit when the
+driver's heartbeat stops. Without root the cluster runs plain processes on 127.0.0.1 and
+`limitations` says what it could not emulate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from primasim._cluster import ClusterSpec
+from primasim._errors import EmulationError
+from primasim._units import MBPS, MiB
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("memory", "cpu", "blkio")
+PREFIX = "primasim-e"
+_RID = re.compile(r"^primasim-e([0-9a-f]{4})")
+CPU_PERIOD_US = 100_000
+CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
+
+
+def state_dir() -> Path:
+    """Where running emulations record their resources (tmpfs: a reboot clears both)."""
+    for cand in (Path("/run/primasim-emu"), Path(tempfile.gettempdir()) / "primasim-emu"):
+        try:
+            cand.mkdir(parents=True, exist_ok=True)
+            if os.access(cand, os.W_OK):
+                return cand
+        except OSError:
+            continue
+    raise EmulationError("no writable state directory", where="/run/primasim-emu",
+                         fix="run as root or make /tmp writable")
+
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+
+
+def is_root() -> bool:
+    """Whether this process may emulate: root with CAP_SYS_ADMIN (namespaces, cgroups, setns)
+    and CAP_NET_ADMIN (veth, tc) in its effective set."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+                return bool(caps >> CAP_SYS_ADMIN & 1 and caps >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return True
+
+
+def _sh(*args: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    try:
+        p = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise EmulationError(f"command not found: {args[0]}", where="emulated cluster",
+                             fix="install iproute2 (ip, tc)") from None
+    except subprocess.TimeoutExpired:
+        raise EmulationError(f"`{' '.join(args)}` timed out", where="emulated cluster", fix="check the host") from None
+    if check and p.returncode != 0:
+        raise EmulationError(f"`{' '.join(args)}` failed: {p.stderr.strip() or p.stdout.strip()}",
+                             where="emulated cluster", fix="check that iproute2 works and you are root")
+    return p
+
+
+def _proc_start_time(pid: int) -> int | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(raw[raw.rindex(")") + 2:].split()[19])
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    st = _proc_start_time(pid)
+    return st is not None and (start is None or st == start)
+
+
+# ------------------------------------------------------------------------------------ clean-up
+def _kill_cgroup_tasks(cg: Path) -> None:
+    for _ in range(50):
+        try:
+            pids = [int(x) for x in (cg / "cgroup.procs").read_text().split()]
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _remove_cgroup(cg: Path) -> None:
+    if not cg.exists():
+        return
+    _kill_cgroup_tasks(cg)
+    for _ in range(100):
+        try:
+            cg.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)  # tasks are still exiting
+    raise EmulationError(f"could not remove cgroup {cg}", where="emulated cluster clean-up",
+                         fix=f"kill the processes in {cg}/cgroup.procs and rmdir it")
+
+
+def _remove_netns(ns: str) -> None:
+    if not Path(f"/run/netns/{ns}").exists():
+        return
+    # processes still inside would keep the namespace alive: kill them first
+    p = _sh("ip", "netns", "pids", ns, check=False)
+    for tok in p.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+            os.kill(int(tok), signal.SIGKILL)
+    _sh("ip", "netns", "del", ns, check=False)
+
+
+def _remove_link(name: str) -> None:
+    if Path(f"/sys/class/net/{name}").exists():
+        _sh("ip", "link", "del", name, check=False)
+
+
+def _destroy(resources: dict[str, list[Any]]) -> list[str]:
+    """Remove recorded resources in the safe order: processes, cgroups, namespaces, links."""
+    done: list[str] = []
+    for pid, start in resources.get("pids", []):
+        if _alive(pid, start):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            done.append(f"process {pid}")
+    for cg in resources.get("cgroups", []):
+        if Path(cg).exists():
+            _remove_cgroup(Path(cg))
+            done.append(f"cgroup {cg}")
+    for ns in resources.get("netns", []):
+        if Path(f"/run/netns/{ns}").exists():
+            _remove_netns(ns)
+            done.append(f"netns {ns}")
+    for ln in resources.get("links", []):
+        if Path(f"/sys/class/net/{ln}").exists():
+            _remove_link(ln)
+            done.append(f"link {ln}")
+    return done
+
+
+def find_leftovers() -> dict[str, list[str]]:
+    """Every primasim emulation resource on this host, by kind (whether in use or not)."""
+    out: dict[str, list[str]] = {"cgroups": [], "netns": [], "links": []}
+    for ctrl in CONTROLLERS:
+        d = CGROUP_ROOT / ctrl
+        if d.is_dir():
+            out["cgroups"] += sorted(str(p) for p in d.iterdir() if p.is_dir() and _RID.match(p.name))
+    if Path("/run/netns").is_dir():
+        out["netns"] = sorted(p.name for p in Path("/run/netns").iterdir() if _RID.match(p.name))
+    if Path("/sys/class/net").is_dir():
+        out["links"] = sorted(p.name for p in Path("/sys/class/net").iterdir() if _RID.match(p.name))
+    return out
+
+
+def cleanup_stale() -> list[str]:
+    """Remove the resources of emulations whose owner process is gone (crashed or SIGKILLed
+    drivers), and unrecorded primasim-e* resources. Live runs are left alone."""
+    removed: list[str] = []
+    live: set[str] = set()
+    sd = state_dir()
+    for f in sorted(sd.glob("*.json")):
+        try:
+            st = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            f.unlink(missing_ok=True)
+            continue
+        if _alive(int(st.get("pid", -1)), st.get("start")):
+            live.add(st["rid"])
+            continue
+        if is_root():
+            removed += _destroy(st.get("resources", {}))
+        f.unlink(missing_ok=True)
+    if not is_root():
+        return removed
+    left = find_leftovers()
+    orphan = {k: [x for x in v if (m := _RID.match(Path(x).name)) and m.group(1) not in live] for k, v in left.items()}
+    removed += _destroy(orphan)
+    return removed
+
+
+# ------------------------------------------------------------------------------------ devices
+@dataclass
+class EmulatedDevice:
+    """One device of the emulated cluster and the OS objects that emulate it."""
+
+    name: str
+    index: int
+    host: str  # IP the worker listens on
+    netns: str | None = None
+    veth: str | None = None
+    cgroups: dict[str, Path] = field(default_factory=dict)
+    cpus: list[int] = field(default_factory=list)
+    memory_limit: float = 0.0  # bytes on top of the worker's own footprint (0 = no limit)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    ready_path: Path | None = None
+    base_usage: int = 0
+    applied: list[str] = field(default_factory=list)
+
+    @property
+    def memory_cgroup(self) -> Path | None:
+        return self.cgroups.get("memory")
+
+
+class EmulatedCluster:
+    """Context manager: set up the emulated devices of `cluster`, spawn a worker in each, and
+    tear everything down on exit, on error, on SIGTERM/SIGHUP and at interpreter exit."""
+
+    def __init__(self, cluster: ClusterSpec, devices: list[str] | None = None, *,
+                 checkpoint_files: list[str] | None = None, emulate: bool = True,
+                 workdir: str | Path | None = None, heartbeat_timeout: float = 10.0, network: bool = True,
+                 listen_host: str = "127.0.0.1") -> None:
+        self.cluster = cluster
+        self.names = list(devices) if devices else cluster.names
+        self.checkpoint_files = [str(p) for p in (checkpoint_files or [])]
+        self.want = emulate
+        self.root = is_root()
+        self.active = emulate and self.root
+        self.heartbeat_timeout = heartbeat_timeout
+        self.network = network
+        self.listen_host = listen_host
+        self.limitations: list[str] = []
+        self.devices: dict[str, EmulatedDevice] = {}
+        self.rid = ""
+        self.bridge: str | None = None
+        self._state_file: Path | None = None
+        self._resources: dict[str, list[Any]] = {"pids": [], "cgroups": [], "netns": [], "links": []}
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="primasim-run-"))
+        self._closed = False
+        self._old_handlers: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    # -------------------------------------------------------------------------------- set-up
+    def __enter__(self) -> EmulatedCluster:
+        try:
+            self._install_handlers()
+            self.setup()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def setup(self) -> None:
+        if self.want and not self.root:
+            self.limitations.append("not root (or no CAP_SYS_ADMIN/CAP_NET_ADMIN): devices run as plain "
+                                    "processes on 127.0.0.1 without memory limits, CPU quotas, disk throttles "
+                                    "or link bandwidth shaping (link latency is still added in user space)")
+        if self.active:
+            removed = cleanup_stale()
+            if removed:
+                self.limitations.append(f"removed {len(removed)} stale resource(s) of a crashed run")
+            self._check_cgroups()
+            self.rid = self._new_rid()
+            self._state_file = state_dir() / f"{self.rid}.json"
+            self._save_state()
+            if self.network:
+                self._setup_network()
+                if self.cluster.network.kind == "wifi" and len(self.names) > 2:
+                    self.limitations.append("Wi-Fi is emulated as one shaped link per device pair (each "
+                                            "device's egress), not as one shared medium: concurrent "
+                                            "transfers do not contend for airtime")
+            else:
+                self.limitations.append("no network namespaces (the cluster has devices on other machines, "
+                                        "which namespaced devices could not reach): links are not shaped")
+        for i, name in enumerate(self.names):
+            dev = self.cluster.device(name)
+            host = self.devices[name].host if name in self.devices else self.listen_host
+            ed = self.devices.setdefault(name, EmulatedDevice(name, i, host))
+            if self.active:
+                self._setup_cgroups(ed, dev.emulate)
+            ed.cpus = self._cpus_for(i, dev.emulate.threads if dev.emulate else 0,
+                                     dev.emulate.cpu_quota if dev.emulate else 0.0)
+            if dev.emulate is None and self.active:
+                self.limitations.append(f"{name}: no [devices.emulate] table, runs without limits")
+
+    def _check_cgroups(self) -> None:
+        for ctrl in CONTROLLERS:
+            if not (CGROUP_ROOT / ctrl).is_dir():
+                raise EmulationError(f"cgroup v1 controller '{ctrl}' is not mounted at {CGROUP_ROOT / ctrl}",
+                                     where="emulated cluster",
+                                     fix="mount cgroup v1 memory/cpu/blkio, or run with --no-emulate")
+
+    def _new_rid(self) -> str:
+        taken = {m.group(1) for v in find_leftovers().values() for x in v if (m := _RID.match(Path(x).name))}
+        taken |= {p.stem for p in state_dir().glob("*.json")}
+        for _ in range(100):
+            rid = secrets.token_hex(2)
+            if rid not in taken:
+                return rid
+        raise EmulationError("no free run id", where="emulated cluster", fix="run `primasim run --cleanup`")
+
+    def _save_state(self) -> None:
+        if self._state_file is None:
+            return
+        st = {"rid": self.rid, "pid": os.getpid(), "start": _proc_start_time(os.getpid()),
+              "cluster": self.cluster.name, "resources": self._resources}
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(st))
+        tmp.replace(self._state_file)
+
+    def _record(self, kind: str, item: Any) -> None:
+        with self._lock:
+            self._resources[kind].append(item)
+            self._save_state()
+
+    def _subnet(self) -> int:
+        used = _sh("ip", "-o", "-4", "addr", check=False).stdout
+        for x in range(256):
+            if f"10.213.{x}." not in used:
+                return x
+        raise EmulationError("no free 10.213.x.0/24 subnet", where="emulated cluster",
+                             fix="run `primasim run --cleanup`")
+
+    def _setup_network(self) -> None:
+        x = self._subnet()
+        self.bridge = f"{PREFIX}{self.rid}"
+        self._record("links", self.bridge)
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"10.213.{x}.1/24", "dev", self.bridge)
+        _sh("ip", "link", "set", self.bridge, "up")
+        ips = {n: f"10.213.{x}.{10 + i}" for i, n in enumerate(self.names)}
+        for i, name in enumerate(self.names):
+            ns = f"{PREFIX}{self.rid}-{i}"
+            veth = f"{PREFIX}{self.rid}{_b36(i)}"
+            self._record("netns", ns)
+            _sh("ip", "netns", "add", ns)
+            self._record("links", veth)
+            _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _sh("ip", "link", "set", veth, "master", self.bridge, "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{ips[name]}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            ed = EmulatedDevice(name, i, ips[name], netns=ns, veth=veth)
+            self.devices[name] = ed
+            self._shape(ed, ips)
+
+    def _shape(self, ed: EmulatedDevice, ips: dict[str, str]) -> None:
+        """tbf on the device's egress at its link bandwidth(s)."""
+        net = self.cluster.network
+        peers = [n for n in self.names if n != ed.name]
+        if not peers:
+            return
+        rates = {p: net.link(ed.name, p)[0] for p in peers}
+        ns = ed.netns
+        assert ns is not None
+        # htb only classifies by destination (its classes are not the bottleneck); each leaf tbf
+        # shapes one link. Traffic to the driver (the bridge) is not a device link: unshaped.
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb",
+            "default", "999", "r2q", "1000")
+        _sh("ip", "netns", "exec", ns, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:999",
+            "htb", "rate", "10gbit")
+        for j, p in enumerate(peers, start=10):
+            _sh("ip", "netns", "exec", ns, "tc", "class", "add", "dev", "eth0", "parent", "1:",
+                "classid", f"1:{j}", "htb", "rate", "10gbit")
+            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "parent", f"1:{j}",
+                "handle", f"{j}:", *_tbf_args(rates[p]))
+            _sh("ip", "netns", "exec", ns, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol",
+                "ip", "prio", "1", "u32", "match", "ip", "dst", f"{ips[p]}/32", "flowid", f"1:{j}")
+        ed.applied.append("egress " + ", ".join(f"to {p} {r / MBPS:.0f} Mbit/s" for p, r in rates.items()) + " (tbf)")
+
+    def _setup_cgroups(self, ed: EmulatedDevice, em: Any) -> None:
+        if em is None:
+            return
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", ed.name)[:40]
+        for ctrl in CONTROLLERS:
+            cg = CGROUP_ROOT / ctrl / f"{PREFIX}{self.rid}-{ed.index}-{safe}"
+            self._record("cgroups", str(cg))
+            cg.mkdir()
+            ed.cgroups[ctrl] = cg
+        if em.cpu_quota > 0:
+            (ed.cgroups["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (ed.cgroups["cpu"] / "cpu.cfs_quota_us").write_text(str(max(1000, int(em.cpu_quota * CPU_PERIOD_US))))
+            ed.applied.append(f"cpu quota {em.cpu_quota:g} cores")
+        if em.disk_read_bw > 0:
+            devs = sorted({d for f in self.checkpoint_files if (d := _block_device(f))})
+            if not devs:
+                self.limitations.append(f"{ed.name}: checkpoint is not on a block device; disk not throttled")
+            for d in devs:
+                (ed.cgroups["blkio"] / "blkio.throttle.read_bps_device").write_text(f"{d} {int(em.disk_read_bw)}")
+            if devs:
+                ed.applied.append(f"disk read {em.disk_read_bw / 1e6:g} MB/s on {', '.join(devs)}")
+        ed.memory_limit = float(em.memory_limit)
+
+    def _cpus_for(self, i: int, threads: int, quota: float) -> list[int]:
+        avail = sorted(os.sched_getaffinity(0))
+        n = threads or max(1, int(-(-quota // 1)) if quota > 0 else len(avail))
+        n = min(n, len(avail))
+        return [avail[(i * n + j) % len(avail)] for j in range(n)]
+
+    # -------------------------------------------------------------------------------- workers
+    def spawn(self, name: str, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> EmulatedDevice:
+        """Start `primasim worker` for device `name` inside its cgroups and namespace."""
+        ed = self.devices[name]
+        ed.log_path = self.workdir / f"worker-{ed.index}-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        ed.ready_path = self.workdir / f"worker-{ed.index}.ready"
+        ed.ready_path.unlink(missing_ok=True)
+        port = "5555" if ed.netns else "0"
+        worker = [sys.executable, "-m", "primasim", "worker", "--listen", f"tcp://{ed.host}:{port}",
+                  "--once", "--ready-file", str(ed.ready_path), "--name", name,
+                  "--heartbeat-timeout", str(self.heartbeat_timeout), "--parent-pid", str(os.getpid()),
+                  *(extra_args or [])]
+        enter = [sys.executable, "-m", "runtime.emulate", "enter"]
+        if ed.netns:
+            enter += ["--netns", ed.netns]
+        for cg in ed.cgroups.values():
+            enter += ["--cgroup", str(cg)]
+        enter += ["--cpus", ",".join(map(str, ed.cpus)), "--", *worker]
+        penv = dict(os.environ)
+        penv.update(env or {})
+        penv["PRIMASIM_THREADS"] = str(len(ed.cpus))
+        penv["PYTHONUNBUFFERED"] = "1"
+        log = open(ed.log_path, "wb")  # noqa: SIM115 - the child owns it
+        try:
+            ed.process = subprocess.Popen(enter, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=penv, start_new_session=True)
+        finally:
+            log.close()
+        self._record("pids", [ed.process.pid, _proc_start_time(ed.process.pid)])
+        return ed
+
+    def wait_ready(self, name: str, timeout: float) -> dict[str, Any]:
+        """The endpoints a spawned worker bound, once it is listening (or WorkerError)."""
+        from primasim._errors import WorkerError
+
+        ed = self.devices[name]
+        assert ed.process is not None and ed.ready_path is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ed.ready_path.exists():
+                try:
+                    return json.loads(ed.ready_path.read_text())
+                except json.JSONDecodeError:
+                    pass  # being written
+            rc = ed.process.poll()
+            if rc is not None:
+                raise WorkerError(f"worker exited with code {rc} before listening:\n{self.log_tail(name)}",
+                                  where=f"device {name}", fix="see the worker log above")
+            time.sleep(0.02)
+        raise WorkerError(f"worker did not start listening within {timeout:.0f} s:\n{self.log_tail(name)}",
+                          where=f"device {name}", fix="the host may be overloaded; raise --timeout")
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        ed = self.devices.get(name)
+        if ed is None or ed.log_path is None or not ed.log_path.exists():
+            return "(no log)"
+        text = ed.log_path.read_text(errors="replace").splitlines()
+        return "\n".join("    " + ln for ln in text[-lines:])
+
+    def exit_reason(self, name: str) -> str:
+        """Why a worker process ended: exit code, signal, OOM kill in its memory cgroup."""
+        ed = self.devices[name]
+        rc = ed.process.poll() if ed.process else None
+        parts = []
+        if rc is not None:
+            parts.append(f"exit code {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}")
+        cg = ed.memory_cgroup
+        if cg is not None:
+            try:
+                oom = dict(line.split() for line in (cg / "memory.oom_control").read_text().splitlines())
+                if int(oom.get("oom_kill", "0")) > 0:
+                    lim = int((cg / "memory.limit_in_bytes").read_text())
+                    parts.append(f"OOM-killed in its memory cgroup (limit {lim / MiB:.0f} MiB)")
+            except (OSError, ValueError):
+                pass
+        return ", ".join(parts) or "still running"
+
+    # -------------------------------------------------------------------------------- memory
+    def set_memory_budget(self, name: str) -> int | None:
+        """Limit the device's memory cgroup to its current usage (the runtime's own footprint,
+        measured with the weight pages dropped) plus `memory_limit`. Returns the limit."""
+        ed = self.devices[name]
+        cg = ed.memory_cgroup
+        if cg is None or ed.memory_limit <= 0:
+            return None
+        usage = int((cg / "memory.usage_in_bytes").read_text())
+        ed.base_usage = usage
+        limit = int(usage + ed.memory_limit)
+        try:
+            (cg / "memory.limit_in_bytes").write_text(str(limit))
+            (cg / "memory.max_usage_in_bytes").write_text("0")  # the peak from here on
+        except OSError as exc:
+            raise EmulationError(f"could not set memory limit {limit} ({exc})", where=f"device {name}",
+                                 fix="raise memory_mib in [devices.emulate]") from None
+        ed.applied.append(f"memory {ed.memory_limit / MiB:.0f} MiB (+ {usage / MiB:.0f} MiB runtime footprint)")
+        return limit
+
+    def cgroup_stats(self, name: str) -> dict[str, float]:
+        """Counters of the device's cgroups: memory usage/limit/failcnt, blkio read bytes."""
+        from ._measure import blkio_read_bytes, memory_stat, read_int
+
+        ed = self.devices[name]
+        out: dict[str, float] = {}
+        cg = ed.cgroups.get("memory")
+        if cg is not None:
+            out["cg_mem_usage"] = read_int(cg / "memory.usage_in_bytes")
+            out["cg_mem_max_usage"] = read_int(cg / "memory.max_usage_in_bytes")
+            out["cg_mem_limit"] = read_int(cg / "memory.limit_in_bytes")
+            st = memory_stat(cg)
+            out["cg_pgmajfault"] = st.get("total_pgmajfault", 0)
+            out["cg_cache"] = st.get("total_cache", 0)
+        cg = ed.cgroups.get("blkio")
+        if cg is not None:
+            out["cg_blkio_read_bytes"] = blkio_read_bytes(cg)
+        cg = ed.cgroups.get("cpu")
+        if cg is not None:
+            try:
+                st = dict(line.split() for line in (cg / "cpu.stat").read_text().splitlines())
+                out["cg_cpu_throttled_s"] = int(st.get("throttled_time", 0)) / 1e9
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"emulated": self.active, "run_id": self.rid, "limitations": list(self.limitations),
+                "devices": {n: {"host": d.host, "netns": d.netns, "cpus": d.cpus, "applied": list(d.applied)}
+                            for n, d in self.devices.items()}}
+
+    # -------------------------------------------------------------------------------- tear-down
+    def stop_workers(self, grace: float = 3.0) -> None:
+        procs = [d.process for d in self.devices.values() if d.process is not None and d.process.poll() is None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(timeout=5)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.stop_workers()
+            if self.active or self._state_file is not None:
+                _destroy(self._resources)
+                left = [x for v in find_leftovers().values() for x in v if f"{PREFIX}{self.rid}" in x] if self.rid else []
+                if left:
+                    # veth peers vanish asynchronously after their namespace: give them a moment
+                    time.sleep(0.3)
+                    _destroy({"links": [x for x in left if "/" not in x]})
+            if self._state_file is not None:
+                self._state_file.unlink(missing_ok=True)
+        finally:
+            self._restore_handlers()
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _install_handlers(self) -> None:
+        import atexit
+
+        atexit.register(self.close)
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self.close()
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, on_signal)
+
+    def _restore_handlers(self) -> None:
+        import atexit
+
+        atexit.unregister(self.close)
+        if threading.current_thread() is threading.main_thread():
+            for sig, h in self._old_handlers.items():
+                signal.signal(sig, h)
+        self._old_handlers.clear()
+
+
+def _b36(i: int) -> str:
+    if not 0 <= i < 36:
+        raise EmulationError(f"at most 36 emulated devices, got index {i}", where="emulated cluster",
+                             fix="use fewer devices")
+    return "0123456789abcdefghijklmnopqrstuvwxyz"[i]
+
+
+def _tbf_args(rate: float) -> list[str]:
+    """tbf at `rate` bytes/s: a burst of ~1 ms of traffic (>= 2 MTU) keeps small activations
+    within 1 ms of their exact serialisation time; the queue holds 0.5 s before dropping."""
+    burst = max(3028, int(rate * 1e-3))
+    limit = max(1 << 20, int(rate * 0.5))
+    return ["tbf", "rate", f"{int(rate * 8)}bit", "burst", str(burst), "limit", str(limit)]
+
+
+def _block_device(path: str) -> str | None:
+    from ._measure import block_device_of
+
+    try:
+        return block_device_of(path)
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ launcher
+def _enter(argv: list[str]) -> None:
+    """`python -m runtime.emulate enter [--netns NS] [--cgroup DIR]... [--cpus 0,1] -- CMD...`:
+    join cgroups and a network namespace (setns, without remounting /sys as `ip netns exec`
+    would, so the worker can read its own cgroup), die with the parent, then exec CMD."""
+    if "--" not in argv:
+        sys.exit("usage: python -m runtime.emulate enter [--netns NS] [--cgroup DIR]... [--cpus LIST] -- CMD")
+    sep = argv.index("--")
+    opts, cmd = argv[:sep], argv[sep + 1:]
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getppid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(1)
+    i = 0
+    while i < len(opts):
+        flag, val = opts[i], opts[i + 1]
+        if flag == "--cgroup":
+            with open(os.path.join(val, "cgroup.procs"), "w") as fh:
+                fh.write(str(os.getpid()))
+        elif flag == "--netns":
+            fd = os.open(f"/run/netns/{val}", os.O_RDONLY)
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                sys.exit(f"setns({val}) failed: {os.strerror(err)}")
+            os.close(fd)
+        elif flag == "--cpus" and val:
+            os.sched_setaffinity(0, {int(c) for c in val.split(",")})
+        i += 2
+    os.execvp(cmd[0], cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "enter":
+        _enter(args[1:])
+        return 0
+    if args and args[0] == "cleanup":
+        removed = cleanup_stale()
+        print("\n".join(removed) if removed else "nothing to clean up")
+        return 0
+    print("usage: python -m runtime.emulate {enter ... -- CMD | cleanup}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The runtime's wire format: one fixed binary header plus raw tensor bytes, over zmq. No pickle.
+
+Every message is a zmq multipart message of exactly two frames, ``[header, payload]`` (a ROUTER
+socket adds the peer identity in front). The header is 60 bytes, little-endian:
+
+======  ====  =============  ==========================================================
+offset  size  field          meaning
+======  ====  =============  ==========================================================
+0       4     magic          ``b"PSIM"``: anything else is not a primasim message
+4       2     version        protocol version (``PROTOCOL_VERSION``); must match exactly
+6       1     type           message type (``MsgType``: HELLO, SETUP, ACT, TOKEN, ...)
+7       1     dtype          payload encoding (``DType``: none, json, f32, f16, i32, i64, u8)
+8       4     seq            sequence / request id (RPP and batched decode keep many in flight)
+12      4     pos            position of the first token of the payload in its sequence
+16      4     step           generated-token index of the sequence (0 = prefill)
+20      2     lap            lap of the ring this activation is in (0 .. k-1)
+22      2     segment        index into ``Plan.segments()`` of the window to run next
+24      1     ndim           number of used entries in ``shape`` (0 .. 4)
+25      1     flags          bit 0: payload checksum present (``FLAG_CRC``)
+26      2     (padding)      zero
+28      16    shape          4 x u32 tensor shape (unused entries zero)
+44      8     payload_len    length of frame 2 in bytes; must equal prod(shape) * itemsize
+52      4     payload_crc    CRC-32 of the payload (0 unless ``FLAG_CRC``)
+56      4     header_crc     CRC-32 of header bytes 0..55
+======  ====  =============  ==========================================================
+
+Control messages (HELLO, SETUP, STATS, ERROR, ...) carry a UTF-8 JSON object (``DType.JSON``);
+activations carry a raw C-ordered array. Decoding checks, in order: frame count, header size,
+magic, version, header CRC, type, dtype, shape vs. length, payload CRC. Any failure raises
+``WireError`` naming the peer and what to do about it; a receive never blocks without a timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from primasim._errors import WireError
+
+PROTOCOL_VERSION = 1
+MAGIC = b"PSIM"
+FLAG_CRC = 0x01
+HEADER = struct.Struct("<4sHBBIIIHHBB2x4IQII")
+HEADER_SIZE = HEADER.size  # 60
+MAX_NDIM = 4
+assert HEADER_SIZE == 60
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1  # driver -> worker: who are you? (JSON: driver version, time)
+    HELLO_ACK = 2  # worker -> driver: version, host, pid, data endpoint, clock
+    SETUP = 3  # driver -> worker: plan, role, model path, fingerprint, neighbours
+    READY = 4  # worker -> driver: loaded (JSON: timings, memory)
+    ACT = 5  # worker -> worker: hidden-state activation (raw f32)
+    TOKEN = 6  # head worker -> driver: one generated token (JSON)
+    GENERATE = 7  # driver -> head worker: prompts and sampling options
+    STATS_REQ = 8  # driver -> worker: send your measurements
+    STATS = 9  # worker -> driver: spans, samples, totals (JSON)
+    PING = 10  # driver -> worker: heartbeat
+    PONG = 11  # worker -> driver: heartbeat reply
+    ERROR = 12  # worker -> driver: a failure, as a message (JSON)
+    SHUTDOWN = 13  # driver -> worker: end the session
+    RELEASE = 14  # driver -> worker: drop this worker's weight pages from the page cache
+    LOAD = 15  # driver -> worker: read the window's weights into memory (model load)
+    DONE = 16  # head worker -> driver: generation finished (JSON summary)
+    ACK = 17  # generic reply to RELEASE / LOAD / SHUTDOWN (JSON)
+    RESET = 18  # driver -> worker: forget KV caches and measurements (next run)
+
+
+class DType(enum.IntEnum):
+    NONE = 0
+    JSON = 1
+    F32 = 2
+    F16 = 3
+    I32 = 4
+    I64 = 5
+    U8 = 6
+
+
+_NP_OF = {DType.F32: np.dtype("<f4"), DType.F16: np.dtype("<f2"), DType.I32: np.dtype("<i4"),
+          DType.I64: np.dtype("<i8"), DType.U8: np.dtype("u1")}
+_DT_OF = {v: k for k, v in _NP_OF.items()}
+
+
+@dataclass
+class Message:
+    """A decoded message: header fields plus either an array or a JSON object."""
+
+    type: MsgType
+    seq: int = 0
+    pos: int = 0
+    step: int = 0
+    lap: int = 0
+    segment: int = 0
+    array: np.ndarray | None = None
+    obj: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0  # payload size on the wire
+
+
+# ------------------------------------------------------------------------------------ encoding
+def encode(msg_type: MsgType, *, array: np.ndarray | None = None, obj: dict[str, Any] | None = None,
+           seq: int = 0, pos: int = 0, step: int = 0, lap: int = 0, segment: int = 0,
+           crc: bool = True, version: int = PROTOCOL_VERSION) -> list[bytes | memoryview]:
+    """Frames ``[header, payload]`` of one message (array: raw bytes, zero-copy when contiguous)."""
+    if array is not None and obj is not None:
+        raise ValueError("a message carries an array or a JSON object, not both")
+    shape: tuple[int, ...] = ()
+    if array is not None:
+        arr = np.asarray(array)
+        dt = _DT_OF.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if dt is None:
+            raise ValueError(f"dtype {arr.dtype} cannot go on the wire (use {sorted(str(d) for d in _DT_OF)})")
+        if arr.ndim > MAX_NDIM:
+            raise ValueError(f"at most {MAX_NDIM} dimensions, got shape {arr.shape}")
+        arr = np.asarray(arr, dtype=_NP_OF[dt], order="C")  # keeps 0-d arrays 0-d
+        payload: bytes | memoryview = memoryview(arr.reshape(-1)).cast("B") if arr.size else b""
+        shape = arr.shape
+        dtype = dt
+    elif obj is not None:
+        payload = json.dumps(obj, separators=(",", ":")).encode()
+        dtype = DType.JSON
+        shape = (len(payload),)
+    else:
+        payload, dtype = b"", DType.NONE
+    dims = list(shape) + [0] * (MAX_NDIM - len(shape))
+    pcrc = zlib.crc32(payload) if crc else 0
+    head = HEADER.pack(MAGIC, version, int(msg_type), int(dtype), seq, pos, step, lap, segment,
+                       len(shape), FLAG_CRC if crc else 0, *dims, len(payload), pcrc, 0)
+    hcrc = zlib.crc32(head[:HEADER_SIZE - 4])
+    return [head[:HEADER_SIZE - 4] + struct.pack("<I", hcrc), payload]
+
+
+# ------------------------------------------------------------------------------------ decoding
+def decode(frames: list[Any], *, peer: str = "peer") -> Message:
+    """Check and decode ``[header, payload]`` frames; raise WireError naming `peer` on junk."""
+    fix_junk = (f"make sure only primasim processes of the same version talk to this port; "
+                f"check the address of {peer}")
+    if len(frames) != 2:
+        raise WireError(f"expected 2 frames [header, payload], got {len(frames)}", where=f"message from {peer}",
+                        fix=fix_junk)
+    head = _bytes(frames[0])
+    if len(head) != HEADER_SIZE:
+        raise WireError(f"header is {len(head)} bytes, expected {HEADER_SIZE}", where=f"message from {peer}",
+                        fix=fix_junk)
+    (magic, version, mtype, dtype, seq, pos, step, lap, segment, ndim, flags,
+     d0, d1, d2, d3, plen, pcrc, hcrc) = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise WireError(f"not a primasim message (magic {magic!r}, expected {MAGIC!r})",
+                        where=f"message from {peer}", fix=fix_junk)
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"peer speaks wire protocol v{version}, this process speaks v{PROTOCOL_VERSION}",
+                        where=f"message from {peer}",
+                        fix="install the same primasim version on every device and restart its worker")
+    if zlib.crc32(head[:HEADER_SIZE - 4]) != hcrc:
+        raise WireError("header checksum mismatch (corrupted header)", where=f"message from {peer}", fix=fix_junk)
+    try:
+        mt = MsgType(mtype)
+        dt = DType(dtype)
+    except ValueError:
+        raise WireError(f"unknown message type {mtype} or dtype {dtype}", where=f"message from {peer}",
+                        fix="install the same primasim version on every device") from None
+    if ndim > MAX_NDIM:
+        raise WireError(f"ndim {ndim} > {MAX_NDIM}", where=f"message from {peer}", fix=fix_junk)
+    shape = (d0, d1, d2, d3)[:ndim]
+    buf = memoryview(frames[1].bytes if isinstance(frames[1], zmq.Frame) else frames[1])
+    if buf.nbytes != plen:
+        raise WireError(f"payload is {buf.nbytes} bytes but the header says {plen} (truncated message?)",
+                        where=f"message from {peer}", fix=fix_junk)
+    if flags & FLAG_CRC and zlib.crc32(buf) != pcrc:
+        raise WireError("payload checksum mismatch (corrupted payload)", where=f"message from {peer}",
+                        fix="check the network path; a corrupted activation cannot be used")
+    msg = Message(mt, seq, pos, step, lap, segment, nbytes=plen)
+    if dt == DType.JSON:
+        try:
+            obj = json.loads(bytes(buf))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WireError(f"JSON payload does not parse ({exc})", where=f"message from {peer}", fix=fix_junk) from None
+        if not isinstance(obj, dict):
+            raise WireError("JSON payload is not an object", where=f"message from {peer}", fix=fix_junk)
+        msg.obj = obj
+    elif dt != DType.NONE:
+        npdt = _NP_OF[dt]
+        if math.prod(shape) * npdt.itemsize != plen:
+            raise WireError(f"shape {shape} x {npdt} = {math.prod(shape) * npdt.itemsize} bytes, payload {plen}",
+                            where=f"message from {peer}", fix=fix_junk)
+        msg.array = np.frombuffer(buf, dtype=npdt).reshape(shape)
+    elif plen:
+        raise WireError("payload without a dtype", where=f"message from {peer}", fix=fix_junk)
+    return msg
+
+
+def _bytes(frame: Any) -> bytes:
+    if isinstance(frame, zmq.Frame):
+        return frame.bytes
+    return bytes(frame)
+
+
+# ------------------------------------------------------------------------------------ sockets
+def send(sock: zmq.Socket, msg_type: MsgType, *, identity: bytes | None = None, **kw: Any) -> int:
+    """Send one message (ROUTER sockets: to `identity`). Returns the payload size."""
+    frames = encode(msg_type, **kw)
+    if identity is not None:
+        frames = [identity, *frames]
+    sock.send_multipart(frames)
+    return len(frames[-1])
+
+
+def recv(sock: zmq.Socket, timeout: float | None, *, peer: str = "peer",
+         router: bool = False) -> tuple[bytes | None, Message] | None:
+    """Receive one message within `timeout` seconds (None: wait forever; use only with a
+    separate watchdog). Returns (identity or None, message), or None on timeout."""
+    if timeout is not None and not sock.poll(max(0, int(timeout * 1000))):
+        return None
+    frames = sock.recv_multipart()
+    ident = None
+    if router:
+        if not frames:
+            raise WireError("empty message", where=f"message from {peer}", fix="check the peer")
+        ident = frames[0]
+        frames = frames[1:]
+    return ident, decode(frames, peer=peer)
+
+
+def hello_payload(role: str, **extra: Any) -> dict[str, Any]:
+    """What both sides say about themselves in HELLO / HELLO_ACK."""
+    import platform
+    import time
+
+    from primasim import __version__
+
+    return {"role": role, "protocol": PROTOCOL_VERSION, "primasim": __version__, "host": platform.node(),
+            "time": time.time(), **extra}
+
+
+# ------------------------------------------------------------------------------------ CurveZMQ
+# `--keys DIR`: DIR holds one cluster key pair written by `primasim worker --make-keys DIR`
+# (zmq.auth.create_certificates: cluster.key + cluster.key_secret). Every device and the driver use
+# that pair: workers are CURVE servers with it and accept only clients presenting its public key
+# (a ZAP authenticator), clients expect it as the server key. Holders of DIR can join the cluster;
+# everything on the wire is encrypted. Copy DIR to every machine over a trusted channel.
+KEY_NAME = "cluster"
+
+
+def make_keys(directory: str) -> str:
+    """Create the cluster key pair in `directory`; returns the secret-key file."""
+    import os
+
+    import zmq.auth
+
+    os.makedirs(directory, exist_ok=True)
+    _, secret = zmq.auth.create_certificates(directory, KEY_NAME)
+    os.chmod(secret, 0o600)
+    return secret
+
+
+def load_keys(directory: str) -> dict[str, bytes]:
+    import os
+
+    import zmq.auth
+
+    if not zmq.has("curve"):
+        raise WireError("this libzmq has no CURVE support", where="--keys",
+                        fix="install pyzmq wheels (bundled libzmq has CURVE) or drop --keys")
+    secret = os.path.join(directory, f"{KEY_NAME}.key_secret")
+    if not os.path.exists(secret):
+        raise WireError(f"no {KEY_NAME}.key_secret in {directory}", where="--keys",
+                        fix=f"create keys with `primasim worker --make-keys {directory}` and copy the folder "
+                            "to every device")
+    try:
+        public, private = zmq.auth.load_certificate(secret)
+    except (OSError, ValueError) as exc:
+        raise WireError(f"cannot read the key pair ({exc})", where=secret, fix="re-create it with --make-keys") from None
+    if private is None:
+        raise WireError("the key file has no secret key", where=secret, fix="re-create it with --make-keys")
+    return {"public": public, "secret": private, "dir": directory.encode()}
+
+
+def start_authenticator(ctx: zmq.Context, keys: dict[str, bytes]) -> Any:
+    """ZAP handler that admits only clients presenting the cluster public key."""
+    import os
+    import tempfile
+
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    # configure_curve reads public-key files from a folder: give it one with just the cluster key
+    d = tempfile.mkdtemp(prefix="primasim-keys-")
+    with open(os.path.join(d, f"{KEY_NAME}.key"), "w") as fh:
+        fh.write("metadata\ncurve\n    public-key = \"" + keys["public"].decode() + "\"\n")
+    auth.configure_curve(domain="*", location=d)
+    return auth
+
+
+def curve_server(sock: zmq.Socket, keys: dict[str, bytes]) -> None:
+    sock.curve_secretkey = keys["secret"]
+    sock.curve_publickey = keys["public"]
+    sock.curve_server = True
+
+
+def curve_client(sock: zmq.Socket, keys: dict[str, bytes]) -> None:
+    sock.curve_secretkey = keys["secret"]
+    sock.curve_publickey = keys["public"]
+    sock.curve_serverkey = keys["public"]
