@@ -11,6 +11,7 @@ _LAZY = {
     "make_plan": "._planners", "PlanOutcome": "._planners", "SYSTEMS": "._planners",
     "predict_tpot": "._cost", "predict_ttft": "._cost", "memory_pressure": "._cost",
     "coefficients": "._cost", "device_sets": "._cost", "Coefficients": "._cost", "DeviceCorrection": "._cost",
+    "reproduce": "._reproduce", "plot_timeline": "._reproduce",
 }
 
 

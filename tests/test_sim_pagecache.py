@@ -124,3 +124,60 @@ def test_prefetch_release_conflict_emerges_in_plain_pipeline() -> None:
     assert res[("prp", True)].trace.device_stats["B"]["cache_wasted_prefetch_bytes"] == 0
     assert tpot[("prp", True)] < 0.9 * tpot[("prp", False)]
     assert tpot[("prp", True)] < tpot[("pp", True)]
+
+
+# ------------------------------------------------------------------ madvise(WILLNEED) semantics
+def _device(capacity: float, disk: float = 1e9) -> tuple:
+    import simpy
+
+    from primasim._device import DeviceSpec
+    from primasim._trace import Trace
+    from primasim.sim import Recorder
+    from primasim.sim._devices import SimDevice
+
+    env = simpy.Environment()
+    spec = DeviceSpec(name="B", os="linux", cores=4, ram_total=16e9, ram_avail=capacity, ram_bw=20e9,
+                      cpu_flops={"f32": 1e11}, disk_seq=disk)
+    dev = SimDevice(env, spec, load_model("llama-tiny", "f32"), recorder=Recorder(Trace(source="sim", system="test")))
+    dev.setup_memory(0.0, mmap=True)
+    ids = [dev.register_chunks(i, MB, 1, metal=False, base=i)[0] for i in range(10)]
+    return env, dev, ids
+
+
+def test_madvise_allocates_the_whole_window_at_once_and_evicts_its_own_pages() -> None:
+    """madvise(WILLNEED) submits the whole range: pages are allocated up front (as many as memory
+    allows, their reads in flight), the reads complete in order at the disk's rate, and allocating
+    the rest evicts the window's own pages read a moment ago -- never one whose read is in flight.
+    A window of 10 MB into 4 MB leaves the last 4 chunks resident and wastes the first 6."""
+    env, dev, ids = _device(4 * MB, disk=1e9)
+    pc = dev.cache
+    env.process(dev.prefetch(ids))
+    seen: list[tuple[float, int, float]] = []
+
+    def monitor():
+        while True:
+            seen.append((env.now, len(pc.locked), pc.used))
+            yield env.timeout(0.25e-3)
+
+    env.process(monitor())
+    env.run(until=0.05)
+    assert seen[0][1] == 4  # at t = 0 four reads are already in flight (allocated ahead of completion)
+    assert max(u for _, _, u in seen) <= 4 * MB + 1e-6  # never more than memory: in-flight pages are kept
+    assert [c for c in ids if pc.resident(c)] == ids[6:]
+    assert pc.stats.prefetch_bytes == pytest.approx(10 * MB)
+    assert pc.stats.wasted_prefetch_bytes == pytest.approx(6 * MB)
+    assert dev.disk_bytes == pytest.approx(10 * MB)
+
+
+def test_madvise_of_a_window_that_fits_reads_each_page_once() -> None:
+    env, dev, ids = _device(12 * MB, disk=1e9)
+    env.process(dev.prefetch(ids))
+    env.run(until=1e-9)
+    pending = list(dev.loading.values())
+    assert len(pending) == 10  # the whole window is in flight at once
+    done = env.all_of(pending)
+    env.run(until=done)
+    assert env.now == pytest.approx(10e-3)  # 10 MB at 1 GB/s, back to back
+    assert all(dev.cache.resident(c) for c in ids)
+    assert dev.cache.stats.wasted_prefetch_bytes == 0
+    assert dev.disk_bytes == pytest.approx(10 * MB)

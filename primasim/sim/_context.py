@@ -56,12 +56,16 @@ class SimContext:
     def setup_plan_memory(self, *, mmap: bool) -> None:
         """Reserve each device's anonymous memory (KV, buffers, pinned weights) from the plan."""
         assert self.plan is not None
-        mem = device_memory(self.plan, self.model, self.cluster)
+        plan = self.plan
+        mem = device_memory(plan, self.model, self.cluster)
+        tot = plan.totals()
         for name, d in self.devices.items():
             m = mem[name]
             anon = m.kv_cpu + m.buffers_cpu
             if d.spec.uma:
-                anon += m.kv_gpu + m.buffers_gpu
+                anon += m.kv_gpu + uma_gpu_buffers(plan, self.model, name, tot.get(name, (0, 0)))
+                if m.buffers_cpu and not cpu_buffer_allocated(plan, name, tot.get(name, (0, 0))):
+                    anon -= m.buffers_cpu
             if not mmap:
                 anon += m.weights_cpu + (m.weights_gpu if d.spec.uma else 0.0)
             d.setup_memory(anon, mmap=mmap)
@@ -144,3 +148,20 @@ class SimResult:
 
 def infeasible(system: str, reason: str, plan: Plan | None, cfg: SimConfig, **extra: Any) -> SimResult:
     return SimResult(system, False, reason, plan, None, None, cfg, dict(extra))
+
+
+# What a unified-memory (Metal) device really allocates in RAM for its compute graphs. The planners
+# (primasim._plan.device_memory) budget prima.cpp's way: the model's compute-buffer estimate for the
+# CPU backend plus a fixed GPU reserve (+300 MiB for Metal), a safety margin of prima.cpp's Halda,
+# not an allocation. On a UMA device the simulator charges what llama.cpp allocates: one graph
+# buffer on the backend that runs the layers (Metal: the same activation estimate), and a CPU
+# buffer only where the CPU computes (CPU layers, or the head's output layer).
+def uma_gpu_buffers(plan: Plan, model: ModelSpec, name: str, totals: tuple[int, int]) -> float:
+    """RAM a Metal device's compute buffer takes (0 without GPU layers)."""
+    return model.compute_buffer_bytes(plan.n_ctx) if totals[1] > 0 else 0.0
+
+
+def cpu_buffer_allocated(plan: Plan, name: str, totals: tuple[int, int]) -> bool:
+    """Whether a device allocates a CPU compute buffer: it runs CPU layers or the output layer."""
+    lm, lg = totals
+    return lm > lg or name == plan.head

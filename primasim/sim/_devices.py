@@ -55,6 +55,7 @@ class SimDevice:
         self.loading: dict[int, simpy.Event] = {}
         self.disk_bytes = 0.0
         self.stall = 0.0  # seconds compute spent waiting for page-fault reads
+        self._done_ev: simpy.Event | None = None
 
     # ---------------------------------------------------------------- memory
     def setup_memory(self, anon: float, *, mmap: bool) -> None:
@@ -127,18 +128,41 @@ class SimDevice:
         return pc is not None and (cid in self.loading or not pc.resident(cid))
 
     def prefetch(self, cids: list[int], *, token: int = -1) -> Proc:
-        """madvise(WILLNEED): background reads of the chunks into the page cache, in order."""
+        """madvise(WILLNEED) of a window: the kernel allocates page-cache pages for the whole range
+        at once and queues their reads (Linux force_page_cache_readahead and XNU vm_map_willneed
+        submit the range asynchronously), which then complete in order at the disk's rate.
+
+        Allocation makes room like any other allocation, evicting unlocked pages -- which, when the
+        window is larger than memory, are the window's own pages that were read a moment ago and
+        not used yet (the prefetch-release conflict). Pages with a read in flight are locked; when
+        nothing else is left to evict, the submitter waits for the next read to complete."""
         pc = self.cache
         assert pc is not None
         for cid in cids:
             if cid in self.loading or pc.resident(cid):
                 continue
+            while not pc.can_admit(cid):
+                yield self._read_done()
             pc.admit(cid, demand=False)
             ev = self.loading[cid] = self.env.event()
-            yield from self.read(pc.size[cid], priority=PREFETCH, name="prefetch", token=token)
-            pc.unlock(cid)
-            del self.loading[cid]
-            ev.succeed()
+            self.env.process(self._prefetch_read(cid, ev, token))
+
+    def _prefetch_read(self, cid: int, ev: simpy.Event, token: int) -> Proc:
+        pc = self.cache
+        assert pc is not None
+        yield from self.read(pc.size[cid], priority=PREFETCH, name="prefetch", token=token)
+        pc.unlock(cid)
+        del self.loading[cid]
+        ev.succeed()
+        done, self._done_ev = self._done_ev, None
+        if done is not None:
+            done.succeed()
+
+    def _read_done(self) -> simpy.Event:
+        """An event that fires when the next background read completes."""
+        if self._done_ev is None:
+            self._done_ev = self.env.event()
+        return self._done_ev
 
     # ---------------------------------------------------------------- compute
     def run_layers(self, server: Server, layers: list[int], t_layer: float, *, name: str,

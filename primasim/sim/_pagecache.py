@@ -128,6 +128,18 @@ class PageCache:
     def unlock(self, cid: int) -> None:
         self.locked.discard(cid)
 
+    def can_admit(self, cid: int) -> bool:
+        """Whether `cid` can be inserted without evicting a page whose read is still in flight."""
+        n = self.size[cid]
+        short = self.used + n - self.limit
+        if short <= 0:
+            return True
+        hot = cid in self.shadow and self.clock - self.shadow[cid] <= self.active_bytes + (self.swappable - self.x_used)
+        if self.os in ("android", "macos") or hot:
+            short -= self.swappable - self.x_used
+        locked = sum(self.size[c] for c in self.locked)
+        return short <= self.used - locked
+
     # ---------------------------------------------------------------- reclaim
     def _make_room(self, n: float, *, hot: bool, keep: int) -> None:
         short = self.used + n - self.limit

@@ -34,6 +34,8 @@ class RingOptions:
     sequences: int = 1  # sequences in flight (MDI-LLM's S)
     output_on_gpu: bool = False  # llama.cpp -ngl > L puts the output layer on the GPU
     compute_scale: float = 1.0  # engine efficiency relative to llama.cpp's kernels (time multiplier)
+    layer_overhead: float = 0.0  # fixed seconds per transformer block (and per output layer) of an
+    # eager-mode engine: Python dispatch + kernel launches, independent of the block's size
     overhead_on_compute: bool = False  # the per-message cost blocks the sender's compute (one
     # Python process: pickling holds the GIL), instead of only delaying the message
 
@@ -115,13 +117,15 @@ class Ring:
             t_copy = dev.timing.host_copy(hidden)
             if t_copy > 0:
                 yield from dev.pcie.serve(t_copy, name="h2d", seq=seq, token=token, nbytes=hidden)
-            yield from dev.run_layers(dev.gpu, gpu_layers, scale * dev.timing.layer("gpu", n_tokens, n_kv),
+            yield from dev.run_layers(dev.gpu, gpu_layers, scale * dev.timing.layer("gpu", n_tokens, n_kv)
+                                      + self.opts.layer_overhead,
                                       name=name, seq=seq, token=token, tail=0.0 if cpu_layers else tail,
                                       tail_name="serialise")
             if t_copy > 0:
                 yield from dev.pcie.serve(t_copy, name="d2h", seq=seq, token=token, nbytes=hidden)
         if cpu_layers:
-            yield from dev.run_layers(dev.cpu, cpu_layers, scale * dev.timing.layer("cpu", n_tokens, n_kv),
+            yield from dev.run_layers(dev.cpu, cpu_layers, scale * dev.timing.layer("cpu", n_tokens, n_kv)
+                                      + self.opts.layer_overhead,
                                       name=name, seq=seq, token=token, tail=tail, tail_name="serialise")
         if self.prefetch and dev.cache is not None:
             nxt = self.window_chunks[self.next_window[i]]
@@ -162,7 +166,7 @@ class Ring:
         if prev != self.head:
             yield from self._hop(prev, self.head, hidden, seq, token)
         where = "gpu" if (self.opts.output_on_gpu and head.gpu is not None) else "cpu"
-        t_out = self.opts.compute_scale * head.timing.output(n_tokens, where)
+        t_out = self.opts.compute_scale * head.timing.output(n_tokens, where) + self.opts.layer_overhead
         t_sample = self.cfg.sample_cost_per_vocab * m.vocab
         server = head.gpu if where == "gpu" and head.gpu is not None else head.cpu
         if self.output_chunks and where == "cpu":
