@@ -1,0 +1,133 @@
+"""Paged KV pool for batched decode on one worker (Bud's "tiled" cache, vLLM's paged attention).
+
+Instead of max-length caches per sequence, every layer has one pool of fixed-size blocks
+(n_blocks, n_kv_heads, block_size, head_dim); a sequence owns a list of blocks (its block table)
+that grows as it does, and a free list hands blocks out and takes them back. One jitted step
+decodes a batch of sequences of different lengths: attention gathers each sequence's blocks by its
+table and masks positions past its length (runtime/model.py, `_kv_write` and `attention`).
+
+Use (the request manager's loop):
+    pool = PagedKVPool(spec, layers, n_blocks=..., block_size=16, max_seq=...)
+    pool.add(seq)                                  # admit: no blocks yet
+    pos = pool.prepare([seq_a, seq_b, None], n_new=1)  # reserve room; None = padding row
+    x, pool = run_layers(params, pool, x, pos, layers)  # same call as with a contiguous cache
+    pool.advance([seq_a, seq_b], 1)                # the tokens are now in the cache
+    pool.free(seq_a)                               # finished: blocks back to the free list
+Block 0 is never handed out: padding rows and unused table entries point at it, so they write
+garbage only there and read it only behind the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from primasim._errors import WorkerError
+from primasim._model import ModelSpec
+
+LayerKV = tuple[jax.Array, jax.Array]
+
+
+class KVPoolExhausted(WorkerError):
+    """The pool has too few free blocks for the request (admission should have waited)."""
+
+
+class PagedKVPool:
+    """Per-layer block pools + free list + per-sequence block tables (a `KVStore` for run_layers)."""
+
+    def __init__(self, spec: ModelSpec, layers: Sequence[int], n_blocks: int, block_size: int = 16,
+                 max_seq: int | None = None) -> None:
+        if n_blocks < 2 or block_size < 1:
+            raise WorkerError(f"n_blocks={n_blocks}, block_size={block_size}", where="PagedKVPool",
+                              fix="use n_blocks >= 2 (block 0 is reserved) and block_size >= 1")
+        self.spec = spec
+        self.block_size = block_size
+        self.n_blocks = n_blocks
+        self.max_seq = max_seq or (n_blocks - 1) * block_size
+        self.max_blocks = -(-self.max_seq // block_size)  # table width: fixed, so shapes are stable
+        shape = (n_blocks, spec.n_kv_heads, block_size, spec.head_dim)
+        self.layers: dict[int, LayerKV] = {i: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+                                           for i in layers}
+        self._free: list[int] = list(range(n_blocks - 1, 0, -1))  # pop() hands out low ids first
+        self._tables: dict[Hashable, list[int]] = {}
+        self._lengths: dict[Hashable, int] = {}
+        self.tables: jax.Array | None = None  # set by prepare(): (B, max_blocks) int32
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers of this pool (k and v)."""
+        return 2 * len(self.layers) * self.block_size * self.spec.n_kv_heads * self.spec.head_dim * 4
+
+    def blocks_needed(self, seq: Hashable, n_new: int) -> int:
+        """Extra blocks `seq` needs to hold n_new more tokens."""
+        length = self._lengths.get(seq, 0)
+        have = len(self._tables.get(seq, ()))
+        return max(0, -(-(length + n_new) // self.block_size) - have)
+
+    def can_fit(self, n_tokens: int) -> bool:
+        """Whether a new sequence of n_tokens would fit now (admission control)."""
+        return -(-n_tokens // self.block_size) <= len(self._free) and n_tokens <= self.max_seq
+
+    def length(self, seq: Hashable) -> int:
+        return self._lengths[seq]
+
+    def sequences(self) -> list[Hashable]:
+        return list(self._tables)
+
+    def add(self, seq: Hashable) -> None:
+        if seq in self._tables:
+            raise WorkerError(f"sequence {seq!r} is already in the pool", where="PagedKVPool.add",
+                              fix="use a fresh sequence id")
+        self._tables[seq], self._lengths[seq] = [], 0
+
+    def free(self, seq: Hashable) -> None:
+        """Return the sequence's blocks to the free list."""
+        self._free.extend(reversed(self._tables.pop(seq)))
+        del self._lengths[seq]
+
+    def prepare(self, seqs: Sequence[Hashable | None], n_new: int) -> np.ndarray:
+        """Reserve room for n_new tokens of each sequence (None = padding row) and set the block
+        tables of the next run_layers call. Returns the start positions (B,) to pass as `pos`."""
+        need = sum(self.blocks_needed(s, n_new) for s in seqs if s is not None)
+        if need > len(self._free):
+            raise KVPoolExhausted(f"needs {need} free blocks, has {len(self._free)}", where="PagedKVPool",
+                                  fix="admit fewer sequences or make the pool larger")
+        table = np.zeros((len(seqs), self.max_blocks), dtype=np.int32)
+        pos = np.zeros(len(seqs), dtype=np.int32)
+        for b, s in enumerate(seqs):
+            if s is None:
+                continue
+            if self._lengths[s] + n_new > self.max_seq:
+                raise WorkerError(f"sequence {s!r} would exceed max_seq={self.max_seq}", where="PagedKVPool",
+                                  fix="stop the sequence or raise max_seq")
+            blocks = self._tables[s]
+            for _ in range(self.blocks_needed(s, n_new)):
+                blocks.append(self._free.pop())
+            table[b, :len(blocks)] = blocks
+            pos[b] = self._lengths[s]
+        self.tables = jnp.asarray(table)
+        return pos
+
+    def advance(self, seqs: Sequence[Hashable | None], n_new: int) -> None:
+        """Record that n_new tokens of each sequence are now stored."""
+        for s in seqs:
+            if s is not None:
+                self._lengths[s] += n_new
+
+    # ------------------------------------------------------------------ KVStore
+    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, ...]:
+        if self.tables is None:
+            raise WorkerError("no block tables", where="PagedKVPool", fix="call prepare() before run_layers")
+        return tuple(self.layers[i] for i in layers)
+
+    def replace(self, layers: Sequence[int], caches: Sequence[LayerKV]) -> PagedKVPool:
+        self.layers.update(zip(layers, caches))
+        return self

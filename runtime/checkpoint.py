@@ -1,0 +1,848 @@
+"""Checkpoints: open Hugging Face safetensors and GGUF files as file-backed f32 arrays, write random ones.
+
+Weights stay in the page cache: a tensor is a read-only numpy view of the file's memory map, and
+`jax.device_put` of a 64-byte-aligned view aliases it (measured: no copy, also through `jax.jit`),
+so the model computes straight from the mapped file, as llama.cpp does. What cannot alias is copied
+once into anonymous memory and said so in `Checkpoint.notes`: tensors at unaligned offsets (foreign
+files), F16/BF16 tensors (converted) and quantised GGUF tensors (dequantised to f32 with the `gguf`
+package, ~4x the Q8_0 bytes). XLA:CPU's f16/bf16/int8 matmuls are 15-30x slower than f32
+here (experiments/results/runtime_decode_*.md), so f32 compute is the fast path.
+
+Names are GGUF's (`blk.{i}.attn_q.weight`, ...) whatever the format; shapes are PyTorch's (out, in).
+One difference is kept, not hidden: llama.cpp's converter permutes the rows of `attn_q`/`attn_k` of
+Llama models for its interleaved RoPE; `Checkpoint.qk_interleaved` says so and the model undoes the
+permutation on the activations (cheap) instead of copying the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import weakref
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from primasim._errors import CheckpointError, SpecError
+from primasim._model import ModelSpec, Tensor, from_gguf, from_hf_config
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+Format = Literal["safetensors", "gguf"]
+ALIGN = 64  # bytes: what jax.device_put needs to alias a host buffer (measured: 32 copies, 64 aliases)
+GGUF_ALIGN = 64  # general.alignment of the GGUF files we write (llama.cpp's default is 32)
+_SAMPLE = 4096  # bytes per sampled block in fingerprint()
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16 has no numpy dtype
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset, stored bytes, shape (out, in), type."""
+
+    name: str
+    file: Path
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str  # F32, F16, BF16, Q8_0, Q4_K, ... (ggml / safetensors spelling)
+
+
+@dataclass
+class Checkpoint:
+    """Opened weights, file-backed. Get one from `open_checkpoint`; everything is validated there."""
+
+    spec: ModelSpec
+    path: Path
+    format: Format
+    files: list[Path]
+    infos: dict[str, TensorInfo]
+    qk_interleaved: bool = False  # GGUF Llama: attn_q/attn_k rows in llama.cpp's RoPE order
+    notes: list[str] = field(default_factory=list)
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors as stored."""
+        return sum(t.nbytes for t in self.infos.values())
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of a tensor as a read-only uint8 view of the mapping (never a copy)."""
+        t = self._info(name)
+        return np.frombuffer(self._map(t.file), dtype=np.uint8, count=t.nbytes, offset=t.offset)
+
+    def aliases(self, name: str) -> bool:
+        """True when `tensor(name)` is a view of the mapped file (f32 and 64-byte aligned)."""
+        t = self._info(name)
+        return t.dtype == "F32" and t.offset % ALIGN == 0
+
+    def tensor(self, name: str) -> np.ndarray:
+        """The tensor as f32 (out, in): a view of the mapped file when `aliases(name)`, else a copy.
+
+        Copies (unaligned F32, F16/BF16, quantised GGUF types) are fresh, 64-byte-aligned arrays in
+        anonymous memory, made on every call: the caller keeps them (`load_params` does).
+        """
+        t = self._info(name)
+        raw = self.raw(name)
+        if self.aliases(name):
+            return raw.view(np.float32).reshape(t.shape)
+        out = _aligned_empty(t.shape)
+        if t.dtype == "F32":
+            out[...] = raw.view(np.float32).reshape(t.shape)
+        elif t.dtype == "F16":
+            out[...] = raw.view(np.float16).reshape(t.shape)
+        elif t.dtype == "BF16":  # the top half of an f32
+            out.reshape(-1).view(np.uint32)[:] = raw.view(np.uint16).astype(np.uint32) << 16
+        else:
+            import gguf
+
+            qtype = gguf.GGMLQuantizationType[t.dtype]
+            out[...] = gguf.quants.dequantize(raw.reshape(t.shape[0], -1), qtype).reshape(t.shape)
+        return out
+
+    def stacked(self, names: Sequence[str]) -> np.ndarray | None:
+        """The tensors' rows as one f32 (sum of rows, in) view of the file, when they are stored
+        back to back, aliasable and of equal width (q/k/v and gate/up in the files we write);
+        else None. One long GEMV streams faster than three short ones (1 MB ones run at half speed)."""
+        infos = [self._info(n) for n in names]
+        if (not all(self.aliases(n) for n in names) or len({t.shape[1:] for t in infos}) != 1
+                or any(len(t.shape) != 2 for t in infos)
+                or any(a.file != b.file or a.offset + a.nbytes != b.offset for a, b in zip(infos, infos[1:]))):
+            return None
+        raw = np.frombuffer(self._map(infos[0].file), dtype=np.uint8, count=sum(t.nbytes for t in infos),
+                            offset=infos[0].offset)
+        return raw.view(np.float32).reshape(-1, infos[0].shape[1])
+
+    def tensor_ranges(self, names: Iterable[str]) -> list[tuple[str, int, int]]:
+        """(file, offset, length) covering the given tensors, adjacent ones merged, in file order."""
+        spans = sorted((str(self.infos[n].file), self.infos[n].offset, self.infos[n].nbytes)
+                       for n in names if n in self.infos)
+        out: list[tuple[str, int, int]] = []
+        for f, off, n in spans:
+            if out and out[-1][0] == f and off - (out[-1][1] + out[-1][2]) <= GGUF_ALIGN:
+                out[-1] = (f, out[-1][1], off + n - out[-1][1])
+            else:
+                out.append((f, off, n))
+        return out
+
+    def layer_names(self, layer: int) -> list[str]:
+        prefix = f"blk.{layer}."
+        return [n for n in self.infos if n.startswith(prefix)]
+
+    def layer_ranges(self, layers: Iterable[int]) -> list[tuple[str, int, int]]:
+        """File byte ranges of the blocks' weights: what `prefetch` reads and disk reads attribute to."""
+        return self.tensor_ranges(n for i in layers for n in self.layer_names(i))
+
+    def input_ranges(self) -> list[tuple[str, int, int]]:
+        return self.tensor_ranges(["token_embd.weight"])
+
+    def output_ranges(self) -> list[tuple[str, int, int]]:
+        names = ["output_norm.weight", "output.weight"]
+        return self.tensor_ranges(names + (["token_embd.weight"] if self.spec.tie_embeddings else []))
+
+    def io_ranges(self) -> list[tuple[str, int, int]]:
+        """Embedding and output tensors together (the head device's extra weights)."""
+        return self.tensor_ranges(["token_embd.weight", "output_norm.weight", "output.weight"])
+
+    def fingerprint(self) -> str:
+        """A stable hash of the model files for the head's version check, cheap to compute.
+
+        sha256 over the format and, per file (in order): its name, size, its header (safetensors:
+        the 8-byte length and JSON; GGUF: everything before the first tensor) and 16 blocks of 4 KiB
+        spread evenly over the file, the last one ending at the end. It reads ~64 KiB plus headers
+        per file, so equal fingerprints mean same layout, metadata and (almost surely) same weights;
+        it misses edits confined to unsampled bytes.
+        """
+        h = hashlib.sha256(self.format.encode())
+        for f in self.files:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            first = min((t.offset for t in self.infos.values() if t.file == f), default=size)
+            with open(f, "rb") as fh:
+                h.update(os.pread(fh.fileno(), first, 0))
+                for i in range(16):
+                    off = max(0, (size - _SAMPLE) * i // 15)
+                    h.update(os.pread(fh.fileno(), _SAMPLE, off))
+        return h.hexdigest()
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise CheckpointError(f"no tensor {name!r}", where=str(self.path),
+                                  fix="use GGUF tensor names (blk.{i}.attn_q.weight, token_embd.weight, ...)") from None
+
+    def _map(self, f: Path) -> mmap.mmap:
+        if f not in self._maps:
+            self._maps[f] = _open_map(f)
+        return self._maps[f]
+
+
+def _aligned_empty(shape: Sequence[int]) -> np.ndarray:
+    """An uninitialised f32 array whose data starts on a 64-byte boundary (so jax can alias it)."""
+    n = math.prod(shape)
+    buf = np.empty(n * 4 + ALIGN, dtype=np.uint8)
+    start = -buf.ctypes.data % ALIGN
+    return buf[start:start + n * 4].view(np.float32).reshape(shape)
+
+
+# ---------------------------------------------------------------------------- prefetch
+# One read-only mapping per file version, alive while a Checkpoint or an array uses it.
+_MAPS: weakref.WeakValueDictionary[tuple[str, int, int, int], mmap.mmap] = weakref.WeakValueDictionary()
+
+
+def _open_map(f: Path | str) -> mmap.mmap:
+    """The shared read-only mapping of f (Checkpoint, prefetch and residency use the same one).
+    Keyed by inode, size and mtime: a file replaced on disk gets a new mapping, while arrays made
+    from the old one keep the old file alive."""
+    path = str(Path(f).resolve())
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    m = _MAPS.get(key)
+    if m is None or m.closed:
+        with open(path, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        _MAPS[key] = m
+    return m
+
+
+def _readahead_bytes(f: str) -> int:
+    """The most one madvise(WILLNEED) reads on f's disk: the kernel caps each call at
+    max(read_ahead_kb, max_sectors_kb) of the device (force_page_cache_ra), so longer ranges are
+    cut into pieces of this size (measured: one 30 MB call read 8 MB here)."""
+    st = os.stat(f)
+    dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    best = 0
+    for q in (dev / "queue", dev / ".." / "queue", dev / "bdi"):
+        for key in ("read_ahead_kb", "max_sectors_kb"):
+            try:
+                best = max(best, int((q / key).read_text()) * 1024)
+            except (OSError, ValueError):
+                pass
+    return max(best, 128 * 1024)
+
+
+_RA: dict[str, int] = {}
+
+
+def _libc() -> Any:
+    import ctypes
+
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return lib
+
+
+_LIBC: Any = None
+
+
+def prefetch(ranges: Iterable[tuple[str, int, int]]) -> None:
+    """madvise(MADV_WILLNEED) over file byte ranges: the kernel starts reading them into the page cache.
+
+    Returns once the reads are queued (readahead), not when they finish, and releases the GIL
+    while in the kernel (ctypes; Python's mmap.madvise holds it), so a background thread overlaps
+    it with compute. Ranges come from `Checkpoint.layer_ranges`.
+    """
+    import ctypes
+
+    global _LIBC
+    _LIBC = _LIBC or _libc()
+    for f, off, n in ranges:
+        m = _open_map(f)
+        base = np.frombuffer(m, dtype=np.uint8).ctypes.data
+        chunk = _RA.setdefault(f, _readahead_bytes(f))
+        start = off - off % mmap.PAGESIZE  # madvise wants a page-aligned start
+        end = min(off + n, len(m))
+        for s in range(start, end, chunk):
+            if _LIBC.madvise(base + s, min(chunk, end - s), mmap.MADV_WILLNEED):
+                raise OSError(ctypes.get_errno(), f"madvise(WILLNEED) failed on {f}")
+
+
+def evict(ranges: Iterable[tuple[str, int, int]]) -> None:
+    """posix_fadvise(DONTNEED): drop the ranges' clean pages from the page cache where no process
+    has them mapped in (tests and benchmarks use it to start cold without root's drop_caches)."""
+    for f, off, n in ranges:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(ranges: Iterable[tuple[str, int, int]]) -> float:
+    """Fraction of the ranges' pages that are in the page cache now (mincore(2) over our mapping)."""
+    global _LIBC
+    _LIBC = _LIBC or _libc()
+    total = resident = 0
+    for f, off, n in ranges:
+        m = _open_map(f)
+        start = off - off % mmap.PAGESIZE
+        length = min(n + off - start, len(m) - start)
+        if length <= 0:
+            continue
+        vec = np.zeros((length + mmap.PAGESIZE - 1) // mmap.PAGESIZE, dtype=np.uint8)
+        if _LIBC.mincore(np.frombuffer(m, dtype=np.uint8).ctypes.data + start, length, vec.ctypes.data):
+            raise OSError("mincore failed")
+        total += vec.size
+        resident += int(np.count_nonzero(vec & 1))
+    return resident / total if total else 1.0
+
+
+# ---------------------------------------------------------------------------- opening
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint: a directory with config.json + safetensors (single or sharded with
+    model.safetensors.index.json), or a .gguf file (a directory holding exactly one also works).
+
+    Everything is checked here, before any work: files present and complete, headers parse,
+    offsets inside the files, every tensor the config implies present with the right shape and no
+    unexpected ones, sampled values finite. Any failure is a CheckpointError naming the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError("not found", where=str(p),
+                              fix="give a directory with config.json + *.safetensors, or a .gguf file")
+    if p.is_file() and p.name == "config.json" or p.suffix == ".safetensors":
+        p = p.parent
+    if p.is_dir():
+        if (p / "config.json").exists():
+            ckpt = _open_safetensors(p)
+        else:
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise CheckpointError("no config.json and not exactly one .gguf file in the directory",
+                                      where=str(p), fix="point at the .gguf file or add config.json")
+            ckpt = _open_gguf(ggufs[0])
+    elif p.suffix == ".gguf" or _is_gguf(p):
+        ckpt = _open_gguf(p)
+    else:
+        raise CheckpointError("not a checkpoint (expected a directory with config.json, or a .gguf file)",
+                              where=str(p), fix="give the model directory or the .gguf file")
+    _check_tensors(ckpt)
+    return ckpt
+
+
+def _is_gguf(p: Path) -> bool:
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"GGUF"
+
+
+def _hf_to_gguf_names(family: str, n_layers: int) -> Any:
+    import gguf
+
+    arch = gguf.MODEL_ARCH.LLAMA if family == "llama" else gguf.MODEL_ARCH.QWEN2
+    return gguf.TensorNameMap(arch, n_layers)
+
+
+def _open_safetensors(d: Path) -> Checkpoint:
+    cfg_path = d / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("expected a JSON object")
+        spec = from_hf_config(cfg, name=d.name, where=str(cfg_path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"config.json is not valid JSON ({exc})", where=str(cfg_path),
+                              fix="repair or re-create config.json") from None
+    except SpecError as exc:
+        raise CheckpointError(exc.what, where=exc.where, fix=exc.fix) from None
+    spec = _with_file_dtype(spec, cfg)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            files = [d / f for f in dict.fromkeys(wmap.values())]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"unreadable shard index ({type(exc).__name__}: {exc})", where=str(index),
+                                  fix="re-create model.safetensors.index.json") from None
+    elif (d / "model.safetensors").exists():
+        wmap, files = None, [d / "model.safetensors"]
+    else:
+        raise CheckpointError("no model.safetensors or model.safetensors.index.json", where=str(d),
+                              fix="put the weights next to config.json")
+    headers = {}
+    for f in files:
+        if not f.exists():
+            raise CheckpointError("shard listed in the index is missing", where=str(f), fix="copy all shards")
+        headers[f] = _read_safetensors_header(f)
+    blocks = [int(n.split(".")[2]) for h in headers.values() for n in h if n.startswith("model.layers.")
+              and n.split(".")[2].isdigit()]
+    # Name map over every block present (extra blocks are then reported as a layer-count mismatch)
+    names = _hf_to_gguf_names(spec.family, max([spec.n_layers - 1, *blocks]) + 1)
+    infos: dict[str, TensorInfo] = {}
+    for f, header in headers.items():
+        for hf_name, (dtype, shape, begin, end) in header.items():
+            if wmap is not None and wmap.get(hf_name) != f.name:
+                raise CheckpointError(f"tensor {hf_name} is in {f.name} but the index says {wmap.get(hf_name)}",
+                                      where=str(index), fix="re-create the index")
+            if dtype not in _ST_DTYPES:
+                raise CheckpointError(f"tensor {hf_name} has unsupported dtype {dtype}", where=str(f),
+                                      fix="store weights as F32, F16 or BF16")
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue  # old checkpoints store RoPE's buffer; it is recomputed from the config
+            name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise CheckpointError(f"unexpected tensor {hf_name} for a {spec.family} model", where=str(f),
+                                      fix="the checkpoint's architecture does not match config.json")
+            infos[name] = TensorInfo(name, f, begin, end - begin, shape, dtype)
+    if spec.tie_embeddings:
+        infos.pop("output.weight", None)  # some tied checkpoints store lm_head anyway; it is the embedding
+    return Checkpoint(spec=spec, path=d, format="safetensors", files=files, infos=infos)
+
+
+def _with_file_dtype(spec: ModelSpec, cfg: dict[str, Any]) -> ModelSpec:
+    import dataclasses
+
+    dt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
+    return dataclasses.replace(spec, quant={"float32": "f32", "float16": "f16", "bfloat16": "f16"}.get(dt, spec.quant))
+
+
+def _read_safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Parse and check a safetensors header: {name: (dtype, shape, abs begin, abs end)}."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size or n > 100_000_000:
+            raise CheckpointError(f"not a safetensors file or truncated header ({size} bytes)", where=str(f),
+                                  fix="the file is incomplete or corrupted: re-copy or re-create it")
+        try:
+            header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"corrupted safetensors header ({exc})", where=str(f),
+                                  fix="the file is corrupted: re-copy or re-create it") from None
+    header.pop("__metadata__", None)
+    base = 8 + n
+    out: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    try:
+        for name, e in header.items():
+            dtype, shape, (b, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            item = 2 if dtype in ("F16", "BF16") else 4
+            if not (0 <= b <= end) or end - b != math.prod(shape) * item:
+                raise ValueError(f"tensor {name}: offsets {b}..{end} do not fit shape {shape} of {dtype}")
+            out[name] = (dtype, shape, base + b, base + end)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"corrupted safetensors header ({exc})", where=str(f),
+                              fix="the file is corrupted: re-copy or re-create it") from None
+    data_end = max((e[3] for e in out.values()), default=base)
+    if data_end > size:
+        raise CheckpointError(f"truncated: tensors need {data_end} bytes, the file has {size}", where=str(f),
+                              fix="the copy is incomplete: re-copy or re-create it")
+    return out
+
+
+def _open_gguf(p: Path) -> Checkpoint:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(p), "r")
+    except Exception as exc:  # the reader raises assorted errors on junk
+        raise CheckpointError(f"truncated or corrupted GGUF file ({type(exc).__name__}: {exc})", where=str(p),
+                              fix="the file is incomplete or corrupted: re-copy or re-convert it") from None
+    try:
+        spec = from_gguf(p, reader=reader)
+    except SpecError as exc:
+        raise CheckpointError(exc.what, where=exc.where, fix=exc.fix) from None
+    size = p.stat().st_size
+    infos: dict[str, TensorInfo] = {}
+    for t in reader.tensors:
+        off, n = int(t.data_offset), int(t.n_bytes)
+        if off + n > size:
+            raise CheckpointError(f"truncated: tensor {t.name} ends at byte {off + n}, the file has {size}",
+                                  where=str(p), fix="the copy is incomplete: re-copy or re-convert it")
+        shape = tuple(int(s) for s in reversed(t.shape))
+        infos[t.name] = TensorInfo(t.name, p, off, n, shape, t.tensor_type.name)
+    del reader
+    ckpt = Checkpoint(spec=spec, path=p, format="gguf", files=[p], infos=infos,
+                      qk_interleaved=spec.family == "llama")
+    return ckpt
+
+
+def _check_tensors(ckpt: Checkpoint) -> None:
+    """Every tensor the spec implies is present with its shape; nothing unexpected; samples finite."""
+    spec, where = ckpt.spec, str(ckpt.path)
+    expected = {t.name: t for t in spec.tensors()}
+    if spec.family == "llama" and not spec.qkv_bias:
+        for role in ("attn_q", "attn_k", "attn_v"):
+            if f"blk.0.{role}.bias" in ckpt.infos:
+                raise CheckpointError(f"the checkpoint has QKV biases ({role}.bias) but the config says none",
+                                      where=where, fix="architecture mismatch: use the model's own config")
+    for name, t in expected.items():
+        info = ckpt.infos.get(name)
+        if info is None:
+            raise CheckpointError(f"missing tensor {name} (the config implies {spec.n_layers} blocks, "
+                                  f"{'tied' if spec.tie_embeddings else 'untied'} embeddings)", where=where,
+                                  fix="the checkpoint does not match its config: use the model's own config.json")
+        if info.shape != t.shape:
+            raise CheckpointError(f"tensor {name} has shape {info.shape}, the config implies {t.shape}",
+                                  where=where, fix=_shape_hint(name))
+    extra = set(ckpt.infos) - set(expected) - {"rope_freqs.weight"}
+    if extra:
+        raise CheckpointError(f"unexpected tensors {sorted(extra)[:4]} (the config implies {spec.n_layers} blocks)",
+                              where=where, fix="the checkpoint does not match its config: use the model's own config.json")
+    if "rope_freqs.weight" in ckpt.infos and ckpt.infos["rope_freqs.weight"].shape != (spec.head_dim // 2,):
+        raise CheckpointError("rope_freqs.weight has the wrong length", where=where, fix="re-convert the model")
+    for name, info in ckpt.infos.items():
+        if info.dtype not in ("F32", "F16", "BF16"):
+            continue
+        raw = ckpt.raw(name)
+        item = 4 if info.dtype == "F32" else 2
+        for chunk in (raw[:256], raw[max(0, len(raw) - 256):]):
+            vals = chunk[:len(chunk) - len(chunk) % item]
+            v = vals.view(np.float32 if item == 4 else np.float16) if info.dtype != "BF16" else \
+                (vals.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            if not np.all(np.isfinite(v)):
+                raise CheckpointError(f"tensor {name} holds non-finite values (corrupted data)", where=str(info.file),
+                                      fix="the file is corrupted: re-copy or re-create it")
+    for name, info in ckpt.infos.items():
+        if info.dtype == "F32" and info.offset % ALIGN:
+            ckpt.notes.append(f"{name}: at a {info.offset % ALIGN}-byte misaligned offset, copied (not file-backed)")
+        elif info.dtype != "F32":
+            ckpt.notes.append(f"{name}: {info.dtype} converted to f32 in anonymous memory (not file-backed)")
+
+
+def _shape_hint(name: str) -> str:
+    field_of = {"token_embd": "vocab_size/hidden_size", "output": "vocab_size/hidden_size",
+                "attn_q": "num_attention_heads/head_dim", "attn_k": "num_key_value_heads/head_dim",
+                "attn_v": "num_key_value_heads/head_dim", "attn_output": "hidden_size/head_dim",
+                "ffn": "intermediate_size", "norm": "hidden_size"}
+    for key, fld in field_of.items():
+        if key in name:
+            return f"architecture mismatch: check {fld} in the config"
+    return "architecture mismatch: use the model's own config"
+
+
+# ---------------------------------------------------------------------------- random checkpoints
+def _init_std(spec: ModelSpec, name: str) -> float | None:
+    """Init scale per tensor so activations stay O(1): N(0, 1/fan_in) for matrices (the embedding
+    and output too, so tied or untied logits have std ~1); None marks norms (1 + small noise)."""
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(".bias"):
+        return 0.2
+    if "attn_output" in name:
+        return spec.q_dim ** -0.5
+    if "ffn_down" in name:
+        return spec.ffn ** -0.5
+    return spec.hidden ** -0.5
+
+
+def random_tensor(spec: ModelSpec, name: str, shape: Sequence[int], seed: int) -> np.ndarray:
+    """The f32 values of tensor `name` (HF layout (out, in)), from its own seeded stream, so they do
+    not depend on the file format, the shard count or the order of writing."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    x = rng.standard_normal(tuple(shape), dtype=np.float32)
+    std = _init_std(spec, name)
+    if std is None:
+        return (1.0 + 0.1 * x).astype(np.float32)
+    x *= np.float32(std)
+    return x
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf row permutation of Llama attn_q/attn_k (HF rotate-half -> interleaved)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_freq_factors(spec: ModelSpec) -> np.ndarray | None:
+    """llama.cpp's rope_freqs.weight for Llama 3 rope scaling: base / scaled inverse frequencies."""
+    from .model import rope_inv_freq
+
+    if spec.rope_scaling is None:
+        return None
+    base = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)
+    return (base / rope_inv_freq(spec)).astype(np.float32)
+
+
+def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, fmt: Format = "safetensors", seed: int = 0,
+                            shards: int = 1) -> Path:
+    """Write a random-weight checkpoint of `spec`, seeded and deterministic (same seed, same bytes).
+
+    safetensors: `out` is a directory; writes config.json, tokenizer.json and model.safetensors (or
+    `shards` files + model.safetensors.index.json). F32 when spec.quant is f32, else F16. Tensor
+    data is page-aligned (header padded) and every tensor 64-byte aligned, so all of it aliases.
+    gguf: `out` is the .gguf file (or a directory, which gets model.gguf); tensor types follow
+    spec.quant (f32, f16, q8_0); llama.cpp's names, metadata, tokenizer and Q/K permutation, so
+    llama.cpp loads it and computes the same model. The same seed gives the same model in both
+    formats. Returns the path to open with `open_checkpoint`.
+    """
+    out = Path(out)
+    if fmt not in ("safetensors", "gguf"):
+        raise CheckpointError(f"unknown format {fmt!r}", where="write_random_checkpoint", fix="use safetensors or gguf")
+    if shards < 1 or (fmt == "gguf" and shards != 1):
+        raise CheckpointError(f"shards={shards} is not possible for {fmt}", where="write_random_checkpoint",
+                              fix="use shards >= 1, and 1 for gguf")
+    tok = build_tokenizer(spec.vocab, seed)
+    if fmt == "gguf":
+        path = out / "model.gguf" if out.suffix != ".gguf" else out
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_gguf(spec, path, seed, tok)
+        return path
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = spec.to_hf_config()
+    dtype = np.float32 if spec.quant == "f32" else np.float16
+    cfg["torch_dtype"] = "float32" if dtype is np.float32 else "float16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tok is not None:
+        tok.save(str(out / "tokenizer.json"))
+    _write_safetensors(spec, out, seed, shards, dtype)
+    return out
+
+
+def _hf_names(spec: ModelSpec) -> Iterator[tuple[str, Tensor]]:
+    """(HF name, GGUF tensor) in model order, for the writer."""
+    hf = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+    for t in spec.tensors():
+        if t.name == "token_embd.weight":
+            yield "model.embed_tokens.weight", t
+        elif t.name == "output_norm.weight":
+            yield "model.norm.weight", t
+        elif t.name == "output.weight":
+            yield "lm_head.weight", t
+        else:
+            _, i, role, kind = t.name.split(".")
+            yield f"model.layers.{i}.{hf[role]}.{kind}", t
+
+
+def _write_safetensors(spec: ModelSpec, out: Path, seed: int, shards: int, dtype: type) -> None:
+    # The safetensors package writes from in-memory dicts with 8-byte alignment only; we stream
+    # tensor by tensor and page-align the data (the format allows a space-padded header), so the
+    # writer is ours. tests/test_checkpoint.py reads the result back with safetensors' own reader.
+    item = np.dtype(dtype).itemsize
+    entries = list(_hf_names(spec))
+    # Tensors whose size is not a multiple of 64 bytes go last, so all the others stay aligned.
+    entries.sort(key=lambda e: (e[1].n_elements * item) % ALIGN != 0)
+    total = sum(t.n_elements * item for _, t in entries)
+    groups: list[list[tuple[str, Tensor]]] = [[] for _ in range(shards)]
+    acc = 0
+    for e in entries:
+        groups[min(shards - 1, acc * shards // max(total, 1))].append(e)
+        acc += e[1].n_elements * item
+    files = ["model.safetensors"] if shards == 1 else \
+        [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    st_dtype = "F32" if dtype is np.float32 else "F16"
+    for fname, group in zip(files, groups):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for hf_name, t in group:
+            n = t.n_elements * item
+            header[hf_name] = {"dtype": st_dtype, "shape": list(t.shape), "data_offsets": [off, off + n]}
+            off += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(8 + len(blob)) % mmap.PAGESIZE)
+        tmp = out / (fname + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(len(blob).to_bytes(8, "little"))
+            fh.write(blob)
+            for _, t in group:
+                fh.write(random_tensor(spec, t.name, t.shape, seed).astype(dtype, copy=False).tobytes())
+        os.replace(tmp, out / fname)  # a new inode: mappings of an older file stay valid
+    if shards > 1:
+        wmap = {hf_name: fname for fname, g in zip(files, groups) for hf_name, _ in g}
+        index = {"metadata": {"total_size": total}, "weight_map": wmap}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_gguf(spec: ModelSpec, path: Path, seed: int, tok: Tokenizer | None) -> None:
+    import gguf
+
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(spec.quant)
+    if qtype is None:
+        raise CheckpointError(f"cannot write quantisation {spec.quant!r} to GGUF", where=str(path),
+                              fix="use --quant f32, f16 or q8_0 for random checkpoints")
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[spec.quant]
+    arch = spec.family
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    w.add_custom_alignment(GGUF_ALIGN)
+    w.add_name(spec.name)
+    w.add_file_type(int(ftype))
+    w.add_context_length(spec.max_context)
+    w.add_embedding_length(spec.hidden)
+    w.add_block_count(spec.n_layers)
+    w.add_feed_forward_length(spec.ffn)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_vocab_size(spec.vocab)
+    if tok is not None:
+        _add_gguf_tokenizer(w, tok)
+
+    def ttype(t: Tensor) -> gguf.GGMLQuantizationType:
+        if len(t.shape) == 1:
+            return gguf.GGMLQuantizationType.F32  # llama.cpp keeps 1-D tensors (norms, biases) F32
+        if t.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            return gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks: llama.cpp's fallback
+        return qtype
+
+    def stored(t: Tensor) -> np.ndarray:
+        x = random_tensor(spec, t.name, t.shape, seed)
+        if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+            x = _permute_qk(x, spec.n_heads if ".attn_q." in t.name else spec.n_kv_heads)
+        tt = ttype(t)
+        if tt == gguf.GGMLQuantizationType.F32:
+            return x
+        return x.astype(np.float16) if tt == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(x, tt)
+
+    tensors = list(spec.tensors())
+    factors = _rope_freq_factors(spec)
+    if factors is not None:  # Llama 3 rope scaling travels as a tensor, as llama.cpp's converter writes it
+        w.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes,
+                          raw_dtype=gguf.GGMLQuantizationType.F32)
+    for t in tensors:  # all tensor infos first (the header), then the data, one tensor at a time
+        tt = ttype(t)
+        block, nbytes = gguf.GGML_QUANT_SIZES[tt]
+        row = t.shape[-1] // block * nbytes
+        if tt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dt = np.dtype(np.float32 if tt == gguf.GGMLQuantizationType.F32 else np.float16)
+            w.add_tensor_info(t.name, t.shape, dt, t.n_elements * dt.itemsize, raw_dtype=tt)
+        else:
+            w.add_tensor_info(t.name, (t.shape[0], row), np.dtype(np.uint8), t.shape[0] * row, raw_dtype=tt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    if factors is not None:
+        w.write_tensor_data(factors)
+    for t in tensors:
+        w.write_tensor_data(stored(t))
+    w.close()
+    os.replace(tmp, path)  # a new inode: mappings of an older file stay valid
+
+
+def _add_gguf_tokenizer(w: Any, tok: Tokenizer) -> None:
+    """Our byte-level BPE as llama.cpp's "gpt2" tokenizer (tokens, types, merges, special ids)."""
+    import gguf
+
+    data = json.loads(tok.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    specials = {a["content"]: a["id"] for a in data["added_tokens"]}
+    tokens = [""] * len(vocab)
+    for s, i in vocab.items():
+        tokens[i] = s
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(specials["<s>"])
+    w.add_eos_token_id(specials["</s>"])
+    w.add_pad_token_id(specials["<pad>"])
+    w.add_add_bos_token(True)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: config.json's bos_token_id=1, eos_token_id=2
+
+
+def _corpus(seed: int, vocab: int) -> Iterator[str]:
+    """Seeded pseudo-text: Zipf-distributed words of English-like syllables, enough of them that
+    BPE training reaches `vocab` tokens (measured: 10 words per vocabulary entry suffice)."""
+    rng = np.random.default_rng([seed, 0x70C])
+    cons = list("bcdfghjklmnprstvwz") + ["th", "st", "ch", "sh", "tr", "pl"]
+    vows = list("aeiou") + ["ea", "ou", "ai"]
+    sylls = [c + v for c in cons for v in vows] + [v + c for c in cons for v in vows]
+    lex = ["".join(rng.choice(sylls, rng.integers(1, 4))) for _ in range(2 * vocab)]
+    zipf = 1.0 / np.arange(1, len(lex) + 1)
+    words = rng.choice(len(lex), size=max(4000, 10 * vocab), p=zipf / zipf.sum())
+    for i in range(0, len(words), 1000):
+        yield " ".join(lex[j] for j in words[i:i + 1000]) + ".\n"
+
+
+def build_tokenizer(vocab: int, seed: int = 0) -> Tokenizer | None:
+    """A byte-level BPE tokenizer of exactly `vocab` tokens (any text round-trips), trained with
+    `tokenizers` on seeded pseudo-text; it prepends <s> like Llama's. None if vocab < 259."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    if vocab < 256 + len(SPECIAL_TOKENS):
+        return None
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(seed, vocab), trainer)
+    short = vocab - tok.get_vocab_size()
+    if short > 0:  # too little text for the last merges: unused special tokens fill the table
+        tok.add_special_tokens([AddedToken(f"<unused{i}>", special=True) for i in range(short)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer of a checkpoint: tokenizer.json in the directory (or beside the .gguf file, or
+    the path itself), else a GGUF file's embedded "gpt2" (byte-level BPE) vocabulary; None if none."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    for cand in (p if p.suffix == ".json" else None, p / "tokenizer.json" if p.is_dir() else None,
+                 p.parent / "tokenizer.json" if p.suffix == ".gguf" else None):
+        if cand is not None and cand.is_file():
+            try:
+                return Tokenizer.from_file(str(cand))
+            except Exception as exc:  # tokenizers raises its own exception type on bad JSON
+                raise CheckpointError(f"unreadable tokenizer ({exc})", where=str(cand),
+                                      fix="repair or remove tokenizer.json") from None
+    if p.suffix == ".gguf" and p.is_file():
+        return _tokenizer_from_gguf(p)
+    return None
+
+
+def _tokenizer_from_gguf(p: Path) -> Tokenizer | None:
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    reader = gguf.GGUFReader(str(p), "r")
+
+    def val(key: str) -> Any:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    if val("tokenizer.ggml.model") != "gpt2":
+        return None  # SentencePiece vocabularies need their own model; not embedded-default material
+    tokens, merges = list(val("tokenizer.ggml.tokens")), list(val("tokenizer.ggml.merges") or [])
+    types = list(val("tokenizer.ggml.token_type") or [])
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    control = [AddedToken(tokens[i], special=True) for i, t in enumerate(types) if t == gguf.TokenType.CONTROL]
+    tok.add_special_tokens(control)
+    bos = val("tokenizer.ggml.bos_token_id")
+    if bos is not None and val("tokenizer.ggml.add_bos_token") in (None, True):
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                           special_tokens=[(tokens[bos], int(bos))])
+    return tok

@@ -1,0 +1,426 @@
+"""The transformer: Llama 3 and Qwen2 blocks in JAX, computed straight from memory-mapped weights.
+
+gpt-fast style: plain functions over a `ModelSpec` and a pytree of weights. f32 compute.
+- Weights keep the checkpoint's (out, in) layout and every matmul contracts their last axis
+  (`_mm`): XLA:CPU streams that at memory bandwidth, while `x @ w.T` hides a transpose and runs
+  ~9x slower (experiments/results/runtime_decode_*.md).
+- `run_layers` runs one window of blocks as one jitted call; jax caches the compiled function by
+  the window's shapes (and the attention span bucket), so every window of the same size, batch
+  and span reuses it.
+- The KV cache is either contiguous (`init_kv`, one (B, H_kv, S + 1, D) array pair per layer) or
+  the paged pool of runtime/_kvcache.py; both are "stores" with `caches(layers)`, `tables` and
+  `replace(layers, caches)`, and their arrays are donated to the jitted step (updated in place).
+  Attention reads only the first `span` positions (power-of-two buckets, `attention_span`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from primasim._errors import CheckpointError, WorkerError
+from primasim._model import ModelSpec
+
+from .checkpoint import Checkpoint
+
+Layer = dict[str, jax.Array]  # GGUF names without "blk.{i}.": "attn_q.weight", ... (+ FUSED views)
+LayerKV = tuple[jax.Array, jax.Array]  # (k, v)
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["inv_freq", "layers", "embed", "norm", "output"],
+         meta_fields=["spec", "qk_interleaved"])
+@dataclass(frozen=True)
+class Params:
+    """Weights of some blocks (+ embedding and/or head), as jax arrays aliasing the mapped file."""
+
+    spec: ModelSpec
+    qk_interleaved: bool  # GGUF Llama: Q/K rows in llama.cpp's order, undone on the activations
+    inv_freq: jax.Array  # RoPE inverse frequencies (D/2,), rope scaling applied
+    layers: dict[int, Layer]
+    embed: jax.Array | None = None  # token_embd (V, E)
+    norm: jax.Array | None = None  # output_norm (E,)
+    output: jax.Array | None = None  # output (V, E); the embedding itself when tied
+
+
+def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
+    """RoPE inverse frequencies, with Llama 3's rope scaling (as transformers' `llama3` rope type)."""
+    d = spec.head_dim
+    inv = 1.0 / spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+    rs = spec.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    low_wl, high_wl = rs.original_max_position / rs.low_freq_factor, rs.original_max_position / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / rs.factor, inv)
+    smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return np.where(medium, (1 - smooth) * scaled / rs.factor + smooth * scaled, scaled).astype(np.float32)
+
+
+FUSED = {"attn_qkv.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
+         "ffn_gate_up.weight": ("ffn_gate.weight", "ffn_up.weight")}
+
+
+def load_params(ckpt: Checkpoint, layers: Sequence[int], *, embed: bool, head: bool, fuse: bool = True) -> Params:
+    """Weights of `layers` (+ the embedding / head) as jax arrays; f32 tensors at 64-byte-aligned
+    offsets alias the checkpoint's mapping (no copy), the rest are copied once (ckpt.notes says which).
+    With `fuse`, q/k/v (and gate/up) stored back to back become one (rows, in) view: fewer, longer
+    GEMVs, same bytes (`Checkpoint.stacked`)."""
+    spec = ckpt.spec
+    bad = [i for i in layers if not 0 <= i < spec.n_layers]
+    if bad:
+        raise CheckpointError(f"layers {bad} do not exist", where=str(ckpt.path),
+                              fix=f"the model has blocks 0..{spec.n_layers - 1}")
+    put = lambda name: jax.device_put(ckpt.tensor(name))  # noqa: E731
+
+    def layer(i: int) -> Layer:
+        w: dict[str, Any] = {n.split(".", 2)[2]: n for n in ckpt.layer_names(i)}
+        for fused, parts in FUSED.items():
+            view = ckpt.stacked([f"blk.{i}.{p}" for p in parts]) if fuse else None
+            if view is not None:
+                w = {k: v for k, v in w.items() if k not in parts} | {fused: jax.device_put(view)}
+        return {k: put(v) if isinstance(v, str) else v for k, v in w.items()}
+
+    ws = {i: layer(i) for i in layers}
+    if "rope_freqs.weight" in ckpt:  # GGUF Llama 3: the converter's frequency factors
+        base = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float32) / np.float32(spec.head_dim))
+        inv = base / ckpt.tensor("rope_freqs.weight")
+    else:
+        inv = rope_inv_freq(spec)
+    emb = put("token_embd.weight") if embed or (head and spec.tie_embeddings) else None
+    out = (emb if spec.tie_embeddings else put("output.weight")) if head else None
+    return Params(spec, ckpt.qk_interleaved, jnp.asarray(inv, jnp.float32), ws,
+                  emb if embed else None, put("output_norm.weight") if head else None, out)
+
+
+def pin_params(params: Params) -> Params:
+    """The same weights copied into anonymous memory (exo-style pinned weights: nothing is re-read
+    from the file under memory pressure). Arrays shared by reference (a tied embedding) stay shared."""
+    memo: dict[int, jax.Array] = {}
+
+    def copy(a: jax.Array) -> jax.Array:
+        if id(a) not in memo:
+            memo[id(a)] = jnp.array(a, copy=True)
+        return memo[id(a)]
+
+    return jax.tree_util.tree_map(copy, params)
+
+
+# ---------------------------------------------------------------------------- the block
+def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., in) times w (out, in) -> (..., out), contracting w's last axis (no transpose)."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (transformers' layout): x (B, T, H, D); cos/sin (B, T, 1, D/2)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _kv_write(kc: jax.Array, vc: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
+              tables: jax.Array | None, span: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Store the new k/v (B, T, H_kv, D) at positions pos..pos+T-1 (in place: the caches are
+    donated); return the caches and the keys/values (B, H_kv, span, D) of positions 0..span-1."""
+    B, T = k.shape[:2]
+    p = pos[:, None] + jnp.arange(T)  # (B, T)
+    if tables is None:  # contiguous (B, H_kv, S + 1, D): span <= S, so the read below is a real
+        # slice; reading the whole updated buffer makes XLA copy the cache several times (measured)
+        row = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        kc, vc = kc.at[row, :, p].set(k), vc.at[row, :, p].set(v)
+        return kc, vc, kc[:, :, :span], vc[:, :, :span]
+    bs = kc.shape[2]  # paged: pool (n_blocks, H_kv, block, D); tables (B, max_blocks)
+    blk, off = jnp.take_along_axis(tables, p // bs, axis=1), p % bs
+    kc, vc = kc.at[blk, :, off].set(k), vc.at[blk, :, off].set(v)
+    gather = lambda c: c[tables[:, :span // bs]].transpose(0, 2, 1, 3, 4).reshape(B, c.shape[1], span, c.shape[3])  # noqa: E731
+    return kc, vc, gather(kc), gather(vc)
+
+
+def attention(q: jax.Array, keys: jax.Array, values: jax.Array, pos: jax.Array) -> jax.Array:
+    """Causal grouped-query attention: q (B, T, H, D) at positions pos+t over keys/values
+    (B, H_kv, S, D) of positions 0..S-1. Heads first: XLA:CPU runs these batched matmuls several
+    times faster than with positions first (experiments/results/runtime_decode_bench.md)."""
+    B, T, H, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    g = H // Hkv
+    q = q.reshape(B, T, Hkv, g, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, T * g, D)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, keys).reshape(B, Hkv, T, g, S) / math.sqrt(D)
+    visible = jnp.arange(S) <= (pos[:, None] + jnp.arange(T))[:, :, None]  # (B, T, S)
+    scores = jnp.where(visible[:, None, :, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(B, Hkv, T * g, S)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, values).reshape(B, Hkv, T, g, D)
+    return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H * D)
+
+
+def block(spec: ModelSpec, interleaved: bool, w: Layer, kv: LayerKV, x: jax.Array, pos: jax.Array,
+          inv_freq: jax.Array, tables: jax.Array | None, span: int) -> tuple[jax.Array, LayerKV]:
+    """One transformer block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
+    B, T, _ = x.shape
+    h = rms_norm(x, w["attn_norm.weight"], spec.norm_eps)
+    if "attn_qkv.weight" in w:
+        q, k, v = jnp.split(_mm(h, w["attn_qkv.weight"]), [spec.q_dim, spec.q_dim + spec.n_kv_embd], axis=-1)
+    else:
+        q, k, v = (_mm(h, w[f"{n}.weight"]) for n in ("attn_q", "attn_k", "attn_v"))
+    if spec.qkv_bias:
+        q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
+    q = q.reshape(B, T, spec.n_heads, spec.head_dim)
+    k = k.reshape(B, T, spec.n_kv_heads, spec.head_dim)
+    v = v.reshape(B, T, spec.n_kv_heads, spec.head_dim)
+    if interleaved:  # llama.cpp's row order (pairs) -> rotate-half order
+        q, k = (a.reshape(*a.shape[:-1], -1, 2).swapaxes(-1, -2).reshape(a.shape) for a in (q, k))
+    angles = (pos[:, None] + jnp.arange(T))[:, :, None, None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    kc, vc, keys, values = _kv_write(*kv, k, v, pos, tables, span)
+    x = x + _mm(attention(q, keys, values, pos), w["attn_output.weight"])
+    h = rms_norm(x, w["ffn_norm.weight"], spec.norm_eps)
+    if "ffn_gate_up.weight" in w:
+        gate, up = jnp.split(_mm(h, w["ffn_gate_up.weight"]), 2, axis=-1)
+    else:
+        gate, up = _mm(h, w["ffn_gate.weight"]), _mm(h, w["ffn_up.weight"])
+    x = x + _mm(jax.nn.silu(gate) * up, w["ffn_down.weight"])
+    return x, (kc, vc)
+
+
+def _blocks(ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], x: jax.Array, pos: jax.Array,
+            inv_freq: jax.Array, tables: jax.Array | None, spec: ModelSpec, interleaved: bool,
+            span: int) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+    out = []
+    for w, kv in zip(ws, kvs):
+        x, kv = block(spec, interleaved, w, kv, x, pos, inv_freq, tables, span)
+        out.append(kv)
+    return x, tuple(out)
+
+
+_window = jax.jit(_blocks, static_argnames=("spec", "interleaved", "span"), donate_argnums=(1,))
+
+
+@partial(jax.jit, static_argnames=("spec", "interleaved", "span"), donate_argnums=(1,))
+def _forward(ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], ids: jax.Array, pos: jax.Array,
+             inv_freq: jax.Array, emb: jax.Array, norm: jax.Array, out: jax.Array, *, spec: ModelSpec,
+             interleaved: bool, span: int) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+    """Embedding, every block and the head in one call (single-device decode): the last
+    position's logits (B, V). Saves the dispatches and syncs between calls (a few % per token)."""
+    x, kvs = _blocks(ws, kvs, jnp.take(emb, ids, axis=0), pos, inv_freq, None, spec, interleaved, span)
+    return _mm(rms_norm(x[:, -1], norm, spec.norm_eps), out), kvs
+
+
+# ---------------------------------------------------------------------------- KV stores
+class KVStore(Protocol):
+    """What `run_layers` needs from a KV cache: per-layer (k, v) arrays, block tables (paged) or
+    None (contiguous), the capacity per sequence, the granularity of positions (block size; 1 when
+    contiguous), and a way to put the updated arrays back."""
+
+    tables: jax.Array | None
+    max_seq: int
+    block_size: int
+
+    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, ...]: ...
+
+    def replace(self, layers: Sequence[int], caches: Sequence[LayerKV]) -> KVStore: ...
+
+
+@dataclass
+class KVCache:
+    """Contiguous KV cache: per layer, k and v of shape (batch, n_kv_heads, max_seq + 1, head_dim),
+    f32 (the spare position is never used; see `_kv_write`).
+
+    Functional: `run_layers` donates the arrays and returns a new KVCache; do not reuse the old one.
+    """
+
+    layers: dict[int, LayerKV]
+    max_seq: int
+    tables: None = None
+    block_size: int = 1
+
+    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, ...]:
+        missing = [i for i in layers if i not in self.layers]
+        if missing:
+            raise WorkerError(f"no KV cache for layers {missing}", where="run_layers",
+                              fix="init_kv with every layer this worker runs")
+        return tuple(self.layers[i] for i in layers)
+
+    def replace(self, layers: Sequence[int], caches: Sequence[LayerKV]) -> KVCache:
+        return KVCache({**self.layers, **dict(zip(layers, caches))}, self.max_seq)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers.values())
+
+
+def init_kv(spec: ModelSpec, layers: Sequence[int], max_seq: int, batch: int = 1) -> KVCache:
+    """Zeroed contiguous caches for `layers`: 2 * batch * (max_seq + 1) * n_kv_heads * head_dim * 4 bytes each."""
+    shape = (batch, spec.n_kv_heads, max_seq + 1, spec.head_dim)
+    return KVCache({i: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for i in layers}, max_seq)
+
+
+# ---------------------------------------------------------------------------- the API
+def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int | Sequence[int] | np.ndarray,
+               layers: Sequence[int]) -> tuple[jax.Array, KVStore]:
+    """Run one window of blocks on hidden states x (B, T, E) whose first token is at position `pos`
+    (an int, or one per sequence). Returns the new hidden states and the updated KV store."""
+    layers = tuple(layers)
+    x = jnp.asarray(x, jnp.float32)
+    B, T = x.shape[0], x.shape[1]
+    p = np.broadcast_to(np.asarray(pos, dtype=np.int32), (B,))
+    if int(p.min()) < 0 or int(p.max()) + T > kv.max_seq:
+        raise WorkerError(f"positions {int(p.min())}..{int(p.max()) + T - 1} exceed the KV cache ({kv.max_seq})",
+                          where="run_layers", fix="allocate the cache with a larger max_seq")
+    missing = [i for i in layers if i not in params.layers]
+    if missing:
+        raise WorkerError(f"no weights for layers {missing}", where="run_layers",
+                          fix="load_params with every layer of the window")
+    x, caches = _window(tuple(params.layers[i] for i in layers), kv.caches(layers), x, jnp.asarray(p),
+                        params.inv_freq, kv.tables, spec=params.spec, interleaved=params.qk_interleaved,
+                        span=attention_span(int(p.max()) + T, kv.max_seq, kv.block_size))
+    return x, kv.replace(layers, caches)
+
+
+MIN_SPAN = 256
+
+
+def attention_span(need: int, max_seq: int, quantum: int = 1) -> int:
+    """How many cached positions a step attends over: the next power of two >= need (at least
+    MIN_SPAN), in whole blocks, at most the cache. Attention then costs what the sequences use,
+    not what the cache could hold, at one compilation per bucket (256, 512, ... positions)."""
+    span = max(MIN_SPAN, 1 << max(need - 1, 0).bit_length())
+    cap = -(-max_seq // quantum) * quantum
+    return min(-(-span // quantum) * quantum, cap)
+
+
+@jax.jit
+def _embed(table: jax.Array, ids: jax.Array) -> jax.Array:
+    return jnp.take(table, ids, axis=0)
+
+
+def embed(params: Params, ids: Any) -> jax.Array:
+    """Token ids (B, T) -> hidden states (B, T, E)."""
+    if params.embed is None:
+        raise WorkerError("these params have no embedding", where="embed", fix="load_params(..., embed=True)")
+    ids = np.asarray(ids, dtype=np.int32)
+    if ids.size and (ids.min() < 0 or ids.max() >= params.spec.vocab):
+        raise WorkerError(f"token id out of range 0..{params.spec.vocab - 1}", where="embed",
+                          fix="use ids from the model's tokenizer")
+    return _embed(params.embed, jnp.asarray(ids))
+
+
+@partial(jax.jit, static_argnames=("eps",))
+def _head(norm: jax.Array, out: jax.Array, x: jax.Array, *, eps: float) -> jax.Array:
+    return _mm(rms_norm(x, norm, eps), out)
+
+
+def logits(params: Params, x: jax.Array) -> jax.Array:
+    """Hidden states (B, T, E) -> logits (B, T, V) (output norm + projection)."""
+    if params.output is None or params.norm is None:
+        raise WorkerError("these params have no output layer", where="logits", fix="load_params(..., head=True)")
+    return _head(params.norm, params.output, x, eps=params.spec.norm_eps)
+
+
+# ---------------------------------------------------------------------------- sampling, generation
+def sample(logits: np.ndarray, rng: np.random.Generator | None = None, *, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0) -> int:
+    """Next token from a logit vector: greedy at temperature 0, else softmax(logits / T) restricted
+    to the top_k most likely (0 = all) and the smallest set holding top_p of the mass, drawn with
+    `rng` (seeded by the caller, so a run is reproducible)."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if temperature <= 0:
+        return int(np.argmax(z))
+    if rng is None:
+        raise ValueError("sampling at temperature > 0 needs a seeded numpy Generator")
+    z = z / temperature
+    if 0 < top_k < z.size:
+        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        drop = order[cum - p[order] >= top_p]  # keep the smallest prefix reaching top_p
+        p[drop] = 0.0
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+@dataclass
+class Generation:
+    """What `generate` produced: new token ids, per-step logits (if asked) and timings (s)."""
+
+    tokens: list[int]
+    logits: list[np.ndarray] = field(default_factory=list)
+    prefill_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+
+
+def generate(params: Params, prompt: Sequence[int], max_new_tokens: int, *, windows: Sequence[Sequence[int]] | None = None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, max_seq: int | None = None,
+             stop: Sequence[int] = (), keep_logits: bool = False,
+             on_token: Callable[[int], None] | None = None) -> Generation:
+    """Single-process generation: prefill the prompt, then decode token by token.
+
+    `windows` is the order in which layer windows run for every token (default: all layers as one
+    window), e.g. the segments of a Plan over k laps; it must cover every layer once, in order.
+    """
+    spec = params.spec
+    windows = [tuple(w) for w in (windows or [tuple(range(spec.n_layers))])]
+    if [i for w in windows for i in w] != list(range(spec.n_layers)):
+        raise WorkerError("windows must cover layers 0..L-1 once, in order", where="generate",
+                          fix="pass the plan's segments in ring/lap order")
+    if not prompt:
+        raise WorkerError("empty prompt", where="generate", fix="give at least one token (e.g. BOS)")
+    if min(prompt) < 0 or max(prompt) >= spec.vocab:
+        raise WorkerError(f"token id out of range 0..{spec.vocab - 1}", where="generate",
+                          fix="use ids from the model's tokenizer")
+    max_seq = max_seq or len(prompt) + max_new_tokens
+    kv: KVStore = init_kv(spec, range(spec.n_layers), max_seq)
+    rng = np.random.default_rng(seed)
+    gen = Generation([])
+
+    whole = len(windows) == 1 and params.embed is not None and params.output is not None
+
+    def forward(ids: Sequence[int], pos: int) -> np.ndarray:
+        nonlocal kv
+        if whole:  # one jitted call per token
+            layers = windows[0]
+            span = attention_span(pos + len(ids), kv.max_seq)
+            lg, caches = _forward(tuple(params.layers[i] for i in layers), kv.caches(layers),
+                                  jnp.asarray([list(ids)], jnp.int32), jnp.full((1,), pos, jnp.int32),
+                                  params.inv_freq, params.embed, params.norm, params.output, spec=spec,
+                                  interleaved=params.qk_interleaved, span=span)
+            kv = kv.replace(layers, caches)
+            return np.asarray(lg[0])
+        x = embed(params, [list(ids)])
+        for w in windows:
+            x, kv = run_layers(params, kv, x, pos, w)
+        return np.asarray(logits(params, x[:, -1:])[0, -1])
+
+    t0 = time.perf_counter()
+    out = forward(prompt, 0)
+    gen.prefill_s = time.perf_counter() - t0
+    pos = len(prompt)
+    for i in range(max_new_tokens):
+        if keep_logits:
+            gen.logits.append(out)
+        tok = sample(out, rng, temperature=temperature, top_k=top_k, top_p=top_p)
+        gen.tokens.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok in stop or i == max_new_tokens - 1:
+            break
+        t = time.perf_counter()
+        out = forward([tok], pos)
+        gen.step_s.append(time.perf_counter() - t)
+        pos += 1
+    return gen
