@@ -26,10 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length for the TTFT estimate (default 16)")
     p.add_argument("--head", help="use this device as the head (rank 0) instead of the cluster file's")
     g = p.add_argument_group("Halda (systems prima, prima-no-prefetch)")
+    g.add_argument("--planner", choices=("global", "loop", "sim"),
+                   help="global (default): exact optimum over set assignments of the paper-variant cost model with "
+                   "communication; loop: prima.cpp's own Halda (set-assignment loop, code variant); sim: Halda fed "
+                   "by the simulator, candidates re-ranked by simulated TPOT")
     g.add_argument("--k", type=int, help="fix the number of laps k (default: try every valid k); also `even`'s k")
     g.add_argument("--solver", choices=("relax", "exact"), help="relax: CVXPY relaxation + rounding (default); "
                    "exact: integer program (HiGHS)")
-    g.add_argument("--variant", choices=("code", "paper"), help="cost model Halda optimises (default: code = prima.cpp)")
+    g.add_argument("--variant", choices=("code", "paper"), help="cost model Halda optimises (default: paper; code with --planner loop)")
     g.add_argument("--general", action="store_true", help="allow a partial last lap (W need not divide L)")
     g.add_argument("--comm", action="store_true", help="include per-hop communication time in Halda's cost")
     g.add_argument("--global", dest="global_opt", action="store_true",
@@ -63,6 +67,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if args.k is not None and (halda_system or args.system == "even"):
         opts["k"] = args.k
     if halda_system:
+        if args.planner:
+            opts["planner"] = args.planner
         if args.solver:
             opts["solver"] = args.solver
         if args.variant:
@@ -76,7 +82,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         if args.no_select:
             opts["select_devices"] = False
     else:
-        used = [f for f, on in (("--solver", args.solver), ("--variant", args.variant), ("--general", args.general),
+        used = [f for f, on in (("--planner", args.planner), ("--solver", args.solver), ("--variant", args.variant), ("--general", args.general),
                                 ("--comm", args.comm), ("--global", args.global_opt), ("--no-select", args.no_select),
                                 ("--k", args.k is not None and args.system != "even")) if on]
         if used:
