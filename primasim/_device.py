@@ -73,6 +73,9 @@ class EmulationSpec:
     memory_limit: float = _f("memory_mib", MiB, help="memory cgroup limit (anon + page cache)", default=0.0)
     disk_read_bw: float = _f("disk_read_mbs", MB, help="blkio read throttle in MB/s (0 = none)", default=0.0)
     threads: int = _f("threads", help="compute threads for the worker (0 = ceil(cpu_cores))", default=0)
+    cpu_period: float = _f("cpu_period_ms", MS, help="CFS period of the CPU quota: a short one (10 ms) makes the "
+                           "quota a uniformly slower CPU; a long one (100 ms, the kernel's default) lets "
+                           "bursts shorter than quota x period run at full speed", default=100 * MS)
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,27 @@ class DeviceSpec:
     cpu_flops: dict[str, float] = _f("cpu_gflops", GFLOPS, help="CPU FLOPS per weight dtype (needs f32)", required=True)
     disk_seq: float = _f("disk_seq_gbs", GB, help="sequential read throughput (Linux mmap readahead)", required=True)
     disk_rnd: float = _f("disk_rnd_gbs", GB, help="random 4 KiB read throughput (macOS page-ins)", default=-1.0)
+    disk_burst: float = _f("disk_burst_mib", MiB, help="most read allowance a rate-limited disk carries over an "
+                           "idle spell: after a spell of t, min(t x disk_seq, this) bytes go at disk_peak; a spell "
+                           "longer than disk_burst / disk_seq forfeits it (a blkio throttle's slice); 0 = none",
+                           default=0.0)
+    disk_peak: float = _f("disk_peak_gbs", GB, help="read throughput while carried allowance lasts (0 = disk_seq)",
+                          default=0.0)
     hardware: str = _f("hardware", help="what the device is", default="")
     uma: bool = _f("uma", help="unified memory (no RAM<->VRAM copies)", default=False)
     swap_total: float = _f("swap_total_gib", GiB, help="swap size", default=0.0)
     swap_avail: float = _f("swap_avail_gib", GiB, help="free swap", default=0.0)
     can_swap: float = _f("can_swap_gib", GiB, help="Android: other apps' pages that can be swapped out (d^bytes_can_swap)", default=0.0)
     kv_copy: float = _f("kv_copy_ms", MS, help="CPU time to append one token's K,V to one layer's cache", default=0.002 * MS)
+    gemm_bw: float = _f("gemm_bw_gbs", GB, help="weight-streaming rate of the engine's matrix-matrix kernel (several "
+                        "rows: prefill, batched decode) when it differs from its matrix-vector one at one token "
+                        "(ram_bw); 0 = ram_bw", default=0.0)
+    call_overhead: float = _f("call_overhead_ms", MS, help="fixed cost of one compute call of the engine (dispatch, "
+                              "Python, result copy), per window or per streamed layer; 0 = none (llama.cpp's "
+                              "graph runs are folded into the FLOPS)", default=0.0)
+    alloc_bw: float = _f("alloc_gbs", GB, help="first-touch rate of fresh anonymous memory (allocate + zero-fill, "
+                         "page faults): an engine that allocates its KV cache lazily pays it on the first "
+                         "token; 0 = free (llama.cpp allocates at start-up)", default=0.0)
     gpu: GPUSpec | None = _f("gpu", help="[devices.gpu] table, if the device has a usable GPU", default=None)
     address: str | None = _f("address", help="tcp://host:port of `primasim worker` on a real device", default=None)
     emulate: EmulationSpec | None = _f("emulate", help="[devices.emulate] limits for an emulated device", default=None)

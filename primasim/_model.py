@@ -46,6 +46,8 @@ QUANTS: tuple[str, ...] = ("f32", "f16", "q8_0", "q4k")
 QUANT_HELP = "f32, f16, q8_0 or q4k (llama.cpp's Q4_K_M tensor mix)"
 
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp and prima.cpp keep the KV cache in F16
+# Bytes per KV-cache element per `ModelSpec.kv_dtype`: primasim's runtime keeps its cache in f32.
+KV_DTYPE_BYTES: dict[str, int] = {"f16": 2, "f32": 4}
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,12 @@ class ModelSpec:
     source: str = field(default="", compare=False, metadata={"help": "where this spec came from"})
     # Bytes measured from a real file (GGUF) override the mix-derived ones: (layer avg, input, output).
     measured_bytes: tuple[float, float, float] | None = field(default=None, compare=False)
+    # What the engine that runs the model allocates besides the weights (additive knobs; the
+    # defaults are llama.cpp's, which the planners and the paper comparisons assume).
+    kv_dtype: str = field(default="f16", metadata={
+        "help": "element type of the KV cache: f16 (llama.cpp, prima.cpp) or f32 (primasim's runtime)"})
+    buffer_bytes: float | None = field(default=None, metadata={
+        "help": "compute-buffer bytes the engine allocates; None = llama.cpp's estimate (compute_buffer_bytes)"})
 
     def __post_init__(self) -> None:
         for f in ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn", "vocab"):
@@ -133,6 +141,12 @@ class ModelSpec:
         if self.quant not in QUANTS and self.quant not in ("q6k", "q5k", "q4_0", "mixed"):
             raise SpecError(f"unknown quantisation {self.quant!r}", where=f"model {self.name}",
                             fix=f"use one of {QUANT_HELP}")
+        if self.kv_dtype not in KV_DTYPE_BYTES:
+            raise SpecError(f"unknown KV-cache dtype {self.kv_dtype!r}", where=f"model {self.name}",
+                            fix=f"use one of {', '.join(KV_DTYPE_BYTES)}")
+        if self.buffer_bytes is not None and not self.buffer_bytes >= 0:
+            raise SpecError(f"buffer_bytes must be >= 0, got {self.buffer_bytes!r}", where=f"model {self.name}",
+                            fix="give the engine's compute-buffer size in bytes, or None")
 
     # ------------------------------------------------------------------ derived architecture
     def with_quant(self, quant: str | None) -> ModelSpec:
@@ -266,8 +280,8 @@ class ModelSpec:
         return sum(t.n_elements for t in self.tensors())
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V one token adds to one layer's cache (F16, GQA-aware)."""
-        return 2 * self.n_kv_embd * KV_BYTES_PER_ELEMENT
+        """Bytes of K and V one token adds to one layer's cache (`kv_dtype`, F16 by default; GQA-aware)."""
+        return 2 * self.n_kv_embd * KV_DTYPE_BYTES[self.kv_dtype]
 
     def layer_bytes_with_kv(self, n_ctx: int) -> float:
         """b' = b + 2(h_k e_k + h_v e_v) n_kv: a layer's weights plus its full KV cache."""
@@ -279,7 +293,10 @@ class ModelSpec:
         return 4 * self.hidden
 
     def compute_buffer_bytes(self, n_ctx: int, n_ubatch: int = 512) -> float:
-        """Estimate of llama.cpp's compute buffer (activations of one ubatch + logits)."""
+        """Estimate of llama.cpp's compute buffer (activations of one ubatch + logits), or the
+        engine's own figure when `buffer_bytes` is set."""
+        if self.buffer_bytes is not None:
+            return float(self.buffer_bytes)
         acts = n_ubatch * (2 * self.hidden + 2 * self.ffn) + self.n_heads * min(n_ctx, 4096) * n_ubatch
         return 4.0 * (acts + self.vocab)
 

@@ -84,6 +84,8 @@ class BatchServer:
             for i, p in enumerate(obj["prompts"]))
         need = max(len(r.ids) + r.max_new for r in self.waiting)
         self.max_seq = need
+        if o.get("kv_bytes") and obj.get("setup_max_seq", 0) >= need:
+            self.max_seq = int(obj["setup_max_seq"])  # the table width the warm-up compiled
         per_req = -(-need // self.block)
         spec = stage.spec
         block_bytes = 2 * len(stage.layers) * self.block * spec.n_kv_heads * spec.head_dim * 4
@@ -197,14 +199,22 @@ class BatchServer:
         return self._full(self.waiting[0]) <= self.pool.n_blocks - 1
 
     @staticmethod
-    def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = 16) -> None:
-        """Compile the prefill shapes and every decode bucket up to max_batch."""
+    def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = 16, *, max_seq: int | None = None,
+               kv_bytes: float | None = None) -> None:
+        """Compile the prefill shapes and every decode bucket up to max_batch. Given the pool's
+        size (`kv_bytes`, as the run's options give it) and `max_seq`, the shapes are the run's
+        own, so nothing compiles during generation."""
         from . import model as md
         from ._kvcache import PagedKVPool
 
         longest = max(lengths) + 1
-        pool = PagedKVPool(stage.spec, stage.layers, n_blocks=1 + -(-longest // block) * max(1, max_batch),
-                           block_size=block, max_seq=longest)
+        n_blocks = 1 + -(-longest // block) * max(1, max_batch)
+        if kv_bytes:
+            sp = stage.spec
+            n_blocks = max(n_blocks, int(float(kv_bytes) // (2 * len(stage.layers) * block * sp.n_kv_heads
+                                                              * sp.head_dim * 4)))
+        pool = PagedKVPool(stage.spec, stage.layers, n_blocks=n_blocks, block_size=block,
+                           max_seq=max(longest, max_seq or 0))
         for n in sorted(set(lengths)):
             pool.add("w")
             pos = pool.prepare(["w"], n)

@@ -420,8 +420,11 @@ class EmulatedCluster:
             cg.mkdir()
             ed.cgroups[ctrl] = cg
         if em.cpu_quota > 0:
-            (ed.cgroups["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-            (ed.cgroups["cpu"] / "cpu.cfs_quota_us").write_text(str(max(1000, int(em.cpu_quota * CPU_PERIOD_US))))
+            # the device's CFS period (cpu_period_ms, default 100 ms): a short one spreads the quota
+            # evenly, so the device is a slower CPU rather than a fast one that pauses
+            period = min(1_000_000, max(1000, int(round(getattr(em, "cpu_period", CPU_PERIOD_US / 1e6) * 1e6))))
+            (ed.cgroups["cpu"] / "cpu.cfs_period_us").write_text(str(period))
+            (ed.cgroups["cpu"] / "cpu.cfs_quota_us").write_text(str(max(1000, int(em.cpu_quota * period))))
             ed.applied.append(f"cpu quota {em.cpu_quota:g} cores")
         if em.disk_read_bw > 0:
             devs = sorted({d for f in self.checkpoint_files if (d := _block_device(f))})

@@ -474,8 +474,11 @@ class Session:
         if self.cfg.get("schedule") == "batch":
             from .batch import BatchServer, block_tokens
 
+            o = self.cfg.get("options", {})
+            # with the pool's size given (options kv_bytes) the warm-up compiles the run's shapes
             BatchServer.warmup(self.stage, [int(x) for x in lengths], int(self.cfg.get("max_batch", 1)),
-                               block_tokens(self.cfg.get("options", {})))
+                               block_tokens(o), max_seq=int(self.cfg["max_seq"]) if o.get("kv_bytes") else None,
+                               kv_bytes=o.get("kv_bytes"))
             return
         for n in sorted(set(int(x) for x in lengths if int(x) > 0)):
             kv = self.stage.new_kv()
@@ -543,12 +546,23 @@ class Session:
         pinned = self.cfg.get("weights", "mmap") == "pinned"
         kernel = self.cfg.get("residency") == "kernel"
         fits = pinned or total <= budget or kernel or not layers
+        if self.head and not pinned:
+            # one embedding row is read per token: without MADV_RANDOM each row's page fault reads
+            # the disk's whole readahead window around it (8 MiB here), filling the budget
+            for addr, length in _mapped_spans(self.stage.input_ranges()):
+                _libc.madvise(addr, length, mmap.MADV_RANDOM)
         info: dict[str, Any] = {"window_bytes": float(sum(lay_bytes.values())), "output_bytes": float(out_b),
                                 "budget": budget, "residency": "pinned" if pinned else "fits" if total <= budget
                                 else "kernel" if kernel or not layers else "planned"}
         if fits:
             self.resident_bytes = total
-            touched = touch_pages([r for i in layers for r in lay_ranges[i]] + out + self.stage.input_ranges())
+            # the embedding (one row read per token) is loaded too only if it also fits: touching it
+            # past the budget made the kernel evict the window, which the first token re-read
+            inp = self.stage.input_ranges()
+            if not pinned and total + sum(r[2] for r in inp) > budget:
+                inp = []
+            # pinned weights are copies in anonymous memory: their file pages are not used
+            touched = 0 if pinned else touch_pages([r for i in layers for r in lay_ranges[i]] + out + inp)
             return info | {"resident_bytes": total, "streamed_bytes": 0, "touched": touched,
                            "load_s": time.time() - t0}
         big = max(lay_bytes.values())
@@ -664,7 +678,8 @@ class Session:
         if obj.get("schedule") == "batch":
             from .batch import BatchServer
 
-            BatchServer(self.stage, obj, self.rec, self.w.emit, self.io, self.mem).run()
+            BatchServer(self.stage, {**obj, "setup_max_seq": int(self.cfg["max_seq"])}, self.rec, self.w.emit,
+                        self.io, self.mem).run()
             return
         seed = int(obj.get("seed", 0))
         for i, ids in enumerate(obj["prompts"]):

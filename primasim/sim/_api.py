@@ -52,4 +52,8 @@ def simulate(system: str, model: ModelSpec, cluster: ClusterSpec, *, plan: Plan 
             return infeasible(system, f"tensor parallelism over {n} devices: distributed-llama needs a power of "
                               f"two <= n_kv_heads ({model.n_kv_heads})", plan, cfg)
     ctx = SimContext(system, model, cluster, plan, cfg)
+    if cfg.runtime:  # primasim's runtime executes the plan, whatever system made it
+        from ._runtime import run_runtime
+
+        return run_runtime(ctx)
     return entry.runner(ctx, entry)

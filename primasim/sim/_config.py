@@ -32,6 +32,9 @@ class SimConfig:
                                            "cost model's b') or only the filled positions")
     wifi_frame_overhead: float = _h(0.0, "seconds of airtime per message on top of bytes/bandwidth "
                                     "(MAC contention, preamble, ACK)")
+    runtime: bool = _h(False, "model primasim's own runtime (runtime/) instead of the system's engine: its "
+                       "residency plan (keep part of every layer, stream the rest), per-call costs, f32 KV "
+                       "cache and cold start (primasim/sim/_runtime.py); for comparisons with `primasim run`")
     # --- schedule-specific workload knobs
     S: int | None = _h(None, "mdi-llm: sequences in flight (default: number of nodes)")
     batch: int | None = _h(None, "bud: max batch / pipo, flexgen: batch size (default per system)")

@@ -1,0 +1,448 @@
+"""primasim's own runtime (runtime/), as the simulator models it (`SimConfig(runtime=True)`).
+
+The other schedules model the systems of the papers (llama.cpp's engine under the OS page cache).
+This one models what `runtime.head.run_plan` executes, so a plan can be predicted and then run on
+the (emulated) cluster and the two compared (`primasim validate`, experiments/fidelity.py):
+
+- **Residency** (runtime/worker.py `Session.load`): a device whose window and (head) output layer
+  fit its budget -- `ram_avail` minus the KV caches of the sequences in flight (f32, `max_seq`
+  positions) and an 8 MiB activation reserve -- keeps them resident; otherwise it keeps the first
+  fraction r of every layer and *streams* the rest from disk each time the layer runs, evicting
+  it right after, with r the largest fraction such that r * window + c * (1 - r) * layer fits
+  (c = 2 with prefetch: room for the next layer's streamed part, else 1). Pinned weights never
+  touch the disk. Nothing is left to an LRU policy, so the bytes a token reads are the
+  streamed bytes, not an emergent re-read pattern.
+- **Compute**: one jitted call per window (per layer on a streaming device), each costing the
+  device's `call_overhead` plus, per layer, the cost model's roofline terms at the attention span
+  the runtime uses (256 positions at least, powers of two). The head embeds each token (a call),
+  and runs the output layer (a call) and the sampler.
+- **Disk**: a streaming device reads each layer's streamed part by demand faults before it can
+  compute the layer; with prefetch, it first asks for the *next* layer's streamed part in the
+  background (lower priority than demand reads), as the worker's prefetch thread does.
+- **Network**: every hop is the cluster's link (bandwidth + latency with the cluster's jitter);
+  activations are 4e bytes per token.
+- **Schedules**: `ring` (k laps, one token in flight), `rpp` (S sequences in flight, FIFO at every
+  device), `batch` (runtime/batch.py: requests admitted up to the batch, each prefilled alone,
+  then decoded together in power-of-two buckets).
+- The run starts cold: resident parts loaded, streamed parts not (the runtime's RELEASE + LOAD);
+  there is no warm-up pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from .._model import ModelSpec
+from .._plan import Plan
+from .._units import MiB
+from ._context import SimContext, SimResult, infeasible
+from ._devices import DEMAND, PREFETCH, SimDevice
+from ._engine import Proc
+from ._timing import DeviceTiming
+
+ACT_RESERVE = 8 * MiB  # runtime/worker.py _anon_reserve: activations and the allocator
+MIN_SPAN = 256  # runtime/model.py attention_span
+STREAM_CHUNK = 2 * MiB  # granularity of streamed reads (demand reads can pass a prefetch between chunks)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # runtime/batch.py
+
+
+def attention_span(need: int, max_seq: int) -> int:
+    """Positions a step attends over (runtime/model.py attention_span, contiguous cache)."""
+    span = max(MIN_SPAN, 1 << max(need - 1, 0).bit_length())
+    return min(span, max_seq)
+
+
+def kv_bytes(model: ModelSpec, layers: int, max_seq: int, sequences: int = 1) -> float:
+    """The runtime's KV reservation: f32 K and V per layer, `max_seq` positions per sequence."""
+    return 2.0 * layers * max_seq * model.n_kv_heads * model.head_dim * 4 * max(1, sequences)
+
+
+@dataclass
+class Residency:
+    """What one device keeps in memory and what it streams (runtime/worker.py Session.load)."""
+
+    mode: str  # pinned | fits | planned | none
+    budget: float
+    keep_fraction: float = 1.0
+    stream_prefetch: bool = False
+    streamed: dict[int, float] = field(default_factory=dict)  # layer -> bytes streamed per use
+    resident_bytes: float = 0.0
+    anon_bytes: float = 0.0  # KV + activations (+ pinned weights)
+
+    @property
+    def streams(self) -> bool:
+        return self.mode == "planned" and any(v > 0 for v in self.streamed.values())
+
+
+def device_layers(plan: Plan, name: str) -> list[int]:
+    return [i for s in plan.segments() if s.device == name for i in range(s.start, s.end)]
+
+
+def residency(plan: Plan, model: ModelSpec, ram_avail: float, name: str, *, max_seq: int,
+              in_flight: int = 1) -> Residency:
+    """The worker's residency decision for device `name` (same formula, same inputs)."""
+    layers = device_layers(plan, name)
+    head = name == plan.devices[0].name
+    kv = kv_bytes(model, len(layers), max_seq, in_flight)
+    reserve = kv + ACT_RESERVE
+    budget = ram_avail - reserve
+    lb = float(model.layer_bytes)
+    out_b = float(model.output_bytes) if head else 0.0
+    window = lb * len(layers)
+    total = window + out_b
+    if plan.weights == "pinned":
+        pinned = total + (float(model.input_bytes) if head else 0.0)
+        return Residency("pinned", budget, resident_bytes=pinned, anon_bytes=reserve + pinned)
+    if not layers or total <= budget:
+        return Residency("fits" if layers else "none", budget, resident_bytes=total, anon_bytes=reserve)
+    avail = budget - out_b
+
+    def keep(c: float) -> float:
+        return max(0.0, min(1.0, (avail - c * lb) / (window - c * lb))) if window > c * lb else 0.0
+
+    r = keep(1.0)
+    pre = plan.prefetch and keep(2.0) > 0.0
+    if pre:
+        r = keep(2.0)
+    streamed = {i: (1.0 - r) * lb for i in layers}
+    return Residency("planned", budget, r, pre, streamed, r * window + out_b, reserve)
+
+
+def timing(dev: SimDevice, rows: int) -> DeviceTiming:
+    """The device's timing for a call of `rows` tokens: XLA multiplies one token's activations as
+    a matrix-vector product (streaming at `ram_bw`) and several as a matrix-matrix one (`gemm_bw`)."""
+    sp = dev.spec
+    if rows <= 1 or sp.gemm_bw <= 0 or sp.gemm_bw == sp.ram_bw:
+        return dev.timing
+    cache = dev.__dict__.setdefault("_gemm_timing", {})
+    if "t" not in cache:
+        cache["t"] = DeviceTiming(sp.replace(ram_bw=sp.gemm_bw), dev.model)
+    return cache["t"]  # type: ignore[no-any-return]
+
+
+class DiskBucket:
+    """A device's disk behind a rate limiter: reads go at the sustained rate (`disk_speed`), plus
+    the allowance the limiter carried over the idle spell before them, spent at `disk_peak`. A
+    blkio throttle carries a spell's allowance (t x rate) while the spell is shorter than its
+    slice window (`disk_burst / disk_speed`, measured by the validate probe) and forfeits it after
+    a longer one; without `disk_burst` the disk is a plain rate."""
+
+    def __init__(self, dev: SimDevice) -> None:
+        sp = dev.spec
+        self.rate = sp.disk_speed
+        self.depth = sp.disk_burst
+        self.window = self.depth / self.rate if self.rate > 0 else 0.0
+        self.peak = max(sp.disk_peak, self.rate)
+        self.tokens = 0.0
+        self.t = -math.inf  # no read yet: nothing carried over
+
+    def duration(self, now: float, nbytes: float) -> float:
+        """Seconds to read `nbytes` starting at `now` (the allowance keeps accruing while reading)."""
+        idle = now - self.t
+        if self.depth <= 0 or idle > self.window:
+            tok = 0.0
+        else:
+            tok = min(self.depth, self.tokens + self.rate * max(0.0, idle))
+        if self.peak <= self.rate or tok <= 0:
+            d = nbytes / self.rate
+            tok = 0.0
+        else:
+            tau = tok / (self.peak - self.rate)  # the allowance lasts this long at the peak rate
+            burst = self.peak * tau
+            if nbytes <= burst:
+                d = nbytes / self.peak
+                tok = max(0.0, tok + self.rate * d - nbytes)
+            else:
+                d = tau + (nbytes - burst) / self.rate
+                tok = 0.0
+        self.tokens, self.t = tok, now + d
+        return d
+
+
+class RuntimeRing:
+    """The ring / recurrent-pipeline schedule of runtime/worker.py on simulated devices."""
+
+    def __init__(self, ctx: SimContext) -> None:
+        assert ctx.plan is not None
+        self.ctx, self.plan, self.model, self.cfg = ctx, ctx.plan, ctx.model, ctx.cfg
+        plan = self.plan
+        self.segs = plan.segments()
+        self.head = plan.devices[0].name
+        self.S = int(ctx.cfg.S or plan.options.get("S") or len(plan.active)) if plan.schedule == "rpp" else 1
+        P, N = ctx.cfg.prompt_tokens, ctx.cfg.tokens
+        self.max_seq = max(plan.n_ctx, P + N)
+        self.prefetch = plan.prefetch and plan.weights == "mmap"
+        self.res: dict[str, Residency] = {}
+        for name, dev in ctx.devices.items():
+            r = residency(plan, self.model, dev.spec.ram_avail, name, max_seq=self.max_seq, in_flight=self.S)
+            if not self.prefetch and r.mode == "planned":
+                r.stream_prefetch = False
+            self.res[name] = r
+        self.kv_ready: set[tuple[str, int]] = set()  # (device, sequence) whose KV cache exists
+        self.buckets = {n: DiskBucket(d) for n, d in ctx.devices.items()}
+        # streamed part of each layer: absent (None), being read (an event) or resident (True)
+        self.state: dict[tuple[str, int], Any] = {}
+        self.next_layer: dict[tuple[str, int], int] = {}
+        for name in ctx.devices:
+            wins = [(s.start, s.end) for s in self.segs if s.device == name]
+            for w, (a, b) in enumerate(wins):
+                for i in range(a, b):
+                    self.next_layer[(name, i)] = i + 1 if i + 1 < b else wins[(w + 1) % len(wins)][0]
+
+    # ---------------------------------------------------------------- memory accounting
+    def setup_stats(self) -> None:
+        rec = self.ctx.rec
+        for name, dev in self.ctx.devices.items():
+            r = self.res[name]
+            d = dev.spec
+            rec.set(name, "mem_total", d.ram_total)
+            rec.set(name, "mem_avail_before", d.ram_avail)
+            rec.set(name, "mem_avail_min", d.ram_avail - r.anon_bytes)
+            rec.set(name, "anon_bytes", r.anon_bytes)
+            rec.set(name, "resident_weight_bytes", r.resident_bytes)
+            rec.set(name, "keep_fraction", r.keep_fraction)
+            rec.set(name, "streamed_bytes_per_pass", sum(r.streamed.values()))
+
+    # ---------------------------------------------------------------- streaming
+    def _read(self, dev: SimDevice, nbytes: float, priority: int, token: int) -> Proc:
+        """Read `nbytes` in chunks on the device's disk (demand reads before prefetch reads)."""
+        bucket = self.buckets[dev.name]
+        eff = self.cfg.fault_efficiency if priority == DEMAND else 1.0
+        left = nbytes
+        while left > 0:
+            n = min(STREAM_CHUNK, left)
+            req = dev.disk.acquire(priority)
+            yield req
+            t0 = self.ctx.env.now
+            try:
+                yield from dev.disk.work(bucket.duration(t0, n) / eff)
+            finally:
+                dev.disk.release(req)
+            dev.disk_bytes += n
+            self.ctx.rec.add(dev.name, "disk_read_bytes", n)
+            self.ctx.rec.span(dev.name, "disk" if priority == DEMAND else "prefetch", t0, self.ctx.env.now,
+                              "stream" if priority == DEMAND else "prefetch", token=token, nbytes=n)
+            left -= n
+
+    def _prefetch(self, dev: SimDevice, layer: int, token: int) -> None:
+        key = (dev.name, layer)
+        if self.state.get(key) is not None:
+            return
+        ev = self.ctx.env.event()
+        self.state[key] = ev
+
+        def proc() -> Proc:
+            yield from self._read(dev, self.res[dev.name].streamed.get(layer, 0.0), PREFETCH, token)
+            if self.state.get(key) is ev:
+                self.state[key] = True
+            ev.succeed()
+
+        self.ctx.env.process(proc())
+
+    def _ensure(self, dev: SimDevice, layer: int, token: int) -> Proc:
+        key = (dev.name, layer)
+        t0 = self.ctx.env.now
+        st = self.state.get(key)
+        if isinstance(st, simpy.events.Event):
+            yield st
+        elif st is None:
+            yield from self._read(dev, self.res[dev.name].streamed.get(layer, 0.0), DEMAND, token)
+        self.state[key] = True
+        if self.ctx.env.now > t0:
+            dev.stall += self.ctx.env.now - t0
+            self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
+            self.ctx.rec.span(dev.name, "wait", t0, self.ctx.env.now, "page faults", token=token)
+
+    # ---------------------------------------------------------------- compute
+    def t_layer(self, dev: SimDevice, n_tokens: int, pos: int) -> float:
+        span = attention_span(pos + n_tokens, self.max_seq)
+        return timing(dev, n_tokens).layer("cpu", n_tokens, span, pos=min(span, MIN_SPAN))
+
+    def segment(self, dev: SimDevice, start: int, end: int, n_tokens: int, pos: int, seq: int,
+                token: int, name: str) -> Proc:
+        r = self.res[dev.name]
+        call = dev.spec.call_overhead
+        t_l = self.t_layer(dev, n_tokens, pos)
+        req = dev.cpu.acquire()
+        yield req
+        try:
+            if (dev.name, seq) not in self.kv_ready:
+                # the worker allocates a sequence's KV cache when it first computes for it
+                self.kv_ready.add((dev.name, seq))
+                n_l = len(device_layers(self.plan, dev.name))
+                if dev.spec.alloc_bw > 0 and n_l:
+                    yield from dev.cpu.work(kv_bytes(self.model, n_l, self.max_seq + 1) / dev.spec.alloc_bw,
+                                            name="kv alloc", seq=seq, token=token)
+            if not r.streams:
+                yield from dev.cpu.work((end - start) * t_l + call, name=name, seq=seq, token=token)
+                return
+            for i in range(start, end):
+                if r.stream_prefetch:
+                    self._prefetch(dev, self.next_layer[(dev.name, i)], token)
+                yield from self._ensure(dev, i, token)
+                yield from dev.cpu.work(t_l + call, name=name, seq=seq, token=token)
+                self.state[(dev.name, i)] = None  # evicted right after use
+        finally:
+            dev.cpu.release(req)
+
+    def head_out(self, n_tokens: int, seq: int, token: int) -> Proc:
+        """Output layer + sampling on the head (the output layer is resident: it is kept)."""
+        dev = self.ctx.dev(self.head)
+        t = dev.timing.output(1) + dev.spec.call_overhead + self.cfg.sample_cost_per_vocab * self.model.vocab
+        yield from dev.cpu.serve(t, name="output+sample", seq=seq, token=token)
+
+    def embed(self, n_tokens: int, seq: int, token: int) -> Proc:
+        dev = self.ctx.dev(self.head)
+        yield from dev.cpu.serve(dev.spec.call_overhead, name="embed", seq=seq, token=token)
+
+    def walk(self, n_tokens: int, pos: int, seq: int, token: int) -> Proc:
+        m = self.model
+        hidden = m.hidden_bytes * n_tokens
+        yield from self.embed(n_tokens, seq, token)
+        prev = self.head
+        for s in self.segs:
+            if s.device != prev:
+                yield from self.ctx.net.send(prev, s.device, hidden, seq=seq, token=token)
+            label = f"L{s.start}-{s.end - 1}" + (f" lap {s.lap}" if self.plan.k > 1 else "")
+            yield from self.segment(self.ctx.dev(s.device), s.start, s.end, n_tokens, pos, seq, token, label)
+            prev = s.device
+        if prev != self.head:
+            yield from self.ctx.net.send(prev, self.head, hidden, seq=seq, token=token)
+        yield from self.head_out(n_tokens, seq, token)
+
+    def sequence(self, seq: int) -> Proc:
+        P, N = self.cfg.prompt_tokens, self.cfg.tokens
+        self.ctx.request(seq, P, N)
+        yield from self.walk(P, 0, seq, 0)
+        self.ctx.emit(seq, 0)
+        for i in range(1, N):
+            yield from self.walk(1, P + i - 1, seq, i)
+            self.ctx.emit(seq, i)
+
+    def main(self) -> Proc:
+        env = self.ctx.env
+        yield env.all_of([env.process(self.sequence(s)) for s in range(self.S)])
+
+
+def run_runtime_ring(ctx: SimContext) -> SimResult:
+    rr = RuntimeRing(ctx)
+    rr.setup_stats()
+    done = ctx.env.process(rr.main())
+    ctx.run(until=done)
+    per_tok = ctx.cfg.tokens * rr.S
+    extra = {"disk_read_bytes_per_token": {n: d.disk_bytes / per_tok for n, d in ctx.devices.items()},
+             "residency": {n: {"mode": r.mode, "keep_fraction": r.keep_fraction, "budget": r.budget,
+                               "streamed_bytes": sum(r.streamed.values()), "resident_bytes": r.resident_bytes,
+                               "stream_prefetch": r.stream_prefetch} for n, r in rr.res.items()},
+             "engine": "primasim-runtime"}
+    return ctx.result(extra=extra)
+
+
+# ------------------------------------------------------------------------------------ batch
+def _bucket(n: int) -> int:
+    for b in BATCH_BUCKETS:
+        if n <= b:
+            return b
+    return n
+
+
+def run_runtime_batch(ctx: SimContext) -> SimResult:
+    """runtime/batch.py BatchServer: identical requests (the prompt repeated), admitted up to the
+    batch size while the KV pool holds their whole length; each admitted request is prefilled
+    alone, then every running request decodes one token per step in one call padded to a
+    power-of-two bucket. Weights are pinned (no disk)."""
+    plan, m, cfg, env = ctx.plan, ctx.model, ctx.cfg, ctx.env
+    assert plan is not None
+    act = plan.active
+    if len(act) != 1:
+        return infeasible(plan.system, "a batch plan runs the whole model on one device", plan, cfg)
+    dev = ctx.dev(act[0].name)
+    o = plan.options
+    n_req = int(cfg.requests if cfg.batch is not None or "requested_batch" not in o else o["requested_batch"])
+    max_batch = int(cfg.batch or o.get("batch", 64))
+    P, N = cfg.prompt_tokens, cfg.tokens
+    need = P + N
+    block = int(o.get("tile_tokens", 16))
+    per_req_blocks = math.ceil(need / block)
+    block_bytes = 2.0 * m.n_layers * block * m.n_kv_heads * m.head_dim * 4
+    pinned = float(m.total_bytes)
+    # runtime/batch.py kv_budget: half of the room the memory limit leaves; the emulator's limit is
+    # the worker's footprint (pinned weights included) + the device's budget, i.e. ram_avail
+    pool_blocks = int(max(0.0, 0.5 * dev.spec.ram_avail) // block_bytes)
+    max_seq = need
+    if o.get("kv_bytes"):  # the pool's size given: the run keeps the warm-up's shapes (setup's max_seq)
+        pool_blocks = int(float(o["kv_bytes"]) // block_bytes)
+        max_seq = max(need, plan.n_ctx)
+    if pool_blocks - 1 < per_req_blocks:
+        return infeasible(plan.system, f"the KV pool ({pool_blocks} blocks) cannot hold one request", plan, cfg)
+    cap = max(1, min(max_batch, (pool_blocks - 1) // per_req_blocks))
+    rec = ctx.rec
+    rec.set(dev.name, "mem_total", dev.spec.ram_total)
+    rec.set(dev.name, "mem_avail_before", dev.spec.ram_avail)
+    anon = pinned + ACT_RESERVE + min(n_req, cap) * per_req_blocks * block_bytes
+    rec.set(dev.name, "mem_avail_min", dev.spec.ram_avail - anon)
+    call = dev.spec.call_overhead
+
+    def forward(n_tok_per_seq: int, seqs: int, pos: int) -> float:
+        """One call per window + embed + output for `seqs` sequences of `n_tok_per_seq` tokens."""
+        rows = n_tok_per_seq * seqs
+        tm = timing(dev, rows)
+        span = attention_span(pos + n_tok_per_seq, max_seq)
+        span = -(-span // block) * block
+        flops = tm._flop_time(dev.spec.cpu_flops, min(span, MIN_SPAN), rows)
+        kv_read = m.kv_bytes_per_token() * span * seqs
+        per_layer = flops + dev.spec.kv_copy * rows + (m.layer_bytes + kv_read) / tm.dev.ram_bw
+        windows = len([s for s in plan.segments() if s.device == dev.name])
+        out = timing(dev, seqs).output(seqs)  # the output layer runs on each sequence's last row
+        return m.n_layers * per_layer + (windows + 2) * call + out
+
+    def engine() -> Proc:
+        if dev.spec.alloc_bw > 0:  # the paged KV pool is allocated when the batch starts
+            yield from dev.cpu.serve(pool_blocks * block_bytes / dev.spec.alloc_bw, name="kv pool alloc")
+        waiting = list(range(n_req))
+        for r in waiting:
+            ctx.request(r, P, N)
+        running: list[int] = []
+        made: dict[int, int] = {}
+        while waiting or running:
+            new = []
+            while waiting and len(running) + len(new) < cap:
+                new.append(waiting.pop(0))
+            for r in new:
+                yield from dev.cpu.serve(forward(P, 1, 0), name=f"prefill {P} tokens", seq=r, token=0)
+                ctx.emit(r, 0)
+                made[r] = 1
+                if made[r] < N:
+                    running.append(r)
+            if not running:
+                continue
+            b = _bucket(len(running))
+            pos = P + made[running[0]] - 1
+            yield from dev.cpu.serve(forward(1, b, pos), name=f"decode batch {len(running)} (padded {b})",
+                                     seq=0, token=-1)
+            still = []
+            for r in running:
+                ctx.emit(r, made[r])
+                made[r] += 1
+                if made[r] < N:
+                    still.append(r)
+            running = still
+
+    done = env.process(engine())
+    ctx.run(until=done)
+    return ctx.result(extra={"engine": "primasim-runtime", "batch_cap": cap, "kv_pool_blocks": pool_blocks})
+
+
+def run_runtime(ctx: SimContext) -> SimResult:
+    """Simulate `ctx.plan` as primasim's runtime executes it."""
+    assert ctx.plan is not None
+    if ctx.plan.schedule == "batch":
+        return run_runtime_batch(ctx)
+    if ctx.plan.schedule not in ("ring", "rpp"):
+        return infeasible(ctx.system, f"the runtime does not execute schedule {ctx.plan.schedule!r}",
+                          ctx.plan, ctx.cfg)
+    return run_runtime_ring(ctx)

@@ -1,0 +1,338 @@
+"""`primasim validate` and the simulator's model of primasim's runtime (SimConfig(runtime=True)).
+
+Fast tests check the pieces against hand computations (the worker's residency formula, the disk's
+token bucket, the solve of effective rates, the profiled cluster's network); the slow one runs the
+whole loop -- profile inside the limits, plan, simulate, run, compare -- on a two-device emulated
+cluster with a small model (degraded to plain processes without root), and checks its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from primasim._cluster import ClusterSpec, NetworkSpec, load_cluster
+from primasim._device import DeviceSpec
+from primasim._model import load_model
+from primasim._plan import DevicePlan, Plan
+from primasim._units import GB, MB, MBPS, MS, GiB, MiB
+from primasim._validate import Row, effective_rates, measured_cluster, runtime_model
+from primasim.sim import SimConfig, simulate
+from primasim.sim._runtime import ACT_RESERVE, DiskBucket, kv_bytes, residency
+
+MINI = load_model("llama-mini-300m", "f32")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dev(name: str, avail_mib: float, *, disk: float = 0.3 * GB, bw: float = 10 * GB, flops: float = 40e9,
+         call: float = 0.5 * MS, burst: float = 0.0) -> DeviceSpec:
+    return DeviceSpec(name=name, os="linux", cores=1, ram_total=max(avail_mib * MiB, GiB), ram_avail=avail_mib * MiB,
+                      ram_bw=bw, cpu_flops={"f32": flops}, disk_seq=disk, call_overhead=call, disk_burst=burst,
+                      disk_peak=4 * disk if burst else 0.0)
+
+
+def _cluster(*devs: DeviceSpec) -> ClusterSpec:
+    return ClusterSpec("t", tuple(devs), NetworkSpec(kind="switched", bandwidth=300 * MBPS, latency=3 * MS))
+
+
+def _plan(*wins: tuple[str, int], k: int = 1, prefetch: bool = True, weights: str = "mmap") -> Plan:
+    return Plan("prima", MINI.name, MINI.n_layers, k, tuple(DevicePlan(n, w) for n, w in wins), quant="f32",
+                prefetch=prefetch, weights=weights)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------- model knobs
+def test_runtime_model_accounts_the_runtime_kv_cache_and_buffers() -> None:
+    """The runtime keeps its KV cache in f32 and reserves 8 MiB for activations: plans compared
+    with it account exactly that (the catalogue default stays llama.cpp's F16 + compute buffer)."""
+    rm = runtime_model(MINI)
+    assert rm.kv_bytes_per_token() == 2 * MINI.kv_bytes_per_token() == 2 * 4 * 64 * 4
+    assert rm.compute_buffer_bytes(1024) == ACT_RESERVE < MINI.compute_buffer_bytes(1024)
+    from primasim._errors import SpecError
+
+    with pytest.raises(SpecError, match="KV-cache dtype"):
+        import dataclasses
+
+        dataclasses.replace(MINI, kv_dtype="int3")
+
+
+# ------------------------------------------------------------------------------- residency
+def test_residency_follows_the_workers_formula() -> None:
+    """A device whose window does not fit keeps the fraction r of every layer with
+    r * window + 2 * (1 - r) * layer + output <= budget (prefetch: room for two streamed parts)."""
+    plan = _plan(("a", 10), ("b", 6))
+    avail = 450 * MiB
+    r = residency(plan, runtime_model(MINI), avail, "a", max_seq=1024)
+    budget = avail - kv_bytes(MINI, 10, 1024) - ACT_RESERVE
+    lb, out = MINI.layer_bytes, MINI.output_bytes
+    want = (budget - out - 2 * lb) / (10 * lb - 2 * lb)
+    assert r.mode == "planned" and r.stream_prefetch
+    assert r.keep_fraction == pytest.approx(want)
+    assert sum(r.streamed.values()) == pytest.approx(10 * (1 - want) * lb)
+    assert r.keep_fraction * 10 * lb + 2 * (1 - r.keep_fraction) * lb + out == pytest.approx(budget)
+    # without prefetch one streamed part needs room: more is kept
+    r1 = residency(plan.replace(prefetch=False), runtime_model(MINI), avail, "a", max_seq=1024)
+    assert r1.keep_fraction > r.keep_fraction and not r1.stream_prefetch
+    # enough memory: everything resident; pinned weights never stream
+    assert residency(plan, runtime_model(MINI), 2 * GiB, "a", max_seq=1024).mode == "fits"
+    assert residency(plan.replace(weights="pinned"), runtime_model(MINI), avail, "a", max_seq=1024).mode == "pinned"
+    # RPP: a KV cache per sequence in flight leaves less for the weights
+    r3 = residency(plan, runtime_model(MINI), avail, "a", max_seq=1024, in_flight=3)
+    assert r3.keep_fraction < r.keep_fraction
+
+
+def test_streaming_device_reads_its_streamed_bytes_every_token() -> None:
+    """Simulated as the runtime: a memory-short device reads exactly its streamed bytes per pass,
+    and prefetching the next layer's streamed part hides disk time behind compute."""
+    cl = _cluster(_dev("a", 450), _dev("b", 2048))
+    plan = _plan(("a", 10), ("b", 6))
+    cfg = SimConfig(runtime=True, tokens=8, prompt_tokens=4, warmup=False)
+    res = simulate("prima", runtime_model(MINI), cl, plan=plan, config=cfg)
+    assert res.feasible
+    streamed = res.extra["residency"]["a"]["streamed_bytes"]
+    assert streamed > 50 * MB and res.extra["residency"]["b"]["mode"] == "fits"
+    # 8 passes, plus the prefetch of the next token's first layer posted during the last pass
+    part = streamed / 10
+    assert res.trace.device_stats["a"]["disk_read_bytes"] == pytest.approx(8 * streamed + part, rel=1e-6)
+    assert res.trace.device_stats["b"].get("disk_read_bytes", 0.0) == 0.0
+    off = simulate("prima", runtime_model(MINI), cl, plan=plan.replace(prefetch=False), config=cfg)
+    # without prefetch one streamed part needs room, not two: more is kept, less is read ...
+    assert off.trace.device_stats["a"]["disk_read_bytes"] < res.trace.device_stats["a"]["disk_read_bytes"]
+    # ... which wins on this disk-bound device; on a compute-bound one, hiding the reads wins
+    assert off.metrics.tpot_ms < res.metrics.tpot_ms
+    slow = _cluster(_dev("a", 450, disk=3 * GB, bw=1 * GB), _dev("b", 2048, bw=1 * GB))
+    on_s = simulate("prima", runtime_model(MINI), slow, plan=plan, config=cfg).metrics.tpot_ms
+    off_s = simulate("prima", runtime_model(MINI), slow, plan=plan.replace(prefetch=False), config=cfg).metrics.tpot_ms
+    assert on_s < off_s
+    # the per-call cost: one call per window, or per layer on a streaming device
+    cheap = _cluster(_dev("a", 2048, call=0.0), _dev("b", 2048, call=0.0))
+    dear = _cluster(_dev("a", 2048, call=2 * MS), _dev("b", 2048, call=2 * MS))
+    t0 = simulate("prima", runtime_model(MINI), cheap, plan=plan, config=cfg).metrics.tpot_ms
+    t1 = simulate("prima", runtime_model(MINI), dear, plan=plan, config=cfg).metrics.tpot_ms
+    # 2 windows + embed + output = 4 calls of 2 ms per token
+    assert t1 - t0 == pytest.approx(8.0, abs=0.05)
+
+
+def test_recurrent_pipeline_and_batch_schedules() -> None:
+    """S sequences in flight raise throughput until the slowest device is busy all the time; a
+    batch decodes several requests per weight pass, so throughput rises with the batch."""
+    cl = _cluster(_dev("a", 2048), _dev("b", 2048), _dev("c", 2048))
+    base = _plan(("a", 6), ("b", 5), ("c", 5), weights="pinned").replace(schedule="rpp")
+    tput = []
+    for S in (1, 2, 3):
+        r = simulate("mdi-llm", runtime_model(MINI), cl, plan=base.replace(options={"S": S}),
+                     config=SimConfig(runtime=True, tokens=8, prompt_tokens=4, warmup=False))
+        assert r.feasible and r.metrics.n_tokens == 8 * S
+        tput.append(r.metrics.throughput_tok_s)
+    assert tput[0] < tput[1] < tput[2] < 3.2 * tput[0]
+    one = _cluster(_dev("a", 3 * 1024))
+    bud = Plan("bud", MINI.name, MINI.n_layers, 1, (DevicePlan("a", MINI.n_layers),), quant="f32",
+               schedule="batch", weights="pinned", options={"batch": 8, "requested_batch": 8})
+    tp = {}
+    for b in (1, 4):
+        r = simulate("bud", runtime_model(MINI), one, plan=bud,
+                     config=SimConfig(runtime=True, tokens=6, prompt_tokens=4, batch=b, requests=b, warmup=False))
+        assert r.feasible and r.metrics.n_tokens == 6 * b
+        tp[b] = r.metrics.throughput_tok_s
+    assert tp[4] > 2 * tp[1]
+
+
+# ------------------------------------------------------------------------------- the disk
+def test_disk_limiter_carries_a_short_idle_spells_allowance_only() -> None:
+    """As a blkio throttle does (measured by the validate probe): after an idle spell of t shorter
+    than the limiter's window, t x rate bytes go at the disk's own speed; after a longer spell,
+    nothing is carried over; back to back, reads go at the sustained rate."""
+    class D:
+        spec = _dev("a", 100, disk=100 * MB, burst=20 * MB)  # window = 20 MB / 100 MB/s = 0.2 s
+
+    b = DiskBucket(D())  # type: ignore[arg-type]
+    rate, peak = 100 * MB, 400 * MB
+    assert b.duration(0.0, 10 * MB) == pytest.approx(0.1)  # first read: nothing carried
+    assert b.duration(0.1, 10 * MB) == pytest.approx(0.1)  # back to back: the sustained rate
+    # 0.1 s idle: 10 MB of allowance at the peak (accruing meanwhile), the rest at the rate
+    t = b.t + 0.1
+    tau = 10 * MB / (peak - rate)
+    assert b.duration(t, 40 * MB) == pytest.approx(tau + (40 * MB - peak * tau) / rate)
+    # 0.3 s idle (> the window): the allowance is forfeited
+    assert b.duration(b.t + 0.3, 10 * MB) == pytest.approx(0.1)
+    # a read that fits in a 0.15 s spell's allowance goes at the peak
+    assert b.duration(b.t + 0.15, 8 * MB) == pytest.approx(8 * MB / peak)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.5, 20.0), st.floats(1.0, 2.5), st.floats(1.05, 4.0), st.floats(0.05, 2.0))
+def test_effective_rates_reproduce_the_probe_in_the_simulators_basis(l1_ms: float, r2: float, r16: float,
+                                                                     call_ms: float) -> None:
+    """Solved from the runtime probe's per-layer times at 1, 2 and 16 tokens per call, the
+    effective rates make the runtime model's layer time return exactly those times: one token on
+    the matrix-vector kernel (ram_bw), several on the matrix-matrix one (gemm_bw, cpu_flops)."""
+    from primasim.sim._runtime import timing
+
+    times = {1: l1_ms * MS, 2: l1_ms * r2 * MS, 16: l1_ms * r2 * r16 * MS}
+    rt = {"tokens": {str(t): {"layer_s": v, "call_s": call_ms * MS, "span": 256} for t, v in times.items()},
+          "kv_alloc_s": 0.01, "kv_alloc_bytes": 16e6}
+    r = effective_rates(MINI, rt, 0.5e-6, 100e9)
+    dev = _dev("x", 1024, bw=r["ram_bw"], flops=r["cpu_flops"]).replace(kv_copy=0.5e-6, gemm_bw=r["gemm_bw"])
+
+    class D:  # the slice of SimDevice that timing() reads
+        spec = dev
+        model = runtime_model(MINI)
+
+    from primasim.sim._timing import DeviceTiming
+
+    d = D()
+    d.timing = DeviceTiming(dev, d.model)  # type: ignore[attr-defined]
+    for t, want in times.items():
+        got = timing(d, t).layer("cpu", t, 256, pos=256)  # type: ignore[arg-type]
+        # exact unless a shape is compute-bound beyond the solve's floor on the memory share
+        if r["ram_bw"] < 1e15 and r["gemm_bw"] < 1e15:
+            assert got == pytest.approx(want, rel=0.06), (t, got, want)
+    assert r["call_overhead"] == pytest.approx(call_ms * MS)
+    assert r["alloc_bw"] == pytest.approx(1.6e9)
+
+
+def test_profiled_cluster_is_switched_with_measured_links() -> None:
+    """The emulation shapes every pair on its own link: the profiled network is `switched`, each
+    pair's bandwidth is measured and its latency is the emulated one + the measured idle hop."""
+    base = load_cluster("home-emu")
+    assert base.network.kind == "switched"
+    probes: dict[str, Any] = {}
+    for i, d in enumerate(base.devices):
+        probes[d.name] = {
+            "profile": {"device": {"name": d.name, "os": "linux", "cores": 1, "ram_total_gib": 1.0, "ram_avail_gib": 0.5,
+                                   "ram_bw_gbs": 12.0, "cpu_gflops": {"f32": 50.0}, "disk_seq_gbs": 0.4,
+                                   "kv_copy_ms": 0.0006},
+                        "measurements": {"gemm": {"value": 50e9}}},
+            "memory": {"ram_avail": d.emulate.memory_limit, "ram_total": d.emulate.memory_limit + 140 * MiB,  # type: ignore[union-attr]
+                       "how": "test", "footprint": 140 * MiB, "limit": d.emulate.memory_limit + 140 * MiB},  # type: ignore[union-attr]
+            "runtime": {"tokens": {"1": {"layer_s": 5e-3, "call_s": 3e-4, "span": 256},
+                                   "16": {"layer_s": 12e-3, "call_s": 3e-4, "span": 256}},
+                        "kv_alloc_s": 0.01, "kv_alloc_bytes": 16e6},
+            "disk": {"rate": d.emulate.disk_read_bw, "burst": 10 * MiB, "peak": 0.8 * GB,  # type: ignore[union-attr]
+                     "expiry": 0.2, "rates": [1.0]},
+            "links": {m.name: {"bandwidth": 0.9 * base.network.link(d.name, m.name)[0], "latency_idle": 0.4 * MS}
+                      for m in base.devices[i + 1:]}}
+    cl = measured_cluster(base, MINI, probes, emulated=True)
+    assert cl.network.kind == "switched" and len(cl.network.links) == 6
+    bw, lat = cl.network.link("phone", "desktop")
+    assert bw == pytest.approx(0.9 * 30 * MBPS) and lat == pytest.approx(6.4 * MS)
+    ph = cl.device("phone")
+    assert ph.ram_avail == pytest.approx(128 * MiB) and ph.disk_seq == pytest.approx(80 * MB)
+    assert ph.emulate == base.device("phone").emulate and ph.disk_burst == 10 * MiB
+    assert "inside the device" in ph.sources["ram_avail_gib"]
+
+
+def test_rows_report_signed_errors() -> None:
+    r = Row("TPOT", "", 105 * MS, 100 * MS, "ms", MS)
+    assert r.error_pct == pytest.approx(5.0) and r.to_json()["predicted"] == pytest.approx(105)
+    assert math.isnan(Row("x", "", 1.0, 0.0, "").error_pct)
+    share = Row("memory pressure", "a", 4.0, 3.0, "%")
+    assert math.isnan(share.error_pct) and share.error_pp == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------- the command
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "primasim", "validate", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
+    bad = _cli("--tokens", "0", "--out", str(tmp_path / "x"), timeout=60)
+    assert bad.returncode == 2 and "--tokens must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    f = tmp_path / "file"
+    f.write_text("")
+    nowrite = _cli("--out", str(f / "sub"), "--tokens", "2", timeout=60)
+    assert nowrite.returncode == 2 and "writable" in nowrite.stderr and "Traceback" not in nowrite.stderr
+    cl = _cli("--cluster", "prima-d1-d4", "--out", str(tmp_path / "y"), timeout=60)
+    assert cl.returncode == 2 and "no emulated devices" in cl.stderr
+
+
+SMALL_CLUSTER = """
+name = "validate-small"
+head = "a"
+[network]
+kind = "switched"
+bandwidth_mbps = 200
+latency_ms = 2
+jitter_ms = 0.2
+[[network.links]]
+a = "a"
+b = "b"
+bandwidth_mbps = 20
+latency_ms = 3
+[[devices]]
+name = "a"
+os = "linux"
+cores = 1
+ram_total_gib = 0.5
+ram_avail_gib = 0.0625
+ram_bw_gbs = 8
+cpu_gflops = { f32 = 40 }
+disk_seq_gbs = 0.2
+[devices.emulate]
+cpu_cores = 1.0
+cpu_period_ms = 10
+memory_mib = 64
+disk_read_mbs = 200
+[[devices]]
+name = "b"
+os = "linux"
+cores = 1
+ram_total_gib = 0.5
+ram_avail_gib = 0.03125
+ram_bw_gbs = 4
+cpu_gflops = { f32 = 20 }
+disk_seq_gbs = 0.1
+[devices.emulate]
+cpu_cores = 0.5
+cpu_period_ms = 10
+memory_mib = 32
+disk_read_mbs = 100
+"""
+
+
+@pytest.mark.slow
+def test_validate_end_to_end_on_a_small_model(tmp_path: Path) -> None:
+    """The reduced loop: a 6-layer model on two emulated devices (as root; plain processes
+    otherwise), few tokens. Every step runs for real; the outputs are complete and consistent,
+    and the predicted TPOT is within a loose band of the measured one (small models are
+    dominated by per-call and per-hop costs on a shared host)."""
+    from runtime.emulate import find_leftovers, is_root
+
+    ctoml = tmp_path / "small.toml"
+    ctoml.write_text(SMALL_CLUSTER)
+    out = tmp_path / "out"
+    res = _cli("--cluster", str(ctoml), "--model", "llama-tiny", "--tokens", "12", "--prompt-tokens", "8",
+               "--n-ctx", "128", "--option", "select_devices=false", "--out", str(out), "--json", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summ = json.loads(res.stdout)
+    assert summ["degraded"] is (not is_root())
+    for f in ("summary", "comparison", "figure", "predicted_trace", "measured_trace", "cluster", "probes", "plan"):
+        assert Path(summ["files"][f]).stat().st_size > 0, f
+    assert (out / "validate.png").read_bytes()[:4] == b"\x89PNG"
+    for t in ("predicted.trace.json", "measured.trace.json"):
+        ev = json.loads((out / t).read_text())["traceEvents"]
+        assert any(e.get("ph") == "X" for e in ev) and any(e.get("ph") == "i" for e in ev)
+    rows = {(r["metric"], r["device"]): r for r in summ["comparison"]}
+    for key in (("TPOT", ""), ("TTFT", ""), ("throughput", "")):
+        assert rows[key]["predicted"] > 0 and rows[key]["measured"] > 0
+    assert abs(rows[("TPOT", "")]["error_pct"]) < 50, rows[("TPOT", "")]
+    assert {d["name"] for d in summ["plan"]["devices"]} == {"a", "b"}
+    assert len(summ["measured"]["token_ids"]) == 12
+    prof = load_cluster(out / "cluster-profiled.toml")
+    assert prof.network.kind == "switched"
+    for d in prof.devices:
+        assert d.call_overhead > 0 and d.ram_bw > 0 and "runtime" in d.sources["ram_bw_gbs"]
+    if is_root():
+        assert prof.device("b").ram_avail == pytest.approx(32 * MiB, rel=0.1)
+        bw, _ = prof.network.link("a", "b")
+        assert 0.6 * 20 * MBPS < bw < 1.2 * 20 * MBPS
+        assert not any(summ["measured"]["emulation"]["run_id"] in x for v in find_leftovers().values() for x in v)
+    else:
+        assert any("degraded" in n for n in summ["notes"])
