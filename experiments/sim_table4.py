@@ -5,7 +5,7 @@
 For every Table 4 model and system the simulator plans with primasim._planners.make_plan (the
 systems' own planners) and simulates. prima is reported three ways, because the plan decides the
 result and closed-form Halda is only one way to get one:
-- `halda`         make_plan("prima") with its defaults (prima.cpp's Halda: code variant, local set search);
+- `halda`         make_plan("prima", planner="loop") (prima.cpp's Halda: code variant, local set search);
 - `halda-global`  make_plan("prima", global_opt=True, variant="paper", comm=True);
 - `sim-halda`     primasim.sim.sim_halda: Halda's candidates and device-subset plans re-ranked by
                   simulated TPOT, plus the fixed-point re-plan with simulated coefficients.
@@ -58,7 +58,7 @@ def main() -> None:
         for system in BASE:
             sims[(system, system)] = simulate(system, m, cl, config=cfg)
         plans = {}
-        o = make_plan("prima", m, cl)
+        o = make_plan("prima", m, cl, planner="loop")
         plans["halda"] = o.plan if o.feasible else None
         o = make_plan("prima", m, cl, global_opt=True, variant="paper", comm=True)
         plans["halda-global"] = o.plan if o.feasible else None

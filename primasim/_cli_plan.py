@@ -31,8 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "communication; loop: prima.cpp's own Halda (set-assignment loop, code variant); sim: Halda fed "
                    "by the simulator, candidates re-ranked by simulated TPOT")
     g.add_argument("--k", type=int, help="fix the number of laps k (default: try every valid k); also `even`'s k")
-    g.add_argument("--solver", choices=("relax", "exact"), help="relax: CVXPY relaxation + rounding (default); "
-                   "exact: integer program (HiGHS)")
+    g.add_argument("--solver", choices=("relax", "exact"), help="with --planner loop (or --global with --variant code): relax = CVXPY relaxation + "
+                   "rounding (default), exact = integer program (HiGHS); the default global planner solves exactly by "
+                   "dynamic programming")
     g.add_argument("--variant", choices=("code", "paper"), help="cost model Halda optimises (default: paper; code with --planner loop)")
     g.add_argument("--general", action="store_true", help="allow a partial last lap (W need not divide L)")
     g.add_argument("--comm", action="store_true", help="include per-hop communication time in Halda's cost")

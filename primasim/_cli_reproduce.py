@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", nargs="?", help="target name, or `all` (see --list)")
     p.add_argument("--list", action="store_true", help="list the targets and exit")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (a list of them for `all`)")
+    p.add_argument("--json", action="store_true", help="print one JSON object ({\"ok\": ..., \"targets\": [...]} for `all`)")
     p.add_argument("--tokens", type=int, default=16, help="decode tokens per simulation (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.set_defaults(func=run)

@@ -13,8 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate a system serving a model on a cluster (SimPy)",
                        description="Simulate one system on a cluster: plan it (or take --plan), run its schedule "
                        "on simulated devices (compute, page cache, disk, Wi-Fi), report the metrics.")
-    p.add_argument("--cluster", required=True, help="built-in cluster name or cluster TOML path")
-    p.add_argument("--model", required=True, help="built-in model name, config.json path or GGUF file")
+    p.add_argument("--cluster", help="built-in cluster name or cluster TOML path (required)")
+    p.add_argument("--model", help="built-in model name, config.json path or GGUF file (required)")
     p.add_argument("--quant", default=None, help="f32, f16, q8_0 or q4k (default: the model's)")
     p.add_argument("--system", default=None,
                    help="prima (default), prima-no-prefetch, prima-no-halda, llama.cpp, exo, dllama, mdi-llm, "
@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         for name in system_names():
             print(f"{name:18s} {get_system(name).help}")
         return 0
+    if not args.cluster or not args.model:
+        raise SpecError("primasim simulate needs --cluster and --model", where="command line",
+                        fix="e.g. primasim simulate --cluster prima-d1-d4 --model llama3-8b")
     model = load_model(args.model, args.quant)
     cluster = load_cluster(args.cluster)
     plan = Plan.from_json(args.plan) if args.plan else None
