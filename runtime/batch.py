@@ -67,7 +67,7 @@ class BatchServer:
     """Runs all requests of one GENERATE to completion; emits TOKEN and DONE messages."""
 
     def __init__(self, stage: Any, obj: dict[str, Any], rec: Any, emit: Callable[[MsgType, dict[str, Any]], None],
-                 io: Any, mem: Any) -> None:
+                 io: Any, mem: Any, pool: Any = None) -> None:
         from .model import run_layers  # noqa: F401 - fail early if the model is missing
 
         self.stage, self.rec, self.emit, self.io, self.mem = stage, rec, emit, io, mem
@@ -102,7 +102,12 @@ class BatchServer:
                               fix="give the device more memory or shorten the requests")
         from ._kvcache import PagedKVPool
 
-        self.pool = PagedKVPool(spec, stage.layers, n_blocks=n_blocks, block_size=self.block, max_seq=self.max_seq)
+        if (pool is not None and pool.n_blocks == n_blocks and pool.block_size == self.block
+                and pool.max_seq == self.max_seq and not pool.sequences()):
+            self.pool = pool  # allocated at set-up (preallocate), as a serving engine's KV pool is
+        else:
+            self.pool = PagedKVPool(spec, stage.layers, n_blocks=n_blocks, block_size=self.block,
+                                    max_seq=self.max_seq)
         self.running: list[Req] = []
         self.stats = {"n_blocks": n_blocks, "block_bytes": block_bytes, "max_running": 0}
 
@@ -197,6 +202,25 @@ class BatchServer:
 
     def _admit_possible(self) -> bool:
         return self._full(self.waiting[0]) <= self.pool.n_blocks - 1
+
+    @staticmethod
+    def preallocate(stage: Any, options: dict[str, Any], max_seq: int) -> Any:
+        """The run's KV pool, allocated at set-up when its size is known (options `kv_bytes`);
+        None otherwise (the pool is then sized from the memory left when generation starts)."""
+        if not options.get("kv_bytes"):
+            return None
+        import jax
+
+        from ._kvcache import PagedKVPool
+
+        block = block_tokens(options)
+        sp = stage.spec
+        n_blocks = int(float(options["kv_bytes"]) // (2 * len(stage.layers) * block * sp.n_kv_heads * sp.head_dim * 4))
+        if n_blocks < 2:
+            return None
+        pool = PagedKVPool(sp, stage.layers, n_blocks=n_blocks, block_size=block, max_seq=max_seq)
+        jax.block_until_ready(list(pool.layers.values()))
+        return pool
 
     @staticmethod
     def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = 16, *, max_seq: int | None = None,

@@ -446,7 +446,24 @@ class Session:
         # the runtime's own memory (JAX, compiled windows) is not the run's: measure pressure from here
         pinned = self.stage.weight_bytes() if setup.get("weights", "mmap") == "pinned" else 0
         self.mem.set_before(discount=pinned)
+        # KV caches are allocated here, at set-up, as llama.cpp allocates its context's: never
+        # inside a measured token (a first allocation after warm-up costs ~10 ms per array under
+        # a CPU quota). One per sequence the schedule keeps in flight; a finished sequence's
+        # cache is reused (positions past a sequence's own are masked, so stale entries are inert).
         self.kv: dict[int, Any] = {}
+        self.spare_kv: list[Any] = []
+        self.batch_pool: Any = None
+        opts = setup.get("options", {}) or {}
+        if setup.get("schedule") == "batch":
+            from .batch import BatchServer
+
+            self.batch_pool = BatchServer.preallocate(self.stage, opts, int(setup["max_seq"]))
+        else:
+            import jax
+
+            n_seq = int(opts.get("S") or len(self.ring)) if setup.get("schedule") == "rpp" else 1
+            self.spare_kv = [self.stage.new_kv() for _ in range(max(1, n_seq))]
+            jax.block_until_ready(self.spare_kv)
         self.sender: Sender | None = None
         if len(self.ring) > 1:
             self.sender = Sender(worker.ctx, setup["successor_data"], float(setup.get("latency", 0.0)),
@@ -625,7 +642,7 @@ class Session:
         w = self.win_of_seg[seg]
         s, e = self.windows[w]
         if seq not in self.kv:
-            self.kv[seq] = self.stage.new_kv()
+            self.kv[seq] = self.spare_kv.pop() if self.spare_kv else self.stage.new_kv()
         kv = self.kv[seq]
         t0 = time.time()
         if self.layer_stream and self.cfg.get("weights", "mmap") == "mmap":
@@ -674,12 +691,15 @@ class Session:
                               fix="send GENERATE to the plan's first device")
         self.gen_opts = obj
         self.reset_measurements()
-        self.kv.clear()
+        self.recycle_kv()
         if obj.get("schedule") == "batch":
             from .batch import BatchServer
 
-            BatchServer(self.stage, {**obj, "setup_max_seq": int(self.cfg["max_seq"])}, self.rec, self.w.emit,
-                        self.io, self.mem).run()
+            t0 = time.time()
+            server = BatchServer(self.stage, {**obj, "setup_max_seq": int(self.cfg["max_seq"])}, self.rec,
+                                 self.w.emit, self.io, self.mem, pool=self.batch_pool)
+            self.rec.span("cpu", t0, time.time(), "kv pool alloc", 0, 0)
+            server.run()
             return
         seed = int(obj.get("seed", 0))
         for i, ids in enumerate(obj["prompts"]):
@@ -714,7 +734,9 @@ class Session:
         stop = set(o.get("stop_ids", []))
         if len(st.generated) >= st.max_new or tok in stop:
             st.done = True
-            self.kv.pop(seq, None)
+            kv = self.kv.pop(seq, None)
+            if kv is not None:
+                self.spare_kv.append(kv)
             if self.pending:
                 self._start_seq(self.pending.popleft())
             elif all(s.done for s in self.seqs.values()):
@@ -746,6 +768,11 @@ class Session:
                          "resident_weight_bytes": float(self.resident_bytes), **self.mem.stats()},
                "mem_samples": list(self.mem.samples), "time": time.time()}
         return out
+
+    def recycle_kv(self) -> None:
+        """Keep the caches of the last generation's sequences for the next one."""
+        self.spare_kv.extend(self.kv.values())
+        self.kv.clear()
 
     def reset_measurements(self) -> None:
         self.rec.clear()
@@ -952,7 +979,7 @@ class Worker:
         elif t == MsgType.STATS_REQ and self.session is not None:
             self._guard(lambda: self.emit(MsgType.STATS, self.session.stats()))  # type: ignore[union-attr]
         elif t == MsgType.RESET and self.session is not None:
-            self.session.kv.clear()
+            self.session.recycle_kv()
             self.session.reset_measurements()
             self.emit(MsgType.ACK, {"op": "reset"})
         elif t == MsgType.SHUTDOWN:
