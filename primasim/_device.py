@@ -91,12 +91,11 @@ class DeviceSpec:
     cpu_flops: dict[str, float] = _f("cpu_gflops", GFLOPS, help="CPU FLOPS per weight dtype (needs f32)", required=True)
     disk_seq: float = _f("disk_seq_gbs", GB, help="sequential read throughput (Linux mmap readahead)", required=True)
     disk_rnd: float = _f("disk_rnd_gbs", GB, help="random 4 KiB read throughput (macOS page-ins)", default=-1.0)
-    disk_burst: float = _f("disk_burst_mib", MiB, help="most read allowance a rate-limited disk carries over an "
-                           "idle spell: after a spell of t, min(t x disk_seq, this) bytes go at disk_peak; a spell "
-                           "longer than disk_burst / disk_seq forfeits it (a blkio throttle's slice); 0 = none",
-                           default=0.0)
-    disk_peak: float = _f("disk_peak_gbs", GB, help="read throughput while carried allowance lasts (0 = disk_seq)",
-                          default=0.0)
+    disk_burst: float = _f("disk_burst_mib", MiB, help="a rate-limited disk's slice allowance (blkio throttle): after "
+                           "an idle spell this many bytes go at disk_peak, then reads wait for the next slice of "
+                           "disk_burst / disk_seq seconds; 0 = a plain rate", default=0.0)
+    disk_peak: float = _f("disk_peak_gbs", GB, help="read throughput within the slice allowance (the disk's own "
+                          "speed; 0 = disk_seq)", default=0.0)
     hardware: str = _f("hardware", help="what the device is", default="")
     uma: bool = _f("uma", help="unified memory (no RAM<->VRAM copies)", default=False)
     swap_total: float = _f("swap_total_gib", GiB, help="swap size", default=0.0)
@@ -106,6 +105,10 @@ class DeviceSpec:
     gemm_bw: float = _f("gemm_bw_gbs", GB, help="weight-streaming rate of the engine's matrix-matrix kernel (several "
                         "rows: prefill, batched decode) when it differs from its matrix-vector one at one token "
                         "(ram_bw); 0 = ram_bw", default=0.0)
+    gemm_bw_rows: dict[str, float] = _f("gemm_bw_rows_gbs", GB, help="gemm_bw per number of rows (tokens per call) "
+                                        "where measured, e.g. { 2 = 3.8, 4 = 4.1, 16 = 4.3 }: XLA's small-M "
+                                        "matrix products are far from one roofline; rows in between interpolate, "
+                                        "others use the nearest; empty = gemm_bw", default={})
     call_overhead: float = _f("call_overhead_ms", MS, help="fixed cost of one compute call of the engine (dispatch, "
                               "Python, result copy), per window or per streamed layer; 0 = none (llama.cpp's "
                               "graph runs are folded into the FLOPS)", default=0.0)
@@ -120,6 +123,22 @@ class DeviceSpec:
     def __post_init__(self) -> None:
         if self.disk_rnd < 0:
             object.__setattr__(self, "disk_rnd", self.disk_seq)
+        for k in self.gemm_bw_rows:
+            if not k.isdigit() or int(k) < 2:
+                raise SpecError(f"gemm_bw_rows_gbs key {k!r} is not a number of rows >= 2", where=f"device {self.name}",
+                                fix="key the table by tokens per call, e.g. { 2 = 3.8, 16 = 4.3 }")
+
+    def gemm_bw_at(self, rows: int) -> float:
+        """The matrix-matrix weight-streaming rate for calls of `rows` tokens (see gemm_bw_rows)."""
+        if not self.gemm_bw_rows:
+            return self.gemm_bw
+        pts = sorted((int(k), v) for k, v in self.gemm_bw_rows.items())
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        for (a, va), (b, vb) in zip(pts, pts[1:], strict=False):
+            if rows <= b:
+                return va + (vb - va) * (rows - a) / (b - a)
+        return pts[-1][1]
 
     # -- derived quantities the cost model and simulator use
     @property
@@ -190,7 +209,7 @@ def _convert(cls: type, raw: dict[str, Any], where: str) -> Any:
             table = {}
             for dt, x in v.items():
                 table[str(dt)] = _number(x, f"{key}.{dt}", where, positive=True) * unit
-            if "f32" not in table:
+            if key.endswith("gflops") and "f32" not in table:
                 raise SpecError(f"'{key}' has no f32 entry", where=where, fix=f"add f32 = <GFLOPS> to {key}")
             kwargs[f.name] = table
         elif f.type in ("str", "str | None") or key in ("name", "hardware", "address", "kind", "os"):
@@ -250,7 +269,8 @@ def _to_toml(obj: Any) -> dict[str, Any]:
             if v:
                 out[key] = dict(v)
         elif isinstance(v, dict):
-            out[key] = {k: round(x / unit, 6) for k, x in v.items()}
+            if v:
+                out[key] = {k: round(x / unit, 6) for k, x in v.items()}
         elif isinstance(v, bool | str) or (isinstance(v, int) and unit == 1):
             out[key] = v
         else:

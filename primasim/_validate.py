@@ -66,6 +66,7 @@ Progress = Callable[[str, float], None]  # (what, fraction of the step done)
 # what the runtime allocates besides weights and KV cache, in place of llama.cpp's compute buffer.
 RUNTIME_BUFFER_BYTES = 8 * MiB
 PROBE_LAYERS = 4  # layers the runtime probe maps (4 x 61 MB for llama-mini-300m: far past the LLC)
+PROBE_ROWS = (1, 2, 4, 8)  # tokens per call the runtime probe times (decode; batched decode up to 8 rows)
 ECHO_PORT = 5599
 
 
@@ -200,18 +201,18 @@ def fault_probe(ckpt: Any, *, layer: int, nbytes: int = 24 * MiB) -> dict[str, f
             "prefetch_bps": got / pre_s if pre_s > 0 else 0.0}
 
 
-def burst_probe(*, block: int = MiB, idles: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4),
-                repeats: int = 2) -> dict[str, Any]:
-    """The disk's sustained read rate and what a rate limiter carries over an idle spell, with
-    O_DIRECT reads of `block` bytes (the page cache out of the way).
+def burst_probe(*, block: int = MiB, seconds: float = 1.2, idle: float = 0.3, repeats: int = 2) -> dict[str, Any]:
+    """The disk's sustained read rate and a rate limiter's slice allowance, with O_DIRECT reads of
+    `block` bytes (the page cache out of the way).
 
-    A blkio throttle keeps the allowance of a short idle spell: the next reads go at the disk's
-    own speed until they have used it (a ring device that idles while the others compute streams
-    at the throttle's rate averaged over the whole token), but once the spell outlasts the
-    throttle's slice the allowance is gone. Measured: after each idle spell (reads before it keep
-    the limiter busy), how much faster than the sustained rate a read of ~0.25 s goes; the longest
-    spell that still saves at least half of itself is the carry-over window (`expiry`); `peak`
-    is the rate of a read that fits in the carried allowance."""
+    A blkio throttle (block/blk-throttle.c) grants `rate x slice` bytes per slice (100 ms) and
+    rounds the elapsed time *up* to whole slices: after an idle spell, a slice's worth of reads
+    goes at the disk's own speed, then the reader waits for the next slice. Short probes therefore
+    see a fast disk; only a reader that keeps going for many slices sees the throttle. Measured:
+    after `idle` s, `seconds` of back-to-back reads with a timestamp per read; the sustained rate
+    is the slope after the first 0.4 s, the allowance (`burst`) the bytes read before the first
+    stall (a read slower than 8x the median of the first ones), `peak` their rate and `expiry`
+    (the slice) = burst / rate. An unthrottled disk never stalls: burst 0, peak = rate."""
     import numpy as np
 
     from ._paths import cache_dir
@@ -222,45 +223,38 @@ def burst_probe(*, block: int = MiB, idles: tuple[float, ...] = (0.05, 0.1, 0.15
     fd, direct = _open_direct(str(path), os.O_RDONLY)
     buf = _aligned(block)
     off = 0
-
-    def read(nbytes: float) -> float:
-        nonlocal off
-        t0 = time.perf_counter()
-        got = 0
-        while got < nbytes:
-            got += os.preadv(fd, [buf], off)
-            off = off + block if off + 2 * block <= size else 0
-        return time.perf_counter() - t0
-
+    runs: list[dict[str, float]] = []
     try:
         if not direct and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        read(8 * block)
-        n_rate = 16 * block
-        rates = [n_rate / read(n_rate) for _ in range(3)]  # back to back: the sustained rate
-        rate = float(np.median(rates))
-        n = max(8 * block, int(rate * 0.25) // block * block)
-        saved: dict[float, list[float]] = {}
-        for idle in idles:
-            for _ in range(repeats):
-                read(max(4 * block, int(rate * 0.1)))  # keep the limiter busy up to the spell
-                time.sleep(idle)
-                saved.setdefault(idle, []).append(n / rate - read(n))
-        keep = [i for i in idles if statistics.median(saved[i]) >= 0.5 * i]
-        expiry = max(keep) if keep and min(keep) == idles[0] else 0.0
-        peak = rate
-        if expiry > 0:  # a read that fits in the allowance a spell carries: the disk's own rate
-            small = max(block, int(0.5 * rate * expiry) // block * block)
-            peaks = []
-            for _ in range(repeats):
-                read(max(4 * block, int(rate * 0.1)))
-                time.sleep(expiry)
-                peaks.append(small / read(small))
-            peak = max(rate, float(np.median(peaks)))
+        for _ in range(repeats):
+            time.sleep(idle)  # let the limiter's slice expire
+            stamps = []
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                os.preadv(fd, [buf], off)
+                off = off + block if off + 2 * block <= size else 0
+                stamps.append(time.perf_counter() - t0)
+            t = np.asarray(stamps)
+            dt = np.diff(np.concatenate([[0.0], t]))
+            tail = t > 0.4
+            rate = block * (tail.sum() - 1) / (t[tail][-1] - t[tail][0]) if tail.sum() > 2 else block * len(t) / t[-1]
+            ref = float(np.median(dt[: max(3, min(8, len(dt) // 4))]))
+            slow = np.nonzero(dt > max(8 * ref, 2e-3))[0]
+            n_fast = int(slow[0]) if len(slow) else len(dt)
+            fast_bytes = n_fast * block
+            if n_fast >= len(dt) or fast_bytes < 0.02 * rate:  # no stall: no limiter (or too small to matter)
+                runs.append({"rate": float(rate), "burst": 0.0, "peak": float(rate)})
+            else:
+                runs.append({"rate": float(rate), "burst": float(fast_bytes),
+                             "peak": float(max(rate, fast_bytes / max(t[n_fast - 1], 1e-6)))})
     finally:
         os.close(fd)
-    return {"rate": rate, "expiry": expiry, "burst": rate * expiry, "peak": peak, "rates": rates,
-            "saved": {str(k): v for k, v in saved.items()}, "read_bytes": n}
+    rate = float(np.median([r["rate"] for r in runs]))
+    burst = float(np.median([r["burst"] for r in runs]))
+    peak = float(np.median([r["peak"] for r in runs])) if burst > 0 else rate
+    return {"rate": rate, "expiry": burst / rate if rate > 0 else 0.0, "burst": burst, "peak": max(peak, rate),
+            "rates": [r["rate"] for r in runs], "runs": runs, "direct": direct}
 
 
 def idle_hop(addr: str, *, idle: float = 0.01, pings: int = 12, timeout: float = 3.0) -> list[float]:
@@ -469,7 +463,7 @@ def profile_cluster(cluster: ClusterSpec, checkpoint: str | Path, model: ModelSp
                 cmd = [sys.executable, "-m", "primasim._validate", "probe", "--out", str(out), "--name", n,
                        "--checkpoint", str(Path(ckpt.path).resolve()), "--model", model.name,
                        "--budget", str(budget), "--max-seq", str(max_seq),
-                       "--tokens", ",".join(str(t) for t in sorted({1, 2, max(2, prompt_tokens)}))]
+                       "--tokens", ",".join(str(t) for t in sorted({*PROBE_ROWS, max(2, prompt_tokens)}))]
                 for m in names[i + 1:]:
                     cmd += ["--peer", f"{m}={addrs[m]}"]
                 log = wd / f"probe-{n}.log"
@@ -540,6 +534,7 @@ def effective_rates(model: ModelSpec, rt: dict[str, Any], kv_copy: float, gemm_f
     t1 = toks[0]
     alloc = float(rt["kv_alloc_bytes"]) / rt["kv_alloc_s"] if rt.get("kv_alloc_s") else 0.0
     return {"cpu_flops": s, "ram_bw": bw(t1), "gemm_bw": bw(multi[0]) if multi else 0.0,
+            "gemm_bw_rows": {str(t): bw(t) for t in multi},
             "call_overhead": float(rt["tokens"][str(t1)]["call_s"]), "alloc_bw": alloc}
 
 
@@ -566,12 +561,12 @@ def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, d
         if "disk" in pr:  # the sustained rate (the quick profile's short reads include the burst)
             dk = pr["disk"]
             disk_seq = float(dk["rate"])
-            src["disk_seq_gbs"] = (f"sustained: back-to-back 16 MiB O_DIRECT reads "
-                                   f"({', '.join(f'{x / MB:.0f}' for x in dk['rates'])} MB/s); the quick profile's "
-                                   f"{base.disk_seq / MB:.0f} MB/s includes carried-over allowance")
-            src["disk_burst_mib"] = (f"allowance a rate limiter carries over idle spells up to {dk['expiry'] * 1e3:.0f} ms "
-                                     f"(= disk_seq x that window); reads after longer spells get none")
-            src["disk_peak_gbs"] = "rate of a read that fits in the carried allowance"
+            src["disk_seq_gbs"] = (f"sustained: slope of 1.2 s of back-to-back 1 MiB O_DIRECT reads after their "
+                                   f"first 0.4 s ({', '.join(f'{x / MB:.0f}' for x in dk['rates'])} MB/s); the "
+                                   f"quick profile's {base.disk_seq / MB:.0f} MB/s includes a slice's allowance")
+            src["disk_burst_mib"] = (f"a rate limiter's slice allowance: bytes read at the disk's own speed after an "
+                                     f"idle spell before the first stall (slice {dk['expiry'] * 1e3:.0f} ms); 0 = none")
+            src["disk_peak_gbs"] = "rate of the reads within the slice allowance (the disk's own speed)"
         rt1 = pr["runtime"]["tokens"]
         probed = ", ".join(f"T={t}: {v['layer_s'] * 1e3:.2f} ms/layer" for t, v in rt1.items())
         src.update({
@@ -582,6 +577,7 @@ def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, d
                            f"the device ({probed}); "
                            f"STREAM-like read {base.ram_bw / GB:.2f} GB/s"),
             "gemm_bw_gbs": "effective for the runtime's matrix-matrix kernel (several tokens per call), same solve",
+            "gemm_bw_rows_gbs": "the same per probed number of rows (tokens per call; batched decode runs 2-8)",
             "cpu_gflops": (f"effective for the runtime's kernels (same solve); block GEMM at 128 tokens "
                            f"{gemm / 1e9:.1f} GFLOPS"),
             "call_overhead_ms": "runtime probe: one-layer call minus the per-layer slope of a 4-layer window",
@@ -593,7 +589,7 @@ def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, d
             disk_burst=float(pr["disk"]["burst"]) if "disk" in pr else 0.0,
             disk_peak=float(pr["disk"]["peak"]) if "disk" in pr else 0.0,
             kv_copy=base.kv_copy, call_overhead=rates["call_overhead"], alloc_bw=rates["alloc_bw"],
-            gemm_bw=rates["gemm_bw"],
+            gemm_bw=rates["gemm_bw"], gemm_bw_rows=rates["gemm_bw_rows"],
             swap_total=base.swap_total,
             swap_avail=base.swap_avail, hardware=f"emulated{'' if emulated else ' (degraded: no limits)'}: "
             f"{d.hardware or d.name}", sources=src))
@@ -692,12 +688,13 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 def predict(plan: Any, model: ModelSpec, cluster: ClusterSpec, *, tokens: int, prompt_tokens: int,
-            seed: int = 0, requests: int | None = None, batch: int | None = None) -> Any:
-    """The simulator's prediction of `plan` as primasim's runtime executes it."""
+            seed: int = 0, requests: int | None = None, batch: int | None = None, **fidelity: Any) -> Any:
+    """The simulator's prediction of `plan` as primasim's runtime executes it (`fidelity`: SimConfig
+    switches such as cpu_quota_bursts=False, for ablations)."""
     from .sim import SimConfig, simulate
 
     cfg = SimConfig(runtime=True, tokens=tokens, prompt_tokens=prompt_tokens, seed=seed, warmup=False,
-                    requests=requests or 100, batch=batch)
+                    requests=requests or 100, batch=batch, **fidelity)
     return simulate(plan.system, runtime_model(model), cluster, plan=plan, config=cfg)
 
 

@@ -35,6 +35,10 @@ class SimConfig:
     runtime: bool = _h(False, "model primasim's own runtime (runtime/) instead of the system's engine: its "
                        "residency plan (keep part of every layer, stream the rest), per-call costs, f32 KV "
                        "cache and cold start (primasim/sim/_runtime.py); for comparisons with `primasim run`")
+    cpu_quota_bursts: bool = _h(True, "runtime: an emulated CPU quota refills every CFS period, so short calls "
+                                "after a wait run at full speed (False: every call at the profiled average rate)")
+    disk_slices: bool = _h(True, "runtime: a throttled disk grants bytes per blk-throttle slice (False: a plain "
+                           "rate at the sustained throughput)")
     # --- schedule-specific workload knobs
     S: int | None = _h(None, "mdi-llm: sequences in flight (default: number of nodes)")
     batch: int | None = _h(None, "bud: max batch / pipo, flexgen: batch size (default per system)")

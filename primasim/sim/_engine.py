@@ -9,7 +9,7 @@ checked on its own first.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import simpy
@@ -78,6 +78,9 @@ class Server:
         self.recorder = recorder
         self.busy_time = 0.0  # seconds of work done (summed over parallel slots)
         self.jobs = 0
+        # extension point: maps (start time, duration at the average rate) to the wall time the
+        # job holds the server -- e.g. a CFS quota that runs bursts at full speed (sim/_runtime.py)
+        self.throttle: Callable[[float, float], float] | None = None
 
     # ---------------------------------------------------------------- whole jobs
     def serve(self, duration: float, *, name: str = "", priority: int = 0, nbytes: float = 0.0,
@@ -103,6 +106,8 @@ class Server:
         if duration <= 0.0:
             return
         t0 = self.env.now
+        if self.throttle is not None:
+            duration = self.throttle(t0, duration)
         yield self.env.timeout(duration)
         self.busy_time += duration
         self.jobs += 1

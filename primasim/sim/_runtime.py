@@ -16,7 +16,7 @@ the (emulated) cluster and the two compared (`primasim validate`, experiments/fi
   device's `call_overhead` plus, per layer, the cost model's roofline terms at the attention span
   the runtime uses (256 positions at least, powers of two). The head embeds each token (a call),
   and runs the output layer (a call) and the sampler.
-- **Disk**: a streaming device reads each layer's streamed part by demand faults before it can
+- **Disk**: a blkio throttle's slices (`DiskBucket`); a streaming device reads each layer's streamed part by demand faults before it can
   compute the layer; with prefetch, it first asks for the *next* layer's streamed part in the
   background (lower priority than demand reads), as the worker's prefetch thread does.
 - **Network**: every hop is the cluster's link (bandwidth + latency with the cluster's jitter);
@@ -116,51 +116,107 @@ def timing(dev: SimDevice, rows: int) -> DeviceTiming:
     """The device's timing for a call of `rows` tokens: XLA multiplies one token's activations as
     a matrix-vector product (streaming at `ram_bw`) and several as a matrix-matrix one (`gemm_bw`)."""
     sp = dev.spec
-    if rows <= 1 or sp.gemm_bw <= 0 or sp.gemm_bw == sp.ram_bw:
+    bw = sp.gemm_bw_at(rows) if rows > 1 else 0.0
+    if bw <= 0 or bw == sp.ram_bw:
         return dev.timing
     cache = dev.__dict__.setdefault("_gemm_timing", {})
-    if "t" not in cache:
-        cache["t"] = DeviceTiming(sp.replace(ram_bw=sp.gemm_bw), dev.model)
-    return cache["t"]  # type: ignore[no-any-return]
+    if bw not in cache:
+        cache[bw] = DeviceTiming(sp.replace(ram_bw=bw), dev.model)
+    return cache[bw]  # type: ignore[no-any-return]
 
 
 class DiskBucket:
-    """A device's disk behind a rate limiter: reads go at the sustained rate (`disk_speed`), plus
-    the allowance the limiter carried over the idle spell before them, spent at `disk_peak`. A
-    blkio throttle carries a spell's allowance (t x rate) while the spell is shorter than its
-    slice window (`disk_burst / disk_speed`, measured by the validate probe) and forfeits it after
-    a longer one; without `disk_burst` the disk is a plain rate."""
+    """A device's disk behind a blkio read throttle, as block/blk-throttle.c (Linux 6.14+) grants bytes.
 
-    def __init__(self, dev: SimDevice) -> None:
+    A throttle group keeps a slice (`slice_s` = `disk_burst / disk_seq`, 100 ms in the kernel):
+    by time t it allows `rate x roundup(t - slice_start, slice)` bytes -- the elapsed time is
+    rounded *up* to whole slices, so a slice's worth goes at the disk's own speed (`disk_peak`)
+    and then the reader waits for the next slice. A dispatch keeps the slice alive until the next
+    slice boundary after one more slice, and trims the account only once two whole slices have
+    passed, keeping the last one (its unused allowance carries over: Linux commit 29cb955934,
+    "fix lower bps rate by throtl_trim_slice()"); a longer idle spell starts a new slice. Reads are
+    issued as `BIO`-sized requests. Without `disk_burst` (or a peak no faster than the rate) the
+    disk is a plain rate."""
+
+    BIO = 1 * MiB  # the probe's and readahead's request size
+
+    def __init__(self, dev: SimDevice, slices: bool = True) -> None:
         sp = dev.spec
         self.rate = sp.disk_speed
-        self.depth = sp.disk_burst
-        self.window = self.depth / self.rate if self.rate > 0 else 0.0
         self.peak = max(sp.disk_peak, self.rate)
-        self.tokens = 0.0
-        self.t = -math.inf  # no read yet: nothing carried over
+        self.slice = sp.disk_burst / self.rate if slices and self.rate > 0 and sp.disk_burst > 0 else 0.0
+        self.start = -math.inf
+        self.end = -math.inf
+        self.disp = 0.0
+
+    def _keep_alive(self, t: float) -> None:
+        S = self.slice
+        self.end = max(self.end, math.ceil((t + S) / S) * S)  # throtl_set_slice_end: rounded up
 
     def duration(self, now: float, nbytes: float) -> float:
-        """Seconds to read `nbytes` starting at `now` (the allowance keeps accruing while reading)."""
-        idle = now - self.t
-        if self.depth <= 0 or idle > self.window:
-            tok = 0.0
-        else:
-            tok = min(self.depth, self.tokens + self.rate * max(0.0, idle))
-        if self.peak <= self.rate or tok <= 0:
-            d = nbytes / self.rate
-            tok = 0.0
-        else:
-            tau = tok / (self.peak - self.rate)  # the allowance lasts this long at the peak rate
-            burst = self.peak * tau
-            if nbytes <= burst:
-                d = nbytes / self.peak
-                tok = max(0.0, tok + self.rate * d - nbytes)
-            else:
-                d = tau + (nbytes - burst) / self.rate
-                tok = 0.0
-        self.tokens, self.t = tok, now + d
-        return d
+        """Seconds to read `nbytes` starting at `now`."""
+        if self.slice <= 0 or self.peak <= self.rate:
+            return nbytes / self.rate
+        S, t, left = self.slice, now, nbytes
+        while left > 0:
+            c = min(self.BIO, left)
+            if not self.start <= t <= self.end:  # the slice expired while idle: a new one
+                self.start, self.end, self.disp = t, t + S, 0.0
+            self._keep_alive(t)
+            el = t - self.start
+            el_rnd = S if el <= 0 else math.ceil(el / S - 1e-12) * S
+            allowed = self.rate * el_rnd
+            if self.disp + c > allowed:  # wait for the slice that covers it (the kernel's jiffy_wait)
+                t += (self.disp + c - allowed) / self.rate + (el_rnd - el)
+                self._keep_alive(t)
+            self.disp += c
+            t += c / self.peak
+            el_down = math.floor((t - self.start) / S + 1e-12) * S  # trim, keeping one finished slice
+            if el_down >= 2 * S:
+                trim = el_down - S
+                self.disp = max(0.0, self.disp - self.rate * trim)
+                self.start += trim
+            left -= c
+        return t - now
+
+
+class CpuQuota:
+    """A device's CPU behind a CFS bandwidth limit (cgroup `cpu.cfs_quota_us` / `cfs_period_us`).
+
+    The profile measures the device's kernels back to back, i.e. at the quota's average rate
+    (`quota / threads` of the CPUs). The kernel refills `quota x period` CPU-seconds at every
+    period boundary (the period timer keeps its phase, and refills even after an idle spell), so a
+    short burst after a wait -- one ring hop's layers -- runs at the CPUs' full speed until the
+    period's budget is spent, then waits for the next period. Without an emulated quota (or one of
+    at least the worker's threads) time is the profiled time."""
+
+    def __init__(self, dev: SimDevice, enabled: bool = True) -> None:
+        em = dev.spec.emulate if enabled else None
+        q = em.cpu_quota if em is not None else 0.0
+        n = max(1, int(em.threads or math.ceil(q))) if em is not None else 1
+        self.period = em.cpu_period if em is not None else 0.0
+        self.frac = q / n if 0 < q < n and self.period > 0 else 1.0  # average speed / full speed
+        self.budget = self.frac * self.period  # wall-seconds at full speed per period
+        self.index = -1
+        self.used = 0.0
+
+    def duration(self, now: float, profiled: float) -> float:
+        """Wall seconds of work that takes `profiled` seconds at the quota's average rate."""
+        if self.frac >= 1.0 or profiled <= 0:
+            return profiled
+        P, t, left = self.period, now, profiled * self.frac  # full-speed seconds to run
+        while left > 1e-15:
+            k = math.floor(t / P + 1e-12)
+            if k != self.index:
+                self.index, self.used = k, 0.0
+            run = min(left, self.budget - self.used, (k + 1) * P - t)
+            if run <= 1e-15:  # throttled until the period's refill
+                t = (k + 1) * P
+                continue
+            self.used += run
+            left -= run
+            t += run
+        return t - now
 
 
 class RuntimeRing:
@@ -182,8 +238,9 @@ class RuntimeRing:
             if not self.prefetch and r.mode == "planned":
                 r.stream_prefetch = False
             self.res[name] = r
-        self.kv_ready: set[tuple[str, int]] = set()  # (device, sequence) whose KV cache exists
-        self.buckets = {n: DiskBucket(d) for n, d in ctx.devices.items()}
+        self.buckets = {n: DiskBucket(d, ctx.cfg.disk_slices) for n, d in ctx.devices.items()}
+        for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
+            d.cpu.throttle = CpuQuota(d, ctx.cfg.cpu_quota_bursts).duration
         # streamed part of each layer: absent (None), being read (an event) or resident (True)
         self.state: dict[tuple[str, int], Any] = {}
         self.next_layer: dict[tuple[str, int], int] = {}
@@ -270,13 +327,7 @@ class RuntimeRing:
         req = dev.cpu.acquire()
         yield req
         try:
-            if (dev.name, seq) not in self.kv_ready:
-                # the worker allocates a sequence's KV cache when it first computes for it
-                self.kv_ready.add((dev.name, seq))
-                n_l = len(device_layers(self.plan, dev.name))
-                if dev.spec.alloc_bw > 0 and n_l:
-                    yield from dev.cpu.work(kv_bytes(self.model, n_l, self.max_seq + 1) / dev.spec.alloc_bw,
-                                            name="kv alloc", seq=seq, token=token)
+            # (the worker allocates every in-flight sequence's KV cache at set-up, not here)
             if not r.streams:
                 yield from dev.cpu.work((end - start) * t_l + call, name=name, seq=seq, token=token)
                 return
@@ -386,6 +437,7 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
     anon = pinned + ACT_RESERVE + min(n_req, cap) * per_req_blocks * block_bytes
     rec.set(dev.name, "mem_avail_min", dev.spec.ram_avail - anon)
     call = dev.spec.call_overhead
+    dev.cpu.throttle = CpuQuota(dev, cfg.cpu_quota_bursts).duration
 
     def forward(n_tok_per_seq: int, seqs: int, pos: int) -> float:
         """One call per window + embed + output for `seqs` sequences of `n_tok_per_seq` tokens."""
@@ -401,7 +453,8 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
         return m.n_layers * per_layer + (windows + 2) * call + out
 
     def engine() -> Proc:
-        if dev.spec.alloc_bw > 0:  # the paged KV pool is allocated when the batch starts
+        if dev.spec.alloc_bw > 0 and not o.get("kv_bytes"):
+            # a pool of known size is allocated at set-up; otherwise when the batch starts
             yield from dev.cpu.serve(pool_blocks * block_bytes / dev.spec.alloc_bw, name="kv pool alloc")
         waiting = list(range(n_req))
         for r in waiting:
