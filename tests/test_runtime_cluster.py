@@ -164,6 +164,26 @@ def test_recurrent_pipeline_keeps_s_sequences_in_flight(llama: Path) -> None:
 
 
 @pytest.mark.slow
+def test_kv_caches_allocated_at_setup_are_reused_by_the_next_generation(llama: Path) -> None:
+    """Workers allocate their KV caches at set-up (not inside the first token) and reuse them: a
+    second generation on the same workers, with a shorter prompt over a cache the first one
+    filled further, gets exactly the tokens it gets alone."""
+    ckpt = open_checkpoint(llama)
+    plan = ring_plan(ckpt.spec, {"a": 3, "b": 3}, k=1)
+    params = load_params(ckpt, range(6), embed=True, head=True)
+    long, short = [7, 3, 9, 11, 40, 2, 5, 6], [13, 1]
+    with Driver(plan, ckpt, cluster(["a", "b"]), RunOptions(max_new_tokens=6, emulate=False)) as d:
+        d.start()
+        d.setup([1, len(long), len(short)], 64)
+        got = []
+        for prompt in (long, short):
+            tr = d.generate([prompt])
+            got.append([int(t["token_id"]) for t in sorted(d.tokens, key=lambda t: t["index"])])
+            assert not [s for s in tr.spans if "kv alloc" in s.name]
+    assert got == [generate(params, long, 6).tokens, generate(params, short, 6).tokens]
+
+
+@pytest.mark.slow
 def test_batched_decode_with_admission_by_memory(llama: Path) -> None:
     """Bud: 5 requests on one worker, paged KV pool sized for two at a time: at most 2 run
     together, all finish, each with the tokens it gets alone."""

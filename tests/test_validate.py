@@ -20,13 +20,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from primasim._cluster import ClusterSpec, NetworkSpec, load_cluster
-from primasim._device import DeviceSpec
+from primasim._device import DeviceSpec, EmulationSpec
 from primasim._model import load_model
 from primasim._plan import DevicePlan, Plan
 from primasim._units import GB, MB, MBPS, MS, GiB, MiB
 from primasim._validate import Row, effective_rates, measured_cluster, runtime_model
 from primasim.sim import SimConfig, simulate
-from primasim.sim._runtime import ACT_RESERVE, DiskBucket, kv_bytes, residency
+from primasim.sim._runtime import ACT_RESERVE, CpuQuota, DiskBucket, kv_bytes, residency
 from runtime.emulate import is_root
 
 MINI = load_model("llama-mini-300m", "f32")
@@ -121,6 +121,19 @@ def test_streaming_device_reads_its_streamed_bytes_every_token() -> None:
     assert t1 - t0 == pytest.approx(8.0, abs=0.05)
 
 
+def test_prefetches_are_served_in_order_not_shared() -> None:
+    """The worker's prefetch thread madvises one layer after the other and the block layer serves
+    them in order: a layer's streamed part arrives after its own read time, even when the next
+    layer's prefetch was posted before it arrived (sharing the disk would double the first wait)."""
+    cl = _cluster(_dev("a", 450), _dev("b", 2048, bw=0.5 * GB))  # b computes long: a's disk idles
+    plan = _plan(("a", 10), ("b", 6))
+    res = simulate("prima", runtime_model(MINI), cl, plan=plan,
+                   config=SimConfig(runtime=True, tokens=6, prompt_tokens=4, warmup=False))
+    part = res.extra["residency"]["a"]["streamed_bytes"] / 10
+    waits = [s.end - s.start for s in res.trace.spans if s.device == "a" and s.resource == "wait" and s.token >= 2]
+    assert waits and max(waits) <= 1.02 * part / (0.3 * GB)
+
+
 def test_recurrent_pipeline_and_batch_schedules() -> None:
     """S sequences in flight raise throughput until the slowest device is busy all the time; a
     batch decodes several requests per weight pass, so throughput rises with the batch."""
@@ -176,6 +189,46 @@ def test_disk_limiter_grants_a_slice_at_a_time_as_blkio_throttle_does() -> None:
         spec = _dev("p", 100, disk=100 * MB)
 
     assert DiskBucket(P()).duration(1.0, 50 * MB) == pytest.approx(0.5)  # type: ignore[arg-type]
+
+
+def _quota(cores: float, period: float = 10 * MS, threads: int = 1) -> CpuQuota:
+    class D:
+        spec = _dev("q", 100).replace(emulate=EmulationSpec(cpu_quota=cores, cpu_period=period, threads=threads))
+
+    return CpuQuota(D())  # type: ignore[arg-type]
+
+
+def test_cpu_quota_runs_bursts_at_full_speed_and_long_jobs_at_the_average() -> None:
+    """CFS bandwidth control: `quota x period` CPU-seconds per period, refilled at each boundary.
+    A profiled (average-rate) duration d is d x quota of work at full speed."""
+    q = _quota(0.4)  # 4 ms of CPU per 10 ms period
+    # a short job at the start of a period runs at full speed: 10 ms at the average = 4 ms of work
+    assert q.duration(0.0, 10 * MS) == pytest.approx(4 * MS)
+    # a job that needs more than the period's budget waits for the next period
+    q = _quota(0.4)
+    assert q.duration(0.0, 15 * MS) == pytest.approx(12 * MS)  # 4 ms, throttled to 10, 2 ms
+    # an idle spell refills the budget: the same short job after a wait is fast again
+    assert q.duration(1.0, 10 * MS) == pytest.approx(4 * MS)
+    # without a quota (or one of at least the worker's threads) time is the profiled time
+    assert _quota(2.0, threads=2).duration(0.0, 7 * MS) == pytest.approx(7 * MS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cores=st.floats(0.1, 0.95), start=st.floats(0.0, 1.0), d=st.floats(1e-4, 2.0))
+def test_cpu_quota_is_never_faster_than_the_cpu_nor_slower_than_the_average_plus_a_period(
+        cores: float, start: float, d: float) -> None:
+    q = _quota(cores)
+    wall = q.duration(start, d)
+    assert wall >= d * cores * (1 - 1e-9)  # the work itself, at full speed
+    assert wall <= d + 10 * MS + 1e-9  # never worse than the average rate by more than one period
+
+
+def test_gemm_rate_by_rows_interpolates_the_probed_shapes() -> None:
+    d = _dev("g", 100).replace(gemm_bw=3 * GB, gemm_bw_rows={"2": 2 * GB, "8": 4 * GB})
+    assert d.gemm_bw_at(2) == 2 * GB and d.gemm_bw_at(8) == 4 * GB
+    assert d.gemm_bw_at(5) == pytest.approx(3 * GB)  # linear between probed shapes
+    assert d.gemm_bw_at(64) == 4 * GB  # beyond: the nearest
+    assert _dev("h", 100).replace(gemm_bw=3 * GB).gemm_bw_at(4) == 3 * GB  # no table: gemm_bw
 
 
 @pytest.mark.root

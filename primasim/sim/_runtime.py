@@ -239,6 +239,7 @@ class RuntimeRing:
                 r.stream_prefetch = False
             self.res[name] = r
         self.buckets = {n: DiskBucket(d, ctx.cfg.disk_slices) for n, d in ctx.devices.items()}
+        self.prefetch_queue = {n: simpy.Resource(ctx.env, 1) for n in ctx.devices}
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
             d.cpu.throttle = CpuQuota(d, ctx.cfg.cpu_quota_bursts).duration
         # streamed part of each layer: absent (None), being read (an event) or resident (True)
@@ -293,7 +294,12 @@ class RuntimeRing:
         self.state[key] = ev
 
         def proc() -> Proc:
-            yield from self._read(dev, self.res[dev.name].streamed.get(layer, 0.0), PREFETCH, token)
+            # the worker's prefetch thread madvises one layer after the other and the block layer
+            # serves their reads in submission order: a layer's read does not share the disk with
+            # the next one's (demand reads still pass between chunks)
+            with self.prefetch_queue[dev.name].request() as turn:
+                yield turn
+                yield from self._read(dev, self.res[dev.name].streamed.get(layer, 0.0), PREFETCH, token)
             if self.state.get(key) is ev:
                 self.state[key] = True
             ev.succeed()
