@@ -277,12 +277,13 @@ def ablation_table(rows: list[dict[str, Any]], ablated: dict[str, dict[str, dict
 
 
 def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, seconds: float,
-              ablated: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
+              ablated: dict[str, dict[str, dict[str, float]]] | None = None,
+              run_meta: dict[str, Any] | None = None) -> str:
     import pandas as pd
     from scipy.stats import kendalltau
 
     df = pd.DataFrame(rows)
-    run = json.loads((RESULTS / "fidelity_run.json").read_text()) if (RESULTS / "fidelity_run.json").exists() else {}
+    run = run_meta or {}
     measured = (f"measured by `{run['command']}` on {run['finished']} ({run['minutes']:.0f} min); " if run else "")
     lines = ["# Simulator vs runtime on the emulated home cluster (fidelity)", "",
              f"{len(df)} configurations {measured}predicted and reported by `{cmd}` on "
@@ -484,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     pd.DataFrame(rows).to_csv(out / "fidelity.csv", index=False, float_format="%.4g")
-    (out / "fidelity.md").write_text(summarize(rows, fitted, cmd, time.time() - t_start, ablated))
+    meta = out / "fidelity_run.json"
+    (out / "fidelity.md").write_text(summarize(rows, fitted, cmd, time.time() - t_start, ablated,
+                                               json.loads(meta.read_text()) if meta.exists() else None))
     figure(rows, out / "fidelity.png")
     print((out / "fidelity.md").read_text().split("## Per regime")[0])
     return 0
