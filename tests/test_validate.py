@@ -99,15 +99,19 @@ def test_streaming_device_reads_its_streamed_bytes_every_token() -> None:
     assert res.feasible
     streamed = res.extra["residency"]["a"]["streamed_bytes"]
     assert streamed > 50 * MB and res.extra["residency"]["b"]["mode"] == "fits"
-    # 8 passes, plus the prefetch of the next token's first layer posted during the last pass
+    # 8 passes, plus part of the prefetch of the next token's first layer, posted during the last
+    # pass and cut off when the run ends
     part = streamed / 10
-    assert res.trace.device_stats["a"]["disk_read_bytes"] == pytest.approx(8 * streamed + part, rel=1e-6)
+    assert 8 * streamed * (1 - 1e-9) <= res.trace.device_stats["a"]["disk_read_bytes"] <= (8 * streamed + part) * (1 + 1e-9)
     assert res.trace.device_stats["b"].get("disk_read_bytes", 0.0) == 0.0
     off = simulate("prima", runtime_model(MINI), cl, plan=plan.replace(prefetch=False), config=cfg)
     # without prefetch one streamed part needs room, not two: more is kept, less is read ...
     assert off.trace.device_stats["a"]["disk_read_bytes"] < res.trace.device_stats["a"]["disk_read_bytes"]
-    # ... which wins on this disk-bound device; on a compute-bound one, hiding the reads wins
-    assert off.metrics.tpot_ms < res.metrics.tpot_ms
+    # ... which wins on a disk-bound device (100 MB/s); on a compute-bound one, hiding the reads wins
+    disk_bound = _cluster(_dev("a", 450, disk=0.1 * GB), _dev("b", 2048))
+    on_d = simulate("prima", runtime_model(MINI), disk_bound, plan=plan, config=cfg).metrics.tpot_ms
+    off_d = simulate("prima", runtime_model(MINI), disk_bound, plan=plan.replace(prefetch=False), config=cfg)
+    assert off_d.metrics.tpot_ms < on_d
     slow = _cluster(_dev("a", 450, disk=3 * GB, bw=1 * GB), _dev("b", 2048, bw=1 * GB))
     on_s = simulate("prima", runtime_model(MINI), slow, plan=plan, config=cfg).metrics.tpot_ms
     off_s = simulate("prima", runtime_model(MINI), slow, plan=plan.replace(prefetch=False), config=cfg).metrics.tpot_ms
