@@ -249,7 +249,8 @@ CONFIGS = {c.name: c for c in configs()}
 # with the mechanism switched off (SimConfig switches).
 ABLATIONS = {"no CPU-quota bursts": {"cpu_quota_bursts": False},
              "plain-rate disk": {"disk_slices": False},
-             "neither": {"cpu_quota_bursts": False, "disk_slices": False}}
+             "plain-rate links": {"link_buckets": False},
+             "none of the three": {"cpu_quota_bursts": False, "disk_slices": False, "link_buckets": False}}
 
 
 # ----------------------------------------------------------------------------------- reporting
@@ -261,6 +262,7 @@ def ablation_table(rows: list[dict[str, Any]], ablated: dict[str, dict[str, dict
     """Median / P90 APE per variant: the full model (rows) and each ablation (name -> config -> preds)."""
     cols = [("held-out TPOT", "held-out", None, "tpot_ms"), ("held-out TTFT", "held-out", None, "ttft_ms"),
             ("memory-short TPOT", None, "memory-short", "tpot_ms"), ("memory-rich TPOT", None, "memory-rich", "tpot_ms"),
+            ("slow links TPOT", None, "bandwidth-limited", "tpot_ms"),
             ("recurrent pipeline throughput", None, "recurrent pipeline", "throughput")]
     out = ["| simulator | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     variants = [("full model", {r["name"]: {k: r[f"pred_{k}"] for k in ("tpot_ms", "ttft_ms", "throughput")}
@@ -338,7 +340,8 @@ def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, se
                   *ablation_table(rows, ablated), "",
                   "CPU-quota bursts: a device's CFS budget refills every period, so a short window after a wait "
                   "runs at full speed (`CpuQuota`). Disk slices: blk-throttle grants a slice's allowance at the "
-                  "disk's own speed (`DiskBucket`). See docs/validate.md.", ""]
+                  "disk's own speed (`DiskBucket`). Link buckets: a tbf-shaped link lets its bucket through at "
+                  "once after an idle spell (`LinkBucket`). See docs/validate.md.", ""]
     lines += ["## Fitted on the training subset", "",
               f"Training groups: {', '.join(TRAIN_GROUPS)}; everything else is held out. Fitted: "
               + (", ".join(f"`{k}` = {v:g}" for k, v in fitted.items()) or "nothing") + ".", ""]

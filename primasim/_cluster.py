@@ -11,6 +11,7 @@ File layout (see data/clusters/prima-d1-d4.toml for a complete example):
     jitter_ms = 1                      # std-dev of the per-message latency (seeded)
     [[network.links]]                  # optional per-pair overrides
     a = "laptop"; b = "phone"; bandwidth_mbps = 200; latency_ms = 8
+    # burst_kb = 3.0                   # optional: a shaper's bucket (tc tbf) passed at once after idle
     [[devices]]
     name = "laptop"
     ...                                # DeviceSpec keys (primasim/_device.py)
@@ -39,6 +40,7 @@ class LinkSpec:
     b: str
     bandwidth: float  # bytes/s
     latency: float  # s, one-way
+    burst: float = 0.0  # bytes: a shaper's bucket (tc tbf): after an idle spell this much passes at once
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,13 @@ class NetworkSpec:
             if {ln.a, ln.b} == {a, b}:
                 return ln.bandwidth, ln.latency
         return self.bandwidth, self.latency
+
+    def burst(self, a: str, b: str) -> float:
+        """Bytes a shaped link lets through at once after an idle spell (0: a plain rate)."""
+        for ln in self.links:
+            if {ln.a, ln.b} == {a, b}:
+                return ln.burst
+        return 0.0
 
     def transfer_time(self, a: str, b: str, nbytes: float) -> float:
         """Time to move `nbytes` from a to b on an idle network (latency + size/bandwidth)."""
@@ -131,7 +140,9 @@ class ClusterSpec:
         }
         if self.network.links:
             net["links"] = [{"a": ln.a, "b": ln.b, "bandwidth_mbps": round(ln.bandwidth / MBPS, 6),
-                             "latency_ms": round(ln.latency / MS, 6)} for ln in self.network.links]
+                             "latency_ms": round(ln.latency / MS, 6),
+                             **({"burst_kb": round(ln.burst / 1e3, 6)} if ln.burst > 0 else {})}
+                            for ln in self.network.links]
         if self.network.sources:
             net["sources"] = dict(self.network.sources)
         out: dict[str, Any] = {"name": self.name}
@@ -221,7 +232,8 @@ def _network_from_toml(raw: Any, where: str) -> NetworkSpec:
             raise SpecError("a link needs 'a' and 'b' device names", where=w, fix="a = \"D1\", b = \"D2\"")
         links.append(LinkSpec(str(ln["a"]), str(ln["b"]),
                               _num(ln, "bandwidth_mbps", raw.get("bandwidth_mbps", 450), w, True) * MBPS,
-                              _num(ln, "latency_ms", raw.get("latency_ms", 5), w) * MS))
+                              _num(ln, "latency_ms", raw.get("latency_ms", 5), w) * MS,
+                              _num(ln, "burst_kb", 0, w) * 1e3))
     return NetworkSpec(kind=kind, bandwidth=_num(raw, "bandwidth_mbps", 450, where, True) * MBPS,
                        latency=_num(raw, "latency_ms", 5, where) * MS, jitter=_num(raw, "jitter_ms", 0, where) * MS,
                        links=tuple(links), sources={str(k): str(v) for k, v in raw.get("sources", {}).items()})

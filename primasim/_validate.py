@@ -543,6 +543,8 @@ def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, d
     """The cluster as profiled: each device's figures from its probe (with provenance in
     `sources`), the network from the link probes (switched: the emulation shapes every pair on
     its own), the emulation limits kept so the run applies the same ones."""
+    from runtime.emulate import tbf_burst
+
     from ._device import device_from_toml
 
     devs = []
@@ -597,14 +599,18 @@ def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, d
     bws = []
     for a in cluster.names:
         for b, lk in probes[a].get("links", {}).items():
-            _, emu_lat = cluster.network.link(a, b)
-            links.append(LinkSpec(a, b, float(lk["bandwidth"]), emu_lat + float(lk["latency_idle"])))
+            emu_bw, emu_lat = cluster.network.link(a, b)
+            # the emulation's shaper (tc tbf) lets a bucket through at once after an idle spell:
+            # a configured figure, not a measured one (the probe measures the sustained rate)
+            burst = float(tbf_burst(emu_bw)) if emulated else 0.0
+            links.append(LinkSpec(a, b, float(lk["bandwidth"]), emu_lat + float(lk["latency_idle"]), burst))
             bws.append(float(lk["bandwidth"]))
     net = cluster.network
     src = {"bandwidth_mbps": "measured per pair: runtime.wire over zmq through the emulated link (tbf)",
            "latency_ms": "per pair: the latency the runtime adds in user space (the cluster file's) + the "
                          "measured one-way time of an empty message to an idle peer",
-           "kind": "switched: the emulation shapes every device pair on its own link"}
+           "kind": "switched: the emulation shapes every device pair on its own link",
+           "burst_kb": "emulation: the tc tbf bucket of each link (runtime.emulate.tbf_burst), not measured"}
     network = NetworkSpec(kind="switched", bandwidth=statistics.median(bws) if bws else net.bandwidth,
                           latency=net.latency, jitter=net.jitter, links=tuple(links), sources=src)
     return ClusterSpec(f"{cluster.name}-profiled", tuple(devs), network, cluster.head,

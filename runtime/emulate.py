@@ -637,10 +637,15 @@ def _b36(i: int) -> str:
     return "0123456789abcdefghijklmnopqrstuvwxyz"[i]
 
 
+def tbf_burst(rate: float) -> int:
+    """Bytes of the tbf bucket on a link of `rate` bytes/s: ~1 ms of traffic, at least 2 MTU."""
+    return max(3028, int(rate * 1e-3))
+
+
 def _tbf_args(rate: float) -> list[str]:
     """tbf at `rate` bytes/s: a burst of ~1 ms of traffic (>= 2 MTU) keeps small activations
     within 1 ms of their exact serialisation time; the queue holds 0.5 s before dropping."""
-    burst = max(3028, int(rate * 1e-3))
+    burst = tbf_burst(rate)
     limit = max(1 << 20, int(rate * 0.5))
     return ["tbf", "rate", f"{int(rate * 8)}bit", "burst", str(burst), "limit", str(limit)]
 

@@ -19,15 +19,16 @@ from typing import Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from primasim._cluster import ClusterSpec, NetworkSpec, load_cluster
+from primasim._cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
 from primasim._device import DeviceSpec, EmulationSpec
 from primasim._model import load_model
 from primasim._plan import DevicePlan, Plan
 from primasim._units import GB, MB, MBPS, MS, GiB, MiB
 from primasim._validate import Row, effective_rates, measured_cluster, runtime_model
 from primasim.sim import SimConfig, simulate
+from primasim.sim._network import LinkBucket
 from primasim.sim._runtime import ACT_RESERVE, CpuQuota, DiskBucket, kv_bytes, residency
-from runtime.emulate import is_root
+from runtime.emulate import is_root, tbf_burst
 
 MINI = load_model("llama-mini-300m", "f32")
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +196,27 @@ def test_disk_limiter_grants_a_slice_at_a_time_as_blkio_throttle_does() -> None:
     assert DiskBucket(P()).duration(1.0, 50 * MB) == pytest.approx(0.5)  # type: ignore[arg-type]
 
 
+def test_shaped_link_passes_a_bucket_at_once_then_the_rate() -> None:
+    """tc tbf: after an idle spell a message within the bucket costs only the latency; back to
+    back, messages pay bytes / rate; in the simulator as on the emulated link."""
+    b = LinkBucket(1e6, 3000)
+    assert b.duration(0.0, 2e-3) == 0.0  # 2000 B of a full 3000 B bucket
+    assert b.duration(0.0005, 2e-3) == pytest.approx(0.5e-3)  # 1500 B left: waits for 500
+    assert b.duration(1.0, 10e-3) == pytest.approx(7e-3)  # refilled to 3000 B only
+    net = NetworkSpec(kind="switched", bandwidth=8 * MBPS, latency=5 * MS,
+                      links=(LinkSpec("a", "b", 8 * MBPS, 5 * MS, burst=3028),))
+    cl = ClusterSpec("t", (_dev("a", 2048), _dev("b", 2048)), net)
+    plain = ClusterSpec("t", cl.devices, NetworkSpec(kind="switched", bandwidth=8 * MBPS, latency=5 * MS,
+                                                      links=(LinkSpec("a", "b", 8 * MBPS, 5 * MS),)))
+    plan = _plan(("a", 8), ("b", 8))
+    cfg = SimConfig(runtime=True, tokens=6, prompt_tokens=1, warmup=False, jitter=False)
+    t_b = simulate("prima", runtime_model(MINI), cl, plan=plan, config=cfg).metrics.tpot_ms
+    t_p = simulate("prima", runtime_model(MINI), plain, plan=plan, config=cfg).metrics.tpot_ms
+    # two hops per token, each activation (4 KiB) finding a full bucket: 3028 B of it pass at once
+    act = MINI.hidden * 4
+    assert act > 3028 and t_p - t_b == pytest.approx(2 * 3028 / (8 * MBPS) * 1e3, rel=0.02)
+
+
 def _quota(cores: float, period: float = 10 * MS, threads: int = 1) -> CpuQuota:
     class D:
         spec = _dev("q", 100).replace(emulate=EmulationSpec(cpu_quota=cores, cpu_period=period, threads=threads))
@@ -325,6 +347,9 @@ def test_profiled_cluster_is_switched_with_measured_links() -> None:
     assert ph.ram_avail == pytest.approx(128 * MiB) and ph.disk_seq == pytest.approx(80 * MB)
     assert ph.emulate == base.device("phone").emulate and ph.disk_burst == 10 * MiB
     assert "inside the device" in ph.sources["ram_avail_gib"]
+    # each link carries its emulated shaper's bucket (tbf: ~1 ms of traffic, at least 2 MTU)
+    assert cl.network.burst("phone", "desktop") == tbf_burst(30 * MBPS) == 3750
+    assert cl.network.burst("desktop", "laptop") == tbf_burst(300 * MBPS) == 37500
 
 
 def test_rows_report_signed_errors() -> None:

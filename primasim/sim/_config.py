@@ -39,6 +39,8 @@ class SimConfig:
                                 "after a wait run at full speed (False: every call at the profiled average rate)")
     disk_slices: bool = _h(True, "runtime: a throttled disk grants bytes per blk-throttle slice (False: a plain "
                            "rate at the sustained throughput)")
+    link_buckets: bool = _h(True, "a link with a shaper's bucket (`burst_kb`, tc tbf) lets that much through at once "
+                            "after an idle spell (False: every message at the link's rate)")
     # --- schedule-specific workload knobs
     S: int | None = _h(None, "mdi-llm: sequences in flight (default: number of nodes)")
     batch: int | None = _h(None, "bud: max batch / pipo, flexgen: batch size (default per system)")

@@ -34,7 +34,7 @@ class SimContext:
         self.trace = Trace(source="sim", system=system)
         self.rec = Recorder(self.trace, spans=cfg.record_spans)
         self.net = Network(self.env, cluster.network, rng=self.rng, recorder=self.rec, jitter=cfg.jitter,
-                           frame_overhead=cfg.wifi_frame_overhead)
+                           frame_overhead=cfg.wifi_frame_overhead, buckets=cfg.link_buckets)
         names = [d.name for d in plan.devices] if plan is not None else cluster.names
         self.devices: dict[str, SimDevice] = {
             n: SimDevice(self.env, cluster.device(n), model, recorder=self.rec,

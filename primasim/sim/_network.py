@@ -18,17 +18,36 @@ from .._cluster import NetworkSpec
 from ._engine import Proc, Recorder, Server
 
 
+class LinkBucket:
+    """A shaped link's token bucket (tc tbf): tokens refill at the link's rate up to `burst` bytes;
+    a message passes at once while the bucket holds its bytes, and waits at the rate for the rest.
+    Plugged into the link's Server as its throttle: the job's duration is bytes / rate."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.t = burst, 0.0
+
+    def duration(self, now: float, seconds: float) -> float:
+        need = seconds * self.rate  # bytes
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        wait = max(0.0, need - self.tokens) / self.rate
+        self.tokens = max(0.0, self.tokens - need)
+        self.t = now + wait
+        return wait
+
+
 class Network:
     """Airtime servers plus latency draws for one cluster's network."""
 
     def __init__(self, env: simpy.Environment, spec: NetworkSpec, *, rng: np.random.Generator,
-                 recorder: Recorder, jitter: bool = True, frame_overhead: float = 0.0) -> None:
+                 recorder: Recorder, jitter: bool = True, frame_overhead: float = 0.0, buckets: bool = True) -> None:
         self.env = env
         self.spec = spec
         self.rng = rng
         self.recorder = recorder
         self.jitter = jitter and spec.jitter > 0
         self.frame_overhead = frame_overhead
+        self.buckets = buckets
         self.medium = Server(env, device="wifi", resource="net", recorder=None) if spec.kind == "wifi" else None
         self._links: dict[tuple[str, str], Server] = {}
         self.bytes_on: dict[tuple[str, str], float] = {}
@@ -41,6 +60,9 @@ class Network:
         srv = self._links.get(key)
         if srv is None:
             srv = self._links[key] = Server(self.env, device=a, resource="net", recorder=None)
+            burst = self.spec.burst(a, b)
+            if burst > 0 and self.buckets:
+                srv.throttle = LinkBucket(self.spec.link(a, b)[0], burst).duration
         return srv
 
     def latency(self, a: str, b: str) -> float:
