@@ -460,3 +460,22 @@ def test_validate_end_to_end_on_a_small_model(tmp_path: Path) -> None:
         assert not any(summ["measured"]["emulation"]["run_id"] in x for v in find_leftovers().values() for x in v)
     else:
         assert any("degraded" in n for n in summ["notes"])
+
+
+def test_committed_fidelity_report_is_what_the_code_predicts(tmp_path: Path) -> None:
+    """experiments/results/fidelity.md is re-derived from its journal by the current simulator:
+    `fidelity.py --analyze` on a copy of the committed measurements gives the same headline."""
+    import shutil
+
+    res = ROOT / "experiments" / "results"
+    for f in [res / "fidelity_runs.jsonl", res / "fidelity_run.json", *res.glob("fidelity_cluster_*.toml")]:
+        shutil.copy(f, tmp_path / f.name)
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "fidelity.py"), "--analyze", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    def headline(md: str) -> list[str]:
+        return [ln for ln in md.splitlines() if ln.startswith(("| held-out |", "| train |", "| all |"))][:3]
+
+    got, committed = headline((tmp_path / "fidelity.md").read_text()), headline((res / "fidelity.md").read_text())
+    assert len(got) == 3 and got == committed, "re-run `python experiments/fidelity.py --analyze` and commit"
