@@ -194,6 +194,9 @@ _HALDA_OPTS = {
     "select_devices": "drop devices given one layer and re-plan (default true)",
     "master_priority": "head preference (prima.cpp --master-priority, default 1.01)",
     "corrections": "{device: DeviceCorrection} measured coefficients (Python API only)",
+    "sim_runtime": "with planner=sim: simulate the candidates as primasim's runtime executes them "
+                   "(SimConfig(runtime=True): its residency plan, CPU quota, throttled disk and shaped links) "
+                   "instead of the papers' engines; for `primasim validate` on an emulated cluster",
 }
 
 
@@ -253,10 +256,18 @@ def _sim_halda_plan(system: str, prefetch: bool, model: ModelSpec, cluster: Clus
     from .sim import SimConfig, sim_halda
 
     halda_kw = {k: v for k, v in kw.items() if k in ("solver", "general", "select_devices", "master_priority")}
-    res = sim_halda(model, cluster, config=SimConfig(tokens=8, prompt_tokens=ctx.prompt_tokens), n_ctx=ctx.n_ctx,
-                    k=kw.get("k"), **halda_kw)
+    rt = _bool(ctx.opt("sim_runtime"), "sim_runtime") if ctx.opt("sim_runtime") is not None else False
+    cfg = SimConfig(tokens=8, prompt_tokens=ctx.prompt_tokens, runtime=rt, warmup=not rt)
+    extra: list[tuple[str, Plan]] = []
+    if rt:  # the runtime's own trade-offs: even splits with more laps, and prefetch off, are candidates too
+        for k_even in range(1, 5):
+            out = make_plan("even", model, cluster, n_ctx=ctx.n_ctx, prompt_tokens=ctx.prompt_tokens, k=k_even)
+            if out.feasible and out.plan is not None:
+                extra.append((f"even k={k_even}", out.plan.replace(system=system, prefetch=prefetch)))
+    res = sim_halda(model, cluster, config=cfg, n_ctx=ctx.n_ctx, k=kw.get("k"), extra=extra,
+                    prefetch_variants=rt, **halda_kw)
     best = res.best
-    plan = best.plan.replace(system=system, prefetch=prefetch, notes=best.plan.notes + (
+    plan = best.plan.replace(system=system, prefetch=best.plan.prefetch if rt else prefetch, notes=best.plan.notes + (
         f"planner: sim ({best.source}; simulated {best.tpot_ms:.1f} ms)",))
     extra = {"sim_halda": {"best_source": best.source, "simulated_tpot_ms": best.tpot_ms,
                            "closed_form_simulated_tpot_ms": res.closed_form.tpot_ms,

@@ -21,6 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 from primasim._cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
 from primasim._device import DeviceSpec, EmulationSpec
+from primasim._errors import SpecError
 from primasim._model import load_model
 from primasim._plan import DevicePlan, Plan
 from primasim._units import GB, MB, MBPS, MS, GiB, MiB
@@ -479,3 +480,24 @@ def test_committed_fidelity_report_is_what_the_code_predicts(tmp_path: Path) -> 
 
     got, committed = headline((tmp_path / "fidelity.md").read_text()), headline((res / "fidelity.md").read_text())
     assert len(got) == 3 and got == committed, "re-run `python experiments/fidelity.py --analyze` and commit"
+
+
+def test_sim_planner_ranks_candidates_by_simulating_the_runtime() -> None:
+    """planner=sim with sim_runtime: Halda's plan is one of the candidates, so the chosen plan is
+    never predicted slower; on home-emu (a memory-short desktop) it finds a faster one."""
+    from primasim._planners import make_plan
+
+    cl = load_cluster("home-emu")
+    model = runtime_model(MINI)
+    halda = make_plan("prima", model, cl).plan
+    out = make_plan("prima", model, cl, planner="sim", sim_runtime=True)
+    assert out.feasible and out.plan is not None
+    assert "planner: sim" in out.plan.notes[-1]
+
+    def tpot(p: Plan) -> float:
+        return simulate(p.system, model, cl, plan=p,
+                        config=SimConfig(runtime=True, tokens=8, prompt_tokens=16, warmup=False)).metrics.tpot_ms
+
+    assert tpot(out.plan) < tpot(halda)
+    with pytest.raises(SpecError, match="sim_runtime"):
+        make_plan("prima", model, cl, planner="sim", sim_runtime="maybe")

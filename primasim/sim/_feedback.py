@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +88,7 @@ def sim_corrections(res: SimResult, model: ModelSpec, cluster: ClusterSpec) -> d
 
 
 def _key(p: Plan) -> tuple[Any, ...]:
-    return (p.k, tuple((d.name, d.layers, d.gpu_layers) for d in p.devices))
+    return (p.k, p.prefetch, tuple((d.name, d.layers, d.gpu_layers) for d in p.devices))
 
 
 @dataclass
@@ -153,9 +154,11 @@ class _Evaluator:
 def rerank(model: ModelSpec, cluster: ClusterSpec, *, config: SimConfig | None = None, n_ctx: int = 1024,
            k: int | None = None, subsets: bool = True, system: str = "prima",
            corrections: dict[str, DeviceCorrection] | None = None, _ev: _Evaluator | None = None,
+           extra: Sequence[tuple[str, Plan]] = (), prefetch_variants: bool = False,
            **halda_kw: Any) -> list[Candidate]:
     """Closed-form Halda's plan, its best plan per k, and the Halda plans of device subsets, each
-    simulated; sorted by simulated TPOT (best first)."""
+    simulated; sorted by simulated TPOT (best first). `extra`: more (source, plan) candidates
+    (e.g. even splits); `prefetch_variants`: also every candidate with prefetch switched."""
     from .._halda import halda
 
     cfg = config or SimConfig()
@@ -182,6 +185,10 @@ def rerank(model: ModelSpec, cluster: ClusterSpec, *, config: SimConfig | None =
                 except PlanError:
                     continue  # the subset cannot hold the model
                 out.append(ev(_with_head(hs.plan, cluster), f"{tag} subset {'+'.join(sub)}", hs.objective * 1e3))
+    out += [ev(p, src) for src, p in extra]
+    if prefetch_variants:
+        out += [ev(c.plan.replace(prefetch=not c.plan.prefetch), f"{c.source} prefetch {'off' if c.plan.prefetch else 'on'}")
+                for c in list(out)]
     uniq: dict[tuple[Any, ...], Candidate] = {}
     for c in out:
         uniq.setdefault(_key(c.plan), c)
@@ -190,6 +197,7 @@ def rerank(model: ModelSpec, cluster: ClusterSpec, *, config: SimConfig | None =
 
 def sim_halda(model: ModelSpec, cluster: ClusterSpec, *, config: SimConfig | None = None, n_ctx: int = 1024,
               k: int | None = None, max_iter: int = 6, subsets: bool = True, system: str = "prima",
+              extra: Sequence[tuple[str, Plan]] = (), prefetch_variants: bool = False,
               **halda_kw: Any) -> SimHaldaResult:
     """Halda with simulator-in-the-loop coefficients, iterated to a fixed point, plus re-ranking.
 
@@ -205,7 +213,8 @@ def sim_halda(model: ModelSpec, cluster: ClusterSpec, *, config: SimConfig | Non
     cfg = config or SimConfig()
     ev = _Evaluator(model, cluster, cfg, system)
     kw = {"n_ctx": n_ctx, "k": k, "variant": "paper", "comm": True, "global_opt": True, **halda_kw}
-    rerank(model, cluster, config=cfg, n_ctx=n_ctx, k=k, subsets=subsets, system=system, _ev=ev, **halda_kw)
+    rerank(model, cluster, config=cfg, n_ctx=n_ctx, k=k, subsets=subsets, system=system, _ev=ev, extra=extra,
+           prefetch_variants=prefetch_variants, **halda_kw)
     closed = ev.sources["halda-global" if halda_kw.get("global_opt") else "halda"]
     start = ev.sources.get("halda-global", closed)
     history = [f"closed form: {closed.plan.describe()} -> {closed.tpot_ms:.1f} ms simulated",

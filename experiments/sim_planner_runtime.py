@@ -1,0 +1,108 @@
+"""Does ranking candidate plans by simulating primasim's runtime pick faster plans than Halda?
+
+On the profiled clusters of the fidelity experiment (experiments/results/fidelity_cluster_*.toml),
+plan with Halda (default `global`) and with `planner=sim, sim_runtime=true` (Halda's candidates,
+device subsets, even splits with k = 1..4 and every candidate with prefetch switched, simulated as
+the runtime executes them), then run both plans on the emulated cluster and compare the measured
+TPOT. Needs root for the emulation (runs degraded otherwise, and says so).
+
+    sudo .venv/bin/python experiments/sim_planner_runtime.py       # ~4 min
+    python experiments/sim_planner_runtime.py --report             # re-render the table from the CSV
+
+Writes experiments/results/sim_planner_runtime.{md,csv}.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fidelity as F  # noqa: E402
+
+from primasim._cluster import load_cluster  # noqa: E402
+from primasim._model import load_model  # noqa: E402
+from primasim._planners import make_plan  # noqa: E402
+from primasim._validate import measure, predict, prompt_ids, runtime_model  # noqa: E402
+
+CASES = [("short", ("desktop", "laptop", "tablet", "phone")), ("short", ("desktop", "laptop", "tablet")),
+         ("short", ("desktop", "laptop")), ("rich", ("desktop", "laptop", "tablet", "phone")),
+         ("bw", ("desktop", "laptop", "tablet"))]
+
+
+def main() -> int:
+    import pandas as pd
+
+    from primasim._trace import metrics
+    from runtime.head import cached_random_weights
+
+    t0 = time.time()
+    base = load_model(F.MODEL, "f32")
+    model = runtime_model(base)
+    weights = cached_random_weights(base)
+    rows = []
+    for var, devs in CASES:
+        prof = load_cluster(F.RESULTS / f"fidelity_cluster_{var}.toml")
+        prof = prof.subset(list(devs)) if len(devs) < len(prof.devices) else prof
+        emu = F.variant(var)
+        emu = emu.subset(list(devs)) if len(devs) < len(emu.devices) else emu
+        plans = {"halda (global)": make_plan("prima", model, prof, n_ctx=F.N_CTX, prompt_tokens=F.PROMPT).plan}
+        t = time.time()
+        sim = make_plan("prima", model, prof, n_ctx=F.N_CTX, prompt_tokens=F.PROMPT, planner="sim", sim_runtime=True)
+        plan_s = time.time() - t
+        plans["planner=sim, sim_runtime"] = sim.plan
+        for label, plan in plans.items():
+            pred = predict(plan, base, prof, tokens=F.TOKENS, prompt_tokens=F.PROMPT).metrics.tpot_ms
+            run, host = measure(plan, weights, emu, tokens=F.TOKENS, prompt=prompt_ids(F.PROMPT, base.vocab),
+                                timeout=300)
+            meas = metrics(run.trace).tpot_ms
+            rows.append({"cluster": f"{var}-{len(devs)}", "planner": label, "plan": plan.describe(),
+                         "prefetch": plan.prefetch, "predicted_tpot_ms": pred, "measured_tpot_ms": meas,
+                         "others_cpu": host.foreign_share,
+                         "planning_s": plan_s if label.startswith("planner=sim") else float("nan"),
+                         "source": sim.extra["sim_halda"]["best_source"] if label.startswith("planner=sim") else ""})
+            print(f"{var}-{len(devs)} {label}: {plan.describe()} prefetch={plan.prefetch} "
+                  f"predicted {pred:.0f} ms, measured {meas:.0f} ms", flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(OUT.with_suffix(".csv"), index=False, float_format="%.4g")
+    report(df, f"`python experiments/sim_planner_runtime.py` -- {time.strftime('%Y-%m-%d %H:%M')}, "
+               f"{(time.time() - t0) / 60:.0f} min")
+    return 0
+
+
+OUT = F.RESULTS / "sim_planner_runtime"
+
+
+def report(df: Any, how: str) -> None:
+    lines = ["# Planning by simulating the runtime vs Halda (measured on the emulated cluster)", "",
+             f"{how}. Model {F.MODEL}, prompt {F.PROMPT}, {F.TOKENS} tokens; clusters profiled by "
+             "experiments/fidelity.py. Where both planners return the same plan, the two measurements "
+             "differ only by the host's run-to-run noise.", "",
+             "| cluster | Halda plan | predicted / measured ms | planner=sim, sim_runtime plan (source) | "
+             "predicted / measured ms | measured speed-up |", "|---|---|---|---|---|---|"]
+    for c, g in df.groupby("cluster", sort=False):
+        h, s = g.iloc[0], g.iloc[1]
+        same = h["plan"] == s["plan"] and bool(h["prefetch"]) == bool(s["prefetch"])
+        lines.append(f"| {c} | {h['plan']} (prefetch {'on' if h['prefetch'] else 'off'}) | "
+                     f"{h['predicted_tpot_ms']:.0f} / {h['measured_tpot_ms']:.0f} | "
+                     + ("the same plan" if same else f"{s['plan']} (prefetch {'on' if s['prefetch'] else 'off'}; "
+                        f"{s['source']})")
+                     + f" | {s['predicted_tpot_ms']:.0f} / {s['measured_tpot_ms']:.0f} | "
+                     + (f"(same plan: {h['measured_tpot_ms'] / s['measured_tpot_ms']:.2f}x is noise) |" if same else
+                        f"**{h['measured_tpot_ms'] / s['measured_tpot_ms']:.2f}x** |"))
+    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--report"]:  # re-render the table from the committed CSV
+        import pandas as pd
+
+        report(pd.read_csv(OUT.with_suffix(".csv")),
+               "`python experiments/sim_planner_runtime.py` -- 2026-11-22 09:01, 4 min (table re-rendered "
+               "with `--report`)")
+        sys.exit(0)
+    sys.exit(main())
