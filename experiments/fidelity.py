@@ -187,9 +187,6 @@ def _calibrated(cl: ClusterSpec, fit: dict[str, float]) -> ClusterSpec:
         ch: dict[str, Any] = {}
         if "call_scale" in fit:
             ch["call_overhead"] = d.call_overhead * fit["call_scale"]
-        if "disk_scale" in fit:
-            ch["disk_seq"] = d.disk_seq * fit["disk_scale"]
-            ch["disk_rnd"] = d.disk_rnd * fit["disk_scale"]
         devs.append(d.replace(**ch) if ch else d)
     return ClusterSpec(cl.name, tuple(devs), cl.network, cl.head, cl.description, cl.path)
 

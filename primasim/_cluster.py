@@ -52,19 +52,18 @@ class NetworkSpec:
     links: tuple[LinkSpec, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
 
+    def _pair(self, a: str, b: str) -> LinkSpec | None:
+        return next((ln for ln in self.links if {ln.a, ln.b} == {a, b}), None)
+
     def link(self, a: str, b: str) -> tuple[float, float]:
         """(bandwidth bytes/s, one-way latency s) between two devices."""
-        for ln in self.links:
-            if {ln.a, ln.b} == {a, b}:
-                return ln.bandwidth, ln.latency
-        return self.bandwidth, self.latency
+        ln = self._pair(a, b)
+        return (ln.bandwidth, ln.latency) if ln is not None else (self.bandwidth, self.latency)
 
     def burst(self, a: str, b: str) -> float:
         """Bytes a shaped link lets through at once after an idle spell (0: a plain rate)."""
-        for ln in self.links:
-            if {ln.a, ln.b} == {a, b}:
-                return ln.burst
-        return 0.0
+        ln = self._pair(a, b)
+        return ln.burst if ln is not None else 0.0
 
     def transfer_time(self, a: str, b: str, nbytes: float) -> float:
         """Time to move `nbytes` from a to b on an idle network (latency + size/bandwidth)."""

@@ -258,13 +258,13 @@ def _sim_halda_plan(system: str, prefetch: bool, model: ModelSpec, cluster: Clus
     halda_kw = {k: v for k, v in kw.items() if k in ("solver", "general", "select_devices", "master_priority")}
     rt = _bool(ctx.opt("sim_runtime"), "sim_runtime") if ctx.opt("sim_runtime") is not None else False
     cfg = SimConfig(tokens=8, prompt_tokens=ctx.prompt_tokens, runtime=rt, warmup=not rt)
-    extra: list[tuple[str, Plan]] = []
+    evens: list[tuple[str, Plan]] = []
     if rt:  # the runtime's own trade-offs: even splits with more laps, and prefetch off, are candidates too
         for k_even in range(1, 5):
             out = make_plan("even", model, cluster, n_ctx=ctx.n_ctx, prompt_tokens=ctx.prompt_tokens, k=k_even)
             if out.feasible and out.plan is not None:
-                extra.append((f"even k={k_even}", out.plan.replace(system=system, prefetch=prefetch)))
-    res = sim_halda(model, cluster, config=cfg, n_ctx=ctx.n_ctx, k=kw.get("k"), extra=extra,
+                evens.append((f"even k={k_even}", out.plan.replace(system=system, prefetch=prefetch)))
+    res = sim_halda(model, cluster, config=cfg, n_ctx=ctx.n_ctx, k=kw.get("k"), extra=evens,
                     prefetch_variants=rt, **halda_kw)
     best = res.best
     plan = best.plan.replace(system=system, prefetch=best.plan.prefetch if rt else prefetch, notes=best.plan.notes + (

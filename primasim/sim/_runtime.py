@@ -14,13 +14,17 @@ the (emulated) cluster and the two compared (`primasim validate`, experiments/fi
   streamed bytes, not an emergent re-read pattern.
 - **Compute**: one jitted call per window (per layer on a streaming device), each costing the
   device's `call_overhead` plus, per layer, the cost model's roofline terms at the attention span
-  the runtime uses (256 positions at least, powers of two). The head embeds each token (a call),
-  and runs the output layer (a call) and the sampler.
-- **Disk**: a blkio throttle's slices (`DiskBucket`); a streaming device reads each layer's streamed part by demand faults before it can
-  compute the layer; with prefetch, it first asks for the *next* layer's streamed part in the
-  background (lower priority than demand reads), as the worker's prefetch thread does.
-- **Network**: every hop is the cluster's link (bandwidth + latency with the cluster's jitter);
-  activations are 4e bytes per token.
+  the runtime uses (256 positions at least, powers of two), at the matrix rate measured for that
+  many rows (`gemm_bw_at`). The head embeds each token (a call), and runs the output layer (a
+  call) and the sampler. An emulated CPU quota refills every CFS period (`CpuQuota`).
+- **Disk**: a blkio throttle's slices (`DiskBucket`). A streaming device reads each layer's
+  streamed part by demand faults before it can compute the layer; with prefetch, it first asks
+  for the *next* layer's streamed part in the background (lower priority than demand reads, in
+  the order posted), as the worker's prefetch thread does.
+- **Network**: every hop is the cluster's link (bandwidth + latency with the cluster's jitter; a
+  shaped link's token bucket, `LinkBucket`); activations are 4e bytes per token.
+- **KV caches** are allocated at set-up, as the worker does (a Bud pool of unknown size when the
+  batch starts).
 - **Schedules**: `ring` (k laps, one token in flight), `rpp` (S sequences in flight, FIFO at every
   device), `batch` (runtime/batch.py: requests admitted up to the batch, each prefilled alone,
   then decoded together in power-of-two buckets).
