@@ -94,7 +94,7 @@ def _load_all() -> None:
     for name, help in (
         ("prima", "prima.cpp: Halda plan, piped ring (k laps, windows, GPU/CPU split), mmap + prefetch"),
         ("prima-no-prefetch", "prima.cpp without prefetching the next window (page faults not hidden)"),
-        ("prima-no-halda", "prima.cpp's ring with exo's memory-ratio split instead of Halda"),
+        ("prima-no-halda", "prima.cpp with the memory-ratio split instead of Halda (§2.5 fallback)"),
         ("memsched", "MemSched heuristic (RAM/VRAM ratio split) run in prima.cpp's ring"),
         ("perfsched", "PerfSched heuristic (compute-proportional split, OOM migration) in prima.cpp's ring"),
         ("even", "even layer split with a fixed k in prima.cpp's ring (paper Fig. 2)"),
