@@ -18,11 +18,19 @@ the configurations of the named training subset (`TRAIN_GROUPS`) and applied unc
 held-out ones; errors are reported for both.
 
     sudo .venv/bin/python experiments/fidelity.py                 # profile + run everything (~25 min)
+    sudo .venv/bin/python experiments/fidelity.py --resume        # after a kill: run only what is missing
     python experiments/fidelity.py --analyze                      # re-simulate + report from the journal
 
 Writes experiments/results/fidelity.csv (one row per configuration), fidelity.md (the summary),
 fidelity.png, fidelity_runs.jsonl (the journal: measured metrics per configuration) and the
 profiled clusters fidelity_cluster_<variant>.toml.
+
+Crash safety (primasim._io): every configuration's measurement is appended to the journal as one
+fsync'd line as soon as it finishes, and every other file is replaced atomically, so a run killed
+at any point loses at most the configuration in flight. `--resume` keeps the journal's
+configurations and the profiled clusters already written and runs the rest (a torn last line is
+cut off and its configuration re-run); without it a run starts afresh and keeps the previous
+journal as fidelity_runs.jsonl.prev.
 """
 
 from __future__ import annotations
@@ -40,6 +48,15 @@ from typing import Any
 import numpy as np
 
 from primasim._cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
+from primasim._io import (
+    Journal,
+    atomic_csv,
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_with,
+    read_journal,
+)
 from primasim._model import load_model
 from primasim._units import MBPS, MS, MiB
 
@@ -393,7 +410,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
     a.legend()
     a.set_title("error CDF, held-out configurations")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -412,11 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     cfgs = [c for c in configs() if not a.only or any(c.name.startswith(p) for p in a.only.split(","))]
     done: dict[str, dict[str, Any]] = {}
-    if (a.analyze or a.resume) and journal.exists():
-        for line in journal.read_text().splitlines():
-            if line.strip():
-                j = json.loads(line)
-                done[j["name"]] = j
+    if a.analyze:  # read-only: a torn last line (a run killed mid-write) is skipped, not cut
+        done = {j["name"]: j for j in read_journal(journal)}
     variants = sorted({c.variant for c in cfgs})
     profiled: dict[str, ClusterSpec] = {}
     if not a.analyze:
@@ -425,8 +439,12 @@ def main(argv: list[str] | None = None) -> int:
 
         model = load_model(MODEL, "f32")
         weights = cached_random_weights(model)
-        if not a.resume:
-            journal.write_text("")
+        # --resume keeps the journal's configurations (a torn last line is cut off: that one re-runs);
+        # a fresh run keeps the old journal as fidelity_runs.jsonl.prev until it is done
+        runs = Journal(journal, "name", resume=a.resume, default=float)
+        done = dict(runs.records)
+        if a.resume:
+            print(f"resuming: {len(done)} configurations in {journal}", flush=True)
         for v in variants:
             path = out / f"fidelity_cluster_{v}.toml"
             if a.resume and path.exists():
@@ -435,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"profiling variant {v} ...", flush=True)
             prof = profile_cluster(variant(v), weights, model, prompt_tokens=PROMPT, max_seq=N_CTX)
             profiled[v] = prof.cluster
-            prof.cluster.save(path)
+            atomic_write_with(path, prof.cluster.save)
         for i, c in enumerate(cfgs):
             if c.name in done:
                 continue
@@ -443,14 +461,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(cfgs)}] {c.name}: {plan.describe()} prefetch={plan.prefetch} ...", flush=True)
             meas = measure_config(c, plan, variant(c.variant), weights)
             rec = {"name": c.name, "plan": plan.to_json(), "measured": meas}
-            with open(journal, "a") as fh:
-                fh.write(json.dumps(rec, default=float) + "\n")
+            runs.add(rec)  # one fsync'd line: a kill loses at most the configuration in flight
             done[c.name] = rec
             print(f"    measured TPOT {meas['tpot_ms']:.1f} ms, TTFT {meas['ttft_ms']:.0f} ms, "
                   f"others' CPU {100 * meas['foreign_cpu']:.0f} %", flush=True)
-        (out / "fidelity_run.json").write_text(json.dumps({
+        runs.close()
+        atomic_write_json(out / "fidelity_run.json", {
             "command": cmd, "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t_start) / 60,
-            "configurations": len(done)}) + "\n")
+            "configurations": len(done)}, indent=None)
     else:
         for v in variants:
             profiled[v] = load_cluster(out / f"fidelity_cluster_{v}.toml")
@@ -484,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                for lab, sw in ABLATIONS.items()}
     import pandas as pd
 
-    pd.DataFrame(rows).to_csv(out / "fidelity.csv", index=False, float_format="%.4g")
+    atomic_csv(out / "fidelity.csv", pd.DataFrame(rows), float_format="%.4g")
     meta = out / "fidelity_run.json"
-    (out / "fidelity.md").write_text(summarize(rows, fitted, cmd, time.time() - t_start, ablated,
+    atomic_write_text(out / "fidelity.md", summarize(rows, fitted, cmd, time.time() - t_start, ablated,
                                                json.loads(meta.read_text()) if meta.exists() else None))
     figure(rows, out / "fidelity.png")
     print((out / "fidelity.md").read_text().split("## Per regime")[0])

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from primasim._cluster import cluster_from_toml
+from primasim._io import atomic_write_json, atomic_write_text
 from primasim._model import ModelSpec
 from primasim._plan import DevicePlan, Plan
 from runtime import open_checkpoint, write_random_checkpoint
@@ -68,7 +69,7 @@ def main() -> int:
                              "load_avg_1min": load0})
                 print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "file_backed.json").write_text(json.dumps(rows, indent=1) + "\n")
+    atomic_write_json(OUT / "file_backed.json", rows, indent=1)
     lines = ["# File-backed weights under a memory limit", "",
              f"`sudo python experiments/file_backed.py` on {time.strftime('%Y-%m-%d %H:%M')}: a worker whose memory "
              f"cgroup holds half of its {rows[0]['window_bytes'] / 1e6:.1f} MB window (budget "
@@ -85,7 +86,7 @@ def main() -> int:
               "the whole window. plan: the worker keeps a fraction of every layer and streams the rest, evicted "
               "right after use; a token re-reads the missing bytes plus the room one streamed layer part needs "
               "(two with prefetch)."]
-    (OUT / "file_backed.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(OUT / "file_backed.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -12,7 +12,13 @@ It also measures the options beyond prima.cpp against prima.cpp's Halda: for the
 instances, the TPOT that the fuller cost model (paper variant + communication) predicts for the
 plans of Halda with comm=True, general=True, global_opt=True, and global_opt + comm.
 
-    python experiments/halda_gap.py --instances 600 --out experiments/results
+    python experiments/halda_gap.py --instances 600 --out experiments/results [--resume]
+
+Each finished instance is appended to <out>/halda_gap_runs.jsonl (one fsync'd line; primasim._io).
+A killed run loses at most the instance in flight: `--resume` skips the journal's instances (same
+seed) and runs the rest; without it a run starts afresh (the old journal is kept as .prev). The
+journal is deleted once halda_gap.csv and halda_gap.md are written (atomically). The reported
+minutes are the sum of the instances' own times, so they do not count the pause of a resumed run.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,11 +38,13 @@ from primasim import load_model
 from primasim._cost import CostModel, predict_tpot, totals_of
 from primasim._errors import PlanError
 from primasim._halda import _blocks, _Data, _init_split, _solve_exact, _solve_relax, halda
+from primasim._io import Journal, atomic_csv, atomic_write_text
 from primasim._synth import random_cluster
 
 MODELS = ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b",
           "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "llama2-7b", "codellama-13b"]
 MODES = ["prima", "prima", "prima", "prima", "comm", "general"]  # 2/3 in prima.cpp's own setting
+JOURNAL = "halda_gap_runs.jsonl"
 
 
 def _block_gap(model, cluster, n_ctx: int, comm: bool, general: bool, k: int | None) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -57,21 +67,35 @@ def _block_gap(model, cluster, n_ctx: int, comm: bool, general: bool, k: int | N
             "block_feasibility_mismatch": mismatch, "relax_infeasible_exact_feasible": relax_infeasible_only}
 
 
-def run(n_instances: int, seed: int, out: Path) -> pd.DataFrame:
+def instances(n_instances: int, seed: int) -> Iterator[tuple[int, str, int, Any, Any, int, int | None]]:
+    """(i, mode, devices, cluster, model, n_ctx, fixed k) of every instance: all random draws are made
+    here, in order, so a resumed run that skips finished instances sees the same instances."""
     rng = np.random.default_rng(seed)
-    rows = []
-    t_start = time.time()
     for i in range(n_instances):
         mode = MODES[i % len(MODES)]
         n_dev = int(rng.integers(2, 17))
         cluster = random_cluster(rng, n_dev, name=f"rand{i}")
         model = load_model(str(rng.choice(MODELS)), str(rng.choice(["q4k", "q4k", "q4k", "q8_0"])))
         n_ctx = int(rng.choice([512, 1024, 4096]))
+        k = None
+        if mode == "general" and rng.random() < 0.5:
+            k = int(rng.integers(2, max(3, model.n_layers // n_dev) + 1))
+        yield i, mode, n_dev, cluster, model, n_ctx, k
+
+
+def run(n_instances: int, seed: int, out: Path, resume: bool = False) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out / JOURNAL, "key", resume=resume)
+    if resume:
+        print(f"resuming: {len(journal)} instances already in {journal.path}", file=sys.stderr, flush=True)
+    t_start = time.time()
+    for i, mode, n_dev, cluster, model, n_ctx, k in instances(n_instances, seed):
+        key = f"seed{seed}/{i}"
+        if key in journal:
+            continue
         comm = mode == "comm"
         general = mode == "general"
-        k = None
-        if general and rng.random() < 0.5:
-            k = int(rng.integers(2, max(3, model.n_layers // n_dev) + 1))
+        t_inst = time.time()
         row: dict[str, object] = {"instance": i, "mode": mode, "devices": n_dev, "model": model.name,
                                   "quant": model.quant, "n_ctx": n_ctx, "k_fixed": k}
         try:
@@ -109,13 +133,14 @@ def run(n_instances: int, seed: int, out: Path) -> pd.DataFrame:
                     row[f"tpot_{name}_ms"] = predict_tpot(alt.plan, model, cluster, variant="paper", comm=True) * 1e3
                 except PlanError:
                     row[f"tpot_{name}_ms"] = math.nan
-        rows.append(row)
+        journal.add({"key": key, "seconds": time.time() - t_inst, "row": row})
         if (i + 1) % 50 == 0:
             print(f"{i + 1}/{n_instances} instances, {time.time() - t_start:.0f} s", file=sys.stderr, flush=True)
-    df = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "halda_gap.csv", index=False)
-    (out / "halda_gap.md").write_text(summary(df, seed, time.time() - t_start))
+    recs = [journal.records[f"seed{seed}/{i}"] for i in range(n_instances)]
+    df = pd.DataFrame([r["row"] for r in recs])  # the journal's rows: the same whether resumed or not
+    atomic_csv(out / "halda_gap.csv", df)
+    atomic_write_text(out / "halda_gap.md", summary(df, seed, sum(r["seconds"] for r in recs)))
+    journal.remove()  # the CSV holds every instance now
     return df
 
 
@@ -212,8 +237,9 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--resume", action="store_true", help="keep the finished instances of a killed run")
     a = ap.parse_args()
-    df = run(a.instances, a.seed, a.out)
+    df = run(a.instances, a.seed, a.out, resume=a.resume)
     print((a.out / "halda_gap.md").read_text())
     ok = df["gap"].dropna()
     sys.exit(0 if (ok <= 0.005).mean() >= 0.99 and df["relax_infeasible_exact_feasible"].sum() == 0 else 1)

@@ -25,6 +25,7 @@ from primasim import load_model
 from primasim._cost import CostModel, totals_of
 from primasim._errors import PlanError
 from primasim._halda import _LP_CACHE, _blocks, _bucket, _Data, _init_split, _solve_relax, halda
+from primasim._io import atomic_csv, atomic_write_text
 from primasim._synth import random_cluster
 
 SIZES = (4, 8, 16, 32)
@@ -178,11 +179,11 @@ def main() -> None:
     ov = lp_overhead(a.seed)
     cold = cold_times(a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(a.out / "halda_speed.csv", index=False)
-    ov.to_csv(a.out / "halda_lp_overhead.csv", index=False)
-    cold.to_csv(a.out / "halda_cold.csv", index=False)
+    atomic_csv(a.out / "halda_speed.csv", df)
+    atomic_csv(a.out / "halda_lp_overhead.csv", ov)
+    atomic_csv(a.out / "halda_cold.csv", cold)
     text = summary(df, ov, cold, a, time.time() - t0)
-    (a.out / "halda_speed.md").write_text(text)
+    atomic_write_text(a.out / "halda_speed.md", text)
     print(text)
 
 

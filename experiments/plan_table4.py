@@ -11,6 +11,7 @@ from pathlib import Path
 
 from primasim import load_model
 from primasim._cluster import load_cluster
+from primasim._io import atomic_write_text
 from primasim._planners import make_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,8 @@ def cell(plan, sets) -> str:  # noqa: ANN001
 
 
 def main() -> None:
-    paper = {(r["model"], r["system"]): r for r in csv.DictReader(open(ROOT / "data/paper/prima_table4.csv"))}
+    with open(ROOT / "data/paper/prima_table4.csv", newline="") as fh:
+        paper = {(r["model"], r["system"]): r for r in csv.DictReader(fh)}
     cluster = load_cluster("prima-d1-d4")
     rows = ["| model | Halda (default: global) plan, k = 1 | predicted TPOT ms | prima.cpp's loop: plan | predicted TPOT ms | paper prima.cpp TPOT ms |",
             "|---|---|---|---|---|---|"]
@@ -44,7 +46,7 @@ def main() -> None:
             "`python experiments/plan_table4.py`. Cells: device window(GPU layers) and the set when not M4. "
             "Predicted TPOT: prima.cpp's cost model, paper variant with per-hop communication (a sum of every "
             "device's time, no overlap; the simulator models the overlap).\n\n" + "\n".join(rows) + "\n")
-    (ROOT / "experiments/results/plan_table4.md").write_text(text)
+    atomic_write_text(ROOT / "experiments/results/plan_table4.md", text)
     print(text)
 
 

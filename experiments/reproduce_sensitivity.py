@@ -16,13 +16,13 @@ Writes reproduce_sensitivity.csv and reproduce_sensitivity.md next to the reprod
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import warnings
 from pathlib import Path
 
 from primasim import load_model
 from primasim._cluster import ClusterSpec, load_cluster
+from primasim._io import atomic_csv_rows, atomic_write_text
 from primasim._units import MiB
 from primasim.sim import SimConfig, simulate
 
@@ -107,12 +107,9 @@ def main() -> None:
             md.append(f"| {mib} MiB | {n_ctx} | {r.plan.describe()[4:] if r.plan else '-'} | {r.tpot_ms:.0f} | 72 |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(out / "reproduce_sensitivity.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "reproduce_sensitivity.md").write_text("\n".join(md) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # first appearance: the same header every run
+    atomic_csv_rows(out / "reproduce_sensitivity.csv", rows, keys)
+    atomic_write_text(out / "reproduce_sensitivity.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -24,7 +24,6 @@ scheduler's wake-up latency as well; the table says how busy the machine was (lo
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ import numpy as np
 
 from primasim import load_model
 from primasim._cluster import ClusterSpec, cluster_from_toml
+from primasim._io import atomic_csv_rows, atomic_write_text
 from primasim._model import ModelSpec
 from primasim._plan import DevicePlan, Plan
 from runtime import open_checkpoint, write_random_checkpoint
@@ -176,11 +176,8 @@ def main() -> int:
     rows += pingpong_rows(n)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(out.with_suffix(".csv"), "w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=keys)
-        wr.writeheader()
-        wr.writerows(rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # first appearance: the same header every run
+    atomic_csv_rows(out.with_suffix(".csv"), rows, keys)
     ring = [r for r in rows if r["table"] == "ring"]
     pp = [r for r in rows if r["table"] != "ring"]
     lines = ["# Per-hop overhead of the runtime's ring on loopback", "",
@@ -208,7 +205,7 @@ def main() -> int:
               "'receiver idle' is how long the receiving device waited before the hop (median): compare the "
               "runtime's hops with the floor at a similar idle time; what is left (hop - floor) is the runtime's "
               "own work (encode + CRC, zmq send, poll wake-up, decode, copy, dispatch)."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

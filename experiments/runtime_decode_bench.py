@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from primasim import load_model
+from primasim._io import atomic_open, atomic_write_json, atomic_write_text
 from runtime import generate, load_params, open_checkpoint, prefetch, write_random_checkpoint
 
 GB = 1e9
@@ -428,8 +429,8 @@ def main() -> int:
 
 def write_results(s: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runtime_decode_bench.json").write_text(json.dumps(s, indent=2) + "\n")
-    with open(out / "runtime_decode_segments.csv", "w", newline="") as fh:
+    atomic_write_json(out / "runtime_decode_bench.json", s, indent=2)
+    with atomic_open(out / "runtime_decode_segments.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["round", "kind", "foreign_cpu_share", "n", "median", "p10", "p90", "unit"])
         for g in s["segments"]:
@@ -492,7 +493,7 @@ def write_results(s: dict[str, Any], out: Path) -> None:
         for q, m in s["quantised_memory"].items():
             lines.append(f"| {q} | {g(m['file_bytes'])} | {g(m['anon_bytes'])} | "
                          f"{m['anon_bytes'] / m['file_bytes']:.2f} | {m['load_s']:.1f} |")
-    (out / "runtime_decode_bench.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "runtime_decode_bench.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ Writes sim_baselines.csv and sim_baselines.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import warnings
 from pathlib import Path
 
 from primasim import load_model
+from primasim._io import atomic_csv_rows, atomic_write_text
 from primasim._planners import make_plan
 from primasim.sim import SimConfig, simulate
 from primasim.sim._testbeds import bud_xeon, mdi_jetsons, pipo_laptop
@@ -114,11 +114,8 @@ def main() -> None:
            "16 generated tokens, and 0.5 ms of Python issue + synchronisation per FlexGen layer step.", ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sim_baselines.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["experiment", "case", "variant", "value", "paper", "unit"])
-        w.writeheader()
-        w.writerows(rows)
-    (out / "sim_baselines.md").write_text("\n".join(md) + "\n")
+    atomic_csv_rows(out / "sim_baselines.csv", rows, ["experiment", "case", "variant", "value", "paper", "unit"])
+    atomic_write_text(out / "sim_baselines.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

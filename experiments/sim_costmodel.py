@@ -10,13 +10,13 @@ tests/test_sim_costmodel.py). Writes sim_costmodel.csv and sim_costmodel.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import warnings
 from pathlib import Path
 
 from primasim import load_model
 from primasim._cluster import ClusterSpec, NetworkSpec, load_cluster
 from primasim._cost import predict_tpot
+from primasim._io import atomic_csv_rows, atomic_write_text
 from primasim._plan import DevicePlan, Plan
 from primasim._planners import make_plan
 from primasim.sim import SimConfig, simulate
@@ -72,15 +72,12 @@ def main() -> None:
             f"{r.extra['disk_read_bytes_per_token']['D3'] / 1e9:.1f} GB read per token")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sim_costmodel.csv", "w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    atomic_csv_rows(out / "sim_costmodel.csv", rows)
     lines = ["# Simulator vs cost model (predict_tpot, paper variant, with communication)", "",
              "`python experiments/sim_costmodel.py`", "", "| case | simulated ms | cost model ms | ratio | note |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['sim_ms']} | {r['cost_model_ms']} | {r['sim_over_model']} | {r['note']} |" for r in rows]
-    (out / "sim_costmodel.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "sim_costmodel.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -17,13 +17,13 @@ Writes sim_halda.csv and sim_halda.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 import warnings
 from pathlib import Path
 
 from primasim import load_model
 from primasim._cluster import load_cluster
+from primasim._io import atomic_csv_rows, atomic_write_text
 from primasim.sim import SimConfig, sim_halda
 
 CASES = [("prima-d1-d4", m) for m in ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b",
@@ -64,10 +64,7 @@ def main() -> None:
         print(rows[-1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sim_halda.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    atomic_csv_rows(out / "sim_halda.csv", rows)
     lines = ["# Halda fed by the simulator vs closed-form Halda (simulated TPOT, ms)", "",
              f"`python experiments/sim_halda.py --tokens {args.tokens}` ({time.perf_counter() - t0:.0f} s). "
              "halda = Halda's local search over set assignments (prima.cpp's algorithm), global = Halda over all "
@@ -81,7 +78,7 @@ def main() -> None:
                      f"{r['fixed_point_sim_ms']} ({r['iterations']} it, {'converged' if r['converged'] else 'no fixed point'}) | "
                      f"{r['best_sim_ms']} | {r['best_plan']} | {r['best_source']} | {r['speedup_vs_halda']} | "
                      f"{r['speedup_vs_global']} |")
-    (out / "sim_halda.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "sim_halda.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

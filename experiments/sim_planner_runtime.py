@@ -7,13 +7,19 @@ the runtime executes them), then run both plans on the emulated cluster and comp
 TPOT. Needs root for the emulation (runs degraded otherwise, and says so).
 
     sudo .venv/bin/python experiments/sim_planner_runtime.py       # ~4 min
+    sudo .venv/bin/python experiments/sim_planner_runtime.py --resume   # after a kill: the missing clusters
     python experiments/sim_planner_runtime.py --report             # re-render the table from the CSV
 
-Writes experiments/results/sim_planner_runtime.{md,csv}.
+Writes experiments/results/sim_planner_runtime.{md,csv} (atomically, primasim._io). Each cluster's
+two measured plans are appended to sim_planner_runtime_runs.jsonl as one fsync'd line when they
+are done, so a killed run loses at most the cluster in flight; `--resume` skips the journal's
+clusters (without it a run starts afresh, keeping the old journal as .prev). The journal is
+deleted once the CSV and the table are written.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity as F  # noqa: E402
 
 from primasim._cluster import load_cluster  # noqa: E402
+from primasim._io import Journal, atomic_csv, atomic_write_text  # noqa: E402
 from primasim._model import load_model  # noqa: E402
 from primasim._planners import make_plan  # noqa: E402
 from primasim._validate import measure, predict, prompt_ids, runtime_model  # noqa: E402
@@ -33,7 +40,7 @@ CASES = [("short", ("desktop", "laptop", "tablet", "phone")), ("short", ("deskto
          ("bw", ("desktop", "laptop", "tablet"))]
 
 
-def main() -> int:
+def main(resume: bool = False) -> int:
     import pandas as pd
 
     from primasim._trace import metrics
@@ -43,8 +50,14 @@ def main() -> int:
     base = load_model(F.MODEL, "f32")
     model = runtime_model(base)
     weights = cached_random_weights(base)
-    rows = []
+    journal = Journal(OUT.with_name(OUT.name + "_runs.jsonl"), "cluster", resume=resume)
+    if resume:
+        print(f"resuming: {len(journal)} clusters already in {journal.path}", flush=True)
     for var, devs in CASES:
+        case = f"{var}-{len(devs)}"
+        if case in journal:
+            continue
+        rows = []
         prof = load_cluster(F.RESULTS / f"fidelity_cluster_{var}.toml")
         prof = prof.subset(list(devs)) if len(devs) < len(prof.devices) else prof
         emu = F.variant(var)
@@ -59,17 +72,21 @@ def main() -> int:
             run, host = measure(plan, weights, emu, tokens=F.TOKENS, prompt=prompt_ids(F.PROMPT, base.vocab),
                                 timeout=300)
             meas = metrics(run.trace).tpot_ms
-            rows.append({"cluster": f"{var}-{len(devs)}", "planner": label, "plan": plan.describe(),
+            rows.append({"cluster": case, "planner": label, "plan": plan.describe(),
                          "prefetch": plan.prefetch, "predicted_tpot_ms": pred, "measured_tpot_ms": meas,
                          "others_cpu": host.foreign_share,
                          "planning_s": plan_s if label.startswith("planner=sim") else float("nan"),
                          "source": sim.extra["sim_halda"]["best_source"] if label.startswith("planner=sim") else ""})
             print(f"{var}-{len(devs)} {label}: {plan.describe()} prefetch={plan.prefetch} "
                   f"predicted {pred:.0f} ms, measured {meas:.0f} ms", flush=True)
-    df = pd.DataFrame(rows)
-    df.to_csv(OUT.with_suffix(".csv"), index=False, float_format="%.4g")
+        journal.add({"cluster": case, "minutes": (time.time() - t0) / 60, "rows": rows})
+        t0 = time.time()
+    recs = [journal.records[f"{var}-{len(devs)}"] for var, devs in CASES]
+    df = pd.DataFrame([r for rec in recs for r in rec["rows"]])
+    atomic_csv(OUT.with_suffix(".csv"), df, float_format="%.4g")
     report(df, f"`python experiments/sim_planner_runtime.py` -- {time.strftime('%Y-%m-%d %H:%M')}, "
-               f"{(time.time() - t0) / 60:.0f} min")
+               f"{sum(r['minutes'] for r in recs):.0f} min")
+    journal.remove()
     return 0
 
 
@@ -93,16 +110,20 @@ def report(df: Any, how: str) -> None:
                      + f" | {s['predicted_tpot_ms']:.0f} / {s['measured_tpot_ms']:.0f} | "
                      + (f"(same plan: {h['measured_tpot_ms'] / s['measured_tpot_ms']:.2f}x is noise) |" if same else
                         f"**{h['measured_tpot_ms'] / s['measured_tpot_ms']:.2f}x** |"))
-    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--report"]:  # re-render the table from the committed CSV
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", action="store_true", help="no runs: re-render the table from the committed CSV")
+    ap.add_argument("--resume", action="store_true", help="keep the clusters of a killed run, run the rest")
+    args = ap.parse_args()
+    if args.report:
         import pandas as pd
 
         report(pd.read_csv(OUT.with_suffix(".csv")),
                "`python experiments/sim_planner_runtime.py` -- 2026-11-22 09:01, 4 min (table re-rendered "
                "with `--report`)")
         sys.exit(0)
-    sys.exit(main())
+    sys.exit(main(resume=args.resume))

@@ -13,7 +13,6 @@ Writes sim_speed.json and sim_speed.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from primasim import load_model
 from primasim._cluster import load_cluster
+from primasim._io import atomic_write_json, atomic_write_text
 from primasim._planners import make_plan
 from primasim.sim import SimConfig, simulate
 
@@ -85,7 +85,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sim_speed.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "sim_speed.json", result, indent=2, newline=False)
     a, b = result["llama3_70b_prima"], result["table4"]
     md = (f"# Simulator speed\n\n`{result['command']}` on {result['machine']} (shared machine; medians of "
           f"{args.repeat} runs, imports warmed).\n\n"
@@ -94,7 +94,7 @@ def main() -> None:
           f"{a['simulated_seconds']:.1f} s of inference ({a['spans']} timeline spans).\n"
           f"- All {b['cells']} Table 4 cells (7 models x 6 systems), {b['tokens']} tokens each, planning included: "
           f"**{b['total_s']:.1f} s** (bar < 30 s); slowest cell {b['slowest_cell']} ({b['slowest_s']:.2f} s).\n")
-    (out / "sim_speed.md").write_text(md)
+    atomic_write_text(out / "sim_speed.md", md)
     print(md)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from primasim import load_model
 from primasim._cluster import load_cluster
+from primasim._io import atomic_csv_rows, atomic_write_text
 from primasim._planners import make_plan
 from primasim.sim import SimConfig, sim_halda, simulate
 
@@ -95,11 +96,8 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sim_table4.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "sim_table4.md").write_text(report(rows, paper, args.tokens, elapsed))
+    atomic_csv_rows(out / "sim_table4.csv", rows)
+    atomic_write_text(out / "sim_table4.md", report(rows, paper, args.tokens, elapsed))
     print((out / "sim_table4.md").read_text())
 
 

@@ -7,7 +7,6 @@ sweep killed mid-way finishes only its missing cells when re-run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from primasim._sweep import Journal, load_spec, run_sweep
+from primasim._io import atomic_csv, atomic_write_json, atomic_write_text, read_journal
+from primasim._sweep import load_spec, run_sweep
 
 HERE = Path(__file__).parent
 SPEC = HERE / "sweeps" / "grid_1000.toml"
@@ -66,7 +66,7 @@ def main() -> None:
                 raise SystemExit("the sweep finished before it could be killed")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        before = len(Journal(kdir).rows)
+        before = len({r["cell_id"] for r in read_journal(journal)})  # a torn last line is not counted
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         report["resume_s"] = time.perf_counter() - t0
@@ -78,11 +78,11 @@ def main() -> None:
         res_equal = _stable(resumed.assign(eval_s=0.0))
         report["resumed_equals_local"] = bool(
             (res_equal["tpot_ms"].fillna(-1).round(6).values == _stable(local)["tpot_ms"].fillna(-1).round(6).values).all())
-        local.to_csv(out / "sweep_1000.csv", index=False)
+        atomic_csv(out / "sweep_1000.csv", local)
     feas = local[local["feasible"] == True]  # noqa: E712
     report["feasible_cells"] = len(feas)
     report["errors"] = int((local["error"].fillna("") != "").sum())
-    (out / "sweep_1000.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "sweep_1000.json", report, indent=2, newline=False)
     md = [
         "# 1,000-cell sweep: local pool vs Dask, kill and resume",
         "",
@@ -100,7 +100,7 @@ def main() -> None:
         f"TPOT equal to the uninterrupted run: {report['resumed_equals_local']} |",
         f"| feasible cells / errors | {report['feasible_cells']} / {report['errors']} |",
     ]
-    (out / "sweep_1000.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "sweep_1000.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import SpecError
+from ._io import atomic_csv, atomic_savefig
 from ._paths import data_dir
 
 if TYPE_CHECKING:
@@ -241,9 +242,7 @@ def reproduce(name: str, out: str | Path | None = None, *, options: RunOptions |
                                                  columns=["claim", "kind", "passed", "detail", "source"]))
         res.png = d / f"{name}.png"
         fig = got.plot(df)
-        tmp = res.png.with_name(res.png.name + ".tmp")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        tmp.replace(res.png)
+        atomic_savefig(fig, res.png, dpi=110, bbox_inches="tight", format="png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -251,9 +250,7 @@ def reproduce(name: str, out: str | Path | None = None, *, options: RunOptions |
 
 
 def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_csv(path, df, index=False)
 
 
 def _tolerance_claims(rows: list[Row]) -> list[Claim]:

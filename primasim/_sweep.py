@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _io
 from ._errors import SpecError
 
 KNOBS = {
@@ -214,36 +215,17 @@ def run_cell(evaluate: str, cell: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- journal
-class Journal:
-    """Append-only JSON-lines record of finished cells; the source of truth for resuming."""
+class Journal(_io.Journal):
+    """Append-only JSON-lines record of finished cells (`<out>/journal.jsonl`, keyed by cell id);
+    the source of truth for resuming. A thin layer over primasim._io.Journal."""
 
     def __init__(self, out: Path) -> None:
-        self.out = out
-        self.path = out / "journal.jsonl"
-        out.mkdir(parents=True, exist_ok=True)
-        self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            good: list[str] = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill mid-write; its cell is simply re-run
-                self.rows[row["cell_id"]] = row
-                good.append(line)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(g + "\n" for g in good))
-            os.replace(tmp, self.path)
-        self._fh = open(self.path, "a")
+        self.out = Path(out)
+        super().__init__(self.out / "journal.jsonl", "cell_id", default=str)
 
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows[row["cell_id"]] = row
-        self._fh.write(json.dumps(row, default=str) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return self.records
 
     def frame(self, order: Iterable[str] | None = None) -> Any:
         import pandas as pd
@@ -256,11 +238,8 @@ class Journal:
 
     def write_tables(self, order: Iterable[str] | None = None) -> Any:
         df = self.frame(order)
-        for name, writer in (("results.csv", lambda p: df.to_csv(p, index=False)),
-                             ("results.parquet", lambda p: _to_parquet(df, p))):
-            tmp = self.out / f".{name}.tmp"
-            writer(tmp)
-            os.replace(tmp, self.out / name)
+        _io.atomic_csv(self.out / "results.csv", df)
+        _io.atomic_write_with(self.out / "results.parquet", lambda p: _to_parquet(df, p))
         return df
 
 
@@ -319,8 +298,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, executor: str = "local", work
     todo = [c for c in spec.cells if cell_id(c) not in journal.rows]
     if limit is not None:
         todo = todo[:limit]
-    (Path(out) / "spec.json").write_text(json.dumps({"name": spec.name, "evaluate": spec.evaluate,
-                                                     "source": spec.path, "n_cells": len(spec.cells)}, indent=2))
+    _io.atomic_write_json(Path(out) / "spec.json", {"name": spec.name, "evaluate": spec.evaluate,
+                                                    "source": spec.path, "n_cells": len(spec.cells)}, newline=False)
     if executor == "local":
         stream = _local_map(spec.evaluate, todo, workers or os.cpu_count() or 1)
     elif executor.startswith("dask://") or executor.startswith("tcp://"):
@@ -377,5 +356,5 @@ def plot_sweep(df: Any, x: str, y: str = "tpot_ms", hue: str = "system", out: st
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
     if out is not None:
-        fig.savefig(out, dpi=120)
+        _io.atomic_savefig(fig, out, dpi=120)
     return fig
