@@ -24,7 +24,7 @@ allocates the KV caches at set-up with jnp.zeros, which XLA writes, so their pag
 before the first token (the probe below measures it); the anonymous memory the KV cache adds during
 decode is then zero, and any anonymous growth during decode is not KV.
 
-    sudo .venv/bin/python experiments/long_run.py        # ~8 min; writes experiments/results/long_run.*
+    sudo .venv/bin/python experiments/long_run.py        # ~4.5 min here; writes experiments/results/long_run.*
     python experiments/long_run.py --tokens 200 --no-emulate --out /tmp/lr   # quick, plain processes
 """
 
