@@ -44,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-emulate", action="store_true", help="run local devices as plain processes, without limits")
     p.add_argument("--keys", metavar="DIR", help="CurveZMQ key folder (the workers' --keys)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up (300)")
+    p.add_argument("--heartbeat-timeout", type=float, default=15.0, metavar="S",
+                   help="a device that does not answer heartbeats this long (crashed, stopped, off the network) "
+                        "ends the run, named (default 15 s)")
+    p.add_argument("--link-timeout", type=float, default=60.0, metavar="S",
+                   help="an activation on a ring link this long, its receiver idle, ends the run naming the link "
+                        "(default 60 s)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the contract's keys + token_ids)")
     p.add_argument("--trace", metavar="FILE", help="write the measured timeline as a Chrome/Perfetto trace")
     p.add_argument("--save-trace", metavar="FILE", help="write the measured trace (primasim's Trace schema, JSON)")
@@ -116,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
                     ("--n-ctx", args.n_ctx), ("--k", args.k)):
         if v is not None and v < 1:
             raise SpecError(f"{flag} must be >= 1, got {v}", where=flag, fix=f"give {flag} a positive value")
+    for flag, t in (("--timeout", args.timeout), ("--heartbeat-timeout", args.heartbeat_timeout),
+                    ("--link-timeout", args.link_timeout)):
+        if not t > 0:
+            raise SpecError(f"{flag} must be > 0 seconds, got {t}", where=flag, fix=f"give {flag} a positive value")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise SpecError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0", where="sampling options",
                         fix="e.g. --temperature 0.8 --top-k 40 --top-p 0.95")
@@ -180,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     options = RunOptions(max_new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, in_flight=args.S, n_requests=n_req,
                          emulate=not args.no_emulate, keys=args.keys, token_timeout=args.timeout,
+                         heartbeat_timeout=args.heartbeat_timeout, link_timeout=args.link_timeout,
                          stop_ids=())
     if plan.schedule == "batch" and args.batch is not None:
         plan = plan.replace(options={**plan.options, "batch": args.batch})

@@ -55,6 +55,7 @@ PREFIX = "primasim-e"
 _RID = re.compile(r"^primasim-e([0-9a-f]{4})")
 CPU_PERIOD_US = 100_000
 CLONE_NEWNET = 0x40000000
+WORKDIR_PREFIX = "primasim-run-"
 PR_SET_PDEATHSIG = 1
 
 
@@ -183,6 +184,12 @@ def _destroy(resources: dict[str, list[Any]]) -> list[str]:
         if Path(f"/sys/class/net/{ln}").exists():
             _remove_link(ln)
             done.append(f"link {ln}")
+    for d in resources.get("dirs", []):
+        p = Path(d)
+        # only a run's own work folder (logs, ready files): never follow a state file elsewhere
+        if p.name.startswith(WORKDIR_PREFIX) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"folder {d}")
     return done
 
 
@@ -215,9 +222,11 @@ def cleanup_stale() -> list[str]:
         if _alive(int(st.get("pid", -1)), st.get("start")):
             live.add(st["rid"])
             continue
-        if is_root():
-            removed += _destroy(st.get("resources", {}))
-        f.unlink(missing_ok=True)
+        res = st.get("resources", {})
+        privileged = any(res.get(k) for k in ("cgroups", "netns", "links"))
+        if is_root() or not privileged:
+            removed += _destroy(res)  # without root: its worker processes and work folder
+            f.unlink(missing_ok=True)
     if not is_root():
         return removed
     left = find_leftovers()
@@ -272,9 +281,9 @@ class EmulatedCluster:
         self.rid = ""
         self.bridge: str | None = None
         self._state_file: Path | None = None
-        self._resources: dict[str, list[Any]] = {"pids": [], "cgroups": [], "netns": [], "links": []}
+        self._resources: dict[str, list[Any]] = {"pids": [], "cgroups": [], "netns": [], "links": [], "dirs": []}
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="primasim-run-"))
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
         self._closed = False
         self._old_handlers: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -297,14 +306,23 @@ class EmulatedCluster:
             self.limitations.append("not root (or no CAP_SYS_ADMIN/CAP_NET_ADMIN): devices run as plain "
                                     "processes on 127.0.0.1 without memory limits, CPU quotas, disk throttles "
                                     "or link bandwidth shaping (link latency is still added in user space)")
+        # a crashed (SIGKILLed) earlier run left processes, a work folder and, as root, cgroups,
+        # namespaces and links: remove them, then record ours before creating anything
+        removed = cleanup_stale()
+        if removed:
+            self.limitations.append(f"removed {len(removed)} stale resource(s) of a crashed run")
         if self.active:
-            removed = cleanup_stale()
-            if removed:
-                self.limitations.append(f"removed {len(removed)} stale resource(s) of a crashed run")
             self._check_cgroups()
-            self.rid = self._new_rid()
+        self.rid = self._new_rid()
+        try:
             self._state_file = state_dir() / f"{self.rid}.json"
-            self._save_state()
+        except EmulationError:
+            if self.active:
+                raise
+        self._save_state()
+        if self._own_workdir:
+            self._record("dirs", str(self.workdir))
+        if self.active:
             if self.network:
                 self._setup_network()
                 if self.cluster.network.kind == "wifi" and len(self.names) > 2:
@@ -450,10 +468,15 @@ class EmulatedCluster:
         ed.ready_path = self.workdir / f"worker-{ed.index}.ready"
         ed.ready_path.unlink(missing_ok=True)
         port = "5555" if ed.netns else "0"
+        extra = list(extra_args or [])
+        if "--keys" not in extra and ed.host not in ("127.0.0.1", "localhost"):
+            # a namespaced device listens on its bridge address (reachable from this host only); with
+            # remote devices, on every interface, as the head's user asked by running without --keys
+            extra.append("--insecure")
         worker = [sys.executable, "-m", "primasim", "worker", "--listen", f"tcp://{ed.host}:{port}",
                   "--once", "--ready-file", str(ed.ready_path), "--name", name,
                   "--heartbeat-timeout", str(self.heartbeat_timeout), "--parent-pid", str(os.getpid()),
-                  *(extra_args or [])]
+                  *extra]
         enter = [sys.executable, "-m", "runtime.emulate", "enter"]
         if ed.netns:
             enter += ["--netns", ed.netns]
@@ -500,6 +523,29 @@ class EmulatedCluster:
             return "(no log)"
         text = ed.log_path.read_text(errors="replace").splitlines()
         return "\n".join("    " + ln for ln in text[-lines:])
+
+    def process_state(self, name: str) -> str:
+        """The worker process's scheduler state, if unusual: "stopped (SIGSTOP)", "in uninterruptible
+        sleep (disk?)", ...; "" when running or sleeping normally."""
+        ed = self.devices.get(name)
+        if ed is None or ed.process is None:
+            return ""
+        try:
+            st = Path(f"/proc/{ed.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return ""
+        return {"T": "stopped (SIGSTOP/SIGTSTP)", "t": "stopped by a debugger", "D": "in uninterruptible sleep (disk?)",
+                "Z": "a zombie (exited)"}.get(st, "")
+
+    def set_link_rate(self, name: str, bits_per_s: float) -> list[str]:
+        """Re-shape every link out of device `name` to `bits_per_s` (a fault: ~0 stalls the ring
+        without touching the heartbeats, whose traffic to the driver is not shaped). Returns the
+        tbf qdiscs changed."""
+        ed = self.devices[name]
+        if ed.netns is None:
+            raise EmulationError(f"device {name} has no network namespace", where="set_link_rate",
+                                 fix="run as root with the emulated network")
+        return set_egress_rate(ed.netns, bits_per_s)
 
     def exit_reason(self, name: str) -> str:
         """Why a worker process ended: exit code, signal, OOM kill in its memory cgroup."""
@@ -576,6 +622,7 @@ class EmulatedCluster:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 p.terminate()
+                p.send_signal(signal.SIGCONT)  # a stopped worker (SIGSTOP) takes its SIGTERM now
         deadline = time.monotonic() + grace
         for p in procs:
             try:
@@ -648,6 +695,20 @@ def _tbf_args(rate: float) -> list[str]:
     burst = tbf_burst(rate)
     limit = max(1 << 20, int(rate * 0.5))
     return ["tbf", "rate", f"{int(rate * 8)}bit", "burst", str(burst), "limit", str(limit)]
+
+
+def set_egress_rate(netns: str, bits_per_s: float) -> list[str]:
+    """Change the rate of every tbf leaf (one per device link) on eth0 of `netns`."""
+    out = _sh("ip", "netns", "exec", netns, "tc", "qdisc", "show", "dev", "eth0").stdout
+    changed = []
+    for m in re.finditer(r"qdisc tbf (\d+): parent (\S+)", out):
+        handle, parent = m.group(1), m.group(2)
+        rate = max(8.0, float(bits_per_s))
+        burst = max(3028, int(rate / 8 * 1e-3))
+        _sh("ip", "netns", "exec", netns, "tc", "qdisc", "change", "dev", "eth0", "parent", parent, "handle",
+            f"{handle}:", "tbf", "rate", f"{int(rate)}bit", "burst", str(burst), "limit", str(max(1 << 20, burst)))
+        changed.append(f"{netns} eth0 {handle}: {int(rate)}bit")
+    return changed
 
 
 def _block_device(path: str) -> str | None:

@@ -67,6 +67,8 @@ class RunOptions:
     token_timeout: float = field(default=300.0, metadata={"help": "s without progress before giving up"})
     heartbeat_interval: float = field(default=0.5, metadata={"help": "s between pings"})
     heartbeat_timeout: float = field(default=15.0, metadata={"help": "s without a pong = worker dead"})
+    link_timeout: float = field(default=60.0, metadata={
+        "help": "s an activation may spend on a ring link, its receiver idle, before the link counts as stalled"})
     worker_env: tuple[tuple[str, str], ...] = field(default=(), metadata={"help": "extra env for local workers"})
 
 
@@ -221,6 +223,8 @@ class Peer:
     last_pong: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    ring: dict[str, Any] | None = None  # the worker's ring state from its last PONG
+    ring_at: float = 0.0  # when that PONG arrived (driver's monotonic clock)
 
 
 class Driver:
@@ -243,6 +247,8 @@ class Driver:
         self.fingerprint = ckpt.fingerprint()
         self.advertise = ""
         self._on_token: Callable[[dict[str, Any]], None] | None = None
+        self.unresponsive: set[str] = set()  # devices that stopped answering (not waited for at close)
+        self._next_link_check = 0.0
 
     def __enter__(self) -> Driver:
         return self
@@ -345,9 +351,12 @@ class Driver:
         while True:
             now = time.monotonic()
             if now > deadline:
-                raise WorkerError(f"no progress for {timeout:.0f} s while waiting to {what}",
-                                  where="devices " + ", ".join(self.ring),
-                                  fix="raise the timeout (--timeout) or check the devices' logs")
+                where, why = self._diagnose(now)
+                raise WorkerError(f"no progress for {timeout:.0f} s while waiting to {what}" + (f": {why}" if why else ""),
+                                  where=where, fix="raise the timeout (--timeout) or check the devices' logs")
+            if what == "generate tokens" and now >= self._next_link_check:
+                self._next_link_check = now + 0.25
+                self._check_links(now)
             for p in self.peers.values():
                 if now - p.last_ping > self.opt.heartbeat_interval:
                     with contextlib.suppress(zmq.ZMQError):
@@ -355,8 +364,11 @@ class Driver:
                     p.last_ping = now
                 if now - p.last_pong > self.opt.heartbeat_timeout:
                     self._check_alive(what)
+                    self.unresponsive.add(p.name)
+                    state = self.emu.process_state(p.name) if self.emu is not None and p.local else ""
                     raise WorkerError(f"stopped answering heartbeats ({now - p.last_pong:.0f} s) while the run was "
-                                      f"at: {what}", where=f"device {p.name}",
+                                      f"at: {what}" + (f"; its process is {state}" if state else ""),
+                                      where=f"device {p.name}",
                                       fix="the device crashed, hangs or lost its network; restart its worker")
             self._check_alive(what)
             for sock, _ in poller.poll(50):
@@ -364,6 +376,8 @@ class Driver:
                 _, msg = wire.recv(sock, 0, peer=f"device {p.name}")  # type: ignore[misc]
                 p.last_pong = time.monotonic()
                 if msg.type == MsgType.PONG:
+                    if isinstance(msg.obj.get("ring"), dict):
+                        p.ring, p.ring_at = msg.obj["ring"], p.last_pong
                     continue
                 if msg.type == MsgType.ERROR:
                     o = msg.obj
@@ -378,6 +392,63 @@ class Driver:
                         deadline = time.monotonic() + timeout
                 if done(p.name, msg):
                     return
+
+    # ---------------------------------------------------------------------------- stalls
+    def _links(self, now: float) -> list[dict[str, Any]]:
+        """Every ring link with activations sent but not yet received, from the workers' last PONGs:
+        {src, dst, in_flight, age (s since the oldest of them left src), dst_idle (s dst has been
+        waiting for input, None if computing), fresh (both PONGs recent)}."""
+        out = []
+        fresh_within = max(2.0, 4 * self.opt.heartbeat_interval)
+        for i, a in enumerate(self.ring):
+            b = self.ring[(i + 1) % len(self.ring)]
+            pa, pb = self.peers.get(a), self.peers.get(b)
+            if a == b or pa is None or pb is None or pa.ring is None or pb.ring is None:
+                continue
+            ra, rb = pa.ring, pb.ring
+            in_flight = int(ra.get("tx", 0)) - int(rb.get("rx", 0))
+            if in_flight <= 0:
+                continue
+            first = int(rb.get("rx", 0)) + 1  # FIFO per link: the oldest message not received
+            ages = [float(age) for n, age in ra.get("tx_log", []) if int(n) == first]
+            if not ages:
+                continue
+            age = ages[0] + (now - pa.ring_at)
+            idle = rb.get("idle_age")
+            out.append({"src": a, "dst": b, "in_flight": in_flight, "age": age,
+                        "dst_idle": None if idle is None else float(idle) + (now - pb.ring_at),
+                        "fresh": now - pa.ring_at < fresh_within and now - pb.ring_at < fresh_within})
+        return out
+
+    def _check_links(self, now: float) -> None:
+        """A ring link whose receiver has waited for input longer than `link_timeout` while an
+        activation sent to it has not arrived is stalled (a dead link, a shaper at ~0, a firewall):
+        fail now, naming both ends, instead of at the token timeout."""
+        lt = self.opt.link_timeout
+        for ln in self._links(now):
+            if ln["fresh"] and ln["dst_idle"] is not None and min(ln["age"], ln["dst_idle"]) > lt:
+                raise WorkerError(
+                    f"ring link {ln['src']} -> {ln['dst']} stalled: {ln['in_flight']} activation(s) sent by "
+                    f"{ln['src']} {ln['age']:.1f} s ago have not reached {ln['dst']}, which has been waiting for "
+                    f"input for {ln['dst_idle']:.1f} s (both devices answer heartbeats)",
+                    where=f"link {ln['src']} -> {ln['dst']} (devices {ln['src']}, {ln['dst']})",
+                    fix="check the network between the two devices (Wi-Fi, cable, firewall, traffic shaping); "
+                        "raise --link-timeout for links this slow")
+
+    def _diagnose(self, now: float) -> tuple[str, str]:
+        """Where a run without progress is stuck: (where, why) from the workers' last PONGs."""
+        stuck = [ln for ln in self._links(now)]
+        if stuck:
+            ln = max(stuck, key=lambda x: x["age"])
+            return (f"link {ln['src']} -> {ln['dst']} (devices {ln['src']}, {ln['dst']})",
+                    f"{ln['in_flight']} activation(s) sent by {ln['src']} {ln['age']:.0f} s ago have not been taken "
+                    f"in by {ln['dst']}" + (" (which is computing)" if ln["dst_idle"] is None else ""))
+        busy = [(float(p.ring["busy_age"]) + (now - p.ring_at), p.name) for p in self.peers.values()
+                if p.ring is not None and p.ring.get("busy_age") is not None]
+        if busy:
+            age, name = max(busy)
+            return f"device {name}", f"it has been computing for {age:.0f} s"
+        return "devices " + ", ".join(self.ring), "every device is waiting for input"
 
     def _broadcast_and_wait(self, mtype: MsgType, reply: MsgType, objs: dict[str, dict[str, Any]], timeout: float,
                             what: str) -> dict[str, dict[str, Any]]:
@@ -494,7 +565,8 @@ class Driver:
             # give workers a moment to exit on their own, then the emulator stops the rest
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and any(
-                    d.process is not None and d.process.poll() is None for d in self.emu.devices.values()):
+                    d.process is not None and d.process.poll() is None for n, d in self.emu.devices.items()
+                    if n not in self.unresponsive):
                 time.sleep(0.02)
             self.emu.close()
         self.ctx.destroy(linger=0)

@@ -260,6 +260,10 @@ class Sender:
         self.refused = ""
         self.sock: zmq.Socket | None = None
         self.thread: threading.Thread | None = None
+        # what left for the successor: count and (count, time) of the last sends, reported to the
+        # driver with every PONG so it can tell a stalled link from a busy device
+        self.tx_n = 0
+        self.tx_log: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)
 
     def start(self, timeout: float) -> None:
         """Connect, and wait until the successor's handshake succeeds: an unreachable successor is
@@ -335,6 +339,12 @@ class Sender:
             self.rec.span("net", t_enq, min(due, t1), "link latency", seq, step, nbytes)
         self.rec.add("net_tx_bytes", nbytes + wire.HEADER_SIZE)
         self.rec.add("net_tx_msgs", 1)
+        self.tx_n += 1
+        self.tx_log.append((self.tx_n, t1))
+
+    def reset_counts(self) -> None:
+        self.tx_n = 0
+        self.tx_log.clear()
 
     def stop(self) -> None:
         if self.thread is not None:
@@ -479,6 +489,10 @@ class Session:
             self.prefetcher.start()
         self.seqs: dict[int, SeqState] = {}
         self.work: collections.deque[tuple[int, int, np.ndarray, int, int]] = collections.deque()
+        self.rx_n = 0  # activations received from the ring predecessor (this generation)
+        self.rx_t: float | None = None
+        self.busy_since: float | None = None  # computing since (None: waiting for input)
+        self.idle_from = time.time()
         self.idle_since: float | None = None
         self.sample_at: float | None = None
         self.gen_opts: dict[str, Any] = {}
@@ -613,15 +627,35 @@ class Session:
         if self.idle_since is not None:
             self.rec.span("wait", self.idle_since, now, "wait for input", msg.seq, msg.step)
         self.rec.add("net_rx_bytes", msg.nbytes + wire.HEADER_SIZE)
+        self.rx_n += 1
+        self.rx_t = now
         assert msg.array is not None
         self.work.append((msg.seq, msg.segment, np.array(msg.array), msg.pos, msg.step))
         self.drain()
 
     def drain(self) -> None:
-        while self.work:
-            seq, seg, x, pos, step = self.work.popleft()
-            self._advance(seq, seg, x, pos, step)
-        self.idle_since = time.time()
+        self.busy_since = time.time()
+        try:
+            while self.work:
+                seq, seg, x, pos, step = self.work.popleft()
+                self._advance(seq, seg, x, pos, step)
+        finally:
+            self.busy_since = None
+            self.idle_from = self.idle_since = time.time()
+
+    def ring_state(self) -> dict[str, Any]:
+        """Where this device is in the ring, for the driver's stall diagnosis (read by the control
+        thread while the compute thread runs: plain reads of numbers, ages in seconds)."""
+        now = time.time()
+        busy, rx_t, snd = self.busy_since, self.rx_t, self.sender
+        out: dict[str, Any] = {"rx": self.rx_n, "rx_age": None if rx_t is None else now - rx_t,
+                               "busy_age": None if busy is None else now - busy,
+                               "idle_age": None if busy is not None else now - self.idle_from,
+                               "tx": 0, "tx_log": []}
+        if snd is not None:
+            out["tx"] = snd.tx_n
+            out["tx_log"] = [[n, now - t] for n, t in list(snd.tx_log)]
+        return out
 
     def on_idle(self) -> None:
         """Nothing arrived for a millisecond: read the counters now, off the ring's critical path
@@ -775,6 +809,9 @@ class Session:
         self.kv.clear()
 
     def reset_measurements(self) -> None:
+        self.rx_n, self.rx_t = 0, None
+        if self.sender is not None:
+            self.sender.reset_counts()
         self.rec.clear()
         self.io.reset()
         self.mem.rebase()
@@ -803,8 +840,9 @@ class Worker:
         self.ctx = zmq.Context()
         self.keys = wire.load_keys(keys) if keys else None
         self.auth = None
+        self.refused_peers = 0
         if self.keys:
-            self.auth = wire.start_authenticator(self.ctx, self.keys)
+            self.auth = self._start_authenticator()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -833,6 +871,30 @@ class Worker:
             tmp = ready_file + ".tmp"
             Path(tmp).write_text(json.dumps({"control": self.control_ep, "data": self.data_ep, "pid": os.getpid()}))
             os.replace(tmp, ready_file)
+
+    def _start_authenticator(self) -> Any:
+        """ZAP handler admitting only clients that present the cluster's public key (a callback:
+        `wire.start_authenticator` reads the key from a temporary folder it leaves behind)."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        assert self.keys is not None
+        cluster_key = self.keys["public"]
+        worker = self
+
+        class ClusterKeyOnly:
+            def callback(self, domain: str, key: bytes) -> bool:
+                if key == cluster_key:
+                    return True
+                worker.refused_peers += 1
+                if worker.refused_peers <= 5:
+                    print(f"primasim worker {worker.name}: refused a peer presenting another key", file=sys.stderr,
+                          flush=True)
+                return False
+
+        auth = ThreadAuthenticator(self.ctx)
+        auth.start()
+        auth.configure_curve_callback(domain="*", credentials_provider=ClusterKeyOnly())
+        return auth
 
     # ---------------------------------------------------------------------------- control thread
     def _control_loop(self) -> None:
@@ -885,7 +947,12 @@ class Worker:
             return
         self.last_heard = time.monotonic()
         if msg.type == MsgType.PING:
-            wire.send(self.control, MsgType.PONG, identity=ident, obj={"time": time.time()})
+            pong: dict[str, Any] = {"time": time.time()}
+            session = self.session
+            if session is not None:
+                with contextlib.suppress(Exception):  # a session being replaced: no state this time
+                    pong["ring"] = session.ring_state()
+            wire.send(self.control, MsgType.PONG, identity=ident, obj=pong)
             return
         if msg.type == MsgType.SHUTDOWN:
             self.closing = True
@@ -1012,8 +1079,42 @@ def _bind(sock: zmq.Socket, addr: str) -> str:
     return addr
 
 
+def listen_host(addr: str) -> str:
+    """The host part of a listen address (tcp://HOST:PORT, [v6]:PORT, HOST:PORT)."""
+    if addr.startswith("tcp://"):
+        addr = addr[len("tcp://"):]
+    host = addr.rpartition(":")[0] if ":" in addr else addr
+    return host.strip("[]")
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether a listen address is reachable from this machine only (127.0.0.0/8, ::1, localhost).
+    A name is resolved: loopback only if every address it resolves to is. Wildcards (*, 0.0.0.0,
+    ::), interface names and names that do not resolve count as reachable from elsewhere."""
+    import ipaddress
+    import socket
+
+    host = listen_host(addr)
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+
+
 def serve(listen: str, **kw: Any) -> int:
     """Run a worker until its session ends (--once) or forever."""
     w = Worker(listen, **kw)
-    print(f"primasim worker {w.name}: control {w.control_ep}, data {w.data_ep}", file=sys.stderr, flush=True)
+    auth = "open to any peer that reaches it"
+    if w.keys:
+        from primasim._cli_keys import fingerprint
+
+        auth = f"CurveZMQ, cluster key {fingerprint(w.keys['public'])}"
+    print(f"primasim worker {w.name}: control {w.control_ep}, data {w.data_ep} ({auth})", file=sys.stderr, flush=True)
     return w.serve()

@@ -292,3 +292,46 @@ def test_a_remote_worker_outlives_a_killed_head(model: Path, tmp_path: Path) -> 
         worker.terminate()
         _, err = worker.communicate(timeout=10)
     assert "no heartbeat from the driver" in err
+
+
+def test_keys_make_show_and_the_worker_alias(tmp_path: Path) -> None:
+    made = primasim("keys", "make", str(tmp_path / "k"))
+    assert made.returncode == 0, made.stderr
+    fp = [ln for ln in made.stdout.splitlines() if ln.startswith("fingerprint: SHA256:")]
+    assert fp
+    shown = primasim("keys", "show", str(tmp_path / "k"))
+    assert shown.returncode == 0 and fp[0] in shown.stdout and "public key:" in shown.stdout
+    assert oct((tmp_path / "k" / "cluster.key_secret").stat().st_mode & 0o777) == "0o600"
+    again = primasim("keys", "make", str(tmp_path / "k"))  # never overwrites a pair by accident
+    assert again.returncode == 2 and "--force" in again.stderr
+    alias = primasim("worker", "--make-keys", str(tmp_path / "k2"))
+    assert alias.returncode == 0 and "cluster.key_secret" in alias.stdout
+    assert primasim("keys", "show", str(tmp_path / "nothing")).returncode == 2
+
+
+def test_worker_listens_on_loopback_unless_keyed_or_insecure(tmp_path: Path) -> None:
+    assert "tcp://127.0.0.1:9000" in primasim("worker", "--help").stdout
+    for addr in ("tcp://0.0.0.0:0", "tcp://*:0", "tcp://10.1.2.3:9000"):
+        out = primasim("worker", "--listen", addr)
+        assert out.returncode == 2, out.stderr
+        assert "without --keys" in out.stderr and "primasim keys make" in out.stderr and "--insecure" in out.stderr
+    assert primasim("keys", "make", str(tmp_path / "k")).returncode == 0
+    for extra in (["--keys", str(tmp_path / "k")], ["--insecure"]):
+        w, addr = _start_worker_at(tmp_path, "tcp://0.0.0.0:0", *extra)
+        try:
+            assert addr.startswith("tcp://0.0.0.0:")
+        finally:
+            w.terminate()
+            _, err = w.communicate(timeout=10)
+        assert ("CurveZMQ, cluster key SHA256:" if extra[0] == "--keys" else "open to any peer") in err
+
+
+def _start_worker_at(tmp_path: Path, listen: str, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    ready = tmp_path / f"ready-{len(list(tmp_path.iterdir()))}"
+    w = subprocess.Popen([sys.executable, "-m", "primasim", "worker", "--listen", listen, "--ready-file", str(ready),
+                          *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        assert w.poll() is None, w.stderr.read() if w.stderr else ""
+        time.sleep(0.05)
+    return w, json.loads(ready.read_text())["control"]

@@ -1,0 +1,291 @@
+"""Faults injected mid-generation, end to end through `primasim run`: a SIGKILLed worker, a stopped
+(SIGSTOP) worker, a stalled ring link (tc rate ~0, root), a SIGKILLed head (the next run starts
+clean); and who may join: strangers without the cluster key, or with another key, are refused
+during a keyed run, which is unaffected."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from primasim import load_model
+from runtime import write_random_checkpoint
+from runtime.emulate import find_leftovers, is_root, set_egress_rate, state_dir
+
+ROOT = is_root()
+DEV = """
+[[devices]]
+name = "{n}"
+os = "linux"
+cores = 1
+ram_total_gib = 2
+ram_avail_gib = 1
+ram_bw_gbs = 10
+cpu_gflops = {{ f32 = 20 }}
+disk_seq_gbs = 1
+emulate = {{ cpu_cores = 1.0 }}
+"""
+CLUSTER = ('name = "three"\n[network]\nkind = "switched"\nbandwidth_mbps = 1000\nlatency_ms = 20\n'
+           + "".join(DEV.format(n=n) for n in "abc"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("faults")
+    model = write_random_checkpoint(load_model("llama-tiny"), d / "llama-tiny", seed=7)
+    (model / "tokenizer.json").unlink()  # tokens print as ids: easy to count
+    cf = d / "three.toml"
+    cf.write_text(CLUSTER)
+    return model, cf
+
+
+def _run(setup: tuple[Path, Path], *extra: str, tokens: int = 200) -> subprocess.Popen[bytes]:
+    model, cf = setup
+    return subprocess.Popen([sys.executable, "-m", "primasim", "run", "--cluster", str(cf), "--model", str(model),
+                             "--prompt-ids", "1,2,3", "--tokens", str(tokens), "--system", "even", "--n-ctx", "256",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_tokens(p: subprocess.Popen[bytes], n: int, timeout: float = 180) -> None:
+    assert p.stdout is not None
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got.split()) < n:
+        assert time.monotonic() < deadline, "no tokens"
+        assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
+        if select.select([p.stdout], [], [], 0.5)[0]:
+            got += os.read(p.stdout.fileno(), 4096)
+
+
+def _workers(head: int) -> dict[str, int]:
+    """Worker processes started by the head `head` (after the launcher's exec), by device."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if args[1:4] == ["-m", "primasim", "worker"] and f"{head}" in args and "--parent-pid" in args:
+            if args[args.index("--parent-pid") + 1] == str(head):
+                out[args[args.index("--name") + 1]] = int(d.name)
+    return out
+
+
+def _wait_workers(head: int, n: int = 3, timeout: float = 120) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        w = _workers(head)
+        if len(w) == n:
+            return w
+        time.sleep(0.1)
+    raise AssertionError("workers did not start")
+
+
+def _state_of(head: int) -> dict[str, Any]:
+    for f in state_dir().glob("*.json"):
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            st = json.loads(f.read_text())
+            if st.get("pid") == head:
+                return st
+    return {}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _mine(rid: str) -> list[str]:
+    return [x for v in find_leftovers().values() for x in v if f"primasim-e{rid}" in x]
+
+
+def _assert_clean(head: int, pids: dict[str, int], st: dict[str, Any]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids.values()):
+        time.sleep(0.05)
+    assert all(_gone(p) for p in pids.values()), "orphan worker processes"
+    assert _workers(head) == {}
+    if st:
+        assert _mine(st["rid"]) == []
+        assert not any(Path(d).exists() for d in st["resources"].get("dirs", []))
+        assert not (state_dir() / f"{st['rid']}.json").exists()
+
+
+def _fault(setup: tuple[Path, Path], inject: Any, *extra: str) -> tuple[int, str, float]:
+    """Start a run, inject a fault after 5 tokens; (exit code, stderr, s from fault to exit)."""
+    p = _run(setup, *extra)
+    pids: dict[str, int] = {}
+    try:
+        pids = _wait_workers(p.pid)
+        _wait_tokens(p, 5)
+        st = _state_of(p.pid)
+        t0 = time.monotonic()
+        inject(pids)
+        _, err = p.communicate(timeout=120)
+        dt = time.monotonic() - t0
+        _assert_clean(p.pid, pids, st)
+        return p.returncode, err.decode(), dt
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_mid_generation_is_named_and_the_head_exits(setup: tuple[Path, Path]) -> None:
+    rc, err, dt = _fault(setup, lambda pids: os.kill(pids["b"], signal.SIGKILL))
+    assert rc == 2, err
+    assert "device b" in err and "SIGKILL" in err
+    assert dt < 10, dt  # detected at once (the driver polls its children), then clean-up
+
+
+@pytest.mark.slow
+def test_stopped_worker_mid_generation_times_out_naming_it(setup: tuple[Path, Path]) -> None:
+    rc, err, dt = _fault(setup, lambda pids: os.kill(pids["b"], signal.SIGSTOP), "--heartbeat-timeout", "3")
+    assert rc == 2, err
+    assert "device b" in err and "heartbeats" in err and "stopped" in err
+    assert 3 <= dt < 12, dt
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.skipif(not ROOT, reason="needs root (network namespaces, tc)")
+def test_stalled_link_mid_generation_times_out_naming_the_link(setup: tuple[Path, Path]) -> None:
+    def stall(pids: dict[str, int]) -> None:
+        ns = subprocess.run(["ip", "netns", "identify", str(pids["b"])], capture_output=True, text=True).stdout.strip()
+        assert ns.startswith("primasim-e")
+        assert set_egress_rate(ns, 8)  # b's links to a and c at 8 bit/s; heartbeats are not shaped
+
+    rc, err, dt = _fault(setup, stall, "--link-timeout", "3")
+    assert rc == 2, err
+    assert "link b -> c" in err and "stalled" in err
+    assert 3 <= dt < 15, dt
+
+
+@pytest.mark.slow
+def test_sigkilled_head_the_next_run_starts_clean(setup: tuple[Path, Path]) -> None:
+    p = _run(setup)
+    try:
+        pids = _wait_workers(p.pid)
+        _wait_tokens(p, 5)
+        st = _state_of(p.pid)
+        assert st and st["resources"]["dirs"]
+        p.kill()
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    deadline = time.monotonic() + 10  # workers die with their parent (PR_SET_PDEATHSIG)
+    while time.monotonic() < deadline and not all(_gone(x) for x in pids.values()):
+        time.sleep(0.05)
+    assert all(_gone(x) for x in pids.values())
+    # left behind: its state file, work folder (logs, ready files) and, as root, cgroups + namespaces
+    assert (state_dir() / f"{st['rid']}.json").exists()
+    assert all(Path(d).exists() for d in st["resources"]["dirs"])
+    assert bool(_mine(st["rid"])) == ROOT
+    nxt = _run(setup, "--json", tokens=3)
+    out, err = nxt.communicate(timeout=300)
+    assert nxt.returncode == 0, err.decode()
+    res = json.loads(out)
+    assert len(res["token_ids"]) == 3
+    assert any("removed" in x and "crashed run" in x for x in res["emulation"]["limitations"])
+    assert _mine(st["rid"]) == []
+    assert not any(Path(d).exists() for d in st["resources"]["dirs"])
+    assert not (state_dir() / f"{st['rid']}.json").exists()
+
+
+# ------------------------------------------------------------------------------ who may join
+@pytest.mark.slow
+def test_strangers_are_refused_during_a_keyed_run_which_is_unaffected(setup: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    """Peers without the cluster key, or with another key pair, connect to a keyed worker's
+    control and data ports mid-run and send it messages: every handshake fails, nothing reaches
+    the worker, and the run gives the same tokens as an unkeyed run."""
+    from primasim._cluster import load_cluster
+    from primasim._plan import DevicePlan, Plan
+    from runtime import open_checkpoint, wire
+    from runtime.head import Driver, RunOptions, run_plan
+
+    model, cf = setup
+    ckpt = open_checkpoint(model)
+    cl = load_cluster(str(cf))
+    plan = Plan(system="even", model=ckpt.spec.name, n_layers=6, k=1, quant="f32", n_ctx=128,
+                devices=(DevicePlan("a", 2), DevicePlan("b", 2), DevicePlan("c", 2)))
+    opts = RunOptions(max_new_tokens=30, emulate=ROOT)
+    ref = run_plan(plan, ckpt, cl, [[1, 2, 3]], opts).token_ids[0]
+    from primasim._cli_keys import make
+
+    make(str(tmp_path / "k"))
+    make(str(tmp_path / "other"))
+    other = wire.load_keys(str(tmp_path / "other"))
+    cluster_pub = wire.load_keys(str(tmp_path / "k"))["public"]
+    ctx = zmq.Context()
+    intruders: list[tuple[str, zmq.Socket, zmq.Socket]] = []
+
+    def intrude(d: Driver) -> None:
+        for target in ("a", "b"):
+            for kind, ep in (("control", d.peers[target].control), ("data", d.peers[target].data)):
+                for key in ("none", "wrong"):
+                    s = ctx.socket(zmq.DEALER if kind == "control" else zmq.PUSH)
+                    s.setsockopt(zmq.LINGER, 0)
+                    if key == "wrong":  # knows the cluster's public key, not its secret
+                        s.curve_secretkey, s.curve_publickey = other["secret"], other["public"]
+                        s.curve_serverkey = cluster_pub
+                    mon = s.get_monitor_socket()
+                    s.connect(ep)
+                    if kind == "control":
+                        wire.send(s, wire.MsgType.HELLO, obj=wire.hello_payload("driver", time=time.time()))
+                    else:
+                        import numpy as np
+
+                        wire.send(s, wire.MsgType.ACT, array=np.zeros((1, 1, 64), np.float32), segment=1)
+                    intruders.append((f"{key} key -> {target} {kind}", s, mon))
+
+    try:
+        with Driver(plan, ckpt, cl, RunOptions(max_new_tokens=30, emulate=ROOT, keys=str(tmp_path / "k"))) as d:
+            d.start()
+            d.setup([3, 1], 128)
+            d.generate([[1, 2, 3]], on_token=lambda t: intrude(d) if t["index"] == 2 else None)
+            got = [int(t["token_id"]) for t in sorted(d.tokens, key=lambda t: t["index"])]
+            time.sleep(1.0)
+            log = d.emu.log_tail("b", 50)
+        assert got == ref
+        assert len(intruders) == 8
+        for what, s, mon in intruders:
+            events = []
+            deadline = time.monotonic() + 0.5  # it keeps reconnecting (and failing): bounded look
+            while time.monotonic() < deadline and mon.poll(100):
+                events.append(recv_monitor_message(mon)["event"])
+            assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in events, what
+            assert zmq.EVENT_CONNECTED in events, what  # it reached the port, and was refused
+            if what.endswith("control"):
+                assert not s.poll(100), what  # no answer to its HELLO
+        assert "refused a peer presenting another key" in log
+    finally:
+        for _, s, mon in intruders:
+            s.disable_monitor()
+            mon.close(linger=0)
+            s.close(linger=0)
+        ctx.destroy(linger=0)
