@@ -147,6 +147,14 @@ def fault(model: Path, cf: Path, name: str, inject: Any, *extra: str) -> dict[st
             p.wait()
 
 
+def summary(items: list[str]) -> str:
+    kinds = {"cgroup": sum("/sys/fs/cgroup/" in x for x in items),
+             "network namespace": sum(x.startswith("primasim-e") and x.count("-") == 2 for x in items),
+             "link (bridge, veth)": sum(x.startswith("primasim-e") and x.count("-") == 1 for x in items),
+             "work folder": sum("primasim-run-" in x for x in items), "state file": sum("state file" in x for x in items)}
+    return ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "nothing"
+
+
 def head_kill(model: Path, cf: Path) -> dict[str, Any]:
     p = run(model, cf)
     pids = wait_workers(p.pid)
@@ -164,8 +172,7 @@ def head_kill(model: Path, cf: Path) -> dict[str, Any]:
     lim = json.loads(out)["emulation"]["limitations"] if nxt.returncode == 0 else [err.decode()[-200:]]
     after = leftovers(p.pid, pids, st)
     return {"fault": "head SIGKILL", "detected_s": round(dt, 2), "exit_code": nxt.returncode,
-            "message": "workers gone (PDEATHSIG); left until the next run: " + (", ".join(
-                x.rsplit("/", 1)[-1] for x in before) or "nothing") + "; next run: " +
+            "message": "workers gone (PDEATHSIG); left until the next run: " + summary(before) + "; next run: " +
             "; ".join(x for x in lim if "removed" in x), "leftovers": "; ".join(after) or "none", "options": ""}
 
 
@@ -198,8 +205,9 @@ def main() -> int:
         w.writerows(rows)
     md = ["# Faults injected mid-generation (`python experiments/faults.py`)", "",
           f"Three devices ({'emulated: cgroups, network namespaces, tbf' if root else 'plain processes (not root)'}),"
-          " llama-tiny, fault on device b after the 5th of 200 tokens. Detection: fault -> the head's exit; for the"
-          " head kill, fault -> all workers gone (exit code: the next run's).", "",
+          " llama-tiny, fault on device b after the 5th of 200 tokens. Detection: fault -> the head's exit (its"
+          " clean-up included); for the head kill, fault -> all workers gone (exit code: the next run's). Leftovers:"
+          " worker processes, the run's cgroups, namespaces, links, work folder and state file after the exit.", "",
           "| fault | detected (s) | exit code | leftovers | options | message |", "|---|---|---|---|---|---|"]
     for r in rows:
         md.append("| " + " | ".join(str(r[c]).replace("|", "/") for c in cols) + " |")
