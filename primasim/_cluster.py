@@ -156,7 +156,7 @@ class ClusterSpec:
         Path(path).write_text(tomli_w.dumps(self.to_toml()))
 
 
-def cluster_from_toml(raw: dict[str, Any], where: str) -> ClusterSpec:
+def cluster_from_toml(raw: dict[str, Any], where: str, _chain: tuple[str, ...] = ()) -> ClusterSpec:
     if not isinstance(raw, dict):
         raise SpecError("expected a TOML document", where=where, fix="see data/clusters/prima-d1-d4.toml")
     known = {"name", "description", "head", "network", "devices", "base", "use"}
@@ -164,7 +164,7 @@ def cluster_from_toml(raw: dict[str, Any], where: str) -> ClusterSpec:
     if extra:
         raise SpecError(f"unknown top-level field(s) {sorted(extra)}", where=where, fix=f"use {sorted(known)}")
     if "base" in raw:
-        return _derived_cluster(raw, where)
+        return _derived_cluster(raw, where, _chain)
     devs_raw = raw.get("devices")
     if not isinstance(devs_raw, list) or not devs_raw:
         raise SpecError("missing [[devices]] tables", where=where, fix="add one [[devices]] table per device")
@@ -181,13 +181,13 @@ def cluster_from_toml(raw: dict[str, Any], where: str) -> ClusterSpec:
                        description=str(raw.get("description", "")), path=where)
 
 
-def _derived_cluster(raw: dict[str, Any], where: str) -> ClusterSpec:
+def _derived_cluster(raw: dict[str, Any], where: str, chain: tuple[str, ...]) -> ClusterSpec:
     """`base = "other-cluster"` + `use = [names]`: a subset of another cluster file's devices."""
     if not isinstance(raw["base"], str) or not raw["base"].strip():
         raise SpecError(f"'base' must name a cluster, got {raw['base']!r}", where=where, fix="base = \"prima-d1-d6\"")
     base_ref = str(raw["base"])
     rel = Path(where).parent / base_ref
-    base = load_cluster(rel if rel.suffix == ".toml" and rel.exists() else base_ref)
+    base = load_cluster(rel if rel.suffix == ".toml" and rel.exists() else base_ref, _chain=chain)
     use = raw.get("use", base.names)
     if not isinstance(use, list) or not all(isinstance(u, str) for u in use):
         raise SpecError("'use' must be a list of device names", where=where, fix=f"use = {base.names}")
@@ -243,8 +243,9 @@ def builtin_clusters() -> list[str]:
     return names + ["local"]
 
 
-def load_cluster(ref: str | Path) -> ClusterSpec:
-    """A built-in cluster name, `local` (this machine), or a path to a cluster TOML file."""
+def load_cluster(ref: str | Path, *, _chain: tuple[str, ...] = ()) -> ClusterSpec:
+    """A built-in cluster name, `local` (this machine), or a path to a cluster TOML file.
+    `_chain`: the files whose `base` led here (a cycle of `base` references is an error)."""
     s = str(ref)
     if s == "local":
         from ._local import local_cluster  # profiler-backed; imported lazily
@@ -260,6 +261,10 @@ def load_cluster(ref: str | Path) -> ClusterSpec:
                             fix=f"use a built-in name ({', '.join(builtin_clusters())}) or a path to a .toml file")
     if not p.exists():
         raise SpecError("file not found", where=str(p), fix="check the path of the cluster file")
+    key = str(p.resolve())
+    if key in _chain:
+        raise SpecError(f"'base' references loop back to this file ({' -> '.join([*_chain, key])})", where=str(p),
+                        fix="make 'base' name a cluster file that does not itself derive from this one")
     try:
         with open(p, "rb") as fh:
             raw = tomllib.load(fh)
@@ -267,8 +272,11 @@ def load_cluster(ref: str | Path) -> ClusterSpec:
         raise SpecError(f"not valid TOML ({exc})", where=str(p), fix="fix the TOML syntax") from None
     except UnicodeDecodeError:
         raise SpecError("not a text file", where=str(p), fix="give a TOML cluster file") from None
+    except (ValueError, RecursionError) as exc:  # an integer of > 4300 digits; nesting deeper than ~1000
+        raise SpecError(f"not a usable TOML file ({type(exc).__name__}: {str(exc)[:200]})", where=str(p),
+                        fix="fix the TOML file (shorter numbers, less nesting)") from None
     except OSError as exc:  # a directory, no permission, ...
         raise SpecError(f"cannot read the cluster file ({exc.strerror})", where=str(p),
                         fix="give the path of a TOML cluster file") from None
     where = os.path.relpath(p) if p.is_absolute() and str(p).startswith(os.getcwd()) else str(p)
-    return cluster_from_toml(raw, where)
+    return cluster_from_toml(raw, where, (*_chain, key))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -399,28 +400,48 @@ def _norm(name: str) -> str:
     return name.strip().lower().replace("_", "-").replace(" ", "-")
 
 
-def _load_catalogue() -> dict[str, dict[str, Any]]:
-    path = data_dir() / "models" / "catalogue.toml"
-    with open(path, "rb") as fh:
-        raw = tomllib.load(fh)
+def _load_catalogue(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    path = Path(path) if path is not None else data_dir() / "models" / "catalogue.toml"
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    # TOMLDecodeError and over-long integers are ValueErrors; deep nesting overflows tomllib's recursion
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise SpecError(f"not a valid TOML model catalogue ({type(exc).__name__}: {str(exc)[:200]})", where=str(path),
+                        fix="fix the TOML syntax (see data/models/catalogue.toml)") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read the catalogue ({exc.strerror})", where=str(path), fix="check the path") from None
     return raw
 
 
-def catalogue() -> dict[str, ModelSpec]:
-    """Every built-in model, by canonical name (f16 weights unless the entry says otherwise)."""
+def catalogue(path: str | Path | None = None) -> dict[str, ModelSpec]:
+    """Every model of a catalogue file (default: the built-in one), by canonical name (f16 weights
+    unless the entry says otherwise)."""
     out = {}
-    for name, entry in _load_catalogue().items():
+    for name, entry in _load_catalogue(path).items():
         out[name] = _spec_from_entry(name, entry)
     return out
 
 
 def _spec_from_entry(name: str, entry: dict[str, Any]) -> ModelSpec:
-    kw = {k: v for k, v in entry.items() if k in _CATALOGUE_FIELDS}
-    if "rope_scaling" in kw and kw["rope_scaling"] is not None:
-        kw["rope_scaling"] = RopeScaling(**kw["rope_scaling"])
-    kw.setdefault("head_dim", entry["hidden"] // entry["n_heads"])
-    src = entry.get("hf_id", "")
-    return ModelSpec(name=name, source=f"catalogue ({src})" if src else "catalogue", **kw)
+    where = f"model catalogue entry [{name}]"
+    if not isinstance(entry, dict):
+        raise SpecError(f"expected a table, got {type(entry).__name__}", where=where,
+                        fix="write each model as a [name] table (see data/models/catalogue.toml)")
+    try:
+        kw = {k: v for k, v in entry.items() if k in _CATALOGUE_FIELDS}
+        if "rope_scaling" in kw and kw["rope_scaling"] is not None:
+            kw["rope_scaling"] = RopeScaling(**kw["rope_scaling"])
+        kw.setdefault("head_dim", entry["hidden"] // entry["n_heads"])
+        src = entry.get("hf_id", "")
+        return ModelSpec(name=name, source=f"catalogue ({src})" if src else "catalogue", **kw)
+    except SpecError:
+        raise
+    except KeyError as exc:
+        raise SpecError(f"missing field {exc}", where=where, fix="give hidden, n_heads and the other sizes") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError) as exc:
+        raise SpecError(f"a field has the wrong type or value ({type(exc).__name__}: {exc})", where=where,
+                        fix="use positive integers for sizes and a table for rope_scaling") from None
 
 
 def _catalogue_lookup(name: str) -> ModelSpec | None:
@@ -515,6 +536,9 @@ def from_hf_config_file(path: str | Path) -> ModelSpec:
                         fix="repair the file or re-download config.json") from None
     except UnicodeDecodeError:
         raise SpecError("not a UTF-8 text file", where=str(p), fix="give a Hugging Face config.json") from None
+    except (ValueError, RecursionError) as exc:  # a number of > 4300 digits; nesting deeper than ~1000
+        raise SpecError(f"not a usable JSON file ({type(exc).__name__}: {str(exc)[:200]})", where=str(p),
+                        fix="repair the file or re-download config.json") from None
     except OSError as exc:
         raise SpecError(f"cannot read the file ({exc.strerror})", where=str(p), fix="check the path") from None
     if not isinstance(cfg, dict):
@@ -524,6 +548,105 @@ def from_hf_config_file(path: str | Path) -> ModelSpec:
 
 
 _GGUF_FTYPE = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4k", 18: "q6k", 17: "q5k", 2: "q4_0"}
+# GGUF metadata value types (gguf.GGUFValueType): fixed sizes of the scalars; 8 = string, 9 = array
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+_GGUF_MAX_NEST = 4  # arrays of arrays: llama.cpp writes none; deeper nesting only serves to overflow the stack
+
+
+def check_gguf_layout(path: str | Path) -> None:
+    """Walk a GGUF file's header and raise ValueError unless every count, length and tensor extent
+    fits inside the file. `gguf.GGUFReader` trusts these fields: an array length of 2**63 past the
+    end of the data makes it loop (and grow a list) for ever, so this check runs before it."""
+    import mmap
+    import struct
+
+    import gguf
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < 24:
+            raise ValueError(f"{size} bytes is too short for a GGUF header")
+        data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        if data[:4] != b"GGUF":
+            raise ValueError(f"no GGUF magic (starts with {bytes(data[:4])!r})")
+        bo = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"  # the reader's byte-order test
+        u32, u64 = struct.Struct(bo + "I"), struct.Struct(bo + "Q")
+        off = 8
+
+        def need(n: int, what: str) -> None:
+            if n > size - off:
+                raise ValueError(f"{what} needs {n} bytes at offset {off}, the file has {size - off} left")
+
+        def read(st: struct.Struct, what: str) -> int:
+            nonlocal off
+            need(st.size, what)
+            v = st.unpack_from(data, off)[0]
+            off += st.size
+            return int(v)
+
+        def skip_str(what: str) -> None:
+            nonlocal off
+            n = read(u64, what)
+            need(n, f"{what} ({n} bytes)")
+            off += n
+
+        def skip_value(vtype: int, what: str, depth: int) -> None:
+            nonlocal off
+            if vtype in _GGUF_SCALAR:
+                need(_GGUF_SCALAR[vtype], what)
+                off += _GGUF_SCALAR[vtype]
+            elif vtype == 8:
+                skip_str(what)
+            elif vtype == 9:
+                if depth >= _GGUF_MAX_NEST:
+                    raise ValueError(f"{what}: arrays nested deeper than {_GGUF_MAX_NEST}")
+                itype, n = read(u32, what), read(u64, what)
+                item = _GGUF_SCALAR.get(itype, 8 if itype == 8 else 12 if itype == 9 else None)
+                if item is None:
+                    raise ValueError(f"{what}: unknown array element type {itype}")
+                need(n * item, f"{what} ({n} elements)")  # each element takes at least `item` bytes
+                if itype in _GGUF_SCALAR:
+                    off += n * item
+                else:
+                    for _ in range(n):
+                        skip_value(itype, what, depth + 1)
+            else:
+                raise ValueError(f"{what}: unknown value type {vtype}")
+
+        n_tensors, n_kv = read(u64, "tensor count"), read(u64, "metadata count")
+        need(n_kv * 13, f"{n_kv} metadata entries")  # key length, value type, >= 1 byte of value
+        for i in range(n_kv):
+            skip_str(f"metadata key {i}")
+            skip_value(read(u32, f"metadata {i} type"), f"metadata entry {i}", 0)
+        need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length, n_dims, type, offset
+        extents = []
+        for i in range(n_tensors):
+            skip_str(f"tensor {i} name")
+            n_dims = read(u32, f"tensor {i} dimension count")
+            if n_dims > _GGUF_MAX_DIMS:
+                raise ValueError(f"tensor {i} has {n_dims} dimensions (at most {_GGUF_MAX_DIMS})")
+            dims = [read(u64, f"tensor {i} shape") for _ in range(n_dims)]
+            qtype = read(u32, f"tensor {i} type")
+            try:
+                block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            except (ValueError, KeyError):
+                raise ValueError(f"tensor {i} has unknown ggml type {qtype}") from None
+            extents.append((i, read(u64, f"tensor {i} offset"), math.prod(dims) * block_bytes // block))
+        for i, t_off, nbytes in extents:  # offsets count from the data section, after the header
+            if t_off + nbytes > size - off:
+                raise ValueError(f"tensor {i} ({nbytes} bytes at data offset {t_off}) ends past the end of the file")
+    finally:
+        data.close()
+
+
+def gguf_reader(path: str | Path) -> Any:
+    """A gguf.GGUFReader of the file after `check_gguf_layout` (both raise ValueError & co. on junk)."""
+    import gguf
+
+    check_gguf_layout(path)
+    return gguf.GGUFReader(str(path), "r")
 
 
 def from_gguf(path: str | Path, *, reader: Any = None) -> ModelSpec:
@@ -531,16 +654,25 @@ def from_gguf(path: str | Path, *, reader: Any = None) -> ModelSpec:
 
     `reader`: an already open gguf.GGUFReader of the file (parsing a 32k-token vocabulary takes
     ~1.4 s, so runtime.checkpoint parses once and passes it)."""
-    import gguf  # local: the gguf package is only needed for GGUF files
-
     p = Path(path)
     if not p.exists():
         raise SpecError("file not found", where=str(p), fix="give a path to a .gguf file")
     try:
-        reader = reader if reader is not None else gguf.GGUFReader(str(p), "r")
+        reader = reader if reader is not None else gguf_reader(p)
     except Exception as exc:  # the reader raises assorted errors on junk
         raise SpecError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", where=str(p),
                         fix="check the file is complete (re-download or re-convert it)") from None
+    try:
+        return _from_gguf(p, reader)
+    except SpecError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as exc:
+        # metadata of the wrong type: a string block_count, zero heads, an infinite size, ...
+        raise SpecError(f"a metadata field has the wrong type or value ({type(exc).__name__}: {exc})", where=str(p),
+                        fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py") from None
+
+
+def _from_gguf(p: Path, reader: Any) -> ModelSpec:
 
     def field_value(key: str, default: Any = None) -> Any:
         fld = reader.fields.get(key)

@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ._cluster import ClusterSpec
 from ._errors import PlanError
@@ -26,6 +26,7 @@ from ._units import GiB
 
 Schedule = Literal["ring", "tp", "rpp", "offload", "batch"]
 Weights = Literal["mmap", "pinned"]
+MAX_LAYERS = 100_000  # bound on a plan file's layer counts (the largest models have ~130 layers)
 
 
 @dataclass(frozen=True)
@@ -140,37 +141,75 @@ class Plan:
     @classmethod
     def from_json(cls, obj: dict[str, Any] | str | Path, *, where: str = "plan") -> Plan:
         """Read a plan: the object `to_json` writes, or the whole `primasim plan --json` output."""
+        fix = "write it with `primasim plan --json > plan.json`"
         if isinstance(obj, str | Path):
             p = Path(obj)
             where = str(p)
             try:
                 obj = json.loads(p.read_text())
             except FileNotFoundError:
-                raise PlanError("file not found", where=where, fix="write one with `primasim plan --json > plan.json`") from None
+                raise PlanError("file not found", where=where, fix=fix) from None
             except json.JSONDecodeError as exc:
-                raise PlanError(f"not valid JSON ({exc.msg}, line {exc.lineno})", where=where,
-                                fix="write it with `primasim plan --json`") from None
+                raise PlanError(f"not valid JSON ({exc.msg}, line {exc.lineno})", where=where, fix=fix) from None
+            except UnicodeDecodeError:
+                raise PlanError("not a UTF-8 text file", where=where, fix=fix) from None
+            except (ValueError, RecursionError) as exc:  # a number of > 4300 digits; nesting deeper than ~1000
+                raise PlanError(f"not a usable JSON file ({type(exc).__name__}: {str(exc)[:200]})", where=where,
+                                fix=fix) from None
+            except OSError as exc:  # a directory, no permission, ...
+                raise PlanError(f"cannot read the file ({exc.strerror})", where=where, fix=fix) from None
         if not isinstance(obj, dict):
-            raise PlanError("expected a JSON object", where=where, fix="write it with `primasim plan --json`")
+            raise PlanError("expected a JSON object", where=where, fix=fix)
         outer = obj
         if "plan" in obj and isinstance(obj["plan"], dict):
             obj = {**{k: v for k, v in outer.items() if k != "plan"}, **obj["plan"]}
-        try:
-            raw_devs = obj["devices"]
-            devs = tuple(DevicePlan(str(d["name"]), int(d["layers"]), int(d.get("gpu_layers", 0))) for d in raw_devs)
-            k = int(obj["k"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"missing or malformed field ({exc})", where=where,
-                            fix="a plan needs k and devices: [{name, layers, gpu_layers}]") from None
+
+        def count(v: Any, key: str, hi: int = MAX_LAYERS) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+                raise PlanError(f"'{key}' must be an integer in 0..{hi}, got {v!r}"[:300], where=where, fix=fix)
+            return v
+
+        if "devices" not in obj or "k" not in obj:
+            raise PlanError(f"missing field '{'k' if 'devices' in obj else 'devices'}'", where=where,
+                            fix="a plan needs k and devices: [{name, layers, gpu_layers}]")
+        raw_devs = obj["devices"]
+        if not isinstance(raw_devs, list) or not all(isinstance(d, dict) and "name" in d and "layers" in d
+                                                     for d in raw_devs):
+            raise PlanError("'devices' must be a list of {name, layers, gpu_layers} objects", where=where,
+                            fix="a plan needs k and devices: [{name, layers, gpu_layers}]")
+        devs = []
+        for i, d in enumerate(raw_devs):
+            if not isinstance(d["name"], str):
+                raise PlanError(f"devices[{i}].name must be a string, got {d['name']!r}"[:300], where=where, fix=fix)
+            devs.append(DevicePlan(d["name"], count(d["layers"], f"devices[{i}].layers"),
+                                   count(d.get("gpu_layers", 0), f"devices[{i}].gpu_layers")))
+        k = count(obj["k"], "k")
         n_layers = obj.get("n_layers")
-        if n_layers is None:
-            n_layers = k * sum(d.layers for d in devs)
-        return cls(system=str(obj.get("system", "prima")), model=str(obj.get("model", "")),
-                   n_layers=int(n_layers), k=k, devices=devs, quant=str(obj.get("quant", "f16")),
-                   schedule=obj.get("schedule", "ring"), weights=obj.get("weights", "mmap"),
-                   prefetch=bool(obj.get("prefetch", False)), n_ctx=int(obj.get("n_ctx", 1024)),
-                   options=dict(obj.get("options", {})),
-                   predicted_tpot_ms=obj.get("predicted_tpot_ms"), notes=tuple(obj.get("notes", ())))
+        n_layers = count(k * sum(d.layers for d in devs) if n_layers is None else n_layers, "n_layers")
+        schedule, weights = obj.get("schedule", "ring"), obj.get("weights", "mmap")
+        if schedule not in get_args(Schedule):
+            raise PlanError(f"unknown schedule {schedule!r}"[:300], where=where, fix=f"use one of {get_args(Schedule)}")
+        if weights not in get_args(Weights):
+            raise PlanError(f"unknown weights {weights!r}"[:300], where=where, fix=f"use one of {get_args(Weights)}")
+        prefetch, options, notes = obj.get("prefetch", False), obj.get("options", {}), obj.get("notes", [])
+        tpot = obj.get("predicted_tpot_ms")
+        if not isinstance(prefetch, bool):
+            raise PlanError(f"'prefetch' must be true or false, got {prefetch!r}"[:300], where=where, fix=fix)
+        if not isinstance(options, dict):
+            raise PlanError(f"'options' must be an object, got {options!r}"[:300], where=where, fix=fix)
+        if "S" in options:  # concurrent sequences of an rpp schedule: device_memory multiplies by it
+            count(options["S"], "options.S", MAX_LAYERS)
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise PlanError("'notes' must be a list of strings", where=where, fix=fix)
+        if tpot is not None and (isinstance(tpot, bool) or not isinstance(tpot, int | float)):
+            raise PlanError(f"'predicted_tpot_ms' must be a number or null, got {tpot!r}"[:300], where=where, fix=fix)
+        for key in ("system", "model", "quant"):
+            if not isinstance(obj.get(key, ""), str):
+                raise PlanError(f"'{key}' must be a string, got {obj[key]!r}"[:300], where=where, fix=fix)
+        return cls(system=obj.get("system", "prima"), model=obj.get("model", ""), n_layers=n_layers, k=k,
+                   devices=tuple(devs), quant=obj.get("quant", "f16"), schedule=schedule, weights=weights,
+                   prefetch=prefetch, n_ctx=count(obj.get("n_ctx", 1024), "n_ctx", 2**31 - 1),
+                   options=dict(options), predicted_tpot_ms=tpot, notes=tuple(notes))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from primasim._errors import CheckpointError, SpecError
-from primasim._model import ModelSpec, Tensor, from_gguf, from_hf_config
+from primasim._model import ModelSpec, Tensor, from_gguf, from_hf_config, gguf_reader
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -40,6 +40,8 @@ Format = Literal["safetensors", "gguf"]
 ALIGN = 64  # bytes: what jax.device_put needs to alias a host buffer (measured: 32 copies, 64 aliases)
 GGUF_ALIGN = 64  # general.alignment of the GGUF files we write (llama.cpp's default is 32)
 _SAMPLE = 4096  # bytes per sampled block in fingerprint()
+# GGUF tensor types `Checkpoint.tensor` reads: floats, and what gguf.quants can dequantize
+_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16 has no numpy dtype
 
 
@@ -110,7 +112,8 @@ class Checkpoint:
             import gguf
 
             qtype = gguf.GGMLQuantizationType[t.dtype]
-            out[...] = gguf.quants.dequantize(raw.reshape(t.shape[0], -1), qtype).reshape(t.shape)
+            with np.errstate(invalid="ignore", over="ignore"):  # junk scales give NaN, not a warning per tensor
+                out[...] = gguf.quants.dequantize(raw.reshape(*t.shape[:-1], -1), qtype).reshape(t.shape)
         return out
 
     def stacked(self, names: Sequence[str]) -> np.ndarray | None:
@@ -354,7 +357,7 @@ def _open_safetensors(d: Path) -> Checkpoint:
         if not isinstance(cfg, dict):
             raise ValueError("expected a JSON object")
         spec = from_hf_config(cfg, name=d.name, where=str(cfg_path))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, > 4300-digit numbers, deep nesting
         raise CheckpointError(f"config.json is not valid JSON ({exc})", where=str(cfg_path),
                               fix="repair or re-create config.json") from None
     except SpecError as exc:
@@ -365,7 +368,7 @@ def _open_safetensors(d: Path) -> Checkpoint:
         try:
             wmap = json.loads(index.read_text())["weight_map"]
             files = [d / f for f in dict.fromkeys(wmap.values())]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CheckpointError(f"unreadable shard index ({type(exc).__name__}: {exc})", where=str(index),
                                   fix="re-create model.safetensors.index.json") from None
     elif (d / "model.safetensors").exists():
@@ -375,11 +378,12 @@ def _open_safetensors(d: Path) -> Checkpoint:
                               fix="put the weights next to config.json")
     headers = {}
     for f in files:
-        if not f.exists():
+        if not f.is_file():
             raise CheckpointError("shard listed in the index is missing", where=str(f), fix="copy all shards")
         headers[f] = _read_safetensors_header(f)
-    blocks = [int(n.split(".")[2]) for h in headers.values() for n in h if n.startswith("model.layers.")
-              and n.split(".")[2].isdigit()]
+    blocks = {int(n.split(".")[2]) for h in headers.values() for n in h if n.startswith("model.layers.")
+              and n.split(".")[2].isascii() and n.split(".")[2].isdigit()}
+    _check_block_count(spec, blocks, [n for h in headers.values() for n in h], str(d))
     # Name map over every block present (extra blocks are then reported as a layer-count mismatch)
     names = _hf_to_gguf_names(spec.family, max([spec.n_layers - 1, *blocks]) + 1)
     infos: dict[str, TensorInfo] = {}
@@ -388,7 +392,7 @@ def _open_safetensors(d: Path) -> Checkpoint:
             if wmap is not None and wmap.get(hf_name) != f.name:
                 raise CheckpointError(f"tensor {hf_name} is in {f.name} but the index says {wmap.get(hf_name)}",
                                       where=str(index), fix="re-create the index")
-            if dtype not in _ST_DTYPES:
+            if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
                 raise CheckpointError(f"tensor {hf_name} has unsupported dtype {dtype}", where=str(f),
                                       fix="store weights as F32, F16 or BF16")
             if hf_name.endswith("rotary_emb.inv_freq"):
@@ -416,14 +420,14 @@ def _read_safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], i
     with open(f, "rb") as fh:
         head = fh.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size or n > 100_000_000:
+        if n <= 0 or 8 + n > size or n > 100_000_000:  # checked before reading: the field may say 2**63
             raise CheckpointError(f"not a safetensors file or truncated header ({size} bytes)", where=str(f),
                                   fix="the file is incomplete or corrupted: re-copy or re-create it")
         try:
             header = json.loads(fh.read(n))
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, > 4300-digit numbers
             raise CheckpointError(f"corrupted safetensors header ({exc})", where=str(f),
                                   fix="the file is corrupted: re-copy or re-create it") from None
     header.pop("__metadata__", None)
@@ -431,9 +435,14 @@ def _read_safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], i
     out: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     try:
         for name, e in header.items():
-            dtype, shape, (b, end) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            dtype, shape, (b, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            if len(shape) > 4:  # (and math.prod over a million huge dims would take minutes)
+                raise ValueError(f"tensor {name}: {len(shape)} dimensions, at most 4")
+            if not all(_is_count(x) for x in (*shape, b, end)):  # not floats, strings, bools or negatives
+                raise ValueError(f"tensor {name}: shape {list(shape)} and data_offsets {[b, end]} must be "
+                                 "non-negative integers")
             item = 2 if dtype in ("F16", "BF16") else 4
-            if not (0 <= b <= end) or end - b != math.prod(shape) * item:
+            if not (b <= end) or end - b != math.prod(shape) * item:
                 raise ValueError(f"tensor {name}: offsets {b}..{end} do not fit shape {shape} of {dtype}")
             out[name] = (dtype, shape, base + b, base + end)
     except (KeyError, TypeError, ValueError) as exc:
@@ -446,11 +455,29 @@ def _read_safetensors_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], i
     return out
 
 
-def _open_gguf(p: Path) -> Checkpoint:
-    import gguf
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
+
+def _check_block_count(spec: ModelSpec, blocks: set[int], names: list[str], where: str) -> None:
+    """Blocks present in the files vs the config's layer count, before anything iterates over the
+    config's blocks: a block_count of 10**9 would otherwise build a name map of 10**9 entries."""
+    extra = sorted(b for b in blocks if b >= spec.n_layers)
+    if extra:
+        tagged = [n for n in names if any(f".{b}." in n for b in extra[:1])]
+        raise CheckpointError(f"unexpected tensors {tagged[:4]} of block {extra[0]} (the config implies "
+                              f"{spec.n_layers} blocks)", where=where,
+                              fix="the checkpoint does not match its config: use the model's own config.json")
+    first_missing = next(i for i in range(len(blocks) + 1) if i not in blocks)
+    if first_missing < spec.n_layers:
+        raise CheckpointError(f"missing tensor blk.{first_missing}.* (the config implies {spec.n_layers} blocks, "
+                              f"the files hold {len(blocks)})", where=where,
+                              fix="the checkpoint does not match its config: use the model's own config.json")
+
+
+def _open_gguf(p: Path) -> Checkpoint:
     try:
-        reader = gguf.GGUFReader(str(p), "r")
+        reader = gguf_reader(p)
     except Exception as exc:  # the reader raises assorted errors on junk
         raise CheckpointError(f"truncated or corrupted GGUF file ({type(exc).__name__}: {exc})", where=str(p),
                               fix="the file is incomplete or corrupted: re-copy or re-convert it") from None
@@ -458,6 +485,9 @@ def _open_gguf(p: Path) -> Checkpoint:
         spec = from_gguf(p, reader=reader)
     except SpecError as exc:
         raise CheckpointError(exc.what, where=exc.where, fix=exc.fix) from None
+    blocks = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")
+              and t.name.split(".")[1].isascii() and t.name.split(".")[1].isdigit()}
+    _check_block_count(spec, blocks, [t.name for t in reader.tensors], str(p))
     size = p.stat().st_size
     infos: dict[str, TensorInfo] = {}
     for t in reader.tensors:
@@ -465,6 +495,9 @@ def _open_gguf(p: Path) -> Checkpoint:
         if off + n > size:
             raise CheckpointError(f"truncated: tensor {t.name} ends at byte {off + n}, the file has {size}",
                                   where=str(p), fix="the copy is incomplete: re-copy or re-convert it")
+        if t.tensor_type.name not in _GGUF_TYPES:
+            raise CheckpointError(f"tensor {t.name} has type {t.tensor_type.name}, which primasim cannot read",
+                                  where=str(p), fix=f"re-quantise to one of {', '.join(_GGUF_TYPES)}")
         shape = tuple(int(s) for s in reversed(t.shape))
         infos[t.name] = TensorInfo(t.name, p, off, n, shape, t.tensor_type.name)
     del reader
@@ -825,7 +858,11 @@ def _tokenizer_from_gguf(p: Path) -> Tokenizer | None:
     import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    reader = gguf.GGUFReader(str(p), "r")
+    try:
+        reader = gguf_reader(p)
+    except Exception as exc:  # the reader raises assorted errors on junk
+        raise CheckpointError(f"truncated or corrupted GGUF file ({type(exc).__name__}: {exc})", where=str(p),
+                              fix="the file is incomplete or corrupted: re-copy or re-convert it") from None
 
     def val(key: str) -> Any:
         f = reader.fields.get(key)

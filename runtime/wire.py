@@ -146,10 +146,11 @@ def decode(frames: list[Any], *, peer: str = "peer") -> Message:
     if len(frames) != 2:
         raise WireError(f"expected 2 frames [header, payload], got {len(frames)}", where=f"message from {peer}",
                         fix=fix_junk)
-    head = _bytes(frames[0])
-    if len(head) != HEADER_SIZE:
-        raise WireError(f"header is {len(head)} bytes, expected {HEADER_SIZE}", where=f"message from {peer}",
+    n_head = len(frames[0]) if isinstance(frames[0], zmq.Frame) else memoryview(frames[0]).nbytes
+    if n_head != HEADER_SIZE:  # checked before copying: a junk frame may be large
+        raise WireError(f"header is {n_head} bytes, expected {HEADER_SIZE}", where=f"message from {peer}",
                         fix=fix_junk)
+    head = _bytes(frames[0])
     (magic, version, mtype, dtype, seq, pos, step, lap, segment, ndim, flags,
      d0, d1, d2, d3, plen, pcrc, hcrc) = HEADER.unpack(head)
     if magic != MAGIC:
@@ -181,7 +182,7 @@ def decode(frames: list[Any], *, peer: str = "peer") -> Message:
     if dt == DType.JSON:
         try:
             obj = json.loads(bytes(buf))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, > 4300-digit numbers, deep nesting
             raise WireError(f"JSON payload does not parse ({exc})", where=f"message from {peer}", fix=fix_junk) from None
         if not isinstance(obj, dict):
             raise WireError("JSON payload is not an object", where=f"message from {peer}", fix=fix_junk)
