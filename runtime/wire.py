@@ -37,6 +37,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,7 +243,7 @@ def hello_payload(role: str, **extra: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ CurveZMQ
-# `--keys DIR`: DIR holds one cluster key pair written by `primasim worker --make-keys DIR`
+# `--keys DIR`: DIR holds one cluster key pair written by `primasim keys make DIR`
 # (zmq.auth.create_certificates: cluster.key + cluster.key_secret). Every device and the driver use
 # that pair: workers are CURVE servers with it and accept only clients presenting its public key
 # (a ZAP authenticator), clients expect it as the server key. Holders of DIR can join the cluster;
@@ -273,31 +274,38 @@ def load_keys(directory: str) -> dict[str, bytes]:
     secret = os.path.join(directory, f"{KEY_NAME}.key_secret")
     if not os.path.exists(secret):
         raise WireError(f"no {KEY_NAME}.key_secret in {directory}", where="--keys",
-                        fix=f"create keys with `primasim worker --make-keys {directory}` and copy the folder "
+                        fix=f"create keys with `primasim keys make {directory}` and copy the folder "
                             "to every device")
     try:
         public, private = zmq.auth.load_certificate(secret)
     except (OSError, ValueError) as exc:
-        raise WireError(f"cannot read the key pair ({exc})", where=secret, fix="re-create it with --make-keys") from None
+        raise WireError(f"cannot read the key pair ({exc})", where=secret, fix="re-create it with `primasim keys make --force DIR`") from None
     if private is None:
-        raise WireError("the key file has no secret key", where=secret, fix="re-create it with --make-keys")
+        raise WireError("the key file has no secret key", where=secret, fix="re-create it with `primasim keys make --force DIR`")
     return {"public": public, "secret": private, "dir": directory.encode()}
 
 
-def start_authenticator(ctx: zmq.Context, keys: dict[str, bytes]) -> Any:
-    """ZAP handler that admits only clients presenting the cluster public key."""
-    import os
-    import tempfile
+def start_authenticator(ctx: zmq.Context, keys: dict[str, bytes],
+                        on_refused: Callable[[], None] | None = None) -> Any:
+    """ZAP handler that admits only clients presenting the cluster public key.
 
+    A callback rather than `configure_curve(location=...)`: that one reads keys from a folder,
+    which would have to be written to disk and removed again."""
     from zmq.auth.thread import ThreadAuthenticator
+
+    cluster_key = keys["public"]
+
+    class ClusterKeyOnly:
+        def callback(self, domain: str, key: bytes) -> bool:
+            if key == cluster_key:
+                return True
+            if on_refused is not None:
+                on_refused()
+            return False
 
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    # configure_curve reads public-key files from a folder: give it one with just the cluster key
-    d = tempfile.mkdtemp(prefix="primasim-keys-")
-    with open(os.path.join(d, f"{KEY_NAME}.key"), "w") as fh:
-        fh.write("metadata\ncurve\n    public-key = \"" + keys["public"].decode() + "\"\n")
-    auth.configure_curve(domain="*", location=d)
+    auth.configure_curve_callback(domain="*", credentials_provider=ClusterKeyOnly())
     return auth
 
 

@@ -873,28 +873,16 @@ class Worker:
             os.replace(tmp, ready_file)
 
     def _start_authenticator(self) -> Any:
-        """ZAP handler admitting only clients that present the cluster's public key (a callback:
-        `wire.start_authenticator` reads the key from a temporary folder it leaves behind)."""
-        from zmq.auth.thread import ThreadAuthenticator
-
+        """Admit only peers presenting the cluster's public key; name the first few refusals."""
         assert self.keys is not None
-        cluster_key = self.keys["public"]
-        worker = self
 
-        class ClusterKeyOnly:
-            def callback(self, domain: str, key: bytes) -> bool:
-                if key == cluster_key:
-                    return True
-                worker.refused_peers += 1
-                if worker.refused_peers <= 5:
-                    print(f"primasim worker {worker.name}: refused a peer presenting another key", file=sys.stderr,
-                          flush=True)
-                return False
+        def refused() -> None:
+            self.refused_peers += 1
+            if self.refused_peers <= 5:
+                print(f"primasim worker {self.name}: refused a peer presenting another key", file=sys.stderr,
+                      flush=True)
 
-        auth = ThreadAuthenticator(self.ctx)
-        auth.start()
-        auth.configure_curve_callback(domain="*", credentials_provider=ClusterKeyOnly())
-        return auth
+        return wire.start_authenticator(self.ctx, self.keys, on_refused=refused)
 
     # ---------------------------------------------------------------------------- control thread
     def _control_loop(self) -> None:

@@ -203,5 +203,5 @@ def test_curve_keys_authenticate_and_reject_strangers(ctx: _Ctx, tmp_path) -> No
 
 
 def test_missing_keys_folder_is_explained(tmp_path) -> None:
-    with pytest.raises(WireError, match="make-keys"):
+    with pytest.raises(WireError, match="keys make"):
         wire.load_keys(str(tmp_path))
