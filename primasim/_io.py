@@ -62,7 +62,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _temp_path(target: Path) -> tuple[Path, int]:
-    """A new, exclusive temp file next to `target`, created with mode 0666 & ~umask (like open())."""
+    """A new, exclusive temp file next to `target`, created with mode 0666 & ~umask (like open()).
+
+    The folder is created if missing: an `--out DIR` that does not exist yet is not an error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
         try:

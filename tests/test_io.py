@@ -311,3 +311,10 @@ def test_killed_experiment_finishes_only_the_missing_cells(tmp_path: Path) -> No
     want = [(i, dev, m.name, ctx) for i, _, dev, _, m, ctx, _ in halda_gap.instances(n, 0)]
     assert [tuple(r) for r in df[["instance", "devices", "model", "n_ctx"]].itertuples(index=False)] == want
     assert not journal.exists()  # the CSV holds every instance now
+
+
+def test_writes_into_a_folder_that_does_not_exist_yet(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "deeper" / "result.json"
+    atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in target.parent.iterdir()] == ["result.json"]
