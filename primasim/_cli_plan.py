@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from ._errors import SpecError
+from ._io import atomic_write_text
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             raise SpecError(f"{args.system} cannot run this case ({out.reason}), so there is no plan to write",
                             where="--out", fix="pick a system or cluster that fits, or drop --out")
         try:
-            Path(args.out).write_text(json.dumps(obj, indent=2))
+            atomic_write_text(args.out, json.dumps(obj, indent=2))
         except OSError as exc:
             raise SpecError(f"cannot write the plan ({exc.strerror})", where=args.out,
                             fix="choose a writable path") from None

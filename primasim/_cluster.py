@@ -30,6 +30,7 @@ import tomli_w
 
 from ._device import DeviceSpec, device_from_toml, device_to_toml
 from ._errors import SpecError
+from ._io import atomic_write_text
 from ._paths import data_dir
 from ._units import MBPS, MS
 
@@ -153,7 +154,7 @@ class ClusterSpec:
         return out
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(tomli_w.dumps(self.to_toml()))
+        atomic_write_text(path, tomli_w.dumps(self.to_toml()))
 
 
 def cluster_from_toml(raw: dict[str, Any], where: str, _chain: tuple[str, ...] = ()) -> ClusterSpec:

@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 
 from ._cluster import ClusterSpec
 from ._errors import PlanError
+from ._io import atomic_write_text
 from ._model import ModelSpec
 from ._units import GiB
 
@@ -212,7 +213,7 @@ class Plan:
                    options=dict(options), predicted_tpot_ms=tpot, notes=tuple(notes))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2))
 
     def replace(self, **changes: Any) -> Plan:
         return replace(self, **changes)

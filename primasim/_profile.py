@@ -62,6 +62,7 @@ from typing import Any
 from ._cluster import ClusterSpec, LinkSpec, NetworkSpec
 from ._device import DeviceSpec
 from ._errors import PrimasimError, SpecError, WireError
+from ._io import atomic_write_text
 from ._paths import cache_dir
 from ._units import GB, GFLOPS, MB, MS, GiB, KiB, MiB
 
@@ -1281,7 +1282,7 @@ class Profile:
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         try:
             prof.cluster(cluster_name).save(tmp)
-            side.write_text(json.dumps(prof.to_json(), indent=2) + "\n")
+            atomic_write_text(side, json.dumps(prof.to_json(), indent=2) + "\n")
             os.replace(tmp, p)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._io import atomic_write_text
+
 RESOURCES = ("cpu", "gpu", "disk", "net", "send", "recv", "wait", "pcie", "prefetch")
 
 
@@ -138,7 +140,7 @@ class Trace:
                    device_stats=d.get("device_stats", {}))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        atomic_write_text(path, json.dumps(self.to_dict()))
 
     def to_chrome(self) -> dict[str, Any]:
         """Chrome trace-event JSON (open in chrome://tracing or ui.perfetto.dev)."""
@@ -164,7 +166,7 @@ class Trace:
                 "otherData": {"source": self.source, "system": self.system, **{k: str(v) for k, v in self.meta.items()}}}
 
     def save_chrome(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_chrome()))
+        atomic_write_text(path, json.dumps(self.to_chrome()))
 
 
 # ------------------------------------------------------------------ metrics

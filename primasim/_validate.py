@@ -57,6 +57,7 @@ from typing import Any
 from ._cluster import ClusterSpec, LinkSpec, NetworkSpec
 from ._device import DeviceSpec
 from ._errors import EmulationError, PrimasimError, SpecError
+from ._io import atomic_open, atomic_savefig, atomic_write_text
 from ._model import ModelSpec
 from ._units import GB, MB, MS, GiB, MiB
 
@@ -938,7 +939,7 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
     res = ValidateResult(cfg, prof, plan, sim, run, rows, out, host, secs, notes)
     write_outputs(res)
     secs["compare"] = time.perf_counter() - t
-    res.files()["summary"].write_text(json.dumps(res.summary(), indent=1, default=str) + "\n")
+    atomic_write_text(res.files()["summary"], json.dumps(res.summary(), indent=1, default=str) + "\n")
     say("done", 1.0)
     return res
 
@@ -958,7 +959,7 @@ def write_outputs(res: ValidateResult) -> None:
     import csv
 
     f = res.files()
-    with open(f["comparison"], "w", newline="") as fh:
+    with atomic_open(f["comparison"], "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["metric", "device", "unit", "predicted", "measured", "error_pct", "error_pp"])
         for r in res.rows:
@@ -968,7 +969,7 @@ def write_outputs(res: ValidateResult) -> None:
     res.predicted.trace.save_chrome(f["predicted_trace"])
     res.measured.trace.save_chrome(f["measured_trace"])
     res.profile.cluster.save(f["cluster"])
-    f["probes"].write_text(json.dumps(res.profile.probes, indent=1) + "\n")
+    atomic_write_text(f["probes"], json.dumps(res.profile.probes, indent=1) + "\n")
     res.plan.save(f["plan"])
     plot(res, f["figure"])
 
@@ -1052,7 +1053,7 @@ def plot(res: ValidateResult, path: Path) -> None:
     fig.suptitle(f"primasim validate: {res.config.model} on {cl.name}, {res.plan.describe()}"
                  + (" (degraded: no limits)" if res.degraded else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 def main(argv: list[str] | None = None) -> int:
