@@ -10,7 +10,7 @@ Spec file (TOML):
     cluster = ["prima-d1-d4"]
     system = ["prima", "prima-no-halda"]
     quant = "q4k"
-    k = [1, 2, 4, 5]                 # knobs: k, prefetch, bandwidth_mbps, latency_ms, ram_scale,
+    k = [1, 2, 4, 5]                 # knobs: k, prefetch, planner, bandwidth_mbps, latency_ms, ram_scale,
     bandwidth_mbps = [100, 450]      #        disk_scale, S, batch, tokens, prompt_tokens, seed, n_ctx
     [[cells]]                        # optional extra cells, each a full table
     model = "llama3-8b"
@@ -47,6 +47,7 @@ KNOBS = {
     "ram_scale": "multiply every device's available RAM", "disk_scale": "multiply every disk's throughput",
     "S": "sequences in flight (mdi-llm)", "batch": "requests (bud)", "tokens": "tokens to generate",
     "prompt_tokens": "prompt length", "seed": "random seed", "n_ctx": "context length for KV sizing",
+    "planner": "Halda's planner for the prima systems (global|loop|sim)",
     "solver": "Halda subproblem solver (relax|exact)", "general": "Halda general form",
     "comm": "Halda communication term", "variant": "cost model variant (code|paper)",
 }
@@ -148,7 +149,8 @@ def apply_knobs(cluster: Any, cell: dict[str, Any]) -> Any:
 
 
 def _plan_options(cell: dict[str, Any]) -> dict[str, Any]:
-    return {k: cell[k] for k in ("k", "prefetch", "S", "batch", "solver", "general", "comm", "variant") if k in cell}
+    return {k: cell[k] for k in ("k", "prefetch", "S", "batch", "planner", "solver", "general", "comm", "variant")
+            if k in cell}
 
 
 def evaluate_plan(cell: dict[str, Any]) -> dict[str, Any]:
