@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,10 +156,13 @@ class MemorySampler:
     (Python, JAX, compiled code: `set_before` after warm-up, minus pinned weights), so pinned
     weights (exo) count and mmap'd ones (page cache, reclaimable) do not; the peak is tracked from `rebase()` (generation start) on, by a
     background thread and at every `sample()`. Total is read at the end: an emulated device's
-    memory cgroup limit is set after start-up."""
+    memory cgroup limit is set after start-up. With a `sink`, each sample (time, available bytes)
+    goes there instead of into `samples` (the worker's Recorder spills them to disk: at 20 a
+    second a list grows without bound over a long run)."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, sink: Callable[[float, float], None] | None = None) -> None:
         self.interval = interval
+        self.sink = sink
         self.cg = device_cgroup()
         self.before = memory_view(self.cg).used
         self.peak = self.before
@@ -183,7 +187,10 @@ class MemorySampler:
         mv = memory_view(self.cg)
         with self._lock:
             self.peak = max(self.peak, mv.used)
-            self.samples.append((time.time(), mv.total - mv.used))
+            if self.sink is None:
+                self.samples.append((time.time(), mv.total - mv.used))
+        if self.sink is not None:
+            self.sink(time.time(), mv.total - mv.used)
         return mv.used
 
     def start(self) -> None:

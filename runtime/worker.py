@@ -27,7 +27,9 @@ import json
 import mmap
 import os
 import queue
+import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -189,6 +191,13 @@ class Stage:
     def new_kv(self) -> Any:
         return self._md.init_kv(self.spec, self.layers, self.max_seq)
 
+    def bucket_starts(self) -> list[int]:
+        """Decode positions where the attention span (runtime.model.attention_span) moves to a
+        new bucket, up to the KV length."""
+        span = self._md.attention_span
+        return [p for p in (1 << i for i in range(self.max_seq.bit_length()))
+                if p < self.max_seq and span(p + 1, self.max_seq) != span(p, self.max_seq)]
+
     def run(self, kv: Any, x: np.ndarray, pos: int, start: int, end: int) -> tuple[np.ndarray, Any]:
         y, kv = self._md.run_layers(self.params, kv, x, pos, range(start, end))
         return np.asarray(y), kv
@@ -206,33 +215,94 @@ class Stage:
 
 
 # ======================================================================================== recorder
+MEM_SAMPLE = "mem_available_bytes"  # the MemorySampler's samples, kept by the Recorder
+
+
 class Recorder:
-    """Spans, samples and counters of one worker, in its own clock (time.time())."""
+    """Spans, samples and counters of one worker, in its own clock (time.time()).
+
+    A run records a dozen spans and samples per token; kept as Python lists until the driver's
+    STATS they grew every worker by ~4 KB a token (experiments/long_run.py). They are spilled
+    instead to an unlinked temporary file (a SIGKILLed worker leaves nothing behind) as fixed-size
+    records, strings interned in a table (resources and names come from a small set), so memory
+    stays at one buffer of FLUSH records per kind however long the run; stats() reads them back."""
+
+    SPAN = struct.Struct("<IIddqqd")  # resource id, name id, start, end, seq, token, nbytes
+    SAMPLE = struct.Struct("<Idd")  # name id, time, value
+    FLUSH = 4096  # records buffered per kind before a write
 
     def __init__(self) -> None:
-        self.spans: list[list[Any]] = []  # [resource, start, end, name, seq, token, nbytes]
-        self.samples: list[list[Any]] = []  # [name, time, value]
         self.counters: dict[str, float] = collections.defaultdict(float)
         self.lock = threading.Lock()
+        self._ids: dict[str, int] = {}
+        self._strings: list[str] = []
+        self._files = {self.SPAN: tempfile.TemporaryFile(prefix="primasim-rec-"),
+                       self.SAMPLE: tempfile.TemporaryFile(prefix="primasim-rec-")}
+        self._bufs = {self.SPAN: bytearray(), self.SAMPLE: bytearray()}
+
+    def _id(self, s: str) -> int:
+        i = self._ids.get(s)
+        if i is None:
+            i = self._ids[s] = len(self._strings)
+            self._strings.append(s)
+        return i
+
+    def _put(self, kind: struct.Struct, *fields: Any) -> None:
+        buf = self._bufs[kind]
+        buf += kind.pack(*fields)
+        if len(buf) >= self.FLUSH * kind.size:
+            self._flush(kind)
+
+    def _flush(self, kind: struct.Struct) -> None:
+        f = self._files[kind]
+        if not f.closed:  # a background thread may record after close(): drop it
+            f.write(self._bufs[kind])
+        self._bufs[kind].clear()
 
     def span(self, resource: str, start: float, end: float, name: str = "", seq: int = 0, token: int = -1,
              nbytes: float = 0.0) -> None:
         with self.lock:
-            self.spans.append([resource, start, end, name, seq, token, nbytes])
+            self._put(self.SPAN, self._id(resource), self._id(name), start, end, seq, token, nbytes)
 
     def sample(self, name: str, t: float, value: float) -> None:
         with self.lock:
-            self.samples.append([name, t, value])
+            self._put(self.SAMPLE, self._id(name), t, value)
 
     def add(self, key: str, v: float) -> None:
         with self.lock:
             self.counters[key] += v
 
+    def _read(self, kind: struct.Struct) -> Any:
+        self._flush(kind)
+        f = self._files[kind]
+        f.seek(0)
+        data = f.read()
+        f.seek(0, os.SEEK_END)
+        return kind.iter_unpack(data)
+
+    def stats(self) -> tuple[list[list[Any]], list[list[Any]]]:
+        """Every span [resource, start, end, name, seq, token, nbytes] and sample [name, time,
+        value] since the last clear(), in recording order."""
+        with self.lock:
+            st = self._strings
+            spans = [[st[r], a, b, st[n], seq, tok, nb] for r, n, a, b, seq, tok, nb in self._read(self.SPAN)]
+            samples = [[st[n], t, v] for n, t, v in self._read(self.SAMPLE)]
+        return spans, samples
+
     def clear(self) -> None:
         with self.lock:
-            self.spans.clear()
-            self.samples.clear()
+            for kind, f in self._files.items():
+                self._bufs[kind].clear()
+                if not f.closed:
+                    f.seek(0)
+                    f.truncate()
             self.counters.clear()
+
+    def close(self) -> None:
+        with self.lock:
+            for kind, f in self._files.items():
+                self._bufs[kind].clear()
+                f.close()
 
 
 # ======================================================================================== sender
@@ -430,7 +500,7 @@ class Session:
         self.win_of_seg = {seg: w for w, seg in enumerate(self.mine)}
         self.rec = Recorder()
         self.io = IoCounter()
-        self.mem = MemorySampler()
+        self.mem = MemorySampler(sink=lambda t, v: self.rec.sample(MEM_SAMPLE, t, v))
         self.prefetch_on = bool(setup.get("prefetch", False))
         self.layer_stream: dict[int, list[tuple[str, int, int]]] = {}  # per layer, evicted after use
         self.layer_spans: dict[int, list[tuple[int, int]]] = {}
@@ -511,15 +581,20 @@ class Session:
                                block_tokens(o), max_seq=int(self.cfg["max_seq"]) if o.get("kv_bytes") else None,
                                kv_bytes=o.get("kv_bytes"))
             return
-        for n in sorted(set(int(x) for x in lengths if int(x) > 0)):
-            kv = self.stage.new_kv()
+        kv = self.stage.new_kv()
+        steps = [(int(n), 0) for n in sorted(set(int(x) for x in lengths if int(x) > 0))]
+        # one decode step at the first position of every attention-span bucket the KV length
+        # reaches (256, 512, ...): each is a new compiled shape, which would otherwise compile
+        # inside a token and add its code (~7 MiB a worker) to memory mid-run
+        steps += [(1, pos) for pos in self.stage.bucket_starts()]
+        for n, pos in steps:
             x = np.zeros((1, n, self.stage.spec.hidden), np.float32)
             for s, e in self.windows:
-                x, kv = self.stage.run(kv, x, 0, s, e)
+                x, kv = self.stage.run(kv, x, pos, s, e)
             if self.stream_layerwise() and self.windows:
                 s = self.windows[0][0]
-                _, kv = self.stage.run(kv, x, 0, s, s + 1)
-            if self.head:
+                _, kv = self.stage.run(kv, x, pos, s, s + 1)
+            if self.head and pos == 0:
                 self.stage.logits(self.stage.embed([0] * n))
 
     def _anon_reserve(self) -> int:
@@ -792,15 +867,16 @@ class Session:
         self.mem.sample()
         with self.rec.lock:
             c = dict(self.rec.counters)
-            spans = list(self.rec.spans)
-            samples = list(self.rec.samples)
+        spans, recorded = self.rec.stats()
+        samples = [sm for sm in recorded if sm[0] != MEM_SAMPLE]
+        mem_samples = [(t, v) for name, t, v in recorded if name == MEM_SAMPLE]
         minflt = self.io.minor_faults()
         out = {"device": self.name, "spans": spans, "samples": samples,
                "stats": {"disk_read_bytes": float(self.io.read_bytes()), "page_faults": float(self.io.major_faults()),
                          "minor_faults": float(minflt), "net_tx_bytes": c.get("net_tx_bytes", 0.0),
                          "net_rx_bytes": c.get("net_rx_bytes", 0.0), "compute_s": c.get("compute_s", 0.0),
                          "resident_weight_bytes": float(self.resident_bytes), **self.mem.stats()},
-               "mem_samples": list(self.mem.samples), "time": time.time()}
+               "mem_samples": mem_samples, "time": time.time()}
         return out
 
     def recycle_kv(self) -> None:
@@ -823,6 +899,7 @@ class Session:
         if self.prefetcher is not None:
             self.prefetcher.stop()
         self.mem.stop()
+        self.rec.close()
 
 
 # ======================================================================================== worker
