@@ -24,6 +24,14 @@ allocates the KV caches at set-up with jnp.zeros, which XLA writes, so their pag
 before the first token (the probe below measures it); the anonymous memory the KV cache adds during
 decode is then zero, and any anonymous growth during decode is not KV.
 
+Two sources of growth found by this experiment are gone from the runtime (runtime/worker.py): the
+worker's trace recorder kept every span and sample in Python lists until the driver's STATS
+(3.6-4.1 KB a token per worker at 97119e8) and now spills them to an unlinked temporary file in
+fixed-size records (the report still counts what the lists would have held, and the file's page
+cache shows in the cgroup cache column); and each attention-span bucket (256, 512, 1024, ...
+positions) compiled a new shape at its first token (21-32 MiB steps at tokens 249/505/1017) and
+is now compiled at set-up, up to the KV length, so decode compiles nothing.
+
     sudo .venv/bin/python experiments/long_run.py        # ~4.5 min here; writes experiments/results/long_run.*
     python experiments/long_run.py --tokens 200 --no-emulate --out /tmp/lr   # quick, plain processes
 """
@@ -206,7 +214,7 @@ def run_cluster(path: Path, cluster_name: Any, tokens: int, k: int, interval: fl
     for s in plan.segments():
         layers[s.device] += s.end - s.start
     return {"plan": plan, "rows": rows, "arrivals": arrivals, "tokens": res.token_ids[0], "logits": logits,
-            "wall_s": wall, "layers": layers, "trace": res.trace, "emulation": res.emulation,
+            "wall_s": wall, "setup_s": arrivals[0] - t0 if arrivals else float("nan"), "layers": layers, "trace": res.trace, "emulation": res.emulation,
             "tpot_ms": res.to_json().get("tpot_ms"), "max_seq": need}
 
 
@@ -447,8 +455,9 @@ def finish(raw: dict[str, Any], out: Path) -> dict[str, Any]:
         rec = dict(raw["recorder"][d])
         rec["bytes_per_token"] = rec["bytes"] / max(1, n - FROM_TOKEN)
         v["recorder"] = rec
-        if "RssAnon" in v:
-            v["RssAnon"]["slope_net_kv_recorder"] = v["RssAnon"]["slope_between_buckets"] - rec["bytes_per_token"]
+        if "RssAnon" in v:  # KV adds 0 (resident from set-up); the recorder's records are on disk
+            an = v["RssAnon"]
+            an["growth_per_token"] = an["growth"] / max(1, n - FROM_TOKEN)
         per_dev[d] = v
     single = analyse_device(sg_rows, single_kv, n)
     single["anon_steps"] = steps_in_anon(sg_rows)
@@ -458,6 +467,7 @@ def finish(raw: dict[str, Any], out: Path) -> dict[str, Any]:
     summary = {k: raw[k] for k in ("command", "cluster", "emulated", "limitations", "plan", "k", "layers", "prompt",
                                    "tokens", "max_seq", "kv_probe", "cluster_wall_s", "single_wall_s",
                                    "total_wall_s", "git_head", "agreement")}
+    summary["cluster_setup_s"] = raw.get("cluster_setup_s")
     summary.update({
         "model": {"name": spec.name, "n_layers": spec.n_layers, "hidden": spec.hidden, "n_heads": spec.n_heads,
                   "n_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "ffn": spec.ffn, "vocab": spec.vocab,
@@ -518,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
            "emulated": bool(cl["emulation"].get("emulated")),
            "limitations": [str(x) for x in cl["emulation"].get("limitations", [])],
            "plan": cl["plan"].describe(), "k": cl["plan"].k, "layers": cl["layers"], "kv_probe": probe,
-           "cluster_wall_s": cl["wall_s"], "single_wall_s": sg["wall_s"], "total_wall_s": time.time() - t_all,
+           "cluster_wall_s": cl["wall_s"], "cluster_setup_s": cl["setup_s"], "single_wall_s": sg["wall_s"], "total_wall_s": time.time() - t_all,
            "git_head": _git_head(),
            "recorder": {d: recorder_bytes(cl["trace"], d, t_first) for d in cl["layers"] if cl["layers"][d] > 0},
            "cluster_rows": cl["rows"], "cluster_arrivals": cl["arrivals"], "cluster_tokens": cl["tokens"],
@@ -533,11 +543,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(s: dict[str, Any]) -> str:
     n = s["tokens"]
+    setup = s.get("cluster_setup_s")
+    setup_txt = f"set-up to the first token {setup:.0f} s, " if setup is not None else ""
     ag = s["agreement"]
     L = [f"# Long run: {n} tokens on `{s['cluster']}`, worker memory and single-device agreement", "",
          f"Command: `sudo .venv/bin/{s['command'].strip()}` on the working tree at {s.get('git_head', '?')} (with uncommitted runtime/ edits of the time; devices emulated: "
          f"{'yes' if s['emulated'] else 'NO'}). Wall time {s['total_wall_s']:.0f} s: cluster run "
-         f"{s['cluster_wall_s']:.0f} s (decode {s['decode_s']:.0f} s, median {s['tpot_ms_median']:.1f} ms a token), "
+         f"{s['cluster_wall_s']:.0f} s ({setup_txt}decode {s['decode_s']:.0f} s, median {s['tpot_ms_median']:.1f} ms a token), "
          f"single-device run {s['single_wall_s']:.0f} s.", "",
          f"Model `{s['model']['name']}` (random weights, f32; {s['model']['n_layers']} blocks, hidden "
          f"{s['model']['hidden']}, {s['model']['n_kv_heads']} KV heads of {s['model']['head_dim']}, vocab "
@@ -545,22 +557,30 @@ def report(s: dict[str, Any]) -> str:
          f"KV sized {s['max_seq']}. Plan: even, k = {s['k']} ({s['plan']}).", ""]
     dv = [v for v in s["devices"].values() if "RssAnon" in v]
     if dv:
-        nets = [v["RssAnon"]["slope_net_kv_recorder"] for v in dv]
+        per_tok = [v["RssAnon"]["growth_per_token"] for v in dv]
+        slopes = [v["RssAnon"]["slope"] for v in dv]
+        last = [v["RssAnon"]["segments"][-1] for v in dv if v["RssAnon"]["segments"]]
+        steps = [f"{d} {b / 2**20:+.1f} MiB at token {t}" for d, v in s["devices"].items() for t, b in v.get("anon_steps", [])]
+        rec_bpt = [v["recorder"]["bytes_per_token"] for v in dv]
         L += ["**Headline.** " + ("Tokens: all identical to the single-device run, logits bit-identical. "
               if ag["identical"] and ag["logit_max_abs_diff"] == 0 else
               f"Tokens identical: {ag['identical']} (first divergence {ag['first_divergence']}), max logit "
               f"difference {ag['logit_max_abs_diff']:.2e}. ") +
-              f"Worker memory: KV resident from set-up (adds 0 B/token); anonymous memory net of KV and of the"
-              f" workers' trace recording grows {min(nets):+.0f} to {max(nets):+.0f} B/token "
-              f"(total over {n} tokens {min(nets) * n / 2**20:+.2f} to {max(nets) * n / 2**20:+.2f} MiB); the trace "
-              f"recorder itself keeps {min(v['recorder']['bytes_per_token'] for v in dv):.0f}-"
-              f"{max(v['recorder']['bytes_per_token'] for v in dv):.0f} B/token (unbounded in the run length: "
-              f"{min(v['recorder']['bytes'] for v in dv) / 2**20:.1f}-{max(v['recorder']['bytes'] for v in dv) / 2**20:.1f}"
-              f" MiB here), and each attention-span bucket crossed adds a one-off step (compiled shapes; "
-              f"{min(v['RssAnon']['growth_in_steps'] for v in dv) / 2**20:.0f}-"
-              f"{max(v['RssAnon']['growth_in_steps'] for v in dv) / 2**20:.0f} MiB per worker for the three buckets"
-              f" past 256; bounded by log2(context / 256) buckets). File-backed RSS and page cache: flat (weights "
-              f"resident, {max(abs(v['RssFile']['growth']) for v in dv) / 2**20:.2f} MiB max change).", ""]
+              f"Worker memory: KV resident from set-up (adds 0 B/token); anonymous memory over the decode grows "
+              f"{min(per_tok):+.0f} to {max(per_tok):+.0f} B/token (total over {n} tokens "
+              f"{min(v['RssAnon']['growth'] for v in dv) / 2**20:+.2f} to "
+              f"{max(v['RssAnon']['growth'] for v in dv) / 2**20:+.2f} MiB; least-squares slopes {min(slopes):+.0f} to "
+              f"{max(slopes):+.0f} B/token; over the last stretch, tokens {last[0]['from']}-{last[0]['to']}, "
+              f"{min(g['slope'] for g in last):+.0f} to {max(g['slope'] for g in last):+.0f} B/token). One-off steps of "
+              f">= 0.5 MiB during the decode: {', '.join(steps) or 'none'} (21-32 MiB a worker before, from compiling "
+              f"each attention-span bucket at its first token; the buckets are now compiled at set-up and the decode "
+              f"compiles nothing, so a step left is the allocator's heap growing). The trace recorder's spans "
+              f"and samples ({min(rec_bpt):.0f}-{max(rec_bpt):.0f} B/token as Python lists) are spilled to an "
+              f"unlinked temporary file, not kept in memory. File-backed RSS: flat (weights resident, "
+              f"{max(abs(v['RssFile']['growth']) for v in dv) / 2**20:.2f} MiB max change); cgroup page cache "
+              f"{min(v.get('cg_cache', {}).get('growth', float('nan')) for v in dv) / 2**20:+.2f} to "
+              f"{max(v.get('cg_cache', {}).get('growth', float('nan')) for v in dv) / 2**20:+.2f} MiB (the recorder's "
+              f"file; reclaimable).", ""]
     if s["limitations"]:
         L += ["Emulation limitations: " + "; ".join(map(str, s["limitations"])), ""]
     L += ["## Tokens", ""]
@@ -580,14 +600,16 @@ def report(s: dict[str, Any]) -> str:
           " memory per decoded token (net of KV = the measured figure) and the expectation column is what"
           " per-token backing would add.", "",
           "Growth = mean of the last 5 % of decode samples minus the first 5 % (from token "
-          f"{FROM_TOKEN}); slopes are least squares in bytes per token. The anonymous memory of every worker grows in"
-          " two ways, neither of them KV: (1) steps when the sequence crosses an attention-span bucket (prompt +"
-          " tokens = 256, 512, 1024: `run_layers` compiles one more jitted shape per bucket; bounded, one step per"
-          " power of two up to the context), and (2) a slope between the steps equal to what the worker's trace"
-          " recorder keeps in Python lists for the run (every span and sample until the driver collects them at the"
-          " end; counted from the returned trace, sized by building the same objects under tracemalloc).", "",
-          "| worker | layers | KV expected B/token (total) | RssAnon growth (in bucket steps) | slope between "
-          "steps B/token | trace recorder B/token | **net of KV + recorder B/token** | RssFile growth | "
+          f"{FROM_TOKEN}); growth per token = that growth over the decoded tokens; slopes are least squares in bytes"
+          " per token. Two former sources of anonymous growth, neither of them KV, are checked here: (1) steps when"
+          " the sequence crosses an attention-span bucket (prompt + tokens = 256, 512, 1024: one more jitted shape per"
+          " bucket, now compiled at set-up; 'in bucket steps' = growth minus the slope between the steps times the"
+          " tokens), and (2) the worker's trace recorder, which kept every span and sample in Python lists until"
+          " the driver collected them (3.6-4.1 KB/token per worker before) and now spills them to an unlinked"
+          " temporary file; its column gives what the lists would have held (counted from the returned trace,"
+          " sized by building the same objects under tracemalloc).", "",
+          "| worker | layers | KV expected B/token (total) | RssAnon growth (in bucket steps) | **RssAnon growth "
+          "B/token** | slope between steps B/token | recorder as lists B/token (now on disk) | RssFile growth | "
           "cgroup usage growth | cgroup cache growth |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     rows = [(d, v) for d, v in s["devices"].items()] + [("single device", s["single"])]
@@ -601,13 +623,11 @@ def report(s: dict[str, Any]) -> str:
         layers = v.get("layers", s["model"]["n_layers"])
         rec = v.get("recorder")
         L.append(f"| {d} | {layers} | {v['kv_bytes_per_token']} ({v['kv_bytes_total'] / 2**20:.1f} MiB) | "
-                 f"{mib(an['growth'])} ({mib(an['growth_in_steps'])}) | {an['slope_between_buckets']:+.0f} | "
-                 f"{rec['bytes_per_token']:.0f} | " if rec else
-                 f"| {d} | {layers} | {v['kv_bytes_per_token']} ({v['kv_bytes_total'] / 2**20:.1f} MiB) | "
-                 f"{mib(an['growth'])} ({mib(an['growth_in_steps'])}) | {an['slope_between_buckets']:+.0f} | - | ")
-        L[-1] += (f"**{an['slope_net_kv_recorder']:+.0f}** | " if rec else "- | ") + (
-            f"{mib(v['RssFile']['growth'])} | {mib(cg.get('growth', float('nan')))} | "
-            f"{mib(cc.get('growth', float('nan')))} |")
+                 f"{mib(an['growth'])} ({mib(an['growth_in_steps'])}) | "
+                 f"**{an['growth'] / max(1, n - FROM_TOKEN):+.0f}** | {an['slope_between_buckets']:+.0f} | "
+                 + (f"{rec['bytes_per_token']:.0f} | " if rec else "- | ")
+                 + f"{mib(v['RssFile']['growth'])} | {mib(cg.get('growth', float('nan')))} | "
+                 f"{mib(cc.get('growth', float('nan')))} |")
     L += ["", "Slopes per stretch between bucket steps (tokens: B/token):", ""]
     for d, v in rows:
         if "RssAnon" in v:
