@@ -8,6 +8,8 @@ llama-tiny, 200 tokens asked for, the fault injected after the 5th token on devi
 - worker SIGSTOP: b's worker stopped (a hung device that keeps its sockets open), --heartbeat-timeout 5;
 - link stall (root): every link out of b re-shaped to 8 bit/s with tc (heartbeats to the head are not
   shaped, so only the ring stalls), --link-timeout 5;
+- compute starved (root): b's CPU quota cut to 1 ms a second (its windows run ~1000x slower while it
+  still answers heartbeats, as a hung compute thread would), --compute-timeout 1;
 - head SIGKILL: the `primasim run` process killed; the workers should die with it, and the next run
   must remove what is left (state file, work folder, cgroups, namespaces) and succeed.
 
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from primasim import load_model
+from primasim._io import atomic_csv_rows, atomic_write_text
 from runtime import write_random_checkpoint
 from runtime.emulate import find_leftovers, is_root, set_egress_rate, state_dir
 
@@ -130,7 +133,13 @@ def fault(model: Path, cf: Path, name: str, inject: Any, *extra: str) -> dict[st
         st = state_of(p.pid)
         t0 = time.monotonic()
         inject(pids)
-        _, err = p.communicate(timeout=300)
+        try:
+            _, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # not detected: say so in the table instead of losing the others
+            p.kill()
+            p.wait()
+            return {"fault": name, "detected_s": "> 300 (not detected)", "exit_code": "", "message": "",
+                    "leftovers": "", "options": " ".join(extra)}
         dt = time.monotonic() - t0
         time.sleep(0.5)
         msg = [ln for ln in err.decode().splitlines() if "error:" in ln]
@@ -189,20 +198,22 @@ def main() -> int:
                                 text=True).stdout.strip()
             set_egress_rate(ns, 8)
 
+        def starve(pids: dict[str, int]) -> None:
+            rel = next(line.split(":", 2)[2] for line in Path(f"/proc/{pids['b']}/cgroup").read_text().splitlines()
+                       if "cpu" in line.split(":")[1].split(","))
+            cg = Path("/sys/fs/cgroup/cpu") / rel.strip("/")
+            (cg / "cpu.cfs_period_us").write_text("1000000")
+            (cg / "cpu.cfs_quota_us").write_text("1000")
+
         rows = [fault(model, cf, "worker SIGKILL", lambda p: os.kill(p["b"], signal.SIGKILL)),
                 fault(model, cf, "worker SIGSTOP", lambda p: os.kill(p["b"], signal.SIGSTOP),
                       "--heartbeat-timeout", "5")]
         if root:
             rows.append(fault(model, cf, "link stall (tc 8 bit/s out of b)", stall, "--link-timeout", "5"))
+            rows.append(fault(model, cf, "compute starved (b: 1 ms CPU a second)", starve, "--compute-timeout", "1"))
         rows.append(head_kill(model, cf))
-    OUT.mkdir(exist_ok=True)
     cols = ["fault", "detected_s", "exit_code", "leftovers", "options", "message"]
-    import csv
-
-    with open(OUT / "faults.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    atomic_csv_rows(OUT / "faults.csv", rows, cols)
     md = ["# Faults injected mid-generation (`python experiments/faults.py`)", "",
           f"Three devices ({'emulated: cgroups, network namespaces, tbf' if root else 'plain processes (not root)'}),"
           " llama-tiny, fault on device b after the 5th of 200 tokens. Detection: fault -> the head's exit (its"
@@ -212,7 +223,7 @@ def main() -> int:
     for r in rows:
         md.append("| " + " | ".join(str(r[c]).replace("|", "/") for c in cols) + " |")
     md += ["", f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d')}"]
-    (OUT / "faults.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(OUT / "faults.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

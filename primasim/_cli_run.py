@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--link-timeout", type=float, default=60.0, metavar="S",
                    help="an activation on a ring link this long, its receiver idle, ends the run naming the link "
                         "(default 60 s)")
+    p.add_argument("--compute-timeout", type=float, default=30.0, metavar="S",
+                   help="a device computing one window this long (and >= 50x its median window) while it answers "
+                        "heartbeats is hung: the run ends naming it (default 30 s; 0 = off)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the contract's keys + token_ids)")
     p.add_argument("--trace", metavar="FILE", help="write the measured timeline as a Chrome/Perfetto trace")
     p.add_argument("--save-trace", metavar="FILE", help="write the measured trace (primasim's Trace schema, JSON)")
@@ -126,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
                     ("--link-timeout", args.link_timeout)):
         if not t > 0:
             raise SpecError(f"{flag} must be > 0 seconds, got {t}", where=flag, fix=f"give {flag} a positive value")
+    if not args.compute_timeout >= 0:
+        raise SpecError(f"--compute-timeout must be >= 0 seconds, got {args.compute_timeout}", where="--compute-timeout",
+                        fix="give it a positive value, or 0 to turn the check off")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise SpecError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0", where="sampling options",
                         fix="e.g. --temperature 0.8 --top-k 40 --top-p 0.95")
@@ -191,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                          top_p=args.top_p, seed=args.seed, in_flight=args.S, n_requests=n_req,
                          emulate=not args.no_emulate, keys=args.keys, token_timeout=args.timeout,
                          heartbeat_timeout=args.heartbeat_timeout, link_timeout=args.link_timeout,
-                         stop_ids=())
+                         compute_timeout=args.compute_timeout, stop_ids=())
     if plan.schedule == "batch" and args.batch is not None:
         plan = plan.replace(options={**plan.options, "batch": args.batch})
 

@@ -69,6 +69,9 @@ class RunOptions:
     heartbeat_timeout: float = field(default=15.0, metadata={"help": "s without a pong = worker dead"})
     link_timeout: float = field(default=60.0, metadata={
         "help": "s an activation may spend on a ring link, its receiver idle, before the link counts as stalled"})
+    compute_timeout: float = field(default=30.0, metadata={
+        "help": "s one window may compute (and at least 50x the device's median window) before the device counts "
+                "as hung while it still answers heartbeats; 0 = off"})
     worker_env: tuple[tuple[str, str], ...] = field(default=(), metadata={"help": "extra env for local workers"})
 
 
@@ -357,6 +360,7 @@ class Driver:
             if what == "generate tokens" and now >= self._next_link_check:
                 self._next_link_check = now + 0.25
                 self._check_links(now)
+                self._check_compute()
             for p in self.peers.values():
                 if now - p.last_ping > self.opt.heartbeat_interval:
                     with contextlib.suppress(zmq.ZMQError):
@@ -434,6 +438,27 @@ class Driver:
                     where=f"link {ln['src']} -> {ln['dst']} (devices {ln['src']}, {ln['dst']})",
                     fix="check the network between the two devices (Wi-Fi, cable, firewall, traffic shaping); "
                         "raise --link-timeout for links this slow")
+
+    def _check_compute(self) -> None:
+        """A device whose compute thread has run one window for far longer than its usual window
+        while its control thread answers heartbeats (a deadlock, a starved or swapping device) is
+        hung: fail naming it instead of waiting for the token timeout. Uses the age reported in the
+        last PONG, so a late PONG never overstates it."""
+        floor = self.opt.compute_timeout
+        if floor <= 0:
+            return
+        for p in self.peers.values():
+            r = p.ring or {}
+            age, med = r.get("item_age"), r.get("item_median")
+            if age is None or med is None:
+                continue
+            if float(age) > max(floor, 50 * float(med)):
+                raise WorkerError(
+                    f"one window has been computing for {float(age):.1f} s, {float(age) / max(float(med), 1e-6):.0f}x "
+                    f"its median of {float(med) * 1e3:.0f} ms, while the worker still answers heartbeats",
+                    where=f"device {p.name}",
+                    fix="the device's compute is hung or starved (swapping, CPU throttling, another load); check its "
+                        "log and load, or raise --compute-timeout for devices this irregular")
 
     def _diagnose(self, now: float) -> tuple[str, str]:
         """Where a run without progress is stuck: (where, why) from the workers' last PONGs."""

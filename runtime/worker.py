@@ -562,6 +562,8 @@ class Session:
         self.rx_n = 0  # activations received from the ring predecessor (this generation)
         self.rx_t: float | None = None
         self.busy_since: float | None = None  # computing since (None: waiting for input)
+        self.item_since: float | None = None  # the current window (activation) started
+        self.item_times: collections.deque[float] = collections.deque(maxlen=64)  # recent window times (s)
         self.idle_from = time.time()
         self.idle_since: float | None = None
         self.sample_at: float | None = None
@@ -713,18 +715,24 @@ class Session:
         try:
             while self.work:
                 seq, seg, x, pos, step = self.work.popleft()
+                self.item_since = t0 = time.time()
                 self._advance(seq, seg, x, pos, step)
+                self.item_times.append(time.time() - t0)
         finally:
-            self.busy_since = None
+            self.busy_since = self.item_since = None
             self.idle_from = self.idle_since = time.time()
 
     def ring_state(self) -> dict[str, Any]:
         """Where this device is in the ring, for the driver's stall diagnosis (read by the control
         thread while the compute thread runs: plain reads of numbers, ages in seconds)."""
         now = time.time()
-        busy, rx_t, snd = self.busy_since, self.rx_t, self.sender
+        busy, item, rx_t, snd = self.busy_since, self.item_since, self.rx_t, self.sender
+        times = sorted(self.item_times)
         out: dict[str, Any] = {"rx": self.rx_n, "rx_age": None if rx_t is None else now - rx_t,
                                "busy_age": None if busy is None else now - busy,
+                               # one window computing for far longer than usual = a hung compute thread
+                               "item_age": None if item is None else now - item,
+                               "item_median": times[len(times) // 2] if len(times) >= 3 else None,
                                "idle_age": None if busy is not None else now - self.idle_from,
                                "tx": 0, "tx_log": []}
         if snd is not None:
