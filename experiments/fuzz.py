@@ -25,6 +25,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 
+from primasim._io import atomic_open, atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
 
@@ -82,7 +84,7 @@ def main() -> int:
             print("   ", c)
     classes = sorted({k for r in rows for k in r["counts"]})
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "fuzz.csv", "w", newline="") as fh:
+    with atomic_open(args.out / "fuzz.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["target", "examples", *classes, "crashes", "seconds", "peak_rss_growth_mib"])
         for r in rows:
@@ -107,7 +109,7 @@ def main() -> int:
     for r in rows:
         for c in r["crashes"]:
             lines.append(f"- {r['target']}: `{c}`")
-    (args.out / "fuzz.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out / "fuzz.md", "\n".join(lines) + "\n")
     return 1 if total_crash else 0
 
 

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from primasim._io import atomic_open, atomic_savefig, atomic_write_bytes, atomic_write_text
 from primasim._model import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -359,7 +360,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]], devices: list[str], kv_bpt
         by_t.setdefault(round(r["time"], 3), {})[r["device"]] = r
     cols = ["VmRSS", "RssAnon", "RssFile", "RssShmem", "cg_usage", "cg_rss", "cg_cache", "cg_mapped_file"]
     t0 = min(by_t) if by_t else 0.0
-    with path.open("w") as f:
+    with atomic_open(path, "w") as f:
         f.write(",".join(["time_s", "token", "phase"] + [f"{d}_{c}" for d in devices for c in cols]
                          + [f"{d}_kv_expected" for d in devices]) + "\n")
         for t in sorted(by_t):
@@ -415,7 +416,7 @@ def plot(path: Path, rows: list[dict[str, Any]], devices: list[str], kv_bpt: dic
         ax[2].set(xlabel="token", ylabel="ms", title="time between tokens at the driver (cluster)")
         ax[2].set_ylim(0, np.percentile([v for _, v in tpot], 99.5) * 1.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def mib(x: float) -> str:
@@ -479,11 +480,11 @@ def finish(raw: dict[str, Any], out: Path) -> dict[str, Any]:
         "decode_s": float(arr[-1] - arr[0]) if len(arr) else None,
         "devices": per_dev, "single": single, "token_ids_head": raw["cluster_tokens"][:32],
     })
-    (out / "long_run.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_text(out / "long_run.json", json.dumps(summary, indent=1, default=str))
     write_csv(out / "long_run.csv", cl_rows, devices, kv_bpt)
     write_csv(out / "long_run_single.csv", sg_rows, ["single"], {"single": single_kv})
     plot(out / "long_run.png", cl_rows, devices, kv_bpt, sg_rows, single_kv, tpot)
-    (out / "long_run.md").write_text(report(summary))
+    atomic_write_text(out / "long_run.md", report(summary))
     print(report(summary))
     return summary
 
@@ -535,8 +536,7 @@ def main(argv: list[str] | None = None) -> int:
            "single_rows": sg["rows"], "single_arrivals": sg["arrivals"], "single_tokens": sg["tokens"],
            "agreement": compare(cl["tokens"], sg["tokens"], cl["logits"], sg["logits"]),
            "logit_diff_per_token": per_token_diff(cl["logits"], sg["logits"]).tolist()}
-    with gzip.open(out / "long_run_raw.json.gz", "wt") as f:
-        json.dump(raw, f)
+    atomic_write_bytes(out / "long_run_raw.json.gz", gzip.compress(json.dumps(raw).encode()))
     finish(raw, out)
     return 0
 
