@@ -37,7 +37,7 @@ from typing import Any
 from primasim import load_model
 from primasim._io import atomic_csv_rows, atomic_write_text
 from runtime import write_random_checkpoint
-from runtime.emulate import find_leftovers, is_root, set_egress_rate, state_dir
+from runtime.emulate import find_leftovers, is_root, set_cpu_quota, set_egress_rate, state_dir
 
 OUT = Path(__file__).parent / "results"
 DEV = """
@@ -198,19 +198,14 @@ def main() -> int:
                                 text=True).stdout.strip()
             set_egress_rate(ns, 8)
 
-        def starve(pids: dict[str, int]) -> None:
-            rel = next(line.split(":", 2)[2] for line in Path(f"/proc/{pids['b']}/cgroup").read_text().splitlines()
-                       if "cpu" in line.split(":")[1].split(","))
-            cg = Path("/sys/fs/cgroup/cpu") / rel.strip("/")
-            (cg / "cpu.cfs_period_us").write_text("1000000")
-            (cg / "cpu.cfs_quota_us").write_text("1000")
 
         rows = [fault(model, cf, "worker SIGKILL", lambda p: os.kill(p["b"], signal.SIGKILL)),
                 fault(model, cf, "worker SIGSTOP", lambda p: os.kill(p["b"], signal.SIGSTOP),
                       "--heartbeat-timeout", "5")]
         if root:
             rows.append(fault(model, cf, "link stall (tc 8 bit/s out of b)", stall, "--link-timeout", "5"))
-            rows.append(fault(model, cf, "compute starved (b: 1 ms CPU a second)", starve, "--compute-timeout", "1"))
+            rows.append(fault(model, cf, "compute starved (b: 1 ms CPU a second)",
+                              lambda p: set_cpu_quota(p["b"], 1000), "--compute-timeout", "1"))
         rows.append(head_kill(model, cf))
     cols = ["fault", "detected_s", "exit_code", "leftovers", "options", "message"]
     atomic_csv_rows(OUT / "faults.csv", rows, cols)

@@ -711,6 +711,20 @@ def set_egress_rate(netns: str, bits_per_s: float) -> list[str]:
     return changed
 
 
+def set_cpu_quota(pid: int, quota_us: int, period_us: int = 1_000_000) -> Path:
+    """Re-set the CPU quota of the emulated device running `pid` (a fault: 1000 us a second starves
+    its compute ~1000x while a heartbeat still fits). Returns the cpu cgroup changed."""
+    rel = next((line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if "cpu" in line.split(":")[1].split(",")), "/")
+    if not rel.strip("/").startswith(PREFIX):
+        raise EmulationError(f"process {pid} is not in an emulated device's cpu cgroup ({rel})",
+                             where="set_cpu_quota", fix="run as root with emulated devices")
+    cg = CGROUP_ROOT / "cpu" / rel.strip("/")
+    (cg / "cpu.cfs_period_us").write_text(str(period_us))
+    (cg / "cpu.cfs_quota_us").write_text(str(quota_us))
+    return cg
+
+
 def _block_device(path: str) -> str | None:
     from ._measure import block_device_of
 

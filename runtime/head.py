@@ -449,13 +449,13 @@ class Driver:
             return
         for p in self.peers.values():
             r = p.ring or {}
-            age, med = r.get("item_age"), r.get("item_median")
-            if age is None or med is None:
+            if r.get("item_age") is None or r.get("item_median") is None:
                 continue
-            if float(age) > max(floor, 50 * float(med)):
+            age, med = float(r["item_age"]), max(float(r["item_median"]), 1e-6)
+            if age > max(floor, 50 * med):
                 raise WorkerError(
-                    f"one window has been computing for {float(age):.1f} s, {float(age) / max(float(med), 1e-6):.0f}x "
-                    f"its median of {float(med) * 1e3:.0f} ms, while the worker still answers heartbeats",
+                    f"one window has been computing for {age:.1f} s, {age / med:.0f}x its median of "
+                    f"{med * 1e3:.0f} ms, while the worker still answers heartbeats",
                     where=f"device {p.name}",
                     fix="the device's compute is hung or starved (swapping, CPU throttling, another load); check its "
                         "log and load, or raise --compute-timeout for devices this irregular")

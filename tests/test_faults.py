@@ -22,7 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from primasim import load_model
 from runtime import write_random_checkpoint
-from runtime.emulate import find_leftovers, is_root, set_egress_rate, state_dir
+from runtime.emulate import find_leftovers, is_root, set_cpu_quota, set_egress_rate, state_dir
 
 ROOT = is_root()
 DEV = """
@@ -183,22 +183,11 @@ def test_stalled_link_mid_generation_times_out_naming_the_link(setup: tuple[Path
     assert 3 <= dt < 15, dt
 
 
-def _starve_cpu(pid: int) -> None:
-    """Cut the device's CPU quota to 1 ms a second (0.1 %): its windows take ~1000x longer, while
-    answering a heartbeat still fits in the quota."""
-    rel = next(line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-               if "cpu" in line.split(":")[1].split(","))
-    assert rel.strip("/").startswith("primasim-e"), rel
-    cg = Path("/sys/fs/cgroup/cpu") / rel.strip("/")
-    (cg / "cpu.cfs_period_us").write_text("1000000")
-    (cg / "cpu.cfs_quota_us").write_text("1000")
-
-
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.skipif(not ROOT, reason="needs root (cpu cgroups)")
 def test_hung_compute_mid_generation_is_named(setup: tuple[Path, Path]) -> None:
-    rc, err, dt = _fault(setup, lambda pids: _starve_cpu(pids["b"]), "--compute-timeout", "1",
+    rc, err, dt = _fault(setup, lambda pids: set_cpu_quota(pids["b"], 1000), "--compute-timeout", "1",
                          "--heartbeat-timeout", "60", "--link-timeout", "60")
     assert rc == 2, err
     assert "device b" in err and "computing for" in err and "median" in err, err
