@@ -84,7 +84,8 @@ def variant(name: str) -> ClusterSpec:
         c = _with_memory(base, {"desktop": 1024, "laptop": 768, "tablet": 512, "phone": 384}, "home-emu-bw")
         links = tuple(LinkSpec(a, b, (12 if "desktop" in (a, b) else 8) * MBPS, 5 * MS)
                       for i, a in enumerate(c.names) for b in c.names[i + 1:])
-        net = NetworkSpec("switched", 8 * MBPS, 5 * MS, c.network.jitter, links, {"bandwidth_mbps": "fidelity: bw"})
+        net = NetworkSpec("switched", 8 * MBPS, 5 * MS, c.network.jitter, links, {"bandwidth_mbps": "fidelity: bw"},
+                          contention="pair")
         return ClusterSpec("home-emu-bw", c.devices, net, c.head, "home-emu with slow links", c.path)
     if name == "batch":  # one device that holds the whole model pinned, plus a KV pool
         c = _with_memory(base, {"desktop": 1536, "laptop": 768, "tablet": 512, "phone": 384}, "home-emu-batch")

@@ -3,9 +3,9 @@
     python experiments/reproduce_sensitivity.py [--tokens 16] [--out experiments/results/reproduce]
 
 1. Prefetching: prima vs prima w/o prefetch on the same plan, for the default plans (k = 1), for
-   Halda's plans with k = 2 and 4, and with the idle memory Linux can swap out for page cache
-   (can_swap on D2/D3, FITTED) set to 0: a gain needs a device that re-reads weights every token
-   *and* windows that fit its memory.
+   Halda's plans with k = 2 and 4, and with no swap on D2/D3 (so the idle memory Linux could swap
+   out for page cache is 0): a gain needs a device that re-reads weights every token *and* windows
+   that fit its memory.
 2. prima w/o Halda (memory-ratio split, k = 1): D1 (Metal, 0.7 GB/s) bytes read per token with and
    without prefetch -- the prefetch-release conflict of a window larger than memory.
 3. llama1-30b: the GPU reserve the planner budgets (prima.cpp v1 256 MiB vs the later +700 MiB
@@ -33,7 +33,7 @@ PAPER_GAIN = {"llama1-30b": (72, 79), "llama3-45b": (233, 263), "llama3-60b": (4
 
 def _no_swap(cl: ClusterSpec) -> ClusterSpec:
     for n in ("D2", "D3"):
-        cl = cl.replace_device(cl.device(n).replace(can_swap=0.0))
+        cl = cl.replace_device(cl.device(n).replace(swap_avail=0.0))
     return cl
 
 
@@ -61,7 +61,7 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|---|"]
     for mn, (pa, pb) in PAPER_GAIN.items():
         m = load_model(mn, "q4k")
-        for label, cl in (("fitted", base), ("can_swap=0 on D2, D3", _no_swap(base))):
+        for label, cl in (("fitted", base), ("no swap on D2, D3", _no_swap(base))):
             for k in (None, 2, 4):
                 if k is not None and m.n_layers % k:
                     continue

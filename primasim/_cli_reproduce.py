@@ -62,6 +62,13 @@ def run(args: argparse.Namespace) -> int:
                          default=_jsonable))
     elif len(results) > 1:
         _summary(results)
+    if len(results) > 1:
+        from pathlib import Path
+
+        from ._io import atomic_csv
+        from ._reproduce import error_summary
+
+        atomic_csv(Path(args.out) / "summary.csv", error_summary(results), index=False)
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -137,10 +144,19 @@ def _summary(results: list[Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="reproduce all")
-    for col in ("target", "result", "claims held", "seconds"):
+    from ._reproduce import error_summary
+
+    errs = error_summary(results)
+    t = Table(title="reproduce all (errors: median |predicted / paper - 1| over the cells with a paper number; "
+              "in-sample = cells a constant was fitted on)")
+    for col in ("target", "result", "claims held", "in-sample cells, err", "out-of-sample cells, err", "seconds"):
         t.add_column(col)
     for r in results:
         held = sum(c.passed for c in r.claims)
-        t.add_row(r.target, "[green]PASS[/]" if r.ok else "[red]FAIL[/]", f"{held}/{len(r.claims)}", f"{r.elapsed_s:.1f}")
+        cols = []
+        for split in ("in-sample", "out-of-sample"):
+            e = errs[(errs["target"] == r.target) & (errs["split"] == split)]
+            cols.append("-" if e.empty else f"{int(e['cells'].iloc[0])}, {e['median_err_pct'].iloc[0]:.0f} %")
+        t.add_row(r.target, "[green]PASS[/]" if r.ok else "[red]FAIL[/]", f"{held}/{len(r.claims)}", *cols,
+                  f"{r.elapsed_s:.1f}")
     Console().print(t)

@@ -19,6 +19,7 @@ File layout (see data/clusters/prima-d1-d4.toml for a complete example):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tomllib
@@ -44,6 +45,13 @@ class LinkSpec:
     burst: float = 0.0  # bytes: a shaper's bucket (tc tbf): after an idle spell this much passes at once
 
 
+#: 802.11ac/ax airtime a transmission opportunity costs besides its payload: DIFS (34 us) + mean
+#: backoff (CWmin 15 x 9 us slot / 2 = 67.5 us) + PHY preamble (~40 us) + SIFS (16 us) + block ack
+#: (~32 us) (IEEE 802.11-2016 timing); one aggregate (A-MPDU) carries up to WIFI_AMPDU bytes.
+WIFI_TXOP_OVERHEAD = 190e-6
+WIFI_AMPDU = 64 * 1024
+
+
 @dataclass(frozen=True)
 class NetworkSpec:
     kind: Literal["wifi", "switched"] = "wifi"
@@ -52,6 +60,26 @@ class NetworkSpec:
     jitter: float = 0.0
     links: tuple[LinkSpec, ...] = ()
     sources: dict[str, str] = field(default_factory=dict)
+    # switched: "nic" -- each device sends and receives through one NIC at `bandwidth` (a switch);
+    # "pair" -- every pair of devices is its own shaped link (the emulation's per-peer tbf)
+    contention: Literal["nic", "pair"] = "nic"
+    txop_overhead: float = -1.0  # wifi: airtime per transmission opportunity (-1: WIFI_TXOP_OVERHEAD)
+    ampdu: float = WIFI_AMPDU  # wifi: payload bytes one transmission opportunity carries
+
+    def airtime(self, a: str, b: str, nbytes: float) -> float:
+        """Seconds a message holds the medium (or link). On Wi-Fi every transmission opportunity
+        pays its contention, preamble and block ack on top of the payload: `bandwidth` is the
+        bulk rate measured with full aggregates, so the PHY rate is what leaves that after the
+        overhead, and a small message pays one overhead for little payload."""
+        bw, _ = self.link(a, b)
+        ovh = WIFI_TXOP_OVERHEAD if self.txop_overhead < 0 else self.txop_overhead
+        if self.kind != "wifi" or ovh <= 0 or nbytes <= 0:
+            return nbytes / bw
+        per_agg = self.ampdu / bw - ovh  # payload seconds of one full aggregate at the PHY rate
+        if per_agg <= 0:
+            return nbytes / bw
+        phy = self.ampdu / per_agg
+        return math.ceil(nbytes / self.ampdu) * ovh + nbytes / phy
 
     def _pair(self, a: str, b: str) -> LinkSpec | None:
         return next((ln for ln in self.links if {ln.a, ln.b} == {a, b}), None)
@@ -122,8 +150,7 @@ class ClusterSpec:
         devs = tuple(self.device(n) for n in names)
         head = self.head if self.head in names else names[0]
         links = tuple(ln for ln in self.network.links if ln.a in names and ln.b in names)
-        net = NetworkSpec(self.network.kind, self.network.bandwidth, self.network.latency,
-                          self.network.jitter, links, self.network.sources)
+        net = dataclasses.replace(self.network, links=links)
         return ClusterSpec(f"{self.name}[{','.join(names)}]", devs, net, head, self.description, self.path)
 
     def replace_device(self, dev: DeviceSpec) -> ClusterSpec:
@@ -138,6 +165,10 @@ class ClusterSpec:
             "latency_ms": round(self.network.latency / MS, 6),
             "jitter_ms": round(self.network.jitter / MS, 6),
         }
+        if self.network.kind == "switched" and self.network.contention != "nic":
+            net["contention"] = self.network.contention
+        if self.network.kind == "wifi" and self.network.txop_overhead >= 0:
+            net["txop_overhead_us"] = round(self.network.txop_overhead * 1e6, 6)
         if self.network.links:
             net["links"] = [{"a": ln.a, "b": ln.b, "bandwidth_mbps": round(ln.bandwidth / MBPS, 6),
                              "latency_ms": round(ln.latency / MS, 6),
@@ -214,7 +245,7 @@ def _num(raw: dict[str, Any], key: str, default: float, where: str, positive: bo
 def _network_from_toml(raw: Any, where: str) -> NetworkSpec:
     if not isinstance(raw, dict):
         raise SpecError("[network] must be a table", where=where, fix="see data/clusters/prima-d1-d4.toml")
-    known = {"kind", "bandwidth_mbps", "latency_ms", "jitter_ms", "links", "sources"}
+    known = {"kind", "bandwidth_mbps", "latency_ms", "jitter_ms", "links", "sources", "contention", "txop_overhead_us"}
     extra = set(raw) - known
     if extra:
         raise SpecError(f"unknown field(s) {sorted(extra)}", where=where, fix=f"use {sorted(known)}")
@@ -234,9 +265,15 @@ def _network_from_toml(raw: Any, where: str) -> NetworkSpec:
                               _num(ln, "bandwidth_mbps", raw.get("bandwidth_mbps", 450), w, True) * MBPS,
                               _num(ln, "latency_ms", raw.get("latency_ms", 5), w) * MS,
                               _num(ln, "burst_kb", 0, w) * 1e3))
+    contention = raw.get("contention", "nic")
+    if contention not in ("nic", "pair"):
+        raise SpecError(f"'contention' must be nic or pair, got {contention!r}", where=where,
+                        fix="contention = \"nic\" (one NIC per device) or \"pair\" (a shaped link per pair)")
+    ovh = _num(raw, "txop_overhead_us", -1e-6 * 1e6, where) if "txop_overhead_us" in raw else -1.0
     return NetworkSpec(kind=kind, bandwidth=_num(raw, "bandwidth_mbps", 450, where, True) * MBPS,
                        latency=_num(raw, "latency_ms", 5, where) * MS, jitter=_num(raw, "jitter_ms", 0, where) * MS,
-                       links=tuple(links), sources={str(k): str(v) for k, v in raw.get("sources", {}).items()})
+                       links=tuple(links), sources={str(k): str(v) for k, v in raw.get("sources", {}).items()},
+                       contention=contention, txop_overhead=ovh * 1e-6 if ovh >= 0 else -1.0)
 
 
 def builtin_clusters() -> list[str]:

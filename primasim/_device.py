@@ -101,6 +101,19 @@ class DeviceSpec:
     swap_total: float = _f("swap_total_gib", GiB, help="swap size", default=0.0)
     swap_avail: float = _f("swap_avail_gib", GiB, help="free swap", default=0.0)
     can_swap: float = _f("can_swap_gib", GiB, help="Android: other apps' pages that can be swapped out (d^bytes_can_swap)", default=0.0)
+    # -- what the OS does under memory pressure (the simulator's page cache, primasim/sim/_pagecache.py)
+    avail_fraction: float = _f("avail_reported_fraction", help="ram_avail_gib as a fraction of the memory the OS can "
+                               "really give the model's page cache (prima.cpp's profiler reports MemAvailable x 0.8 "
+                               "on Linux and Termux, common/profiler.cpp); 1 = ram_avail is all of it", default=1.0)
+    anon_other: float = _f("anon_other_gib", GiB, help="other processes' anonymous memory: counts in Linux's workingset "
+                           "size while swap has room, and is what swap, zram or the compressor can take; -1 = 75 % "
+                           "of the RAM the OS does not have available", default=-1.0)
+    idle_anon: float = _f("idle_anon_fraction", help="fraction of anon_other that is idle and goes to swap, zram or the "
+                          "compressor under pressure", default=0.5)
+    compress_ratio: float = _f("compress_ratio", help="swap in RAM (Android's zram): a page swapped out frees 1 - 1/ratio of "
+                               "its RAM; 0 = swap on a disk (frees it all)", default=0.0)
+    lmk_cached: float = _f("lmk_cached_gib", GiB, help="Android: cached background apps' memory that lmkd kills "
+                           "before the foreground app's page cache is dropped", default=0.0)
     kv_copy: float = _f("kv_copy_ms", MS, help="CPU time to append one token's K,V to one layer's cache", default=0.002 * MS)
     gemm_bw: float = _f("gemm_bw_gbs", GB, help="weight-streaming rate of the engine's matrix-matrix kernel (several "
                         "rows: prefill, batched decode) when it differs from its matrix-vector one at one token "
@@ -123,6 +136,15 @@ class DeviceSpec:
     def __post_init__(self) -> None:
         if self.disk_rnd < 0:
             object.__setattr__(self, "disk_rnd", self.disk_seq)
+        if not 0 < self.avail_fraction <= 1:
+            raise SpecError(f"avail_reported_fraction must be in (0, 1], got {self.avail_fraction}",
+                            where=f"device {self.name}", fix="use 0.8 for prima.cpp's profiler figures, 1 otherwise")
+        if not 0 <= self.idle_anon <= 1:
+            raise SpecError(f"idle_anon_fraction must be in [0, 1], got {self.idle_anon}", where=f"device {self.name}",
+                            fix="use e.g. 0.5")
+        if 0 < self.compress_ratio < 1:
+            raise SpecError(f"compress_ratio must be 0 or >= 1, got {self.compress_ratio}", where=f"device {self.name}",
+                            fix="use e.g. 2.5 for zram, 0 for a swap disk")
         for k in self.gemm_bw_rows:
             if not k.isdigit() or int(k) < 2:
                 raise SpecError(f"gemm_bw_rows_gbs key {k!r} is not a number of rows >= 2", where=f"device {self.name}",
@@ -167,6 +189,52 @@ class DeviceSpec:
         if self.os == "android":
             return self.ram_avail + min(self.can_swap, self.swap_avail)
         return self.ram_avail
+
+    @property
+    def page_io(self) -> float:
+        """Bytes of one random page-in: a 16 KiB page on Apple Silicon, 4 KiB elsewhere (prima.cpp's
+        profiler runs fio's random test at the page size, common/profiler.cpp)."""
+        return 16 * 1024.0 if (self.os == "macos" and self.uma) else 4096.0
+
+    @property
+    def io_latency(self) -> float:
+        """Seconds one random read takes at queue depth 1, from the random-read figure: prima.cpp's
+        fio test runs `cores` jobs of iodepth 1, so disk_rnd = cores x io / (latency + io / disk_seq)."""
+        io = self.page_io
+        return max(0.0, self.cores * io / self.disk_rnd - io / self.disk_seq)
+
+    def random_read_rate(self, io_bytes: float, depth: int) -> float:
+        """Throughput of random reads of `io_bytes` with `depth` in flight: each read pays the
+        per-I/O latency, `depth` of them overlap, and the disk's sequential rate bounds the sum."""
+        per = self.io_latency + io_bytes / self.disk_seq
+        return min(self.disk_seq, depth * io_bytes / per) if per > 0 else self.disk_seq
+
+    @property
+    def os_avail(self) -> float:
+        """Memory the OS can give the model (MemAvailable), of which ram_avail is the reported part."""
+        return self.ram_avail / self.avail_fraction
+
+    @property
+    def anon_other_bytes(self) -> float:
+        if self.anon_other >= 0:
+            return self.anon_other
+        return 0.75 * max(0.0, self.ram_total - self.os_avail)
+
+    @property
+    def os_swappable(self) -> float:
+        """Bytes of other processes' memory the OS frees before (Android, macOS) or instead of
+        (Linux, for a refaulting workingset) dropping the model's page cache."""
+        idle = self.idle_anon * self.anon_other_bytes
+        if self.os == "macos":
+            # the compressor squeezes idle pages and swaps its compressed segments out to swap files
+            # that grow on demand (dynamic_pager): swap_avail does not bound what can leave RAM. With
+            # Metal, macOS keeps a GPU working set up to MTLDevice.recommendedMaxWorkingSetSize
+            # resident ("the memory this device can use with good performance"), squeezing other
+            # processes as far as that takes
+            metal = self.gpu.vram_total - self.os_avail if (self.gpu is not None and self.gpu.kind == "metal") else 0.0
+            return max(idle, metal)
+        freed = 1.0 - 1.0 / self.compress_ratio if self.compress_ratio >= 1 else 1.0  # zram keeps 1/ratio in RAM
+        return min(self.swap_avail, idle) * freed + (self.lmk_cached if self.os == "android" else 0.0)
 
     def cpu_rate(self, dtype: str) -> float:
         return rate(self.cpu_flops, dtype)
@@ -261,8 +329,8 @@ def _to_toml(obj: Any) -> dict[str, Any]:
     for f in dataclasses.fields(obj):
         key, unit = f.metadata["toml"], f.metadata["unit"]
         v = getattr(obj, f.name)
-        if v is None:
-            continue
+        if v is None or (isinstance(f.default, float) and f.default < 0 and v == f.default):
+            continue  # absent, or a "derive it" sentinel
         if dataclasses.is_dataclass(v):
             out[key] = _to_toml(v)
         elif key == "sources":

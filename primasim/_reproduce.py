@@ -42,7 +42,7 @@ TABLE4_MODELS = ("llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-
 SIZE = {"llama3-8b": "8B", "llama3-14b": "14B", "llama1-30b": "30B", "llama3-45b": "45B", "llama3-60b": "60B",
         "llama1-65b": "65B", "llama3-70b": "70B", "qwen2.5-32b": "32B", "qwen2.5-72b": "72B"}
 ROW_FIELDS = ("target", "case", "system", "device", "metric", "unit", "predicted", "paper", "ratio", "tolerance",
-              "within", "source", "note")
+              "within", "split", "source", "note")
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -105,6 +105,15 @@ class Row:
         assert self.abs_tol is not None
         return abs(self.predicted - self.paper) <= self.abs_tol + 1e-12
 
+    def split(self, target: str) -> str:
+        """in-sample: a fitted constant was fitted on this cell (primasim/sim/_fitted.py); else
+        out-of-sample; empty when the paper has no number for it."""
+        if self.paper is None or self.ratio is None:
+            return ""
+        from .sim._fitted import split_of
+
+        return split_of(target, self.case, self.system, self.metric, self.device)
+
     def as_dict(self, target: str) -> dict[str, Any]:
         r = self.ratio
         return {"target": target, "case": self.case, "system": self.system, "device": self.device,
@@ -112,7 +121,7 @@ class Row:
                 "predicted": None if self.predicted is None else _round(self.predicted),
                 "paper": self.paper,
                 "ratio": None if r is None else round(r, 4), "tolerance": self.tolerance,
-                "within": self.within, "source": self.source,
+                "within": self.within, "split": self.split(target), "source": self.source,
                 "note": (f"paper {self.paper_bound} {self.paper:g}; " if self.paper_bound != "=" and self.paper is not None
                          else "") + self.note}
 
@@ -253,6 +262,29 @@ def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
     atomic_csv(path, df, index=False)
 
 
+def error_summary(results: Iterable[Result]) -> pd.DataFrame:
+    """Per target and split (in-sample / out-of-sample): how many cells have a paper number, the
+    median and P90 of |predicted / paper - 1|, and how many toleranced cells are within tolerance."""
+    import numpy as np
+    import pandas as pd
+
+    out = []
+    for res in results:
+        df = res.rows[res.rows["split"].astype(str) != ""]
+        for split in ("in-sample", "out-of-sample"):
+            d = df[df["split"] == split]
+            if d.empty:
+                continue
+            err = (d["ratio"].astype(float) - 1.0).abs()
+            tol = d[d["tolerance"].astype(str) != ""]
+            out.append({"target": res.target, "split": split, "cells": len(d),
+                        "median_err_pct": round(100 * float(np.median(err)), 1),
+                        "p90_err_pct": round(100 * float(np.percentile(err, 90)), 1),
+                        "toleranced": len(tol), "within": int(tol["within"].astype(bool).sum())})
+    return pd.DataFrame(out, columns=["target", "split", "cells", "median_err_pct", "p90_err_pct", "toleranced",
+                                      "within"])
+
+
 def _tolerance_claims(rows: list[Row]) -> list[Claim]:
     """One claim per (system, metric, tolerance) group: every cell of the group within tolerance."""
     groups: dict[tuple[str, str, str], list[Row]] = {}
@@ -294,6 +326,14 @@ def _num(s: str | None) -> float | None:
     if s is None or str(s).strip() == "":
         return None
     return float(s)
+
+
+def _testbed(name: str) -> ClusterSpec:
+    """A built-in testbed with the fitted constants in force (primasim.sim._fitted.override)."""
+    from ._cluster import load_cluster
+    from .sim._fitted import calibrated
+
+    return calibrated(load_cluster(name))
 
 
 def _sim_config(opts: RunOptions, **kw: Any) -> SimConfig:
@@ -350,11 +390,10 @@ T4_SRC = "prima.cpp v2 Table 4"
 def table4_results(opts: RunOptions, models: Iterable[str] = TABLE4_MODELS,
                    cluster: ClusterSpec | None = None) -> dict[tuple[str, str], SimResult]:
     """Simulate every Table 4 cell (the systems' own planners; prima with its default planner)."""
-    from ._cluster import load_cluster
     from ._model import load_model
     from .sim import simulate
 
-    cl = cluster or load_cluster("prima-d1-d4")
+    cl = cluster or _testbed("prima-d1-d4")
     cfg = _sim_config(opts)
     out: dict[tuple[str, str], SimResult] = {}
     for mn in models:
@@ -564,11 +603,10 @@ FIG2_SRC = "prima.cpp v2 Fig. 2 / Sec. 3.1"
           "are reported only. Even split, prima.cpp's piped ring with prefetch, data/clusters/prima-fig2-cpu4.toml; "
           "k in 1..20 where L = k * W holds (prima.cpp's constraint: every lap has the same windows).")
 def _prima_k_sweep(opts: RunOptions) -> Output:
-    from ._cluster import load_cluster
     from ._model import load_model
     from .sim import simulate
 
-    cl = load_cluster("prima-fig2-cpu4")
+    cl = _testbed("prima-fig2-cpu4")
     cfg = _sim_config(opts, tokens=max(4, opts.tokens // 2))
     stated = {r["model"]: r for r in paper_rows("prima_fig2")}
     rows: list[Row] = []
@@ -643,11 +681,10 @@ FIG8_SETS = (("D3",), ("D2", "D3"), ("D2", "D3", "D5"), ("D1", "D2", "D3"), ("D1
           "dropping >= 1 device; {D2, D3, D5} the fastest of the device sets simulated (the paper's finding). "
           "Subsets planned by prima's default Halda on the subset.")
 def _prima_device_selection(opts: RunOptions) -> Output:
-    from ._cluster import load_cluster
     from ._model import load_model
     from .sim import simulate
 
-    cl = load_cluster("prima-d1-d6")
+    cl = _testbed("prima-d1-d6")
     m = load_model("llama3-70b", "q4k")
     cfg = _sim_config(opts)
     rows: list[Row] = []
@@ -725,11 +762,10 @@ FIG10_LABEL = {"prima": "Halda", "memsched": "MemSched", "perfsched": "PerfSched
           "are reported per model with the ratio to the range's nearest end. Testbed data/clusters/prima-fig10.toml "
           "(estimates; the paper gives device kinds and memory sizes only).")
 def _prima_halda_vs_heuristics(opts: RunOptions) -> Output:
-    from ._cluster import load_cluster
     from ._model import load_model
     from .sim import simulate
 
-    cl = load_cluster("prima-fig10")
+    cl = _testbed("prima-fig10")
     cfg = _sim_config(opts)
     ranges = {(r["model_range"], r["baseline"]): r for r in paper_rows("prima_fig10")}
     rows: list[Row] = []

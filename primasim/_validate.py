@@ -613,7 +613,7 @@ def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, d
            "kind": "switched: the emulation shapes every device pair on its own link",
            "burst_kb": "emulation: the tc tbf bucket of each link (runtime.emulate.tbf_burst), not measured"}
     network = NetworkSpec(kind="switched", bandwidth=statistics.median(bws) if bws else net.bandwidth,
-                          latency=net.latency, jitter=net.jitter, links=tuple(links), sources=src)
+                          latency=net.latency, jitter=net.jitter, links=tuple(links), sources=src, contention="pair")
     return ClusterSpec(f"{cluster.name}-profiled", tuple(devs), network, cluster.head,
                        f"{cluster.description} (profiled by primasim validate)", cluster.path)
 

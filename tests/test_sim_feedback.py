@@ -23,7 +23,9 @@ def test_corrections_of_a_resident_plan_are_the_analytic_coefficients(d1d4: Clus
     m = load_model("llama3-8b", "q4k")
     plan = Plan("prima", m.name, 32, 2, (DevicePlan("D1", 2, 2), DevicePlan("D2", 6, 6), DevicePlan("D3", 6, 3),
                                           DevicePlan("D4", 2, 0)), quant="q4k")
-    res = simulate("prima", m, d1d4, plan=plan, config=CFG.replace(prefetch=False))
+    # the cost model's accounting (n_ctx KV reads, compute + memory summed, bytes / bandwidth on the air)
+    exact = CFG.replace(prefetch=False, kv_read="ctx", roofline=False, wifi_frames=False)
+    res = simulate("prima", m, d1d4, plan=plan, config=exact)
     corr = sim_corrections(res, m, d1d4)
     cm = CostModel.for_cluster(m, d1d4, n_ctx=plan.n_ctx, variant="paper", comm=True)
     i = {n: j for j, n in enumerate(cm.names)}

@@ -52,9 +52,13 @@ def test_llamacpp_within_30_percent(d1d4: ClusterSpec, paper: dict, name: str) -
 @pytest.mark.parametrize("name", MODELS)
 def test_prima_within_25_percent(d1d4: ClusterSpec, paper: dict, name: str) -> None:
     m = load_model(name, "q4k")
-    sh = sim_halda(m, d1d4, config=CFG, max_iter=2)
-    assert sh.best.tpot_ms == pytest.approx(paper[(name, "prima")], rel=0.25), sh.best.plan.describe()
-    # the fed-back plan is never worse than prima.cpp's closed-form Halda, simulated
+    res = simulate("prima", m, d1d4, config=CFG)
+    assert res.tpot_ms == pytest.approx(paper[(name, "prima")], rel=0.25), res.plan.describe()
+
+
+@pytest.mark.parametrize("name", ["llama3-45b", "llama3-70b"])
+def test_simulator_fed_halda_is_never_worse_than_closed_form(d1d4: ClusterSpec, name: str) -> None:
+    sh = sim_halda(load_model(name, "q4k"), d1d4, config=CFG, max_iter=2)
     assert sh.best.tpot_ms <= sh.closed_form.tpot_ms + 1e-9
 
 

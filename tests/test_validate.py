@@ -204,11 +204,11 @@ def test_shaped_link_passes_a_bucket_at_once_then_the_rate() -> None:
     assert b.duration(0.0, 2e-3) == 0.0  # 2000 B of a full 3000 B bucket
     assert b.duration(0.0005, 2e-3) == pytest.approx(0.5e-3)  # 1500 B left: waits for 500
     assert b.duration(1.0, 10e-3) == pytest.approx(7e-3)  # refilled to 3000 B only
-    net = NetworkSpec(kind="switched", bandwidth=8 * MBPS, latency=5 * MS,
+    net = NetworkSpec(kind="switched", bandwidth=8 * MBPS, latency=5 * MS, contention="pair",
                       links=(LinkSpec("a", "b", 8 * MBPS, 5 * MS, burst=3028),))
     cl = ClusterSpec("t", (_dev("a", 2048), _dev("b", 2048)), net)
     plain = ClusterSpec("t", cl.devices, NetworkSpec(kind="switched", bandwidth=8 * MBPS, latency=5 * MS,
-                                                      links=(LinkSpec("a", "b", 8 * MBPS, 5 * MS),)))
+                                                      contention="pair", links=(LinkSpec("a", "b", 8 * MBPS, 5 * MS),)))
     plan = _plan(("a", 8), ("b", 8))
     cfg = SimConfig(runtime=True, tokens=6, prompt_tokens=1, warmup=False, jitter=False)
     t_b = simulate("prima", runtime_model(MINI), cl, plan=plan, config=cfg).metrics.tpot_ms

@@ -28,10 +28,14 @@ class SimConfig:
                                  "(small synchronous readahead windows on page faults)")
     sample_cost_per_vocab: float = _h(0.0, "host seconds per vocabulary entry to sample a token "
                                       "(softmax + sampler chain over V logits); 0 = as the cost model")
-    kv_read: Literal["ctx", "filled"] = _h("ctx", "KV bytes read per layer: the whole n_ctx cache (the "
-                                           "cost model's b') or only the filled positions")
-    wifi_frame_overhead: float = _h(0.0, "seconds of airtime per message on top of bytes/bandwidth "
-                                    "(MAC contention, preamble, ACK)")
+    kv_read: Literal["ctx", "filled"] = _h("filled", "attention per layer and step: over the filled positions, "
+                                           "padded to 32 as llama.cpp does (KV traffic grows per token, prefill is "
+                                           "quadratic), or the cost model's accounting (the whole n_ctx cache read, "
+                                           "FLOPs at 256 positions)")
+    roofline: bool = _h(True, "a GPU layer takes the longer of its compute and its memory traffic (the kernel "
+                        "overlaps them); False: their sum, prima.cpp's cost model (CPU layers always add them)")
+    wifi_frames: bool = _h(True, "Wi-Fi airtime per transmission opportunity (contention, preamble, block ack; "
+                           "NetworkSpec.airtime) on top of the payload (False: bytes / bandwidth)")
     runtime: bool = _h(False, "model primasim's own runtime (runtime/) instead of the system's engine: its "
                        "residency plan (keep part of every layer, stream the rest), per-call costs, f32 KV "
                        "cache and cold start (primasim/sim/_runtime.py); for comparisons with `primasim run`")

@@ -34,11 +34,11 @@ class SimContext:
         self.trace = Trace(source="sim", system=system)
         self.rec = Recorder(self.trace, spans=cfg.record_spans)
         self.net = Network(self.env, cluster.network, rng=self.rng, recorder=self.rec, jitter=cfg.jitter,
-                           frame_overhead=cfg.wifi_frame_overhead, buckets=cfg.link_buckets)
+                           frames=cfg.wifi_frames, buckets=cfg.link_buckets)
         names = [d.name for d in plan.devices] if plan is not None else cluster.names
         self.devices: dict[str, SimDevice] = {
-            n: SimDevice(self.env, cluster.device(n), model, recorder=self.rec,
-                         fault_efficiency=cfg.fault_efficiency) for n in names}
+            n: SimDevice(self.env, cluster.device(n), model, recorder=self.rec, fault_efficiency=cfg.fault_efficiency,
+                         roofline=cfg.roofline and not cfg.runtime) for n in names}
 
     def dev(self, name: str) -> SimDevice:
         return self.devices[name]
@@ -84,6 +84,8 @@ class SimContext:
                           "swapped_out_bytes"):
                     self.rec.set(d.name, f"cache_{k}", float(getattr(st, k)))
                 self.rec.set(d.name, "cache_capacity_bytes", d.cache.capacity)
+                # admitted (and counted above) but still being read when the run ended
+                self.rec.set(d.name, "cache_inflight_bytes", float(sum(d.cache.size[c] for c in d.loading)))
         self.trace.meta.update({"model": self.model.name, "quant": self.model.quant, "cluster": self.cluster.name,
                                 "seed": self.cfg.seed, "tokens": self.cfg.tokens,
                                 "prompt_tokens": self.cfg.prompt_tokens,

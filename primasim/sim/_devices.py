@@ -37,13 +37,13 @@ class SimDevice:
     """One device of the cluster inside a SimPy environment."""
 
     def __init__(self, env: simpy.Environment, spec: DeviceSpec, model: ModelSpec, *,
-                 recorder: Recorder, fault_efficiency: float = 1.0) -> None:
+                 recorder: Recorder, fault_efficiency: float = 1.0, roofline: bool = False) -> None:
         self.env = env
         self.spec = spec
         self.name = spec.name
         self.model = model
         self.rec = recorder
-        self.timing = DeviceTiming(spec, model)
+        self.timing = DeviceTiming(spec, model, roofline=roofline)
         self.fault_efficiency = fault_efficiency
         self.cpu = Server(env, device=self.name, resource="cpu", recorder=recorder)
         self.gpu = Server(env, device=self.name, resource="gpu", recorder=recorder) if spec.gpu else None
@@ -67,9 +67,11 @@ class SimDevice:
         self.rec.set(self.name, "mem_avail_min", d.ram_avail - anon)
         self.rec.set(self.name, "anon_bytes", anon)
         if mmap:
-            swappable = min(d.can_swap, d.swap_avail)
-            self.cache = PageCache(os=d.os, capacity=d.ram_avail - anon, swappable=swappable,
-                                   metal=d.has_metal)
+            # the OS's available memory (not the profiler's reported share of it) less what the
+            # process pins; other processes' idle memory can make more room (see PageCache)
+            anon_ws = d.anon_other_bytes if d.swap_avail > 0 else 0.0
+            self.cache = PageCache(os=d.os, capacity=d.os_avail - anon, swappable=d.os_swappable,
+                                   metal=d.has_metal, anon_ws=anon_ws)
 
     def register_chunks(self, layer: int, nbytes: float, n_chunks: int, *, metal: bool, base: int) -> list[int]:
         assert self.cache is not None
@@ -84,38 +86,52 @@ class SimDevice:
 
     # ---------------------------------------------------------------- disk
     def read(self, nbytes: float, *, priority: int, name: str = "read", token: int = -1) -> Proc:
-        eff = self.fault_efficiency if priority == DEMAND else 1.0
+        """Read `nbytes` from the disk: a demand fault at the OS's fault rate (Linux's sequential
+        readahead, random page-ins elsewhere), a prefetch as madvise's large sequential reads."""
+        if priority == DEMAND:
+            t = self.timing.fault_read(nbytes) / self.fault_efficiency
+        else:
+            t = self.timing.prefetch_read(nbytes)
         t0 = self.env.now
-        yield from self.disk.serve(self.timing.disk_read(nbytes, eff), priority=priority)
+        yield from self.disk.serve(t, priority=priority)
         self.disk_bytes += nbytes
         self.rec.add(self.name, "disk_read_bytes", nbytes)
         self.rec.span(self.name, "disk" if priority == DEMAND else "prefetch", t0, self.env.now, name,
                       token=token, nbytes=nbytes)
+
+    def fault(self, cid: int, *, token: int = -1) -> simpy.Event:
+        """Start a demand fault for chunk `cid` (or join the read already in flight) and return the
+        event of its arrival; the caller has touched the resident chunks it needs first."""
+        pc = self.cache
+        assert pc is not None
+        ev = self.loading.get(cid)
+        if ev is not None:
+            return ev
+        pc.admit(cid, demand=True)  # the faulting access is this chunk's first reference
+        ev = self.loading[cid] = self.env.event()
+        self.rec.add(self.name, "page_faults", 1)
+
+        def proc() -> Proc:
+            yield from self.read(pc.size[cid], priority=DEMAND, name="page fault", token=token)
+            pc.unlock(cid)
+            del self.loading[cid]
+            ev.succeed()
+            self._notify_read_done()
+
+        self.env.process(proc())
+        return ev
 
     def ensure(self, cid: int, *, token: int = -1) -> Proc:
         """Make chunk `cid` resident (a page fault if it is not), then count the access."""
         pc = self.cache
         assert pc is not None
         t0 = self.env.now
-        faulted = False
-        while True:
-            ev = self.loading.get(cid)
-            if ev is not None:
-                yield ev  # a read (prefetch or another fault) is already in flight
-                continue
-            if pc.resident(cid):
-                break
-            pc.admit(cid, demand=True)  # the faulting access is this chunk's first reference
-            faulted = True
-            ev = self.loading[cid] = self.env.event()
-            self.rec.add(self.name, "page_faults", 1)
-            yield from self.read(pc.size[cid], priority=DEMAND, name="page fault", token=token)
-            pc.unlock(cid)
-            del self.loading[cid]
-            ev.succeed()
-            break
-        if not faulted:
-            pc.touch(cid)
+        while self.needs_fault(cid):
+            yield self.fault(cid, token=token)
+        pc.touch(cid)
+        self._stalled(t0, token)
+
+    def _stalled(self, t0: float, token: int) -> None:
         stall = self.env.now - t0
         if stall > 0:
             # compute waited for these bytes: the part of disk time prefetching did not hide
@@ -154,6 +170,9 @@ class SimDevice:
         pc.unlock(cid)
         del self.loading[cid]
         ev.succeed()
+        self._notify_read_done()
+
+    def _notify_read_done(self) -> None:
         done, self._done_ev = self._done_ev, None
         if done is not None:
             done.succeed()
@@ -167,24 +186,45 @@ class SimDevice:
     # ---------------------------------------------------------------- compute
     def run_layers(self, server: Server, layers: list[int], t_layer: float, *, name: str,
                    seq: int = 0, token: int = -1, tail: float = 0.0, tail_name: str = "") -> Proc:
-        """Compute `layers` on `server` (held throughout), faulting in non-resident chunks first;
-        `tail` seconds of other work (e.g. serialising the result) follow in the same hold."""
+        """Compute `layers` on `server` (held throughout); `tail` seconds of other work (e.g.
+        serialising the result) follow in the same hold.
+
+        A layer whose weights are not all resident faults the missing chunks in together, as the
+        engine's threads do on their rows of a tensor (the disk serves them in order), and
+        computes each chunk's share as soon as that chunk is in: a fault waits only for what is
+        missing, and compute overlaps the reads still queued behind it."""
         req = server.acquire()
         yield req
         try:
             acc = 0.0
             chunks = self.weights.chunks
+            pc = self.cache
             for layer in layers:
-                for cid in chunks.get(layer, ()):
-                    if self.needs_fault(cid):
-                        if acc > 0:
-                            yield from server.work(acc, name=name, seq=seq, token=token)
-                            acc = 0.0
-                        yield from self.ensure(cid, token=token)
-                    else:
-                        self.cache.touch(cid)  # type: ignore[union-attr]
-                acc += t_layer
-                if self.loading:
+                cids = chunks.get(layer, ())
+                missing = [c for c in cids if self.needs_fault(c)]
+                if not missing:
+                    for c in cids:
+                        pc.touch(c)  # type: ignore[union-attr]
+                    acc += t_layer
+                else:
+                    if acc > 0:
+                        yield from server.work(acc, name=name, seq=seq, token=token)
+                        acc = 0.0
+                    for c in cids:
+                        if c not in missing:
+                            pc.touch(c)  # type: ignore[union-attr]
+                    for c in missing:
+                        self.fault(c, token=token)
+                    share = t_layer / len(cids)
+                    for c in cids:
+                        if c in missing:
+                            t0 = self.env.now
+                            while self.needs_fault(c):  # (evicted again before use: fault anew)
+                                yield self.fault(c, token=token)
+                            pc.touch(c)  # type: ignore[union-attr]
+                            self._stalled(t0, token)
+                        yield from server.work(share, name=name, seq=seq, token=token)
+                if self.loading and acc > 0:
                     # a background read is running on this device: advance layer by layer so
                     # its evictions see the true order of accesses
                     yield from server.work(acc, name=name, seq=seq, token=token)

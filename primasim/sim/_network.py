@@ -1,10 +1,17 @@
-"""The network between devices: one shared Wi-Fi medium, or independent switched links.
+"""The network between devices: one shared Wi-Fi medium, a switch with one NIC per device, or
+independent shaped links per pair.
 
-A message costs airtime (bytes / bandwidth, plus an optional per-frame overhead) on the medium it
-crosses, then a one-way latency that does not occupy the medium (stack, AP forwarding,
-propagation). On Wi-Fi every device talks through one access point, so all messages queue for the
-same airtime server: concurrent senders (dllama's all-to-all, exo's broadcasts, a prefetching ring
-next to a busy link) contend. On a switched network each direction of each pair is its own server.
+A message costs airtime on what it crosses, then a one-way latency that does not occupy it (stack,
+AP forwarding, propagation):
+- Wi-Fi: every device talks through one access point, so every message queues for the same airtime
+  server (dllama's all-to-all, exo's broadcasts, a prefetching ring next to a busy link contend);
+  each transmission opportunity pays its contention, preamble and block ack on top of the payload
+  (NetworkSpec.airtime).
+- switched, `contention = "nic"`: a message holds its sender's transmit NIC and its receiver's
+  receive NIC for bytes / bandwidth (a cut-through switch): a node sending to seven peers shares its
+  one NIC among them (dllama's all-reduce on 8 nodes).
+- switched, `contention = "pair"`: each direction of each pair is its own server (the emulation's
+  per-peer tbf; `burst_kb` makes it a token bucket).
 Latency jitter is drawn from a gamma distribution with the cluster's mean and standard deviation,
 from a seeded generator, so runs are reproducible and report P50/P90.
 """
@@ -16,6 +23,8 @@ import simpy
 
 from .._cluster import NetworkSpec
 from ._engine import Proc, Recorder, Server
+
+MTU = 1500  # bytes of one Ethernet frame
 
 
 class LinkBucket:
@@ -40,18 +49,27 @@ class Network:
     """Airtime servers plus latency draws for one cluster's network."""
 
     def __init__(self, env: simpy.Environment, spec: NetworkSpec, *, rng: np.random.Generator,
-                 recorder: Recorder, jitter: bool = True, frame_overhead: float = 0.0, buckets: bool = True) -> None:
+                 recorder: Recorder, jitter: bool = True, frames: bool = True, buckets: bool = True) -> None:
         self.env = env
         self.spec = spec
         self.rng = rng
         self.recorder = recorder
         self.jitter = jitter and spec.jitter > 0
-        self.frame_overhead = frame_overhead
+        self.frames = frames
         self.buckets = buckets
         self.medium = Server(env, device="wifi", resource="net", recorder=None) if spec.kind == "wifi" else None
+        self.nics = spec.kind == "switched" and spec.contention == "nic"
         self._links: dict[tuple[str, str], Server] = {}
+        self._egress: dict[str, float] = {}  # when the switch port to each device has drained its queue
         self.bytes_on: dict[tuple[str, str], float] = {}
         self.messages = 0
+
+    def _nic(self, dev: str, direction: str) -> Server:
+        key = (dev, direction)
+        srv = self._links.get(key)
+        if srv is None:
+            srv = self._links[key] = Server(self.env, device=dev, resource="net", recorder=None)
+        return srv
 
     def _server(self, a: str, b: str) -> Server:
         if self.medium is not None:
@@ -82,7 +100,17 @@ class Network:
         t0 = self.env.now
         if overhead > 0:
             yield self.env.timeout(overhead)  # sender-side software cost (serialisation, RPC)
-        yield from self._server(a, b).serve(self.frame_overhead + nbytes / bw)
+        if self.nics:
+            # the sender's NIC puts the bytes on its port at line rate; the switch's port to the
+            # receiver drains its queue first in, first out at the same rate (frames pipeline, so
+            # an idle port adds one frame's time)
+            yield from self._nic(a, "tx").serve(nbytes / bw)
+            done = max(self.env.now + min(nbytes, MTU) / bw, self._egress.get(b, 0.0) + nbytes / bw)
+            self._egress[b] = done
+            yield self.env.timeout(done - self.env.now)
+        else:
+            air = self.spec.airtime(a, b, nbytes) if self.frames else nbytes / bw
+            yield from self._server(a, b).serve(air)
         yield self.env.timeout(self.latency(a, b))
         self.messages += 1
         self.bytes_on[(a, b)] = self.bytes_on.get((a, b), 0.0) + nbytes
@@ -95,4 +123,6 @@ class Network:
     def airtime_busy(self) -> float:
         if self.medium is not None:
             return self.medium.busy_time
+        if self.nics:
+            return sum(s.busy_time for s in self._links.values())
         return sum(s.busy_time for s in self._links.values())

@@ -1,24 +1,38 @@
 """The OS page cache of one device, at chunk granularity (a chunk = a slice of one layer's weights).
 
 mmap'd weights live here; a chunk that is not resident must be read from disk before compute can
-use it (a page fault), and room for it is made by the OS's reclaim policy. Policies per OS follow
-prima.cpp's analysis (reference section 1.2-1.3) but are *mechanisms*, not formulas: what a token
-reloads emerges from the access pattern (layer order, laps, prefetch) meeting the policy.
+use it (a page fault), and room for it is made by the OS's reclaim policy. Nothing here is a
+formula for what a token re-reads: that emerges from the access pattern (layer order, laps,
+prefetch) meeting the policy. The policies are the kernels' own rules, each with its source:
 
-- linux: two LRU lists as in mm/vmscan.c. A page enters the inactive list; a second access while
-  inactive promotes it to the active list; reclaim evicts the inactive list's oldest page and
-  deactivates active pages when the inactive list is too small (inactive_ratio = isqrt(10 * GB)).
-  Refault detection (mm/workingset.c): an evicted page that faults back within the workingset size
-  (the active list plus the other processes' anonymous memory that could be swapped out) comes
-  back active, and the kernel makes room for it by swapping those anonymous pages out. Result:
-  a small shortfall is absorbed ("gradual reclamation": only the shortfall is re-read), a large
-  one degenerates into a full re-read per token (LRU thrashing of a cyclic scan).
-- android: Linux underneath, but low-memory handling swaps other apps' cold pages out *first*
-  (d^swapout), whatever the access pattern; only then are mmap'd pages dropped.
-- macos: the compressor squeezes other processes first (the same `swappable` budget); then, for
-  pages mapped by Metal, eviction is all-or-nothing: the whole Metal working set is dropped at
-  once, so an oversized GPU slice is reloaded entirely every token. CPU-only mappings behave like
-  Linux's lists (macOS reads them at random-read speed; that is the disk's business).
+- linux (mm/vmscan.c, mm/workingset.c, v5.9+ two-list LRU):
+  - a page enters the inactive list (a demand fault maps it with its PTE accessed bit set; a
+    readahead or madvise(WILLNEED) page enters unmapped, not accessed);
+  - reclaim scans the inactive tail (folio_check_references): a mapped page whose accessed bit is
+    set is rotated once with PG_referenced set, and activated if it is found accessed again; a
+    page not accessed since the last scan is evicted, leaving a shadow entry with the
+    "nonresident age" (bytes evicted or activated so far);
+  - the active list is kept at most `inactive_ratio = isqrt(10 x GB)` times the inactive list
+    (inactive_is_low); deactivated pages go to the inactive head;
+  - a refault whose distance (age now - age at eviction) is at most the workingset size -- the
+    active file list, plus every other process's anonymous memory while swap has room -- comes
+    back active (workingset_refault), and the reclaim cost it records makes the kernel swap idle
+    anonymous memory out instead of dropping file pages (lru_note_cost): `swappable` bytes of
+    other processes' idle memory can make room that way.
+  Consequences that are *not* coded: a loop that fits is read once; a loop a little larger than
+  the cache is absorbed by swapping idle memory out when there is some; a loop larger than the
+  cache plus what can be swapped is never detected as a workingset (its refault distance exceeds
+  it) and is re-read in full every pass (the LRU pathology of cyclic access: "in cases where the
+  average access distance between thrashing pages is bigger than the size of memory there is
+  nothing that can be done", mm/workingset.c).
+- android: the Linux kernel, but low memory is handled by lmkd (killing cached background apps)
+  and zram (compressing other apps' cold pages) *before* the page cache of the foreground app is
+  dropped (prima.cpp reference 1.2, "swap-out of other apps' cold pages is preferred"); the bytes
+  this frees are the device's `swappable` (primasim._device.DeviceSpec.os_swappable).
+- macos: the compressor squeezes other processes first (the same `swappable` budget); file pages
+  are reclaimed from the inactive queue with a reference bit (vm_pageout_scan reactivates
+  referenced pages), with no refault detection; pages mapped by Metal are evicted all-or-nothing
+  (prima.cpp's Eq. 16: once the Metal working set overflows, the whole slice is dropped).
 
 Sizes are bytes. "Loading" chunks (reads in flight) are locked and never evicted.
 """
@@ -37,34 +51,44 @@ class PageCacheStats:
     prefetch_bytes: float = 0.0
     evicted_bytes: float = 0.0
     wasted_prefetch_bytes: float = 0.0  # prefetched, then evicted before any use
-    swapped_out_bytes: float = 0.0  # other processes' pages pushed to swap / compressor
+    swapped_out_bytes: float = 0.0  # other processes' pages pushed to swap / compressor / killed
     metal_flushes: int = 0
+    activations: int = 0  # pages promoted to the active list (second reference or workingset refault)
+    refault_activations: int = 0
 
 
 class PageCache:
-    """Resident set of one device's mmap'd weight chunks under a per-OS reclaim policy."""
+    """Resident set of one device's mmap'd weight chunks under a per-OS reclaim policy.
 
-    def __init__(self, *, os: str, capacity: float, swappable: float = 0.0, metal: bool = False) -> None:
+    `capacity`: bytes the page cache can hold for these weights before anything else must give
+    way (the OS's available memory minus the process's anonymous memory); `swappable`: bytes of
+    other processes' memory the OS frees first (Android, macOS) or when the file workingset
+    refaults (Linux); `anon_ws`: other processes' anonymous memory, which counts in Linux's
+    workingset size while swap has room (mm/workingset.c)."""
+
+    def __init__(self, *, os: str, capacity: float, swappable: float = 0.0, metal: bool = False,
+                 anon_ws: float | None = None) -> None:
         if os not in ("linux", "android", "macos"):
             raise ValueError(os)
         self.os = os
         self.capacity = max(0.0, capacity)
         self.swappable = max(0.0, swappable)
+        self.anon_ws = self.swappable if anon_ws is None else max(self.swappable, anon_ws)
         self.metal = metal
         self.size: dict[int, float] = {}
         self.is_metal: dict[int, bool] = {}
-        self.inactive: OrderedDict[int, bool] = OrderedDict()  # cid -> referenced since insertion
+        self.inactive: OrderedDict[int, None] = OrderedDict()  # first = tail (oldest)
         self.active: OrderedDict[int, None] = OrderedDict()
         self.inactive_bytes = 0.0
         self.active_bytes = 0.0
+        self.young: set[int] = set()  # PTE accessed bit: touched since the last scan
+        self.referenced: set[int] = set()  # PG_referenced
         self.locked: set[int] = set()
         self.unused_prefetch: set[int] = set()
-        self.shadow: dict[int, float] = {}  # cid -> evicted-bytes clock at its eviction
-        self.clock = 0.0  # total bytes evicted so far (the refault-distance clock)
-        self.x_used = 0.0  # bytes of other processes' memory swapped out to make room
+        self.shadow: dict[int, float] = {}  # cid -> nonresident age at its eviction
+        self.clock = 0.0  # nonresident age: bytes evicted + bytes activated (workingset_age_nonresident)
+        self.x_used = 0.0  # bytes of other processes' memory pushed out to make room
         self.stats = PageCacheStats()
-        gb = (capacity + swappable) / 1e9
-        self.inactive_ratio = max(1, math.isqrt(int(10 * gb))) if gb >= 1 else 1
 
     # ---------------------------------------------------------------- queries
     def register(self, cid: int, nbytes: float, *, metal: bool = False) -> None:
@@ -82,41 +106,52 @@ class PageCache:
     def limit(self) -> float:
         return self.capacity + self.x_used
 
+    @property
+    def inactive_ratio(self) -> int:
+        gb = int(self.used / 2**30)  # inactive_is_low: gb = (inactive + active) >> (30 - PAGE_SHIFT)
+        return max(1, math.isqrt(10 * gb)) if gb else 1
+
+    def workingset(self) -> float:
+        """Linux's workingset size for a file refault: the active file list, plus anonymous memory
+        while swap has room (mm/workingset.c workingset_test_recent)."""
+        return self.active_bytes + (self.anon_ws if self.swappable - self.x_used > 0 else 0.0)
+
     # ---------------------------------------------------------------- accesses
     def touch(self, cid: int) -> None:
-        """Compute read a resident chunk (sets the accessed state, may promote)."""
+        """Compute read a resident chunk through its mapping: sets the PTE accessed bit."""
         self.unused_prefetch.discard(cid)
-        if cid in self.active:
+        self.young.add(cid)
+        if cid in self.active:  # (the active list's order only matters for deactivation)
             self.active.move_to_end(cid)
-            return
-        if self.inactive.get(cid):
-            # second access while on the inactive list: activate (mark_page_accessed)
-            del self.inactive[cid]
-            n = self.size[cid]
-            self.inactive_bytes -= n
-            self.active[cid] = None
-            self.active_bytes += n
-        elif cid in self.inactive:
-            self.inactive[cid] = True
+
+    def _is_hot(self, cid: int) -> bool:
+        if self.os == "macos" or cid not in self.shadow:
+            return False  # XNU keeps no shadow entries: no refault detection
+        return self.clock - self.shadow[cid] <= self.workingset()
 
     def admit(self, cid: int, *, demand: bool) -> None:
         """Make room for `cid` and insert it, locked (its read is about to start).
 
-        Demand faults count as one access (the faulting instruction); prefetched chunks are
-        inserted unreferenced, like readahead pages.
-        """
+        A demand fault maps the page with its accessed bit set (the faulting access); readahead
+        and madvise(WILLNEED) pages enter unmapped and unaccessed."""
         n = self.size[cid]
-        hot = False
-        if cid in self.shadow:
-            distance = self.clock - self.shadow.pop(cid)
-            hot = distance <= self.active_bytes + (self.swappable - self.x_used)
+        hot = self._is_hot(cid)
+        self.shadow.pop(cid, None)
         self._make_room(n, hot=hot, keep=cid)
-        if hot and self.os != "macos":
+        if hot:
             self.active[cid] = None
             self.active_bytes += n
+            self.clock += n  # an activation ages the nonresident clock
+            self.stats.activations += 1
+            self.stats.refault_activations += 1
         else:
-            self.inactive[cid] = demand
+            self.inactive[cid] = None
             self.inactive_bytes += n
+        self.referenced.discard(cid)
+        if demand:
+            self.young.add(cid)
+        else:
+            self.young.discard(cid)
         self.locked.add(cid)
         if demand:
             self.stats.faults += 1
@@ -134,8 +169,7 @@ class PageCache:
         short = self.used + n - self.limit
         if short <= 0:
             return True
-        hot = cid in self.shadow and self.clock - self.shadow[cid] <= self.active_bytes + (self.swappable - self.x_used)
-        if self.os in ("android", "macos") or hot:
+        if self.os in ("android", "macos") or self._is_hot(cid):
             short -= self.swappable - self.x_used
         locked = sum(self.size[c] for c in self.locked)
         return short <= self.used - locked
@@ -145,8 +179,8 @@ class PageCache:
         short = self.used + n - self.limit
         if short <= 0:
             return
-        # Other processes' memory goes first where the OS prefers that (Android always; macOS via
-        # the compressor; Linux only for refaulting pages that belong to the workingset).
+        # Other processes' memory goes first where the OS prefers that (Android's lmkd + zram,
+        # macOS's compressor; Linux only when the file workingset refaults).
         if self.os in ("android", "macos") or hot:
             grow = min(short, self.swappable - self.x_used)
             if grow > 0:
@@ -171,18 +205,46 @@ class PageCache:
             short -= self.size[victim]
             self._evict(victim)
 
-    def _victim(self, keep: int) -> int | None:
-        # Keep the inactive list at least 1/(ratio+1) of the file LRU (inactive_is_low).
-        while self.active and self.inactive_bytes * self.inactive_ratio < self.active_bytes:
+    def _deactivate_if_low(self) -> None:
+        ratio = self.inactive_ratio
+        while self.active and self.inactive_bytes * ratio < self.active_bytes:
             c, _ = self.active.popitem(last=False)
             n = self.size[c]
             self.active_bytes -= n
-            self.inactive[c] = False
+            self.young.discard(c)  # shrink_active_list's folio_referenced clears the accessed bits
+            self.inactive[c] = None
             self.inactive_bytes += n
-        for c in self.inactive:
-            if c not in self.locked and c != keep:
+
+    def _activate(self, c: int) -> None:
+        del self.inactive[c]
+        n = self.size[c]
+        self.inactive_bytes -= n
+        self.active[c] = None
+        self.active_bytes += n
+        self.clock += n
+        self.stats.activations += 1
+
+    def _victim(self, keep: int) -> int | None:
+        """The next page the inactive scan reclaims (folio_check_references on the tail)."""
+        for _ in range(3):  # a full rotation clears every accessed bit: the next pass finds one
+            self._deactivate_if_low()
+            for c in list(self.inactive):
+                if c in self.locked or c == keep:
+                    continue
+                if c in self.young:
+                    self.young.discard(c)
+                    if c in self.referenced:
+                        self.referenced.discard(c)
+                        self._activate(c)  # accessed again since its last scan
+                    else:
+                        self.referenced.add(c)
+                        self.inactive.move_to_end(c)  # one more trip around the inactive list
+                    continue
                 return c
-        for c in self.active:
+            for c in self.active:  # inactive list exhausted (all locked or just activated)
+                if c not in self.locked and c != keep and not self.inactive:
+                    return c
+        for c in list(self.inactive) + list(self.active):
             if c not in self.locked and c != keep:
                 return c
         return None
@@ -195,8 +257,11 @@ class PageCache:
         else:
             del self.active[cid]
             self.active_bytes -= n
+        self.young.discard(cid)
+        self.referenced.discard(cid)
         self.clock += n
-        self.shadow[cid] = self.clock
+        if self.os != "macos":
+            self.shadow[cid] = self.clock
         self.stats.evicted_bytes += n
         if cid in self.unused_prefetch:
             self.unused_prefetch.discard(cid)

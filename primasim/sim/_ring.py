@@ -21,6 +21,7 @@ from .._plan import Plan, Segment
 from ._context import SimContext, SimResult
 from ._devices import DEMAND, SimDevice
 from ._engine import Proc
+from ._timing import kv_span
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Ring:
                                                   base=m.n_layers * cpl)
 
     # ---------------------------------------------------------------- one pass of the ring
-    def _segment(self, i: int, s: Segment, n_tokens: int, n_kv: int, seq: int, token: int) -> Proc:
+    def _segment(self, i: int, s: Segment, n_tokens: int, kv: tuple[int, int], seq: int, token: int) -> Proc:
         dev = self.ctx.dev(s.device)
         name = f"L{s.start}-{s.end - 1}" + (f" lap{s.lap}" if self.plan.k > 1 else "")
         hidden = self.model.hidden_bytes * n_tokens
@@ -117,14 +118,14 @@ class Ring:
             t_copy = dev.timing.host_copy(hidden)
             if t_copy > 0:
                 yield from dev.pcie.serve(t_copy, name="h2d", seq=seq, token=token, nbytes=hidden)
-            yield from dev.run_layers(dev.gpu, gpu_layers, scale * dev.timing.layer("gpu", n_tokens, n_kv)
+            yield from dev.run_layers(dev.gpu, gpu_layers, scale * dev.timing.layer("gpu", n_tokens, *kv)
                                       + self.opts.layer_overhead,
                                       name=name, seq=seq, token=token, tail=0.0 if cpu_layers else tail,
                                       tail_name="serialise")
             if t_copy > 0:
                 yield from dev.pcie.serve(t_copy, name="d2h", seq=seq, token=token, nbytes=hidden)
         if cpu_layers:
-            yield from dev.run_layers(dev.cpu, cpu_layers, scale * dev.timing.layer("cpu", n_tokens, n_kv)
+            yield from dev.run_layers(dev.cpu, cpu_layers, scale * dev.timing.layer("cpu", n_tokens, *kv)
                                       + self.opts.layer_overhead,
                                       name=name, seq=seq, token=token, tail=tail, tail_name="serialise")
         if self.prefetch and dev.cache is not None:
@@ -149,7 +150,7 @@ class Ring:
             yield from self.ctx.dev(a).cpu.serve(self.opts.msg_overhead, name="serialise", seq=seq, token=token)
         yield from self.ctx.net.send(a, b, nbytes, seq=seq, token=token, overhead=over)
 
-    def walk(self, n_tokens: int, n_kv: int, seq: int, token: int) -> Proc:
+    def walk(self, n_tokens: int, kv: tuple[int, int], seq: int, token: int) -> Proc:
         """One forward pass of `n_tokens` tokens of sequence `seq` around the ring."""
         ctx, m = self.ctx, self.model
         head: SimDevice = ctx.dev(self.head)
@@ -161,12 +162,13 @@ class Ring:
         for i, s in enumerate(self.segs):
             if s.device != prev:
                 yield from self._hop(prev, s.device, hidden, seq, token, first=i == 0)
-            yield from self._segment(i, s, n_tokens, n_kv, seq, token)
+            yield from self._segment(i, s, n_tokens, kv, seq, token)
             prev = s.device
         if prev != self.head:
             yield from self._hop(prev, self.head, hidden, seq, token)
         where = "gpu" if (self.opts.output_on_gpu and head.gpu is not None) else "cpu"
-        t_out = self.opts.compute_scale * head.timing.output(n_tokens, where) + self.opts.layer_overhead
+        # logits for the last token only (llama.cpp requests no others for a prompt)
+        t_out = self.opts.compute_scale * head.timing.output(1, where) + self.opts.layer_overhead
         t_sample = self.cfg.sample_cost_per_vocab * m.vocab
         server = head.gpu if where == "gpu" and head.gpu is not None else head.cpu
         if self.output_chunks and where == "cpu":
@@ -179,8 +181,9 @@ class Ring:
             self._broadcast(self.head, 1, seq, token)
 
     # ---------------------------------------------------------------- a whole generation
-    def n_kv(self, pos: int) -> int:
-        return self.plan.n_ctx if self.cfg.kv_read == "ctx" else max(1, pos)
+    def n_kv(self, filled: int) -> tuple[int, int]:
+        """(KV positions read, positions attended) with `filled` tokens in the context."""
+        return kv_span(self.cfg.kv_read, self.plan.n_ctx, filled)
 
     def sequence(self, seq: int) -> Proc:
         cfg, ctx = self.cfg, self.ctx
@@ -200,9 +203,13 @@ class Ring:
         env = self.ctx.env
         if self.cfg.warmup:
             yield from self.walk(1, self.n_kv(self.cfg.prompt_tokens), -1, -1)
-            # drain background reads so the timed part starts from the steady state
-            while any(d.loading for d in self.ctx.devices.values()):
-                yield env.timeout(1e-3)
+            # drain background reads so the timed part starts from the steady state (wait on the
+            # reads themselves: one event per read, not a poll)
+            while True:
+                pending = [ev for d in self.ctx.devices.values() for ev in d.loading.values()]
+                if not pending:
+                    break
+                yield env.all_of(pending)
             self._reset_counters()
         self.ctx.sample_residency()
         procs = [env.process(self.sequence(s)) for s in range(self.opts.sequences)]

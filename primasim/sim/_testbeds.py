@@ -12,6 +12,7 @@ from .._cluster import ClusterSpec, NetworkSpec
 from .._device import DeviceSpec, GPUSpec
 from .._model import ModelSpec
 from .._units import GB, GFLOPS, MBPS, MS, GiB, MiB
+from ._fitted import value
 
 
 def _flops(f32: float, f16: float, q: float) -> dict[str, float]:
@@ -29,7 +30,7 @@ def bud_xeon() -> ClusterSpec:
         # [FIT] one-request-at-a-time CodeLlama-7B at 4.36 tok/s (Bud Table 1, "without engine"):
         # decode streams 13.5 GB of bf16 weights per token -> ~60 GB/s effective of the socket's
         # 307 GB/s (8 x DDR5-4800) that a 16-core slice attains.
-        ram_bw=60 * GB,
+        ram_bw=value("bud_xeon_bw_gbs") * GB,
         # [E] AMX: 16 cores x 1024 bf16 FLOP/cycle x ~2 GHz = 32.8 TFLOPS peak; large oneDNN bf16
         # GEMMs reach 40-60 % of it, we take 40 %. Batched prefill is compute-bound, so the
         # batched/serial ratio depends on this estimate (10 TFLOPS: 17x, 18 TFLOPS: 23x): not fitted.
@@ -62,7 +63,7 @@ def mdi_jetsons(n: int) -> ClusterSpec:
         gpu = GPUSpec(kind="cuda", name="Jetson TX2 (Pascal, 256 cores)", vram_total=8 * GiB, vram_avail=4 * GiB,
                       flops=_flops(650, 1300, 650),  # [E] 0.67 TFLOPS FP32
                       # [E] 59.7 GB/s LPDDR4 peak, ~2/3 of it streamed by the Pascal GPU; PyTorch's fixed
-                      # per-block dispatch cost is the engine's (MDI_LAYER_OVERHEAD in sim/_systems.py)
+                      # per-block dispatch cost is the engine's (mdi_layer_overhead_s in sim/_fitted.py)
                       mem_bw=MDI_TX2_GPU_BW, pcie_bw=25 * GB, compute_buffer=300 * MiB)
         devs.append(DeviceSpec(name=f"tx2-{i}", os="linux", cores=6, ram_total=8 * GiB, ram_avail=6 * GiB,
                                ram_bw=25 * GB, cpu_flops=_flops(40, 40, 40), disk_seq=0.3 * GB, gpu=gpu, uma=True,

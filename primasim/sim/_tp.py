@@ -16,6 +16,7 @@ import simpy
 
 from ._context import SimContext, SimResult
 from ._engine import Proc
+from ._timing import kv_span
 
 Q80_BYTES_PER_VALUE = 34 / 32  # dllama syncs in Q8_0 blocks
 
@@ -36,37 +37,38 @@ def run_tp(ctx: SimContext, entry: object) -> SimResult:
     ctx.setup_plan_memory(mmap=False)
     fa = _attn_fraction(ctx)
 
-    def n_kv(pos: int) -> int:
-        return plan.n_ctx if cfg.kv_read == "ctx" else max(1, pos)
+    def n_kv(filled: int) -> tuple[int, int]:
+        return kv_span(cfg.kv_read, plan.n_ctx, filled)
 
     def node_phase(name: str, t: float, nbytes: float, label: str, token: int) -> Proc:
         dev = ctx.dev(name)
         yield from dev.cpu.serve(t, name=label, token=token)
         # its slice to every peer at once (TCP sends return when buffered: the messages queue for
         # airtime, their latencies overlap); the phase ends when every peer has every slice
-        sends = [env.process(net.send(name, peer, nbytes, name="all-reduce", token=token))
-                 for peer in names if peer != name]
+        i = names.index(name)  # (each node starts with its successor: the flows spread over the ports)
+        sends = [env.process(net.send(name, names[(i + j) % N], nbytes, name="all-reduce", token=token))
+                 for j in range(1, N)]
         if sends:
             yield env.all_of(sends)
 
     def barrier(procs: list[simpy.Process]) -> Proc:
         yield env.all_of(procs)
 
-    def walk(n_tokens: int, kv: int, token: int) -> Proc:
+    def walk(n_tokens: int, kv: tuple[int, int], token: int) -> Proc:
         sync = m.hidden * Q80_BYTES_PER_VALUE * n_tokens
         bcast = [env.process(net.send(root, p, m.hidden_bytes * n_tokens, name="embedding", token=token))
                  for p in names if p != root]
         yield from barrier(bcast)
         for layer in range(m.n_layers):
             for frac, label in ((fa, f"L{layer} attn"), (1.0 - fa, f"L{layer} ffn")):
-                procs = [env.process(node_phase(n, ctx.dev(n).timing.layer("cpu", n_tokens, kv) * frac / N,
+                procs = [env.process(node_phase(n, ctx.dev(n).timing.layer("cpu", n_tokens, *kv) * frac / N,
                                                 sync, label, token)) for n in names]
                 yield from barrier(procs)
-        logits = 4.0 * m.vocab / N * n_tokens
+        logits = 4.0 * m.vocab / N  # the last token's logits only
 
         def out(n: str) -> Proc:
             dev = ctx.dev(n)
-            yield from dev.cpu.serve(dev.timing.output(n_tokens) / N, name="output", token=token)
+            yield from dev.cpu.serve(dev.timing.output(1) / N, name="output", token=token)
             if n != root:
                 yield from net.send(n, root, logits, name="logits", token=token)
 
