@@ -59,6 +59,9 @@ class GPUSpec:
     pcie_bw: float = _f("pcie_gbs", GB, help="host<->device copy bandwidth (ignored on UMA)", default=12.0 * GB)
     copy_latency: float = _f("copy_latency_ms", MS, help="fixed cost of one host<->device copy", default=0.02 * MS)
     compute_buffer: float = _f("compute_buffer_mib", MiB, help="extra reserve (llama.cpp: +700 MiB CUDA, +300 MiB Metal)", default=-1.0)
+    gemm_flops: dict[str, float] = _f("gemm_gflops", GFLOPS, help="FLOPS per weight dtype of the batched matrix-matrix "
+                                      "kernels a prompt runs on (tensor cores, MMQ tiles) when they beat the decode "
+                                      "kernels' `gflops`; empty = gflops", default={})
 
     def __post_init__(self) -> None:
         if self.compute_buffer < 0:

@@ -100,6 +100,10 @@ FITTED: dict[str, Fitted] = {f.name: f for f in (
            ((T4, "llama3-45b", "llama.cpp", "tpot", ""), (T4, "llama3-60b", "llama.cpp", "tpot", ""),
             (FIG8, "D2+D3 -> D2+D3+D5", "prima", "tpot_ratio", "")),
            0.5, "estimate: half of background apps' memory idle enough to swap (range 0.1-0.8)", _LINUX_IDLE),
+    Fitted("table4_prompt_tokens", 9, "the prompt length of prima.cpp's Table 4 runs (the paper does not state it; "
+           "TTFT depends on it)", tuple((T4, mn, "llama.cpp", "ttft", "") for mn in (
+               "llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b")),
+           16, "primasim's default prompt"),
     Fitted("exo_compute_scale", 6.728, "exo's engines (tinygrad, MLX) per-layer time relative to llama.cpp's kernels",
            ((T4, "llama3-8b", "exo", "tpot", ""),), 3.3, "estimate: tinygrad streams the fp16 weights (3.3x the Q4K "
            "bytes) at llama.cpp's kernel efficiency"),

@@ -72,7 +72,9 @@ class DeviceTiming:
         read = m.layer_bytes + m.kv_bytes_per_token() * n_kv
         if where == "gpu":
             assert d.gpu is not None
-            t = self._both(self._flop_time(d.gpu.flops, pos, n_tokens), read / d.gpu.mem_bw) + d.gpu.kv_copy * n_tokens
+            # a prompt runs on the batched kernels (tensor cores / MMQ tiles), a decode step on the GEMV ones
+            table = d.gpu.gemm_flops if (n_tokens > 1 and d.gpu.gemm_flops) else d.gpu.flops
+            t = self._both(self._flop_time(table, pos, n_tokens), read / d.gpu.mem_bw) + d.gpu.kv_copy * n_tokens
         else:
             t = self._flop_time(d.cpu_flops, pos, n_tokens) + read / d.ram_bw + d.kv_copy * n_tokens
         self._memo[key] = t
