@@ -393,7 +393,6 @@ def table4_results(opts: RunOptions, models: Iterable[str] = TABLE4_MODELS,
     """Simulate every Table 4 cell (the systems' own planners; prima with its default planner)."""
     from ._model import load_model
     from .sim import simulate
-
     from .sim._fitted import value
 
     cl = cluster or _testbed("prima-d1-d4")
