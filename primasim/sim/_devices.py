@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import simpy
@@ -56,6 +57,9 @@ class SimDevice:
         self.disk_bytes = 0.0
         self.stall = 0.0  # seconds compute spent waiting for page-fault reads
         self._done_ev: simpy.Event | None = None
+        # extension point: seconds a read of `nbytes` takes when the disk grants it at `start`
+        # (sim/_runtime.py plugs in a blk-throttle bucket); None = the OS's fault / prefetch rate
+        self.disk_time: Callable[[float, float, int], float] | None = None
 
     # ---------------------------------------------------------------- memory
     def setup_memory(self, anon: float, *, mmap: bool) -> None:
@@ -88,12 +92,19 @@ class SimDevice:
     def read(self, nbytes: float, *, priority: int, name: str = "read", token: int = -1) -> Proc:
         """Read `nbytes` from the disk: a demand fault at the OS's fault rate (Linux's sequential
         readahead, random page-ins elsewhere), a prefetch as madvise's large sequential reads."""
-        if priority == DEMAND:
-            t = self.timing.fault_read(nbytes) / self.fault_efficiency
-        else:
-            t = self.timing.prefetch_read(nbytes)
         t0 = self.env.now
-        yield from self.disk.serve(t, priority=priority)
+        req = self.disk.acquire(priority)
+        yield req
+        try:
+            if self.disk_time is not None:  # evaluated when the disk grants the read (a throttle's slices)
+                t = self.disk_time(self.env.now, nbytes, priority)
+            elif priority == DEMAND:
+                t = self.timing.fault_read(nbytes)
+            else:
+                t = self.timing.prefetch_read(nbytes)
+            yield from self.disk.work(t / (self.fault_efficiency if priority == DEMAND else 1.0))
+        finally:
+            self.disk.release(req)
         self.disk_bytes += nbytes
         self.rec.add(self.name, "disk_read_bytes", nbytes)
         self.rec.span(self.name, "disk" if priority == DEMAND else "prefetch", t0, self.env.now, name,
