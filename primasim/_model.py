@@ -32,6 +32,7 @@ GGML_BLOCK: dict[str, tuple[int, int]] = {
     "BF16": (1, 2),
     "Q8_0": (32, 34),
     "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
     "Q5_0": (32, 22),
     "Q5_1": (32, 24),
     "Q4_K": (256, 144),
@@ -188,8 +189,8 @@ class ModelSpec:
         # q4k: Q4_K_M (llama-quant.cpp, llama_tensor_get_type)
         if role == "output":
             return "Q6_K"
-        if role == "token_embd":
-            return "Q4_K"
+        if role == "token_embd":  # tied: the embedding is also the output layer, which gets Q6_K
+            return "Q6_K" if self.tie_embeddings else "Q4_K"
         assert layer is not None
         if role == "attn_v":
             if _use_more_bits(layer, self.n_layers):

@@ -16,6 +16,7 @@ permutation on the activations (cheap) instead of copying the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -408,8 +409,6 @@ def _open_safetensors(d: Path) -> Checkpoint:
 
 
 def _with_file_dtype(spec: ModelSpec, cfg: dict[str, Any]) -> ModelSpec:
-    import dataclasses
-
     dt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
     return dataclasses.replace(spec, quant={"float32": "f32", "float16": "f16", "bfloat16": "f16"}.get(dt, spec.quant))
 
@@ -603,16 +602,19 @@ def _rope_freq_factors(spec: ModelSpec) -> np.ndarray | None:
 
 
 def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, fmt: Format = "safetensors", seed: int = 0,
-                            shards: int = 1) -> Path:
+                            shards: int = 1, dtype: str | None = None) -> Path:
     """Write a random-weight checkpoint of `spec`, seeded and deterministic (same seed, same bytes).
 
     safetensors: `out` is a directory; writes config.json, tokenizer.json and model.safetensors (or
-    `shards` files + model.safetensors.index.json). F32 when spec.quant is f32, else F16. Tensor
-    data is page-aligned (header padded) and every tensor 64-byte aligned, so all of it aliases.
-    gguf: `out` is the .gguf file (or a directory, which gets model.gguf); tensor types follow
-    spec.quant (f32, f16, q8_0); llama.cpp's names, metadata, tokenizer and Q/K permutation, so
-    llama.cpp loads it and computes the same model. The same seed gives the same model in both
-    formats. Returns the path to open with `open_checkpoint`.
+    `shards` files + model.safetensors.index.json). F32 when spec.quant is f32, else F16 (`dtype`
+    "BF16" for bfloat16). Tensor data is page-aligned (header padded) and every tensor 64-byte
+    aligned. gguf: `out` is the .gguf file (or a directory, which gets model.gguf); matrix types
+    follow spec.quant as llama.cpp's quantiser chooses them (f32, f16, q8_0, q4_0, q4k = Q4_K_M:
+    Q4_K with Q6_K for the output and, by llama.cpp's use_more_bits rule, some attn_v / ffn_down;
+    q5k, q6k), or `dtype` for every matrix (e.g. "BF16"); rows a block does not divide fall back
+    as llama.cpp does. K-quants are written by runtime/quantize.py. llama.cpp's names, metadata,
+    tokenizer and Q/K permutation, so llama.cpp loads it and computes the same model. The same
+    seed gives the same model in every format. Returns the path to open with `open_checkpoint`.
     """
     out = Path(out)
     if fmt not in ("safetensors", "gguf"):
@@ -620,20 +622,24 @@ def write_random_checkpoint(spec: ModelSpec, out: str | Path, *, fmt: Format = "
     if shards < 1 or (fmt == "gguf" and shards != 1):
         raise CheckpointError(f"shards={shards} is not possible for {fmt}", where="write_random_checkpoint",
                               fix="use shards >= 1, and 1 for gguf")
+    allowed = ("F32", "F16", "BF16") if fmt == "safetensors" else _GGUF_TYPES
+    if dtype is not None and dtype not in allowed:
+        raise CheckpointError(f"cannot write {dtype} to {fmt}", where="write_random_checkpoint",
+                              fix=f"use one of {', '.join(allowed)}")
     tok = build_tokenizer(spec.vocab, seed)
     if fmt == "gguf":
         path = out / "model.gguf" if out.suffix != ".gguf" else out
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_gguf(spec, path, seed, tok)
+        _write_gguf(spec, path, seed, tok, dtype)
         return path
     out.mkdir(parents=True, exist_ok=True)
     cfg = spec.to_hf_config()
-    dtype = np.float32 if spec.quant == "f32" else np.float16
-    cfg["torch_dtype"] = "float32" if dtype is np.float32 else "float16"
+    st_dtype = dtype or ("F32" if spec.quant == "f32" else "F16")
+    cfg["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[st_dtype]
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if tok is not None:
         tok.save(str(out / "tokenizer.json"))
-    _write_safetensors(spec, out, seed, shards, dtype)
+    _write_safetensors(spec, out, seed, shards, st_dtype)
     return out
 
 
@@ -655,11 +661,19 @@ def _hf_names(spec: ModelSpec) -> Iterator[tuple[str, Tensor]]:
             yield f"model.layers.{i}.{hf[role]}.{kind}", t
 
 
-def _write_safetensors(spec: ModelSpec, out: Path, seed: int, shards: int, dtype: type) -> None:
+def _st_bytes(x: np.ndarray, st_dtype: str) -> bytes:
+    if st_dtype == "BF16":
+        from .quantize import quantize
+
+        return quantize(x, "BF16").tobytes()
+    return x.astype(np.float32 if st_dtype == "F32" else np.float16, copy=False).tobytes()
+
+
+def _write_safetensors(spec: ModelSpec, out: Path, seed: int, shards: int, st_dtype: str) -> None:
     # The safetensors package writes from in-memory dicts with 8-byte alignment only; we stream
     # tensor by tensor and page-align the data (the format allows a space-padded header), so the
     # writer is ours. tests/test_checkpoint.py reads the result back with safetensors' own reader.
-    item = np.dtype(dtype).itemsize
+    item = 4 if st_dtype == "F32" else 2
     entries = list(_hf_names(spec))
     # Tensors whose size is not a multiple of 64 bytes go last, so all the others stay aligned.
     entries.sort(key=lambda e: (e[1].n_elements * item) % ALIGN != 0)
@@ -671,7 +685,6 @@ def _write_safetensors(spec: ModelSpec, out: Path, seed: int, shards: int, dtype
         acc += e[1].n_elements * item
     files = ["model.safetensors"] if shards == 1 else \
         [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
-    st_dtype = "F32" if dtype is np.float32 else "F16"
     for fname, group in zip(files, groups):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         off = 0
@@ -686,7 +699,7 @@ def _write_safetensors(spec: ModelSpec, out: Path, seed: int, shards: int, dtype
             fh.write(len(blob).to_bytes(8, "little"))
             fh.write(blob)
             for _, t in group:
-                fh.write(random_tensor(spec, t.name, t.shape, seed).astype(dtype, copy=False).tobytes())
+                fh.write(_st_bytes(random_tensor(spec, t.name, t.shape, seed), st_dtype))
         os.replace(tmp, out / fname)  # a new inode: mappings of an older file stay valid
     if shards > 1:
         wmap = {hf_name: fname for fname, g in zip(files, groups) for hf_name, _ in g}
@@ -694,16 +707,34 @@ def _write_safetensors(spec: ModelSpec, out: Path, seed: int, shards: int, dtype
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_gguf(spec: ModelSpec, path: Path, seed: int, tok: Tokenizer | None) -> None:
+# general.file_type per spec.quant or per `dtype` given to the writer (gguf.LlamaFileType names)
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4k": "MOSTLY_Q4_K_M",
+               "q4_0": "MOSTLY_Q4_0", "q5k": "MOSTLY_Q5_K_M", "q6k": "MOSTLY_Q6_K", "F32": "ALL_F32",
+               "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0",
+               "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_K": "MOSTLY_Q4_K_S",
+               "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K"}
+
+
+def _gguf_type(t: Tensor, dtype: str | None) -> str:
+    """The ggml type a tensor is stored as: 1-D F32; matrices per the spec's mix (Tensor.storage_type)
+    or `dtype`, falling back as llama.cpp does when the block does not divide a row."""
+    if len(t.shape) == 1:
+        return "F32"
+    if dtype is None:
+        return t.storage_type
+    return dataclasses.replace(t, ggml_type=dtype).storage_type
+
+
+def _write_gguf(spec: ModelSpec, path: Path, seed: int, tok: Tokenizer | None, dtype: str | None = None) -> None:
     import gguf
 
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(spec.quant)
-    if qtype is None:
+    from .quantize import quantize
+
+    key = dtype or spec.quant
+    if key not in _FILE_TYPES:
         raise CheckpointError(f"cannot write quantisation {spec.quant!r} to GGUF", where=str(path),
-                              fix="use --quant f32, f16 or q8_0 for random checkpoints")
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[spec.quant]
+                              fix="use --quant f32, f16, q8_0 or q4k for random checkpoints")
+    ftype = gguf.LlamaFileType[_FILE_TYPES[key]]
     arch = spec.family
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), arch)
@@ -725,21 +756,12 @@ def _write_gguf(spec: ModelSpec, path: Path, seed: int, tok: Tokenizer | None) -
     if tok is not None:
         _add_gguf_tokenizer(w, tok)
 
-    def ttype(t: Tensor) -> gguf.GGMLQuantizationType:
-        if len(t.shape) == 1:
-            return gguf.GGMLQuantizationType.F32  # llama.cpp keeps 1-D tensors (norms, biases) F32
-        if t.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-            return gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks: llama.cpp's fallback
-        return qtype
-
     def stored(t: Tensor) -> np.ndarray:
         x = random_tensor(spec, t.name, t.shape, seed)
         if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             x = _permute_qk(x, spec.n_heads if ".attn_q." in t.name else spec.n_kv_heads)
-        tt = ttype(t)
-        if tt == gguf.GGMLQuantizationType.F32:
-            return x
-        return x.astype(np.float16) if tt == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(x, tt)
+        tt = _gguf_type(t, dtype)
+        return x if tt == "F32" else x.astype(np.float16) if tt == "F16" else quantize(x, tt)
 
     tensors = list(spec.tensors())
     factors = _rope_freq_factors(spec)
@@ -747,14 +769,15 @@ def _write_gguf(spec: ModelSpec, path: Path, seed: int, tok: Tokenizer | None) -
         w.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes,
                           raw_dtype=gguf.GGMLQuantizationType.F32)
     for t in tensors:  # all tensor infos first (the header), then the data, one tensor at a time
-        tt = ttype(t)
+        tt = gguf.GGMLQuantizationType[_gguf_type(t, dtype)]
         block, nbytes = gguf.GGML_QUANT_SIZES[tt]
         row = t.shape[-1] // block * nbytes
         if tt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             dt = np.dtype(np.float32 if tt == gguf.GGMLQuantizationType.F32 else np.float16)
             w.add_tensor_info(t.name, t.shape, dt, t.n_elements * dt.itemsize, raw_dtype=tt)
         else:
-            w.add_tensor_info(t.name, (t.shape[0], row), np.dtype(np.uint8), t.shape[0] * row, raw_dtype=tt)
+            w.add_tensor_info(t.name, (*t.shape[:-1], row), np.dtype(np.uint8), math.prod(t.shape[:-1]) * row,
+                              raw_dtype=tt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
