@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from primasim._cluster import load_cluster
-from primasim._io import atomic_write_text
-from primasim._paths import data_dir
-from primasim._reproduce import paper_rows
+from primasim.core.cluster import load_cluster
+from primasim.core.io import atomic_write_text
+from primasim.core.paths import data_dir
+from primasim.loop.reproduce.framework import paper_rows
 from primasim.sim import _fitted as F
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,9 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from primasim import load_model
-from primasim._io import atomic_csv_rows, atomic_write_text
-from runtime import write_random_checkpoint
-from runtime.emulate import find_leftovers, is_root, set_cpu_quota, set_egress_rate, state_dir
+from primasim.core.io import atomic_csv_rows, atomic_write_text
+from primasim.runtime import write_random_checkpoint
+from primasim.runtime.emulate import (
+    find_leftovers,
+    is_root,
+    set_cpu_quota,
+    set_egress_rate,
+    state_dir,
+)
 
 OUT = Path(__file__).parent / "results"
 DEV = """

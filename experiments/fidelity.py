@@ -1,8 +1,8 @@
 """Fidelity of the simulator against primasim's runtime on the emulated home cluster.
 
 Every configuration is planned on a *profiled* cluster (each device measured inside its emulated
-limits by `primasim._validate.profile_cluster`), simulated as the runtime executes it
-(`SimConfig(runtime=True)`) and run on the emulated cluster (`runtime.head.run_plan`). Reported,
+limits by `primasim.loop.validate.profile_cluster`), simulated as the runtime executes it
+(`SimConfig(runtime=True)`) and run on the emulated cluster (`primasim.runtime.head.run_plan`). Reported,
 as the simulators of reference §2 do (Vidur, BLIS, LLMServingSim): per metric the median and P90
 absolute percentage error, per regime and per split (fitted vs held out), and whether the
 predicted ranking of the plans of one cluster matches the measured one (Kendall tau).
@@ -25,7 +25,7 @@ Writes experiments/results/fidelity.csv (one row per configuration), fidelity.md
 fidelity.png, fidelity_runs.jsonl (the journal: measured metrics per configuration) and the
 profiled clusters fidelity_cluster_<variant>.toml.
 
-Crash safety (primasim._io): every configuration's measurement is appended to the journal as one
+Crash safety (primasim.core.io): every configuration's measurement is appended to the journal as one
 fsync'd line as soon as it finishes, and every other file is replaced atomically, so a run killed
 at any point loses at most the configuration in flight. `--resume` keeps the journal's
 configurations and the profiled clusters already written and runs the rest (a torn last line is
@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from primasim._cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
-from primasim._io import (
+from primasim.core.cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
+from primasim.core.io import (
     Journal,
     atomic_csv,
     atomic_savefig,
@@ -57,8 +57,8 @@ from primasim._io import (
     atomic_write_with,
     read_journal,
 )
-from primasim._model import load_model
-from primasim._units import MBPS, MS, MiB
+from primasim.core.model import load_model
+from primasim.core.units import MBPS, MS, MiB
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "llama-mini-300m"
@@ -163,8 +163,8 @@ def configs() -> list[Config]:
 # ----------------------------------------------------------------------------------- one configuration
 def make(cfg: Config, profiled: ClusterSpec) -> Any:
     """The plan of a configuration on the profiled cluster (runtime memory accounting)."""
-    from primasim._planners import make_plan
-    from primasim._validate import runtime_model
+    from primasim.loop.validate import runtime_model
+    from primasim.plan.planners import make_plan
 
     model = runtime_model(load_model(MODEL, "f32"))
     cl = profiled.subset(list(cfg.devices)) if len(cfg.devices) < len(profiled.devices) else profiled
@@ -182,7 +182,7 @@ def make(cfg: Config, profiled: ClusterSpec) -> Any:
 
 def simulate_config(cfg: Config, plan: Any, cl: ClusterSpec, fit: dict[str, float] | None = None,
                     switches: dict[str, bool] | None = None) -> dict[str, Any]:
-    from primasim._validate import predict
+    from primasim.loop.validate import predict
 
     model = load_model(MODEL, "f32")
     requests = cfg.batch if cfg.batch else None
@@ -210,8 +210,8 @@ def _calibrated(cl: ClusterSpec, fit: dict[str, float]) -> ClusterSpec:
 
 
 def measure_config(cfg: Config, plan: Any, emu_cluster: ClusterSpec, weights: Any) -> dict[str, Any]:
-    from primasim._trace import metrics
-    from primasim._validate import measure, prompt_ids
+    from primasim.core.trace import metrics
+    from primasim.loop.validate import measure, prompt_ids
 
     model = load_model(MODEL, "f32")
     cl = emu_cluster.subset(list(cfg.devices)) if len(cfg.devices) < len(emu_cluster.devices) else emu_cluster
@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = sorted({c.variant for c in cfgs})
     profiled: dict[str, ClusterSpec] = {}
     if not a.analyze:
-        from primasim._validate import profile_cluster
-        from runtime.head import cached_random_weights
+        from primasim.loop.validate import profile_cluster
+        from primasim.runtime.head import cached_random_weights
 
         model = load_model(MODEL, "f32")
         weights = cached_random_weights(model)
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             profiled[v] = load_cluster(out / f"fidelity_cluster_{v}.toml")
     # predictions (cheap): every configuration re-simulated from its plan and the profiled cluster
-    from primasim._plan import Plan
+    from primasim.core.plan import Plan
 
     plans: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []

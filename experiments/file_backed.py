@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from primasim._cluster import cluster_from_toml
-from primasim._io import atomic_write_json, atomic_write_text
-from primasim._model import ModelSpec
-from primasim._plan import DevicePlan, Plan
-from runtime import open_checkpoint, write_random_checkpoint
-from runtime.emulate import is_root
-from runtime.head import RunOptions, run_plan
+from primasim.core.cluster import cluster_from_toml
+from primasim.core.io import atomic_write_json, atomic_write_text
+from primasim.core.model import ModelSpec
+from primasim.core.plan import DevicePlan, Plan
+from primasim.runtime import open_checkpoint, write_random_checkpoint
+from primasim.runtime.emulate import is_root
+from primasim.runtime.head import RunOptions, run_plan
 
 OUT = Path(__file__).resolve().parent / "results"
 

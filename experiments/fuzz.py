@@ -25,7 +25,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 
-from primasim._io import atomic_open, atomic_write_text
+from primasim.core.io import atomic_open, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"

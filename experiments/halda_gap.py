@@ -1,6 +1,6 @@
 """Halda's relaxation + rounding vs the exact integer program, on random heterogeneous clusters.
 
-For every instance (2-16 random devices, a 7B-72B model, mixed OS/GPU/disk, see primasim._synth):
+For every instance (2-16 random devices, a 7B-72B model, mixed OS/GPU/disk, see primasim.core.synth):
 1. the fixed-k subproblems of the first outer iteration (set assignment of prima.cpp's start),
    solved by relaxation + rounding and by the exact integer program (CVXPY + HiGHS MIP, gap 0);
 2. full Halda (all k, all iterations, device selection) with ``solver="relax"`` and ``"exact"``.
@@ -14,7 +14,7 @@ plans of Halda with comm=True, general=True, global_opt=True, and global_opt + c
 
     python experiments/halda_gap.py --instances 600 --out experiments/results [--resume]
 
-Each finished instance is appended to <out>/halda_gap_runs.jsonl (one fsync'd line; primasim._io).
+Each finished instance is appended to <out>/halda_gap_runs.jsonl (one fsync'd line; primasim.core.io).
 A killed run loses at most the instance in flight: `--resume` skips the journal's instances (same
 seed) and runs the rest; without it a run starts afresh (the old journal is kept as .prev). The
 journal is deleted once halda_gap.csv and halda_gap.md are written (atomically). The reported
@@ -35,11 +35,11 @@ import numpy as np
 import pandas as pd
 
 from primasim import load_model
-from primasim._cost import CostModel, predict_tpot, totals_of
-from primasim._errors import PlanError
-from primasim._halda import _blocks, _Data, _init_split, _solve_exact, _solve_relax, halda
-from primasim._io import Journal, atomic_csv, atomic_write_text
-from primasim._synth import random_cluster
+from primasim.core.errors import PlanError
+from primasim.core.io import Journal, atomic_csv, atomic_write_text
+from primasim.core.synth import random_cluster
+from primasim.plan.cost import CostModel, predict_tpot, totals_of
+from primasim.plan.halda import _blocks, _Data, _init_split, _solve_exact, _solve_relax, halda
 
 MODELS = ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b",
           "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "llama2-7b", "codellama-13b"]
@@ -157,7 +157,7 @@ def summary(df: pd.DataFrame, seed: int, seconds: float) -> str:
         f"Reproduce: `python experiments/halda_gap.py --instances {len(df)} --seed {seed} --out experiments/results` "
         f"({seconds / 60:.1f} min on this machine). Data: `halda_gap.csv` (one row per instance).",
         "",
-        f"Instances: {len(df)} random clusters of 2-16 devices (primasim._synth: Linux/macOS/Android, CUDA/Metal/"
+        f"Instances: {len(df)} random clusters of 2-16 devices (primasim.core.synth: Linux/macOS/Android, CUDA/Metal/"
         f"no GPU, disks 0.05-7 GB/s), models {', '.join(sorted(df['model'].unique()))}, q4k/q8_0, n_ctx 512-4096. "
         f"Modes: {dict(df['mode'].value_counts())} (prima = prima.cpp's setting: code variant, no communication).",
         "",
@@ -198,7 +198,7 @@ def summary(df: pd.DataFrame, seed: int, seconds: float) -> str:
         "## How often prima.cpp's loop itself goes wrong (relax runs)",
         "",
         f"- the memory-ratio fallback split beat the set-assignment loop: {int(df['relax_fallback'].fillna(False).sum())} "
-        f"of {int(df['relax_objective_ms'].notna().sum())} instances (returned instead; see primasim._halda)",
+        f"of {int(df['relax_objective_ms'].notna().sum())} instances (returned instead; see primasim.plan.halda)",
         f"- the last iterate (what prima.cpp returns) was worse than the best iterate: "
         f"{int(df['last_iterate_worse'].fillna(False).sum())}",
     ]

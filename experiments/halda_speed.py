@@ -1,7 +1,7 @@
 """How long full Halda takes (every k, every outer iteration, device selection), by cluster size.
 
 prima.cpp's C++ Halda reports 10-12 ms for 4-32 devices; our targets: median <= 15 ms at 4 devices
-and <= 150 ms at 32. Random clusters (primasim._synth) and 7B-72B Q4K models. Each instance is
+and <= 150 ms at 32. Random clusters (primasim.core.synth) and 7B-72B Q4K models. Each instance is
 solved once to warm up (the CVXPY problems are compiled once per shape and cached for the life of
 the process; that first, "cold" call is reported separately), then timed `--repeats` times.
 
@@ -22,11 +22,11 @@ import numpy as np
 import pandas as pd
 
 from primasim import load_model
-from primasim._cost import CostModel, totals_of
-from primasim._errors import PlanError
-from primasim._halda import _LP_CACHE, _blocks, _bucket, _Data, _init_split, _solve_relax, halda
-from primasim._io import atomic_csv, atomic_write_text
-from primasim._synth import random_cluster
+from primasim.core.errors import PlanError
+from primasim.core.io import atomic_csv, atomic_write_text
+from primasim.core.synth import random_cluster
+from primasim.plan.cost import CostModel, totals_of
+from primasim.plan.halda import _LP_CACHE, _blocks, _bucket, _Data, _init_split, _solve_relax, halda
 
 SIZES = (4, 8, 16, 32)
 MODELS = ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b",
@@ -63,7 +63,7 @@ def time_halda(per_size: int, repeats: int, seed: int) -> pd.DataFrame:
 
 def cold_times(seed: int) -> pd.DataFrame:
     """First call in a process (caches cleared): CVXPY compiles the stacked LP for that shape."""
-    from primasim import _halda
+    from primasim.plan import halda as _halda
 
     rng = np.random.default_rng(seed + 1)
     rows = []
@@ -90,7 +90,7 @@ def lp_overhead(seed: int, n: int = 40) -> pd.DataFrame:
 
     Each solver gets its own compiled problem (CVXPY keeps one solving chain per problem, so
     alternating solvers on one problem would recompile every time)."""
-    from primasim._halda import _LPStack
+    from primasim.plan.halda import _LPStack
 
     rng = np.random.default_rng(seed)
     cases = []  # (devices, shape, parameter values) of real first-iteration LPs

@@ -3,7 +3,7 @@ and the same tokens (and logits) as a single-device run of the same model.
 
 Model: `llama-long-180m`, a random-weight f32 Llama (12 blocks, hidden 512, 8 heads = 8 KV heads
 of 64, SwiGLU 1536, vocab 4096, max_position_embeddings 4096; 173 MB) written once into the cache
-with `runtime.head.cached_random_weights`. llama-mini-300m's context is 2048 and its ring takes
+with `primasim.runtime.head.cached_random_weights`. llama-mini-300m's context is 2048 and its ring takes
 ~230 ms a token on home-emu; this one holds 4096 positions, and its KV cache is large for its size
 (48 KiB per token over 12 layers), so KV growth would be plain to see next to everything else.
 
@@ -53,8 +53,8 @@ from typing import Any
 
 import numpy as np
 
-from primasim._io import atomic_open, atomic_savefig, atomic_write_bytes, atomic_write_text
-from primasim._model import ModelSpec
+from primasim.core.io import atomic_open, atomic_savefig, atomic_write_bytes, atomic_write_text
+from primasim.core.model import ModelSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "experiments" / "results"
@@ -113,7 +113,7 @@ def find_workers(parent: int) -> dict[str, int]:
         except OSError:
             continue
         args = [a.decode(errors="replace") for a in argv]
-        if "worker" in args and "--parent-pid" in args and "--name" in args and "runtime.emulate" not in args:
+        if "worker" in args and "--parent-pid" in args and "--name" in args and "primasim.runtime.emulate" not in args:
             if args[args.index("--parent-pid") + 1] == str(parent):
                 found[args[args.index("--name") + 1]] = int(d.name)
     return found
@@ -151,7 +151,7 @@ class Sampler(threading.Thread):
 
 # ================================================================================ runs
 def checkpoint(spec: ModelSpec = MODEL) -> Path:
-    from runtime.head import cached_random_weights
+    from primasim.runtime.head import cached_random_weights
 
     return cached_random_weights(spec)
 
@@ -161,8 +161,8 @@ def kv_probe(path: Path, max_seq: int) -> dict[str, float]:
     RssAnon before/after allocating the whole model's cache in a fresh process."""
     code = f"""
 import json, re, jax, jax.numpy as jnp
-from runtime.head import open_weights
-from runtime.model import init_kv
+from primasim.runtime.head import open_weights
+from primasim.runtime.model import init_kv
 def anon():
     return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 spec = open_weights({str(path)!r}).spec
@@ -179,10 +179,10 @@ print(json.dumps({{"anon_delta": anon() - a0,
 
 def run_cluster(path: Path, cluster_name: Any, tokens: int, k: int, interval: float, emulate: bool,
                 prompt: list[int] = PROMPT) -> dict[str, Any]:
-    from primasim._cluster import load_cluster
-    from primasim._planners import make_plan
-    from primasim._validate import runtime_model
-    from runtime.head import RunOptions, open_weights, run_plan
+    from primasim.core.cluster import load_cluster
+    from primasim.loop.validate import runtime_model
+    from primasim.plan.planners import make_plan
+    from primasim.runtime.head import RunOptions, open_weights, run_plan
 
     ckpt = open_weights(path)
     cluster = load_cluster(cluster_name) if isinstance(cluster_name, str) else cluster_name
@@ -221,7 +221,7 @@ def run_cluster(path: Path, cluster_name: Any, tokens: int, k: int, interval: fl
 
 def single_child(path: str, tokens: int, out: str, prompt: list[int] = PROMPT) -> None:
     """(child process) the whole model on one device: runtime.generate, greedy, logits kept."""
-    from runtime import generate, load_params, open_checkpoint
+    from primasim.runtime import generate, load_params, open_checkpoint
 
     ckpt = open_checkpoint(path)
     params = load_params(ckpt, range(ckpt.spec.n_layers), embed=True, head=True)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from primasim._io import atomic_csv, atomic_write_text
-from primasim._reproduce import RunOptions, reproduce
+from primasim.core.io import atomic_csv, atomic_write_text
+from primasim.loop.reproduce.framework import RunOptions, reproduce
 from primasim.sim import _fitted as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -3,7 +3,7 @@
 # print one CSV line per run. Needs root. Reproduces experiments/results/profile_limits.csv:
 #   sudo sh experiments/profile_limits_sweep.sh > experiments/results/profile_limits.csv
 cd "$(dirname "$0")/../.." && . .venv/bin/activate
-DEV=$(python -c "from primasim._profile import block_device_of; from primasim._paths import cache_dir; print(block_device_of(cache_dir()).devno)")
+DEV=$(python -c "from primasim.profile.profiler import block_device_of; from primasim.core.paths import cache_dir; print(block_device_of(cache_dir()).devno)")
 echo "limit,value,loadavg_1m,cores,ram_total_gib,ram_avail_gib,ram_bw_gbs,cpu_gflops_f32,gemv_cold_gbs,disk_seq_gbs,disk_rnd_gbs,disk_seq_spread,seconds"
 run() {  # $1 = label, $2 = value, $3.. = "ctrl:file:value" settings
   label=$1; value=$2; shift 2; LOAD=$(cut -d" " -f1 /proc/loadavg)
@@ -12,7 +12,7 @@ run() {  # $1 = label, $2 = value, $3.. = "ctrl:file:value" settings
   for spec in "$@"; do c=${spec%%:*}; rest=${spec#*:}; f=${rest%%:*}; v=${rest#*:}; echo "$v" > /sys/fs/cgroup/$c/$S/$f; done
   joins=""; for spec in "$@"; do c=${spec%%:*}; joins="$joins echo \$\$ > /sys/fs/cgroup/$c/$S/cgroup.procs;"; done
   out=experiments/results/profile_sweep_tmp.toml
-  sh -c "$joins exec python -m primasim._profile --out $out --name sweep --only $ONLY --json" > /tmp/sweep.json 2>/dev/null || true
+  sh -c "$joins exec python -m primasim.profile.profiler --out $out --name sweep --only $ONLY --json" > /tmp/sweep.json 2>/dev/null || true
   for spec in "$@"; do c=${spec%%:*}; rmdir /sys/fs/cgroup/$c/$S 2>/dev/null || true; done
   python - "$label" "$value" "$LOAD" <<'PY'
 import json, sys

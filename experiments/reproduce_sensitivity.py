@@ -21,9 +21,9 @@ import warnings
 from pathlib import Path
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, load_cluster
-from primasim._io import atomic_csv_rows, atomic_write_text
-from primasim._units import MiB
+from primasim.core.cluster import ClusterSpec, load_cluster
+from primasim.core.io import atomic_csv_rows, atomic_write_text
+from primasim.core.units import MiB
 from primasim.sim import SimConfig, simulate
 
 ROOT = Path(__file__).resolve().parents[1]

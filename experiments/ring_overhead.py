@@ -36,12 +36,12 @@ from typing import Any
 import numpy as np
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, cluster_from_toml
-from primasim._io import atomic_csv_rows, atomic_write_text
-from primasim._model import ModelSpec
-from primasim._plan import DevicePlan, Plan
-from runtime import open_checkpoint, write_random_checkpoint
-from runtime.head import RunOptions, run_plan
+from primasim.core.cluster import ClusterSpec, cluster_from_toml
+from primasim.core.io import atomic_csv_rows, atomic_write_text
+from primasim.core.model import ModelSpec
+from primasim.core.plan import DevicePlan, Plan
+from primasim.runtime import open_checkpoint, write_random_checkpoint
+from primasim.runtime.head import RunOptions, run_plan
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -102,7 +102,7 @@ def ring_rows(tokens: int, workdir: Path) -> list[dict[str, Any]]:
 
 ECHO = """
 import sys, time, zmq
-from runtime import wire
+from primasim.runtime import wire
 ctx = zmq.Context(); pull = ctx.socket(zmq.PULL); port = pull.bind_to_random_port("tcp://127.0.0.1")
 push = ctx.socket(zmq.PUSH); push.connect(sys.argv[1]); print(port, flush=True)
 while True:
@@ -122,7 +122,7 @@ def pingpong_rows(n: int) -> list[dict[str, Any]]:
     waking an idle process costs more than the transfer itself on this VM)."""
     import zmq
 
-    from runtime import wire
+    from primasim.runtime import wire
 
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)

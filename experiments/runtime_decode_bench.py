@@ -30,8 +30,14 @@ import numpy as np
 from jax import lax
 
 from primasim import load_model
-from primasim._io import atomic_open, atomic_write_json, atomic_write_text
-from runtime import generate, load_params, open_checkpoint, prefetch, write_random_checkpoint
+from primasim.core.io import atomic_open, atomic_write_json, atomic_write_text
+from primasim.runtime import (
+    generate,
+    load_params,
+    open_checkpoint,
+    prefetch,
+    write_random_checkpoint,
+)
 
 GB = 1e9
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -201,7 +207,7 @@ def attention_layout(reps: int = 15) -> dict[str, float]:
     cache laid out heads-first (B, H_kv, S, D) [used] or positions-first (B, S, H_kv, D)."""
     import math
 
-    from runtime.model import attention
+    from primasim.runtime.model import attention
 
     rng = np.random.default_rng(3)
     S, Hkv, H, D = 1024, 4, 16, 64
@@ -263,7 +269,7 @@ def llama_cpp_decode(path: Path, prompt: list[int], tokens: list[int], threads: 
 
 _QUANT_PROBE = r"""
 import json, sys, time
-from runtime import open_checkpoint, load_params
+from primasim.runtime import open_checkpoint, load_params
 def anon():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon"):

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, load_cluster
-from primasim._device import DeviceSpec
-from primasim._io import atomic_csv_rows, atomic_write_text
-from primasim._reproduce import TABLE4_MODELS, paper_rows
-from primasim._units import GB, MBPS, MS, GiB, MiB
+from primasim.core.cluster import ClusterSpec, load_cluster
+from primasim.core.device import DeviceSpec
+from primasim.core.io import atomic_csv_rows, atomic_write_text
+from primasim.core.units import GB, MBPS, MS, GiB, MiB
+from primasim.loop.reproduce.framework import TABLE4_MODELS, paper_rows
 from primasim.sim import SimConfig, _fitted as F, simulate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ import warnings
 from pathlib import Path
 
 from primasim import load_model
-from primasim._cluster import load_cluster
-from primasim._io import atomic_csv_rows, atomic_write_text
+from primasim.core.cluster import load_cluster
+from primasim.core.io import atomic_csv_rows, atomic_write_text
 from primasim.sim import SimConfig, sim_halda
 
 CASES = [("prima-d1-d4", m) for m in ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b",

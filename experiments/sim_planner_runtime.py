@@ -10,7 +10,7 @@ TPOT. Needs root for the emulation (runs degraded otherwise, and says so).
     sudo .venv/bin/python experiments/sim_planner_runtime.py --resume   # after a kill: the missing clusters
     python experiments/sim_planner_runtime.py --report             # re-render the table from the CSV
 
-Writes experiments/results/sim_planner_runtime.{md,csv} (atomically, primasim._io). Each cluster's
+Writes experiments/results/sim_planner_runtime.{md,csv} (atomically, primasim.core.io). Each cluster's
 two measured plans are appended to sim_planner_runtime_runs.jsonl as one fsync'd line when they
 are done, so a killed run loses at most the cluster in flight; `--resume` skips the journal's
 clusters (without it a run starts afresh, keeping the old journal as .prev). The journal is
@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fidelity as F  # noqa: E402
 
-from primasim._cluster import load_cluster  # noqa: E402
-from primasim._io import Journal, atomic_csv, atomic_write_text  # noqa: E402
-from primasim._model import load_model  # noqa: E402
-from primasim._planners import make_plan  # noqa: E402
-from primasim._validate import measure, predict, prompt_ids, runtime_model  # noqa: E402
+from primasim.core.cluster import load_cluster  # noqa: E402
+from primasim.core.io import Journal, atomic_csv, atomic_write_text  # noqa: E402
+from primasim.core.model import load_model  # noqa: E402
+from primasim.loop.validate import measure, predict, prompt_ids, runtime_model  # noqa: E402
+from primasim.plan.planners import make_plan  # noqa: E402
 
 CASES = [("short", ("desktop", "laptop", "tablet", "phone")), ("short", ("desktop", "laptop", "tablet")),
          ("short", ("desktop", "laptop")), ("rich", ("desktop", "laptop", "tablet", "phone")),
@@ -43,8 +43,8 @@ CASES = [("short", ("desktop", "laptop", "tablet", "phone")), ("short", ("deskto
 def main(resume: bool = False) -> int:
     import pandas as pd
 
-    from primasim._trace import metrics
-    from runtime.head import cached_random_weights
+    from primasim.core.trace import metrics
+    from primasim.runtime.head import cached_random_weights
 
     t0 = time.time()
     base = load_model(F.MODEL, "f32")

@@ -2,7 +2,7 @@
 
     python experiments/sim_table4.py [--tokens 32] [--out experiments/results]
 
-For every Table 4 model and system the simulator plans with primasim._planners.make_plan (the
+For every Table 4 model and system the simulator plans with primasim.plan.planners.make_plan (the
 systems' own planners) and simulates. prima is reported three ways, because the plan decides the
 result and closed-form Halda is only one way to get one:
 - `halda`         make_plan("prima", planner="loop") (prima.cpp's Halda: code variant, local set search);
@@ -23,9 +23,9 @@ import warnings
 from pathlib import Path
 
 from primasim import load_model
-from primasim._cluster import load_cluster
-from primasim._io import atomic_csv_rows, atomic_write_text
-from primasim._planners import make_plan
+from primasim.core.cluster import load_cluster
+from primasim.core.io import atomic_csv_rows, atomic_write_text
+from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, sim_halda, simulate
 
 MODELS = ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b"]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from primasim._io import atomic_csv, atomic_write_json, atomic_write_text, read_journal
-from primasim._sweep import load_spec, run_sweep
+from primasim.core.io import atomic_csv, atomic_write_json, atomic_write_text, read_journal
+from primasim.loop.sweep._legacy import load_spec, run_sweep
 
 HERE = Path(__file__).parent
 SPEC = HERE / "sweeps" / "grid_1000.toml"

@@ -1,17 +1,17 @@
 """primasim: predict, plan and run LLM inference on home clusters of weak, mixed devices."""
 
-from ._errors import PrimasimError as PrimasimError, SpecError as SpecError
-from ._model import ModelSpec as ModelSpec, catalogue as catalogue, load_model as load_model
+from .core.errors import PrimasimError as PrimasimError, SpecError as SpecError
+from .core.model import ModelSpec as ModelSpec, catalogue as catalogue, load_model as load_model
 
 __version__ = "0.1.0"
 
 # Planning API (cost model, Halda, planners), loaded on first use so `import primasim` stays light.
 _LAZY = {
-    "halda": "._halda", "HaldaResult": "._halda",
-    "make_plan": "._planners", "PlanOutcome": "._planners", "SYSTEMS": "._planners",
-    "predict_tpot": "._cost", "predict_ttft": "._cost", "memory_pressure": "._cost",
-    "coefficients": "._cost", "device_sets": "._cost", "Coefficients": "._cost", "DeviceCorrection": "._cost",
-    "reproduce": "._reproduce", "plot_timeline": "._reproduce",
+    "halda": ".plan.halda", "HaldaResult": ".plan.halda",
+    "make_plan": ".plan.planners", "PlanOutcome": ".plan.planners", "SYSTEMS": ".plan.planners",
+    "predict_tpot": ".plan.cost", "predict_ttft": ".plan.cost", "memory_pressure": ".plan.cost",
+    "coefficients": ".plan.cost", "device_sets": ".plan.cost", "Coefficients": ".plan.cost", "DeviceCorrection": ".plan.cost",
+    "reproduce": ".loop.reproduce.framework", "plot_timeline": ".loop.reproduce.framework",
 }
 
 

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from primasim._errors import WorkerError
-from primasim._model import ModelSpec
+from primasim.core.errors import WorkerError
+from primasim.core.model import ModelSpec
 
 LayerKV = tuple[jax.Array, jax.Array]
 

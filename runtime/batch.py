@@ -95,7 +95,7 @@ class BatchServer:
         else:
             n_blocks = int(budget // block_bytes)
         if n_blocks - 1 < per_req:
-            from primasim._errors import WorkerError
+            from primasim.core.errors import WorkerError
 
             raise WorkerError(f"the KV pool ({n_blocks} blocks of {self.block} tokens, {budget or 0:.0f} bytes) "
                               f"cannot hold one request of {need} tokens", where="batch",
@@ -172,7 +172,7 @@ class BatchServer:
                     self.running.append(r)
             if not self.running:
                 if self.waiting and not self._admit_possible():
-                    from primasim._errors import WorkerError
+                    from primasim.core.errors import WorkerError
 
                     raise WorkerError("a waiting request can never be admitted", where="batch",
                                       fix="give the device more memory")

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from primasim._errors import CheckpointError, SpecError
-from primasim._model import ModelSpec, Tensor, from_gguf, from_hf_config, gguf_reader
+from primasim.core.errors import CheckpointError, SpecError
+from primasim.core.model import ModelSpec, Tensor, from_gguf, from_hf_config, gguf_reader
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -45,9 +45,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from primasim._cluster import ClusterSpec
-from primasim._errors import EmulationError
-from primasim._units import MBPS, MiB
+from primasim.core.cluster import ClusterSpec
+from primasim.core.errors import EmulationError
+from primasim.core.units import MBPS, MiB
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "cpu", "blkio")
@@ -477,7 +477,7 @@ class EmulatedCluster:
                   "--once", "--ready-file", str(ed.ready_path), "--name", name,
                   "--heartbeat-timeout", str(self.heartbeat_timeout), "--parent-pid", str(os.getpid()),
                   *extra]
-        enter = [sys.executable, "-m", "runtime.emulate", "enter"]
+        enter = [sys.executable, "-m", "primasim.runtime.emulate", "enter"]
         if ed.netns:
             enter += ["--netns", ed.netns]
         for cg in ed.cgroups.values():
@@ -498,7 +498,7 @@ class EmulatedCluster:
 
     def wait_ready(self, name: str, timeout: float) -> dict[str, Any]:
         """The endpoints a spawned worker bound, once it is listening (or WorkerError)."""
-        from primasim._errors import WorkerError
+        from primasim.core.errors import WorkerError
 
         ed = self.devices[name]
         assert ed.process is not None and ed.ready_path is not None
@@ -736,11 +736,11 @@ def _block_device(path: str) -> str | None:
 
 # ------------------------------------------------------------------------------------ launcher
 def _enter(argv: list[str]) -> None:
-    """`python -m runtime.emulate enter [--netns NS] [--cgroup DIR]... [--cpus 0,1] -- CMD...`:
+    """`python -m primasim.runtime.emulate enter [--netns NS] [--cgroup DIR]... [--cpus 0,1] -- CMD...`:
     join cgroups and a network namespace (setns, without remounting /sys as `ip netns exec`
     would, so the worker can read its own cgroup), die with the parent, then exec CMD."""
     if "--" not in argv:
-        sys.exit("usage: python -m runtime.emulate enter [--netns NS] [--cgroup DIR]... [--cpus LIST] -- CMD")
+        sys.exit("usage: python -m primasim.runtime.emulate enter [--netns NS] [--cgroup DIR]... [--cpus LIST] -- CMD")
     sep = argv.index("--")
     opts, cmd = argv[:sep], argv[sep + 1:]
     libc = ctypes.CDLL(None, use_errno=True)
@@ -775,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         removed = cleanup_stale()
         print("\n".join(removed) if removed else "nothing to clean up")
         return 0
-    print("usage: python -m runtime.emulate {enter ... -- CMD | cleanup}", file=sys.stderr)
+    print("usage: python -m primasim.runtime.emulate {enter ... -- CMD | cleanup}", file=sys.stderr)
     return 2
 
 

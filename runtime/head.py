@@ -29,11 +29,11 @@ from typing import Any
 
 import zmq
 
-from primasim._cluster import ClusterSpec
-from primasim._errors import CheckpointError, PlanError, PrimasimError, WireError, WorkerError
-from primasim._model import ModelSpec, load_model
-from primasim._plan import Plan, violations
-from primasim._trace import Request, Trace, metrics, result_json
+from primasim.core.cluster import ClusterSpec
+from primasim.core.errors import CheckpointError, PlanError, PrimasimError, WireError, WorkerError
+from primasim.core.model import ModelSpec, load_model
+from primasim.core.plan import Plan, violations
+from primasim.core.trace import Request, Trace, metrics, result_json
 
 from . import wire
 from .wire import Message, MsgType
@@ -165,11 +165,11 @@ def open_weights(ref: str | Path) -> Any:
 
 def cached_random_weights(spec: ModelSpec, *, fmt: str = "safetensors", seed: int = 0) -> Path:
     """Random weights for a catalogue architecture, written once into the cache directory
-    (`primasim._paths.cache_dir()/weights/<name>-<quant>-<fmt>-s<seed>`) and reused afterwards."""
+    (`primasim.core.paths.cache_dir()/weights/<name>-<quant>-<fmt>-s<seed>`) and reused afterwards."""
     import shutil
     import tempfile
 
-    from primasim._paths import cache_dir
+    from primasim.core.paths import cache_dir
 
     from .checkpoint import write_random_checkpoint
 
@@ -615,7 +615,7 @@ def _local_ip_towards(endpoint: str) -> str:
 
 
 def _sample(device: str, name: str, t: float, v: float) -> Any:
-    from primasim._trace import Sample
+    from primasim.core.trace import Sample
 
     return Sample(device, name, t, float(v))
 

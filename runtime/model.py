@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from primasim._errors import CheckpointError, WorkerError
-from primasim._model import ModelSpec
+from primasim.core.errors import CheckpointError, WorkerError
+from primasim.core.model import ModelSpec
 
 from .checkpoint import Checkpoint
 

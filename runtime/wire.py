@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from primasim._errors import WireError
+from primasim.core.errors import WireError
 
 PROTOCOL_VERSION = 1
 MAGIC = b"PSIM"

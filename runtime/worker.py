@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from primasim._errors import PrimasimError, WireError, WorkerError
+from primasim.core.errors import PrimasimError, WireError, WorkerError
 
 from . import wire
 from ._measure import IoCounter, MemorySampler, meminfo, own_cgroup, read_int
@@ -141,7 +141,7 @@ def split_ranges(ranges: list[tuple[str, int, int]], keep: float) -> tuple[list[
 # ======================================================================================== stage
 class Stage:
     """The model code one worker runs: its layer windows and, on the head, embedding + output.
-    The only place that calls runtime.model / runtime.checkpoint. Activations are (1, T, E) f32."""
+    The only place that calls primasim.runtime.model / primasim.runtime.checkpoint. Activations are (1, T, E) f32."""
 
     def __init__(self, path: str, windows: list[tuple[int, int]], *, head: bool, weights: str,
                  max_seq: int) -> None:
@@ -192,7 +192,7 @@ class Stage:
         return self._md.init_kv(self.spec, self.layers, self.max_seq)
 
     def bucket_starts(self) -> list[int]:
-        """Decode positions where the attention span (runtime.model.attention_span) moves to a
+        """Decode positions where the attention span (primasim.runtime.model.attention_span) moves to a
         new bucket, up to the KV length."""
         span = self._md.attention_span
         return [p for p in (1 << i for i in range(self.max_seq.bit_length()))
@@ -1186,7 +1186,7 @@ def serve(listen: str, **kw: Any) -> int:
     w = Worker(listen, **kw)
     auth = "open to any peer that reaches it"
     if w.keys:
-        from primasim._cli_keys import fingerprint
+        from primasim.cli.keys import fingerprint
 
         auth = f"CurveZMQ, cluster key {fingerprint(w.keys['public'])}"
     print(f"primasim worker {w.name}: control {w.control_ep}, data {w.data_ep} ({auth})", file=sys.stderr, flush=True)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from primasim import load_model
-from primasim._errors import CheckpointError, PrimasimError
-from primasim._model import ModelSpec
-from runtime import (
+from primasim.core.errors import CheckpointError, PrimasimError
+from primasim.core.model import ModelSpec
+from primasim.runtime import (
     build_tokenizer,
     embed,
     evict,
@@ -32,7 +32,7 @@ from runtime import (
     run_layers,
     write_random_checkpoint,
 )
-from runtime.checkpoint import ALIGN
+from primasim.runtime.checkpoint import ALIGN
 
 TINY = ("llama-tiny", "qwen2-tiny")
 
@@ -148,7 +148,7 @@ def test_llama_cpp_runs_our_gguf_like_we_do(tmp_path: Path) -> None:
                           range(spec.n_layers))
         assert np.abs(np.asarray(logits(params, x))[0] - theirs).max() < 1e-2
         llm.reset()
-        from runtime import generate
+        from primasim.runtime import generate
 
         ours = generate(params, ids, 12).tokens
         gen = llm.generate(ids, temp=0.0)
@@ -180,7 +180,7 @@ def test_tokenizer_is_deterministic_and_fills_the_vocabulary() -> None:
 # ---------------------------------------------------------------------------- file-backed
 _FILE_BACKED = r"""
 import json, sys, numpy as np, jax
-from runtime import open_checkpoint, load_params, init_kv, run_layers, embed, logits
+from primasim.runtime import open_checkpoint, load_params, init_kv, run_layers, embed, logits
 def status():
     d = {}
     for line in open("/proc/self/status"):

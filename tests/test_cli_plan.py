@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from primasim._paths import data_dir
-from primasim._plan import Plan
 from primasim.cli import main
+from primasim.core.paths import data_dir
+from primasim.core.plan import Plan
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

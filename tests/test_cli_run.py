@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from primasim import load_model
-from runtime import write_random_checkpoint
-from runtime.emulate import find_leftovers, is_root
+from primasim.runtime import write_random_checkpoint
+from primasim.runtime.emulate import find_leftovers, is_root
 
 CONTRACT = ("system", "feasible", "tpot_ms", "ttft_ms", "throughput_tok_s", "memory_pressure", "plan", "token_ids")
 CLUSTER2 = """
@@ -94,7 +94,7 @@ def test_plan_json_runs_and_reports_the_contract(model: Path, cluster_file: Path
     assert set(res["memory_pressure"]) == {"a", "b"}
     chrome = json.loads(trace.read_text())
     assert any(e.get("cat") == "cpu" for e in chrome["traceEvents"])
-    from primasim._trace import Trace, metrics
+    from primasim.core.trace import Trace, metrics
 
     tr = Trace.from_dict(json.loads(saved.read_text()))
     assert tr.source == "run" and metrics(tr).n_tokens == 5
@@ -253,12 +253,12 @@ def test_a_device_with_another_model_file_is_refused(model: Path, tmp_path: Path
 
 KILLED_HEAD = """
 import sys, time
-from primasim._cluster import load_cluster
-from primasim._plan import Plan
-from runtime.head import Driver, RunOptions, open_weights
+from primasim.core.cluster import load_cluster
+from primasim.core.plan import Plan
+from primasim.runtime.head import Driver, RunOptions, open_weights
 ckpt = open_weights(sys.argv[2])
 plan = Plan(system="even", model=ckpt.spec.name, n_layers=6, k=1, devices=(), quant="f32")
-from primasim._plan import DevicePlan
+from primasim.core.plan import DevicePlan
 plan = plan.replace(devices=(DevicePlan("b", 6),))
 d = Driver(plan, ckpt, load_cluster(sys.argv[1]), RunOptions(emulate=False))
 d.start()

@@ -13,9 +13,9 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from primasim import SpecError
-from primasim._cluster import cluster_from_toml, load_cluster
-from primasim._paths import data_dir
-from primasim._units import GB, MBPS, MS, GiB
+from primasim.core.cluster import cluster_from_toml, load_cluster
+from primasim.core.paths import data_dir
+from primasim.core.units import GB, MBPS, MS, GiB
 
 
 def _raw(name: str = "prima-d1-d6") -> dict[str, Any]:

@@ -9,8 +9,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from primasim import SpecError, load_model
-from primasim._cluster import ClusterSpec, NetworkSpec, load_cluster
-from primasim._cost import (
+from primasim.core.cluster import ClusterSpec, NetworkSpec, load_cluster
+from primasim.core.device import DeviceSpec, GPUSpec
+from primasim.core.plan import DevicePlan, Plan
+from primasim.core.synth import random_cluster
+from primasim.core.units import GB, GFLOPS, MBPS, MS, GiB, MiB
+from primasim.plan.cost import (
     DISK_THRESHOLD,
     CostModel,
     DeviceCorrection,
@@ -21,10 +25,6 @@ from primasim._cost import (
     predict_ttft,
     schedule_estimate,
 )
-from primasim._device import DeviceSpec, GPUSpec
-from primasim._plan import DevicePlan, Plan
-from primasim._synth import random_cluster
-from primasim._units import GB, GFLOPS, MBPS, MS, GiB, MiB
 
 C4 = load_cluster("prima-d1-d4")
 MODELS = ["llama3-8b", "llama1-30b", "llama3-70b", "qwen2.5-7b", "llama1-65b", "tinyllama-1.1b"]

@@ -15,9 +15,15 @@ from typing import Any
 
 import pytest
 
-from primasim._cluster import ClusterSpec, cluster_from_toml
-from primasim._units import MiB
-from runtime.emulate import EmulatedCluster, cleanup_stale, find_leftovers, is_root, state_dir
+from primasim.core.cluster import ClusterSpec, cluster_from_toml
+from primasim.core.units import MiB
+from primasim.runtime.emulate import (
+    EmulatedCluster,
+    cleanup_stale,
+    find_leftovers,
+    is_root,
+    state_dir,
+)
 
 ROOT = is_root()
 pytestmark = [pytest.mark.root, pytest.mark.skipif(not ROOT, reason="needs root (cgroups, network namespaces)")]
@@ -82,7 +88,7 @@ def test_per_pair_links_shape_real_traffic(tmp_path: Path) -> None:
             print(n, time.time() - t0, flush=True)
         """)
         client = f"import socket; s = socket.create_connection(('{big.host}', 7000)); s.sendall(b'x' * 1_000_000)"
-        enter = [PY, "-m", "runtime.emulate", "enter"]
+        enter = [PY, "-m", "primasim.runtime.emulate", "enter"]
         srv = subprocess.Popen([*enter, "--netns", big.netns, "--", PY, "-c", server], stdout=subprocess.PIPE, text=True)
         time.sleep(1.0)
         subprocess.run([*enter, "--netns", small.netns, "--", PY, "-c", client], check=True, timeout=60)
@@ -105,8 +111,8 @@ def test_error_inside_the_block_cleans_up() -> None:
 
 DRIVER = textwrap.dedent("""
     import json, sys, time
-    from primasim._cluster import cluster_from_toml
-    from runtime.emulate import EmulatedCluster
+    from primasim.core.cluster import cluster_from_toml
+    from primasim.runtime.emulate import EmulatedCluster
     cl = cluster_from_toml(json.loads(sys.argv[1]), "emu-test")
     emu = EmulatedCluster(cl, heartbeat_timeout=float(sys.argv[2])).__enter__()
     for n in ("big", "small"):
@@ -195,8 +201,8 @@ def test_without_privileges_it_runs_plain_processes_and_says_so(tmp_path: Path) 
     the cluster falls back to plain processes on 127.0.0.1 and lists what it could not emulate."""
     code = textwrap.dedent("""
         import json
-        from primasim._cluster import load_cluster
-        from runtime.emulate import EmulatedCluster
+        from primasim.core.cluster import load_cluster
+        from primasim.runtime.emulate import EmulatedCluster
         with EmulatedCluster(load_cluster("home-emu")) as emu:
             emu.spawn("phone")
             ready = emu.wait_ready("phone", 60)

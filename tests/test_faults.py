@@ -21,8 +21,14 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from primasim import load_model
-from runtime import write_random_checkpoint
-from runtime.emulate import find_leftovers, is_root, set_cpu_quota, set_egress_rate, state_dir
+from primasim.runtime import write_random_checkpoint
+from primasim.runtime.emulate import (
+    find_leftovers,
+    is_root,
+    set_cpu_quota,
+    set_egress_rate,
+    state_dir,
+)
 
 ROOT = is_root()
 DEV = """
@@ -234,10 +240,10 @@ def test_strangers_are_refused_during_a_keyed_run_which_is_unaffected(setup: tup
     """Peers without the cluster key, or with another key pair, connect to a keyed worker's
     control and data ports mid-run and send it messages: every handshake fails, nothing reaches
     the worker, and the run gives the same tokens as an unkeyed run."""
-    from primasim._cluster import load_cluster
-    from primasim._plan import DevicePlan, Plan
-    from runtime import open_checkpoint, wire
-    from runtime.head import Driver, RunOptions, run_plan
+    from primasim.core.cluster import load_cluster
+    from primasim.core.plan import DevicePlan, Plan
+    from primasim.runtime import open_checkpoint, wire
+    from primasim.runtime.head import Driver, RunOptions, run_plan
 
     model, cf = setup
     ckpt = open_checkpoint(model)
@@ -246,7 +252,7 @@ def test_strangers_are_refused_during_a_keyed_run_which_is_unaffected(setup: tup
                 devices=(DevicePlan("a", 2), DevicePlan("b", 2), DevicePlan("c", 2)))
     opts = RunOptions(max_new_tokens=30, emulate=ROOT)
     ref = run_plan(plan, ckpt, cl, [[1, 2, 3]], opts).token_ids[0]
-    from primasim._cli_keys import make
+    from primasim.cli.keys import make
 
     make(str(tmp_path / "k"))
     make(str(tmp_path / "other"))

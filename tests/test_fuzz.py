@@ -12,7 +12,7 @@ so is a hang or an allocation the input's size does not pay for. Parsers:
 - checkpoints (`open_checkpoint`): safetensors and GGUF files built with the project's writer, then
   truncated, bit-flipped, length fields overwritten (2**63, ...), header entries edited to absurd
   shapes, offsets and dtypes, config.json values made huge;
-- the wire decoder (`runtime.wire.decode`): random frames, wrong frame counts, header fields
+- the wire decoder (`primasim.runtime.wire.decode`): random frames, wrong frame counts, header fields
   rewritten with a valid CRC (version, type, dtype, ndim, shape, payload length), truncated and
   corrupted payloads, JSON payloads; peak allocation measured with tracemalloc.
 
@@ -46,13 +46,13 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from primasim import load_model
-from primasim._cluster import load_cluster
-from primasim._errors import PrimasimError
-from primasim._model import _load_catalogue, catalogue, from_gguf, from_hf_config_file
-from primasim._paths import data_dir
-from primasim._plan import DevicePlan, Plan, violations
-from runtime import open_checkpoint, wire, write_random_checkpoint
-from runtime.wire import HEADER, HEADER_SIZE, MsgType
+from primasim.core.cluster import load_cluster
+from primasim.core.errors import PrimasimError
+from primasim.core.model import _load_catalogue, catalogue, from_gguf, from_hf_config_file
+from primasim.core.paths import data_dir
+from primasim.core.plan import DevicePlan, Plan, violations
+from primasim.runtime import open_checkpoint, wire, write_random_checkpoint
+from primasim.runtime.wire import HEADER, HEADER_SIZE, MsgType
 
 MAX_MESSAGE = 4000  # characters: an error that echoes megabytes of junk is not a clear one
 

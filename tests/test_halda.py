@@ -10,10 +10,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from primasim import SpecError, load_model
-from primasim._cluster import load_cluster
-from primasim._cost import CostModel, DeviceCorrection, predict_tpot, totals_of
-from primasim._errors import PlanError
-from primasim._halda import (
+from primasim.core.cluster import load_cluster
+from primasim.core.errors import PlanError
+from primasim.core.plan import violations
+from primasim.core.synth import random_cluster
+from primasim.plan.cost import CostModel, DeviceCorrection, predict_tpot, totals_of
+from primasim.plan.halda import (
     _LP_CACHE,
     _blocks,
     _Data,
@@ -22,9 +24,7 @@ from primasim._halda import (
     _solve_relax,
     halda,
 )
-from primasim._plan import violations
-from primasim._planners import make_plan
-from primasim._synth import random_cluster
+from primasim.plan.planners import make_plan
 
 C4 = load_cluster("prima-d1-d4")
 C4_D3 = dataclasses.replace(C4, head="D3")

@@ -1,4 +1,4 @@
-"""Crash-safe results (primasim._io): atomic writes never leave a partial file, even under SIGKILL;
+"""Crash-safe results (primasim.core.io): atomic writes never leave a partial file, even under SIGKILL;
 a journal with a torn last line resumes with exactly its completed cells; a real experiment killed
 mid-run finishes only its missing cells when re-run with --resume."""
 
@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from primasim._io import (
+from primasim.core.io import (
     Journal,
     JournalBusyError,
     atomic_csv,
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WRITER = r"""
 import hashlib, json, sys
 from pathlib import Path
-from primasim._io import atomic_csv_rows, atomic_write_bytes, atomic_write_json
+from primasim.core.io import atomic_csv_rows, atomic_write_bytes, atomic_write_json
 d, naive = Path(sys.argv[1]), sys.argv[2] == "naive"
 i = 0
 while True:
@@ -250,7 +250,7 @@ def test_journal_is_exclusive_and_a_fresh_run_keeps_the_old_one(tmp_path: Path) 
 
 APPENDER = r"""
 import sys
-from primasim._io import Journal
+from primasim.core.io import Journal
 j = Journal(sys.argv[1], "cell")
 i = start = len(j)
 while True:

@@ -26,8 +26,8 @@ def _long_run():
 
 @pytest.mark.slow
 def test_long_run_memory_flat_and_tokens_match_single_device(tmp_path: Path) -> None:
-    from primasim._model import ModelSpec
-    from runtime import generate, load_params, open_checkpoint, write_random_checkpoint
+    from primasim.core.model import ModelSpec
+    from primasim.runtime import generate, load_params, open_checkpoint, write_random_checkpoint
 
     lr = _long_run()
     spec = ModelSpec(name="lr-test", family="llama", n_layers=8, hidden=256, n_heads=4, n_kv_heads=4, head_dim=64,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from primasim import SpecError
-from primasim._model import (
+from primasim.core.model import (
     GGML_BLOCK,
     ModelSpec,
     catalogue,

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from primasim import load_model
-from primasim._cluster import load_cluster
-from primasim._cost import totals_of
-from primasim._errors import PlanError
-from primasim._plan import DevicePlan, Plan, validate, violations
+from primasim.core.cluster import load_cluster
+from primasim.core.errors import PlanError
+from primasim.core.plan import DevicePlan, Plan, validate, violations
+from primasim.plan.cost import totals_of
 
 C4 = load_cluster("prima-d1-d4")
 M8 = load_model("llama3-8b", "q4k")

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from primasim import SpecError, load_model
-from primasim._cluster import ClusterSpec, load_cluster
-from primasim._model import catalogue
-from primasim._plan import violations
-from primasim._planners import SYSTEMS, make_plan, mdi_split
-from primasim._synth import random_cluster
+from primasim.core.cluster import ClusterSpec, load_cluster
+from primasim.core.model import catalogue
+from primasim.core.plan import violations
+from primasim.core.synth import random_cluster
+from primasim.plan.planners import SYSTEMS, make_plan, mdi_split
 
 C4 = load_cluster("prima-d1-d4")
 C4_D3 = dataclasses.replace(C4, head="D3")

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from primasim import _profile as prof
-from primasim._cluster import load_cluster
-from primasim._errors import SpecError, WireError
-from primasim._model import load_model
-from primasim._paths import cache_dir
-from primasim._units import GB, MB, GiB, KiB, MiB
+from primasim.core.cluster import load_cluster
+from primasim.core.errors import SpecError, WireError
+from primasim.core.model import load_model
+from primasim.core.paths import cache_dir
+from primasim.core.units import GB, MB, GiB, KiB, MiB
+from primasim.profile import profiler as prof
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 root_only = pytest.mark.skipif(not IS_ROOT, reason="needs root (cgroups)")
@@ -246,7 +246,7 @@ def test_disk_reads_bypass_cache_and_sequential_beats_random() -> None:
 # =============================================================================== network
 @pytest.fixture()
 def echo() -> Iterator[str]:
-    p = subprocess.Popen([sys.executable, "-m", "primasim._profile", "--echo", "tcp://127.0.0.1:*", "--echo-idle", "60"],
+    p = subprocess.Popen([sys.executable, "-m", "primasim.profile.profiler", "--echo", "tcp://127.0.0.1:*", "--echo-idle", "60"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None
@@ -349,7 +349,7 @@ def test_profile_cli_writes_a_cluster_that_loads(tmp_path: Path) -> None:
 
 def test_profile_json_and_module_entry(tmp_path: Path) -> None:
     out = tmp_path / "m.toml"
-    r = subprocess.run([sys.executable, "-m", "primasim._profile", "--out", str(out), "--name", "emu1", "--quick",
+    r = subprocess.run([sys.executable, "-m", "primasim.profile.profiler", "--out", str(out), "--name", "emu1", "--quick",
                         "--only", "none", "--json"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
@@ -363,7 +363,7 @@ def test_local_reads_the_cached_profile(tmp_path: Path, monkeypatch: pytest.Monk
     r = _cli("profile", "--quick", "--only", "memory", env=env)
     assert r.returncode == 0, r.stderr
     monkeypatch.setenv("PRIMASIM_CACHE", str(tmp_path))
-    from primasim._local import local_profile_path
+    from primasim.core.local import local_profile_path
 
     path = Path(local_profile_path())
     assert path.exists() and path.is_relative_to(tmp_path)
@@ -446,7 +446,7 @@ def test_disk_throughput_follows_a_blkio_throttle(tmp_path: Path) -> None:
     try:
         (cg / "blkio.throttle.read_bps_device").write_text(f"{dev.devno} {throttle}\n")
         out = tmp_path / "slow.toml"
-        r = _in_cgroups([cg], sys.executable, "-m", "primasim._profile", "--out", str(out), "--name", "slowdisk",
+        r = _in_cgroups([cg], sys.executable, "-m", "primasim.profile.profiler", "--out", str(out), "--name", "slowdisk",
                         "--quick", "--only", "disk", "--disk-dir", str(DISK_DIR), "--json")
         assert r.returncode == 0, r.stderr
         j = json.loads(r.stdout)
@@ -470,7 +470,7 @@ def test_available_memory_reflects_a_memory_cgroup(tmp_path: Path) -> None:
     try:
         (cg / "memory.limit_in_bytes").write_text(str(limit))
         out = tmp_path / "small.toml"
-        r = _in_cgroups([cg], sys.executable, "-m", "primasim._profile", "--out", str(out), "--name", "small",
+        r = _in_cgroups([cg], sys.executable, "-m", "primasim.profile.profiler", "--out", str(out), "--name", "small",
                         "--only", "none", "--quick")
         assert r.returncode == 0, r.stderr
         d = load_cluster(out).devices[0]
@@ -492,7 +492,7 @@ def test_cores_follow_a_cpu_quota(tmp_path: Path) -> None:
         (cg / "cpu.cfs_period_us").write_text("100000")
         (cg / "cpu.cfs_quota_us").write_text("50000")
         out = tmp_path / "slowcpu.toml"
-        r = _in_cgroups([cg], sys.executable, "-m", "primasim._profile", "--out", str(out), "--only", "none")
+        r = _in_cgroups([cg], sys.executable, "-m", "primasim.profile.profiler", "--out", str(out), "--only", "none")
         assert r.returncode == 0, r.stderr
         d = load_cluster(out).devices[0]
         assert d.cores == 1

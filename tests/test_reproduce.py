@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from primasim._errors import SpecError
-from primasim._reproduce import (
+from primasim.cli import main
+from primasim.core.errors import SpecError
+from primasim.loop.reproduce.framework import (
     ROW_FIELDS,
     TARGETS,
     Claim,
@@ -24,7 +25,6 @@ from primasim._reproduce import (
     paper_rows,
     reproduce,
 )
-from primasim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ("prima-table4", "prima-memory", "prima-k-sweep", "prima-device-selection", "prima-halda-vs-heuristics",

@@ -17,11 +17,11 @@ import pytest
 import zmq
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, cluster_from_toml
-from primasim._errors import CheckpointError, PlanError, WireError, WorkerError
-from primasim._model import ModelSpec
-from primasim._plan import DevicePlan, Plan
-from runtime import (
+from primasim.core.cluster import ClusterSpec, cluster_from_toml
+from primasim.core.errors import CheckpointError, PlanError, WireError, WorkerError
+from primasim.core.model import ModelSpec
+from primasim.core.plan import DevicePlan, Plan
+from primasim.runtime import (
     generate,
     load_params,
     load_tokenizer,
@@ -29,8 +29,8 @@ from runtime import (
     wire,
     write_random_checkpoint,
 )
-from runtime.emulate import find_leftovers, is_root
-from runtime.head import Driver, RunOptions, run_plan
+from primasim.runtime.emulate import find_leftovers, is_root
+from primasim.runtime.head import Driver, RunOptions, run_plan
 
 ROOT = is_root()
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (cgroups, network namespaces)")

@@ -1,5 +1,5 @@
 """The JAX model against an independent implementation (Hugging Face transformers on torch), on
-random checkpoints written by runtime.checkpoint and loaded by transformers from the same files."""
+random checkpoints written by primasim.runtime.checkpoint and loaded by transformers from the same files."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from primasim import load_model
-from primasim._errors import WorkerError
-from primasim._plan import DevicePlan, Plan
-from runtime import (
+from primasim.core.errors import WorkerError
+from primasim.core.plan import DevicePlan, Plan
+from primasim.runtime import (
     PagedKVPool,
     embed,
     generate,
@@ -66,7 +66,7 @@ def reference(model_dir: Path) -> dict[str, np.ndarray]:
 def test_rope_frequencies_match_transformers(model_dir: Path) -> None:
     """transformers sees the same RoPE frequencies (llama3 scaling for llama-tiny), so the logit
     comparisons below cannot pass by both sides ignoring the scaling."""
-    from runtime import rope_inv_freq
+    from primasim.runtime import rope_inv_freq
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     spec = open_checkpoint(model_dir).spec
@@ -221,7 +221,7 @@ def test_paged_batched_decode_matches_contiguous(llama_dir: Path) -> None:
 
 
 def test_paged_pool_exhaustion_is_clear(llama_dir: Path) -> None:
-    from runtime import KVPoolExhausted
+    from primasim.runtime import KVPoolExhausted
 
     spec = open_checkpoint(llama_dir).spec
     pool = PagedKVPool(spec, [0], n_blocks=3, block_size=4)
@@ -257,7 +257,7 @@ def test_sampler_is_seeded_and_respects_top_k_top_p() -> None:
 
 def test_window_compilation_is_shared_between_windows_of_equal_shape(llama_dir: Path) -> None:
     """A window of the same size and batch reuses the compiled function whatever its layer ids."""
-    from runtime.model import _window
+    from primasim.runtime.model import _window
 
     ckpt = open_checkpoint(llama_dir)
     params = load_params(ckpt, range(4), embed=True, head=False)
@@ -276,7 +276,7 @@ def test_window_compilation_is_shared_between_windows_of_equal_shape(llama_dir: 
 def test_paged_pool_allocator_invariants(ops: list[tuple[str, int, int]]) -> None:
     """Whatever the order of admissions, growth and frees: no block is shared or lost, block 0 is
     never handed out, every sequence has room for its tokens, and a refused request changes nothing."""
-    from runtime import KVPoolExhausted
+    from primasim.runtime import KVPoolExhausted
 
     pool = PagedKVPool(load_model("llama-tiny"), [], n_blocks=10, block_size=4, max_seq=24)
     for op, s, n in ops:
@@ -301,7 +301,7 @@ def test_paged_pool_allocator_invariants(ops: list[tuple[str, int, int]]) -> Non
 
 
 def test_attention_span_buckets() -> None:
-    from runtime.model import MIN_SPAN, attention_span
+    from primasim.runtime.model import MIN_SPAN, attention_span
 
     assert attention_span(1, 4096) == MIN_SPAN
     assert attention_span(MIN_SPAN + 1, 4096) == 2 * MIN_SPAN
@@ -340,7 +340,7 @@ def test_decode_across_span_buckets_matches_one_shot_prefill(llama_dir: Path) ->
 
 def test_pin_params_copies_out_of_the_file(model_dir: Path) -> None:
     """pin_params: same logits, no buffer inside the mapped file, a tied embedding copied once."""
-    from runtime import pin_params
+    from primasim.runtime import pin_params
 
     ckpt = open_checkpoint(model_dir)
     params = load_params(ckpt, range(2), embed=True, head=True)

@@ -8,7 +8,7 @@ import tracemalloc
 
 from hypothesis import given, settings, strategies as st
 
-from runtime.worker import Recorder
+from primasim.runtime.worker import Recorder
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 i64 = st.integers(-(2**63), 2**63 - 1)

@@ -1,4 +1,4 @@
-"""Simulator vs the analytic cost model (primasim._cost, paper variant with communication).
+"""Simulator vs the analytic cost model (primasim.plan.cost, paper variant with communication).
 
 Where the cost model's assumptions hold -- every weight resident, nothing overlapping, an idle
 network -- the simulated TPOT equals predict_tpot within 1 %. Where they do not, the direction of
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, NetworkSpec, load_cluster
-from primasim._cost import predict_tpot
-from primasim._plan import DevicePlan, Plan
-from primasim._planners import make_plan
+from primasim.core.cluster import ClusterSpec, NetworkSpec, load_cluster
+from primasim.core.plan import DevicePlan, Plan
+from primasim.plan.cost import predict_tpot
+from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, simulate
 from primasim.sim._testbeds import prefetch_pair
 
@@ -69,8 +69,8 @@ def test_switched_nics_limit_an_all_to_all() -> None:
     """On a switch every device sends through one NIC: dllama on 8 nodes at 100 Mbps sends 7 slices
     per node per all-reduce one after the other, as the cost model counts ((N - 1) slices per sync);
     independent per-pair links (the emulation's) would carry them at once, 2-3x faster."""
-    from primasim._cost import schedule_estimate
-    from primasim._units import MBPS, MS, GiB
+    from primasim.core.units import MBPS, MS, GiB
+    from primasim.plan.cost import schedule_estimate
 
     base = load_cluster("prima-fig2-cpu4").device("C1")
     devs = tuple(base.replace(name=f"N{i}", ram_avail=7.5 * GiB) for i in range(8))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, load_cluster
-from primasim._cost import CostModel
-from primasim._halda import halda
-from primasim._plan import DevicePlan, Plan
+from primasim.core.cluster import ClusterSpec, load_cluster
+from primasim.core.plan import DevicePlan, Plan
+from primasim.plan.cost import CostModel
+from primasim.plan.halda import halda
 from primasim.sim import SimConfig, rerank, sim_corrections, sim_halda, simulate
 
 CFG = SimConfig(tokens=6, jitter=False)
@@ -68,7 +68,7 @@ def test_rerank_is_sorted_by_simulated_tpot(d1d4: ClusterSpec) -> None:
 def test_halda_fed_with_simulated_coefficients_predicts_the_simulation(d1d4: ClusterSpec) -> None:
     """Closing the loop: with the coefficients read off a simulated (resident, no-jitter) plan,
     the cost model's prediction for that plan is the simulated TPOT."""
-    from primasim._cost import predict_tpot
+    from primasim.plan.cost import predict_tpot
 
     m = load_model("llama3-45b", "q4k")
     h = halda(m, d1d4, n_ctx=1024, variant="paper", comm=True, global_opt=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from primasim import load_model
-from primasim._plan import DevicePlan, Plan
+from primasim.core.plan import DevicePlan, Plan
 from primasim.sim import PageCache, SimConfig, simulate
 from primasim.sim._testbeds import prefetch_pair
 
@@ -130,8 +130,8 @@ def test_prefetch_release_conflict_emerges_in_plain_pipeline() -> None:
 def _device(capacity: float, disk: float = 1e9) -> tuple:
     import simpy
 
-    from primasim._device import DeviceSpec
-    from primasim._trace import Trace
+    from primasim.core.device import DeviceSpec
+    from primasim.core.trace import Trace
     from primasim.sim import Recorder
     from primasim.sim._devices import SimDevice
 

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, NetworkSpec
-from primasim._device import DeviceSpec, GPUSpec
-from primasim._plan import DevicePlan, Plan
-from primasim._units import GB, GFLOPS, MBPS, MS, GiB
+from primasim.core.cluster import ClusterSpec, NetworkSpec
+from primasim.core.device import DeviceSpec, GPUSpec
+from primasim.core.plan import DevicePlan, Plan
+from primasim.core.units import GB, GFLOPS, MBPS, MS, GiB
 from primasim.sim import SimConfig, simulate
 
 MODEL = load_model("llama3-8b", "q4k")  # 32 layers of 131 MB

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from primasim import load_model
-from primasim._cluster import ClusterSpec, load_cluster
-from primasim._planners import make_plan
+from primasim.core.cluster import ClusterSpec, load_cluster
+from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, sim_halda, simulate
 from primasim.sim._testbeds import bud_xeon, mdi_jetsons, pipo_laptop
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from primasim._errors import SpecError
-from primasim._sweep import (
+from primasim.core.errors import SpecError
+from primasim.loop.sweep._legacy import (
     Journal,
     cell_id,
     expand,

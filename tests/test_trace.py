@@ -8,7 +8,7 @@ import math
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from primasim._trace import Request, Trace, metrics, result_json
+from primasim.core.trace import Request, Trace, metrics, result_json
 
 
 def _trace_with_tokens(times: list[float], arrival: float = 0.0) -> Trace:
@@ -66,7 +66,7 @@ def test_round_trip_and_chrome_export(tmp_path) -> None:
     tr = _trace_with_tokens([0.2, 0.3])
     tr.span("D1", "cpu", 0.0, 0.1, "window 0", nbytes=10)
     tr.span("D2", "net", 0.1, 0.15, "send")
-    tr.samples.append(__import__("primasim._trace", fromlist=["Sample"]).Sample("D1", "resident_bytes", 0.1, 5.0))
+    tr.samples.append(__import__("primasim.core.trace", fromlist=["Sample"]).Sample("D1", "resident_bytes", 0.1, 5.0))
     tr.add_stat("D1", "disk_read_bytes", 123.0)
     again = Trace.from_dict(json.loads(json.dumps(tr.to_dict())))
     assert again == tr

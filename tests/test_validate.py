@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from primasim._cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
-from primasim._device import DeviceSpec, EmulationSpec
-from primasim._errors import SpecError
-from primasim._model import load_model
-from primasim._plan import DevicePlan, Plan
-from primasim._units import GB, MB, MBPS, MS, GiB, MiB
-from primasim._validate import Row, effective_rates, measured_cluster, runtime_model
+from primasim.core.cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
+from primasim.core.device import DeviceSpec, EmulationSpec
+from primasim.core.errors import SpecError
+from primasim.core.model import load_model
+from primasim.core.plan import DevicePlan, Plan
+from primasim.core.units import GB, MB, MBPS, MS, GiB, MiB
+from primasim.loop.validate import Row, effective_rates, measured_cluster, runtime_model
+from primasim.runtime.emulate import is_root, tbf_burst
 from primasim.sim import SimConfig, simulate
 from primasim.sim._network import LinkBucket
 from primasim.sim._runtime import ACT_RESERVE, CpuQuota, DiskBucket, kv_bytes, residency
-from runtime.emulate import is_root, tbf_burst
 
 MINI = load_model("llama-mini-300m", "f32")
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_runtime_model_accounts_the_runtime_kv_cache_and_buffers() -> None:
     rm = runtime_model(MINI)
     assert rm.kv_bytes_per_token() == 2 * MINI.kv_bytes_per_token() == 2 * 4 * 64 * 4
     assert rm.compute_buffer_bytes(1024) == ACT_RESERVE < MINI.compute_buffer_bytes(1024)
-    from primasim._errors import SpecError
+    from primasim.core.errors import SpecError
 
     with pytest.raises(SpecError, match="KV-cache dtype"):
         import dataclasses
@@ -263,9 +263,9 @@ def test_gemm_rate_by_rows_interpolates_the_probed_shapes() -> None:
 def test_burst_probe_sees_a_blkio_throttle_as_rate_and_slice() -> None:
     """The probe inside a 150 MB/s blkio read throttle reports the throttle as its sustained rate
     (not the fast first slice a short probe sees) and a slice's allowance of about rate x 100 ms."""
-    from primasim._paths import cache_dir
-    from primasim._profile import disk_probe_file
-    from runtime.emulate import _block_device
+    from primasim.core.paths import cache_dir
+    from primasim.profile.profiler import disk_probe_file
+    from primasim.runtime.emulate import _block_device
 
     dev = _block_device(disk_probe_file(cache_dir() / "profile", 256 * MiB))
     if not dev:
@@ -274,7 +274,7 @@ def test_burst_probe_sees_a_blkio_throttle_as_rate_and_slice() -> None:
     cg.mkdir()
     try:
         (cg / "blkio.throttle.read_bps_device").write_text(f"{dev} {150 * 1000 * 1000}")
-        code = ("import json; from primasim._validate import burst_probe; "
+        code = ("import json; from primasim.loop.validate import burst_probe; "
                 "print(json.dumps(burst_probe(seconds=1.2, repeats=1)))")
         out = subprocess.run(["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$0" -c "$1"', sys.executable, code],
                              capture_output=True, text=True, timeout=60)
@@ -428,7 +428,7 @@ def test_validate_end_to_end_on_a_small_model(tmp_path: Path) -> None:
     otherwise), few tokens. Every step runs for real; the outputs are complete and consistent,
     and the predicted TPOT is within a loose band of the measured one (small models are
     dominated by per-call and per-hop costs on a shared host)."""
-    from runtime.emulate import find_leftovers
+    from primasim.runtime.emulate import find_leftovers
 
     ctoml = tmp_path / "small.toml"
     ctoml.write_text(SMALL_CLUSTER)
@@ -485,7 +485,7 @@ def test_committed_fidelity_report_is_what_the_code_predicts(tmp_path: Path) -> 
 def test_sim_planner_ranks_candidates_by_simulating_the_runtime() -> None:
     """planner=sim with sim_runtime: Halda's plan is one of the candidates, so the chosen plan is
     never predicted slower; on home-emu (a memory-short desktop) it finds a faster one."""
-    from primasim._planners import make_plan
+    from primasim.plan.planners import make_plan
 
     cl = load_cluster("home-emu")
     model = runtime_model(MINI)

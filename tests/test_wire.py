@@ -12,9 +12,9 @@ import pytest
 import zmq
 from hypothesis import given, settings, strategies as st
 
-from primasim._errors import WireError
-from runtime import wire
-from runtime.wire import HEADER, HEADER_SIZE, MsgType
+from primasim.core.errors import WireError
+from primasim.runtime import wire
+from primasim.runtime.wire import HEADER, HEADER_SIZE, MsgType
 
 
 def _roundtrip(frames: list) -> wire.Message:

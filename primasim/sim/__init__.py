@@ -1,6 +1,6 @@
 """The SimPy simulator: devices (CPU, GPU, disk, RAM + OS page cache), Wi-Fi, and every system's
 schedule on them. `simulate(system, model, cluster)` returns a SimResult with a Trace in the schema
-the runtime shares (primasim._trace), its Metrics, and the plan simulated.
+the runtime shares (primasim.core.trace), its Metrics, and the plan simulated.
 """
 
 from ._api import simulate as simulate

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._cluster import ClusterSpec
-from .._errors import PlanError
-from .._model import ModelSpec
-from .._plan import Plan, violations
+from primasim.core.cluster import ClusterSpec
+from primasim.core.errors import PlanError
+from primasim.core.model import ModelSpec
+from primasim.core.plan import Plan, violations
+
 from ._config import SimConfig
 from ._context import SimContext, SimResult, infeasible
 from ._systems import get_system
 
 
 def plan_for(system: str, model: ModelSpec, cluster: ClusterSpec, cfg: SimConfig, **options: Any) -> Any:
-    """The planner's outcome for `system` (primasim._planners.make_plan)."""
+    """The planner's outcome for `system` (primasim.plan.planners.make_plan)."""
     try:
-        from .._planners import make_plan
+        from primasim.plan.planners import make_plan
     except ModuleNotFoundError as exc:  # the planners module is another part of the toolkit
-        if exc.name != "primasim._planners":
+        if exc.name != "primasim.plan.planners":
             raise
-        raise PlanError("no planner available (primasim._planners is missing)", where=system,
+        raise PlanError("no planner available (primasim.plan.planners is missing)", where=system,
                         fix="pass a plan explicitly (simulate(..., plan=...) or --plan FILE)") from None
     return make_plan(system, model, cluster, n_ctx=int(options.pop("n_ctx", 1024)),
                      prompt_tokens=cfg.prompt_tokens, **options)

@@ -21,8 +21,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from .._device import rate
-from .._units import MiB
+from primasim.core.device import rate
+from primasim.core.units import MiB
+
 from ._context import SimContext, SimResult, infeasible
 from ._engine import Proc
 

@@ -58,7 +58,7 @@ class SimConfig:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
-        from .._errors import SpecError
+        from primasim.core.errors import SpecError
 
         if self.tokens < 1:
             raise SpecError(f"tokens must be >= 1, got {self.tokens}", where="--tokens", fix="generate at least one token")

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import simpy
 
-from .._cluster import ClusterSpec
-from .._model import ModelSpec
-from .._plan import Plan, device_memory
-from .._trace import Metrics, Request, Trace, metrics, result_json
+from primasim.core.cluster import ClusterSpec
+from primasim.core.model import ModelSpec
+from primasim.core.plan import Plan, device_memory
+from primasim.core.trace import Metrics, Request, Trace, metrics, result_json
+
 from ._config import SimConfig
 from ._devices import SimDevice
 from ._engine import Recorder
@@ -153,7 +154,7 @@ def infeasible(system: str, reason: str, plan: Plan | None, cfg: SimConfig, **ex
 
 
 # What a unified-memory (Metal) device really allocates in RAM for its compute graphs. The planners
-# (primasim._plan.device_memory) budget prima.cpp's way: the model's compute-buffer estimate for the
+# (primasim.core.plan.device_memory) budget prima.cpp's way: the model's compute-buffer estimate for the
 # CPU backend plus a fixed GPU reserve (+300 MiB for Metal), a safety margin of prima.cpp's Halda,
 # not an allocation. On a UMA device the simulator charges what llama.cpp allocates: one graph
 # buffer on the backend that runs the layers (Metal: the same activation estimate), and a CPU

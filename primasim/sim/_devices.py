@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import simpy
 
-from .._device import DeviceSpec
-from .._model import ModelSpec
+from primasim.core.device import DeviceSpec
+from primasim.core.model import ModelSpec
+
 from ._engine import Proc, Recorder, Server
 from ._pagecache import PageCache
 from ._timing import DeviceTiming

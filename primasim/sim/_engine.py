@@ -14,7 +14,7 @@ from typing import Any
 
 import simpy
 
-from .._trace import Sample, Span, Trace
+from primasim.core.trace import Sample, Span, Trace
 
 
 class Recorder:

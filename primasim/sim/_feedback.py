@@ -5,7 +5,7 @@ Halda's closed form prices a device by analytic coefficients; the simulator sees
 prefetching that overlaps a reload with other devices' work, page-cache policies that re-read more
 (LRU thrashing) or less (swap-out absorbing a small overflow) than the shortfall, and airtime
 contention on the links. `sim_corrections` reads those effects off a simulated trace as
-`DeviceCorrection`s (primasim._cost): seconds per CPU/GPU layer, seconds per hop, the head's
+`DeviceCorrection`s (primasim.plan.cost): seconds per CPU/GPU layer, seconds per hop, the head's
 seconds per token, and an *effective* disk rate -- the rate at which the cost model's own predicted
 reload bytes would take as long as compute actually stalled on page faults. `sim_halda` alternates
 Halda and the simulator until the plan stops changing; every plan it meets (Halda's choice, its
@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from .._cluster import ClusterSpec
-from .._cost import DeviceCorrection, _plan_cost_model, _ring_totals
-from .._errors import PlanError
-from .._model import ModelSpec
-from .._plan import DevicePlan, Plan
+from primasim.core.cluster import ClusterSpec
+from primasim.core.errors import PlanError
+from primasim.core.model import ModelSpec
+from primasim.core.plan import DevicePlan, Plan
+from primasim.plan.cost import DeviceCorrection, _plan_cost_model, _ring_totals
+
 from ._api import simulate
 from ._config import SimConfig
 from ._context import SimResult
@@ -159,7 +160,7 @@ def rerank(model: ModelSpec, cluster: ClusterSpec, *, config: SimConfig | None =
     """Closed-form Halda's plan, its best plan per k, and the Halda plans of device subsets, each
     simulated; sorted by simulated TPOT (best first). `extra`: more (source, plan) candidates
     (e.g. even splits); `prefetch_variants`: also every candidate with prefetch switched."""
-    from .._halda import halda
+    from primasim.plan.halda import halda
 
     cfg = config or SimConfig()
     ev = _ev or _Evaluator(model, cluster, cfg, system)
@@ -208,7 +209,7 @@ def sim_halda(model: ModelSpec, cluster: ClusterSpec, *, config: SimConfig | Non
     `subsets` the closed-form plans of every device subset -- is simulated; the result keeps the
     best by simulated TPOT. `closed_form` is prima.cpp's own (local-search) Halda, simulated.
     """
-    from .._halda import halda
+    from primasim.plan.halda import halda
 
     cfg = config or SimConfig()
     ev = _Evaluator(model, cluster, cfg, system)

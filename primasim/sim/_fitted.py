@@ -21,9 +21,9 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .._cluster import ClusterSpec
-from .._device import DeviceSpec
-from .._units import GB, GFLOPS
+from primasim.core.cluster import ClusterSpec
+from primasim.core.device import DeviceSpec
+from primasim.core.units import GB, GFLOPS
 
 Cell = tuple[str, str, str, str, str]  # (reproduce target, case, system, metric, device)
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import simpy
 
-from .._cluster import NetworkSpec
+from primasim.core.cluster import NetworkSpec
+
 from ._engine import Proc, Recorder, Server
 
 MTU = 1500  # bytes of one Ethernet frame

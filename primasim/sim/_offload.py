@@ -20,8 +20,9 @@ from typing import Any
 
 import simpy
 
-from .._errors import PlanError
-from .._units import GiB, MiB
+from primasim.core.errors import PlanError
+from primasim.core.units import GiB, MiB
+
 from ._context import SimContext, SimResult, infeasible
 from ._engine import Proc, Server
 

@@ -28,7 +28,7 @@ prefetch) meeting the policy. The policies are the kernels' own rules, each with
 - android: the Linux kernel, but low memory is handled by lmkd (killing cached background apps)
   and zram (compressing other apps' cold pages) *before* the page cache of the foreground app is
   dropped (prima.cpp reference 1.2, "swap-out of other apps' cold pages is preferred"); the bytes
-  this frees are the device's `swappable` (primasim._device.DeviceSpec.os_swappable).
+  this frees are the device's `swappable` (primasim.core.device.DeviceSpec.os_swappable).
 - macos: the compressor squeezes other processes first (the same `swappable` budget); file pages
   are reclaimed from the inactive queue with a reference bit (vm_pageout_scan reactivates
   referenced pages), with no refault detection; pages mapped by Metal are evicted all-or-nothing

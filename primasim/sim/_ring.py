@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .._plan import Plan, Segment
+from primasim.core.plan import Plan, Segment
+
 from ._context import SimContext, SimResult
 from ._devices import DEMAND, SimDevice
 from ._engine import Proc

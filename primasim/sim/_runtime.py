@@ -1,7 +1,7 @@
 """primasim's own runtime (runtime/), as the simulator models it (`SimConfig(runtime=True)`).
 
 The other schedules model the systems of the papers (llama.cpp's engine under the OS page cache).
-This one models what `runtime.head.run_plan` executes, so a plan can be predicted and then run on
+This one models what `primasim.runtime.head.run_plan` executes, so a plan can be predicted and then run on
 the (emulated) cluster and the two compared (`primasim validate`, experiments/fidelity.py):
 
 - **Residency** (runtime/worker.py `Session.load`): a device whose window and (head) output layer
@@ -40,9 +40,10 @@ from typing import Any
 
 import simpy
 
-from .._model import ModelSpec
-from .._plan import Plan
-from .._units import MiB
+from primasim.core.model import ModelSpec
+from primasim.core.plan import Plan
+from primasim.core.units import MiB
+
 from ._context import SimContext, SimResult, infeasible
 from ._devices import DEMAND, PREFETCH, SimDevice
 from ._engine import Proc

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import SpecError
+from primasim.core.errors import SpecError
+
 from ._context import SimContext, SimResult
 from ._fitted import value
 from ._ring import RingOptions, run_ring

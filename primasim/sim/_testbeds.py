@@ -8,10 +8,11 @@ there are. Every figure says where it comes from: the paper ([P]), a public data
 
 from __future__ import annotations
 
-from .._cluster import ClusterSpec, NetworkSpec
-from .._device import DeviceSpec, GPUSpec
-from .._model import ModelSpec
-from .._units import GB, GFLOPS, MBPS, MS, GiB, MiB
+from primasim.core.cluster import ClusterSpec, NetworkSpec
+from primasim.core.device import DeviceSpec, GPUSpec
+from primasim.core.model import ModelSpec
+from primasim.core.units import GB, GFLOPS, MBPS, MS, GiB, MiB
+
 from ._fitted import value
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .._cost import FLOPS_POSITIONS
-from .._device import DeviceSpec, rate
-from .._model import ModelSpec
+from primasim.core.device import DeviceSpec, rate
+from primasim.core.model import ModelSpec
+from primasim.plan.cost import FLOPS_POSITIONS
 
 #: llama.cpp rounds the KV cells a step attends over up to a multiple of 32 (llama_kv_cache_get_padding
 #: without flash attention; 256 with it): decode reads and multiplies that many positions of K and V.

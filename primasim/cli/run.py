@@ -1,0 +1,257 @@
+"""`primasim run`: execute a plan on real (or emulated) devices and report what was measured."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a model on a cluster with real workers (emulated devices on one host, or real ones)",
+        description="Plan MODEL on CLUSTER (or take --plan), start one worker per device (in cgroups and network "
+                    "namespaces when emulating, as root; `primasim worker` for devices with an address), generate "
+                    "tokens and report the measured TPOT, TTFT, throughput and memory pressure.")
+    p.add_argument("--cluster", help="built-in cluster name (e.g. home-emu, local) or a cluster TOML path")
+    p.add_argument("--model", help="weights: a GGUF file or a directory with config.json + *.safetensors")
+    p.add_argument("--random-weights", action="store_true",
+                   help="MODEL is a catalogue name: generate random weights for it once into the cache directory "
+                        "(<cache>/weights/) and run those")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="file format for --random-weights (default safetensors)")
+    p.add_argument("--quant", help="--random-weights: f32 or f16 (default: the catalogue's)")
+    p.add_argument("--plan", metavar="FILE", help="plan JSON written by `primasim plan --json` (default: plan now)")
+    p.add_argument("--system", default=None, help="system to plan for when there is no --plan (default prima)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    g.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, comma-separated, e.g. 1,5,9")
+    p.add_argument("--tokens", type=int, default=16, help="tokens to generate per sequence (default 16)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--S", type=int, default=None, help="mdi-llm: sequences in flight (default: the plan's)")
+    p.add_argument("--batch", type=int, default=None, help="bud: max requests decoded together (default: the plan's)")
+    p.add_argument("--requests", type=int, default=None, help="bud: number of requests (default: --batch)")
+    pf = p.add_mutually_exclusive_group()
+    pf.add_argument("--prefetch", dest="prefetch", action="store_true", default=None, help="force prefetch on")
+    pf.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="force prefetch off")
+    p.add_argument("--n-ctx", type=int, default=None, help="context the KV cache is sized for (default: the plan's)")
+    p.add_argument("--k", type=int, default=None, help="plan with this many laps (prima)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="planner option (repeatable)")
+    p.add_argument("--no-emulate", action="store_true", help="run local devices as plain processes, without limits")
+    p.add_argument("--keys", metavar="DIR", help="CurveZMQ key folder (the workers' --keys)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up (300)")
+    p.add_argument("--heartbeat-timeout", type=float, default=15.0, metavar="S",
+                   help="a device that does not answer heartbeats this long (crashed, stopped, off the network) "
+                        "ends the run, named (default 15 s)")
+    p.add_argument("--link-timeout", type=float, default=60.0, metavar="S",
+                   help="an activation on a ring link this long, its receiver idle, ends the run naming the link "
+                        "(default 60 s)")
+    p.add_argument("--compute-timeout", type=float, default=30.0, metavar="S",
+                   help="a device computing one window this long (and >= 50x its median window) while it answers "
+                        "heartbeats is hung: the run ends naming it (default 30 s; 0 = off)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the contract's keys + token_ids)")
+    p.add_argument("--trace", metavar="FILE", help="write the measured timeline as a Chrome/Perfetto trace")
+    p.add_argument("--save-trace", metavar="FILE", help="write the measured trace (primasim's Trace schema, JSON)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove leftovers of crashed emulated runs (cgroups, namespaces, links, workers) and exit")
+    p.set_defaults(func=run)
+
+
+def _parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _prompt_ids(args: argparse.Namespace, ckpt: Any, vocab: int) -> tuple[list[int], Any]:
+    from primasim.core.errors import SpecError
+
+    tok = None
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x != ""]
+        except ValueError:
+            raise SpecError(f"not a comma-separated list of integers: {args.prompt_ids!r}", where="--prompt-ids",
+                            fix="e.g. --prompt-ids 1,5,9") from None
+        if not ids:
+            raise SpecError("no token ids", where="--prompt-ids", fix="e.g. --prompt-ids 1,5,9")
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise SpecError(f"token id(s) {bad[:5]} outside the vocabulary 0..{vocab - 1}", where="--prompt-ids",
+                            fix="use ids below the vocabulary size")
+        from primasim.runtime.checkpoint import load_tokenizer
+
+        tok = load_tokenizer(ckpt.path)
+        return ids, tok
+    from primasim.runtime.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(ckpt.path)
+    if args.prompt is None:
+        # no prompt: the tokenizer's BOS if there is one, else token 1 (as llama.cpp's -p "")
+        bos = tok.token_to_id("<s>") if tok is not None else None
+        return [bos if bos is not None else 1], tok
+    if tok is None:
+        raise SpecError(f"{ckpt.path} has no tokenizer, so text cannot be encoded", where="--prompt",
+                        fix="pass token ids with --prompt-ids 1,5,9, or add the model's tokenizer.json")
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise SpecError("the prompt encodes to no tokens", where="--prompt", fix="give a non-empty prompt")
+    return ids, tok
+
+
+def run(args: argparse.Namespace) -> int:
+    from primasim.core.errors import PlanError, SpecError
+
+    if args.cleanup:
+        from primasim.runtime.emulate import cleanup_stale
+
+        removed = cleanup_stale()
+        print("\n".join(removed) if removed else "nothing to clean up")
+        return 0
+    if not args.cluster or not args.model:
+        raise SpecError("--cluster and --model are required", where="primasim run",
+                        fix="e.g. primasim run --cluster home-emu --model llama-mini-300m --random-weights")
+    for flag, v in (("--tokens", args.tokens), ("--S", args.S), ("--batch", args.batch), ("--requests", args.requests),
+                    ("--n-ctx", args.n_ctx), ("--k", args.k)):
+        if v is not None and v < 1:
+            raise SpecError(f"{flag} must be >= 1, got {v}", where=flag, fix=f"give {flag} a positive value")
+    for flag, t in (("--timeout", args.timeout), ("--heartbeat-timeout", args.heartbeat_timeout),
+                    ("--link-timeout", args.link_timeout)):
+        if not t > 0:
+            raise SpecError(f"{flag} must be > 0 seconds, got {t}", where=flag, fix=f"give {flag} a positive value")
+    if not args.compute_timeout >= 0:
+        raise SpecError(f"--compute-timeout must be >= 0 seconds, got {args.compute_timeout}", where="--compute-timeout",
+                        fix="give it a positive value, or 0 to turn the check off")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise SpecError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0", where="sampling options",
+                        fix="e.g. --temperature 0.8 --top-k 40 --top-p 0.95")
+
+    from primasim.core.cluster import load_cluster
+    from primasim.core.model import load_model
+    from primasim.core.plan import Plan
+    from primasim.runtime.head import RunOptions, cached_random_weights, open_weights, run_plan
+
+    cluster = load_cluster(args.cluster)
+    if args.random_weights:
+        spec0 = load_model(args.model, args.quant)
+        if spec0.quant not in ("f32", "f16"):
+            raise SpecError(f"random weights are written as f32 or f16, not {spec0.quant}", where="--quant",
+                            fix="use --quant f32 or --quant f16")
+        weights = cached_random_weights(spec0, fmt=args.format)
+        if not args.json:
+            print(f"random weights: {weights}", file=sys.stderr)
+    else:
+        weights = args.model
+    ckpt = open_weights(weights)
+    spec = ckpt.spec
+    ids, tok = _prompt_ids(args, ckpt, spec.vocab)
+
+    opts: dict[str, Any] = {}
+    for item in args.option:
+        if "=" not in item:
+            raise SpecError(f"--option {item!r} is not KEY=VALUE", where="--option", fix="e.g. --option S=4")
+        k, v = item.split("=", 1)
+        opts[k.strip()] = _parse_value(v.strip())
+    if args.plan:
+        plan = Plan.from_json(args.plan)
+        if args.system and args.system != plan.system:
+            raise SpecError(f"--system {args.system} differs from the plan's system {plan.system}", where="--system",
+                            fix="drop --system when giving --plan")
+        if args.n_ctx:
+            plan = plan.replace(n_ctx=args.n_ctx)
+    else:
+        from primasim.plan.planners import make_plan
+
+        system = args.system or "prima"
+        if args.k is not None:
+            opts["k"] = args.k
+        if args.S is not None and system == "mdi-llm":
+            opts["S"] = args.S
+        if args.batch is not None and system == "bud":
+            opts["batch"] = args.batch
+        outcome = make_plan(system, spec, cluster, n_ctx=args.n_ctx or 1024, prompt_tokens=len(ids), **opts)
+        if not outcome.feasible or outcome.plan is None:
+            if args.json:
+                out = outcome.to_json()
+                out.update(measured=False, token_ids=[])
+                print(json.dumps(out))
+                return 0
+            raise PlanError(f"{system} cannot run {spec.name} on {cluster.name}: {outcome.reason}",
+                            where="--system", fix="try another system, a smaller model or more devices")
+        plan = outcome.plan
+    if args.prefetch is not None:
+        plan = plan.replace(prefetch=args.prefetch)
+    n_req = args.requests or args.batch
+    options = RunOptions(max_new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, in_flight=args.S, n_requests=n_req,
+                         emulate=not args.no_emulate, keys=args.keys, token_timeout=args.timeout,
+                         heartbeat_timeout=args.heartbeat_timeout, link_timeout=args.link_timeout,
+                         compute_timeout=args.compute_timeout, stop_ids=())
+    if plan.schedule == "batch" and args.batch is not None:
+        plan = plan.replace(options={**plan.options, "batch": args.batch})
+
+    def on_token(t: dict[str, Any]) -> None:
+        if not args.json and int(t.get("seq", 0)) == 0:
+            text = tok.decode([int(t["token_id"])]) if tok is not None else f" {t['token_id']}"
+            print(text, end="", flush=True)
+
+    if not args.json:
+        print(f"{plan.system}: {plan.describe()} ({plan.schedule}, weights {plan.weights}, "
+              f"prefetch {'on' if plan.prefetch else 'off'})", file=sys.stderr)
+        if tok is not None and args.prompt:
+            print(args.prompt, end="", flush=True)
+    res = run_plan(plan, ckpt, cluster, [ids], options, on_token=on_token)
+    if args.trace:
+        res.trace.save_chrome(args.trace)
+    if args.save_trace:
+        res.trace.save(args.save_trace)
+    out = res.to_json()
+    out.update(model=spec.name, quant=spec.quant, cluster=cluster.name, prompt_ids=ids)
+    if tok is not None and res.token_ids:
+        out["text"] = tok.decode(res.token_ids[0])
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print()
+    _print_human(out)
+    return 0
+
+
+def _print_human(out: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f} ms"
+
+    con = Console(stderr=False)
+    tput = out.get("throughput_tok_s")
+    con.print(f"measured: TPOT {ms(out['tpot_ms'])} (P50 {ms(out['tpot_p50_ms'])}, P90 {ms(out['tpot_p90_ms'])}), "
+              f"TTFT {ms(out['ttft_ms'])}, throughput {tput:.2f} tok/s" if tput else "measured: no tokens")
+    emu = out.get("emulation", {})
+    t = Table(title="devices (measured)")
+    for col in ("device", "mem pressure", "disk read MB", "major faults", "net tx KB", "cpu busy", "wait", "limits"):
+        t.add_column(col)
+    busy = out.get("busy", {})
+    for d in (out.get("plan") or {}).get("devices", []):
+        n = d["name"]
+        if n not in out.get("disk_read_bytes", {}):
+            continue
+        lim = "; ".join(emu.get("devices", {}).get(n, {}).get("applied", [])) or "-"
+        t.add_row(n, f"{100 * out['memory_pressure'].get(n, 0.0):.1f} %",
+                  f"{out['disk_read_bytes'].get(n, 0.0) / 1e6:.1f}", f"{out.get('page_faults', {}).get(n, 0):.0f}",
+                  f"{out['net_tx_bytes'].get(n, 0.0) / 1e3:.1f}", f"{100 * busy.get(n, {}).get('cpu', 0.0):.0f} %",
+                  f"{100 * busy.get(n, {}).get('wait', 0.0):.0f} %", lim)
+    con.print(t)
+    for note in emu.get("limitations", []) + emu.get("notes", []):
+        con.print(f"note: {note}")

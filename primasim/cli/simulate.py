@@ -1,0 +1,163 @@
+"""`primasim simulate`: predict TPOT, TTFT, throughput and memory pressure of a system with the
+SimPy simulator, and optionally write its timeline as a Chrome/Perfetto trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="simulate a system serving a model on a cluster (SimPy)",
+                       description="Simulate one system on a cluster: plan it (or take --plan), run its schedule "
+                       "on simulated devices (compute, page cache, disk, Wi-Fi), report the metrics.")
+    p.add_argument("--cluster", help="built-in cluster name or cluster TOML path (required)")
+    p.add_argument("--model", help="built-in model name, config.json path or GGUF file (required)")
+    p.add_argument("--quant", default=None, help="f32, f16, q8_0 or q4k (default: the model's)")
+    p.add_argument("--system", default=None,
+                   help="prima (default), prima-no-prefetch, prima-no-halda, llama.cpp, exo, dllama, mdi-llm, "
+                        "pipo, flexgen, bud, ... (see --list-systems)")
+    p.add_argument("--list-systems", action="store_true", help="list the simulated systems and exit")
+    p.add_argument("--plan", default=None, help="a plan JSON file (e.g. `primasim plan --json` output)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--n-ctx", type=int, default=1024, help="context size the KV cache is allocated for (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--k", type=int, default=None, help="fix the number of ring laps (prima planners)")
+    pf = p.add_mutually_exclusive_group()
+    pf.add_argument("--prefetch", dest="prefetch", action="store_true", default=None,
+                    help="force prefetching of the next window on")
+    pf.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="force prefetching off")
+    p.add_argument("--S", type=int, default=None, help="mdi-llm: sequences in flight (default: number of nodes)")
+    p.add_argument("--batch", type=int, default=None, help="bud: max batch; pipo/flexgen: batch size")
+    p.add_argument("--requests", type=int, default=100, help="bud/serial: number of requests (default 100)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="planner option (repeatable), e.g. kv=prealloc for bud, devices=D1,D2 for exo; "
+                        "see `primasim plan --help`")
+    p.add_argument("--no-jitter", action="store_true", help="use the mean link latency for every message")
+    p.add_argument("--sim-halda", action="store_true",
+                   help="prima: re-plan with Halda fed by simulated coefficients until plan and coefficients "
+                        "agree, then keep the best simulated candidate")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--table", action="store_true", help="print the per-device table (pandas) too")
+    p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace JSON to FILE")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from primasim.core.cluster import load_cluster
+    from primasim.core.errors import SpecError
+    from primasim.core.model import load_model
+    from primasim.core.plan import Plan
+    from primasim.sim import SimConfig, simulate, system_names
+    from primasim.sim._systems import get_system
+
+    if args.list_systems:
+        for name in system_names():
+            print(f"{name:18s} {get_system(name).help}")
+        return 0
+    if not args.cluster or not args.model:
+        raise SpecError("primasim simulate needs --cluster and --model", where="command line",
+                        fix="e.g. primasim simulate --cluster prima-d1-d4 --model llama3-8b")
+    model = load_model(args.model, args.quant)
+    cluster = load_cluster(args.cluster)
+    plan = Plan.from_json(args.plan) if args.plan else None
+    system = args.system or (plan.system if plan is not None else "prima")
+    get_system(system)  # unknown names fail here, with the list
+    for flag, v in (("--tokens", args.tokens), ("--prompt-tokens", args.prompt_tokens), ("--n-ctx", args.n_ctx),
+                    ("--requests", args.requests)):
+        if v < 1:
+            raise SpecError(f"{flag} must be >= 1, got {v}", where=flag, fix=f"give {flag} a positive value")
+    cfg = SimConfig(tokens=args.tokens, prompt_tokens=args.prompt_tokens, seed=args.seed, jitter=not args.no_jitter,
+                    prefetch=args.prefetch, S=args.S, batch=args.batch, requests=args.requests)
+    if plan is not None and args.n_ctx != 1024 and plan.n_ctx != args.n_ctx:
+        plan = plan.replace(n_ctx=args.n_ctx)
+    opts: dict[str, Any] = {"n_ctx": args.n_ctx}
+    if args.k is not None:
+        opts["k"] = args.k
+    if args.S is not None:
+        opts["S"] = args.S
+    if args.batch is not None:
+        opts["batch"] = args.batch
+    for item in args.option:
+        if "=" not in item:
+            raise SpecError(f"--option {item!r} is not KEY=VALUE", where="--option", fix="e.g. --option kv=prealloc")
+        key, val = item.split("=", 1)
+        opts[key.strip()] = _parse_value(val.strip())
+    extra: dict[str, Any] = {}
+    if args.sim_halda:
+        if plan is not None:
+            raise SpecError("--sim-halda plans by itself", where="--plan", fix="drop --plan or --sim-halda")
+        from primasim.sim import sim_halda
+
+        sh = sim_halda(model, cluster, config=cfg, n_ctx=args.n_ctx, k=args.k)
+        plan = sh.best.plan
+        extra["sim_halda"] = sh.summary()
+    res = simulate(system, model, cluster, plan=plan, config=cfg, **({} if plan is not None else opts))
+    if args.trace and res.trace is not None:
+        res.trace.save_chrome(args.trace)
+    out = res.to_json()
+    out.update(extra)
+    out["model"] = model.name
+    out["quant"] = model.quant
+    out["cluster"] = cluster.name
+    if args.json:
+        print(json.dumps(out, default=_jsonable))
+        return 0
+    _print_human(res, out, args)
+    return 0
+
+
+def _parse_value(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def _print_human(res: Any, out: dict[str, Any], args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    head = f"{out['system']} | {out['model']} ({out['quant']}) on {out['cluster']}"
+    if not res.feasible:
+        con.print(f"[bold red]{head}: infeasible[/] - {res.reason}")
+        return
+    plan = res.plan
+    if plan is not None:
+        con.print(f"[bold]{head}[/]  plan: {plan.describe()}" + (" prefetch" if plan.prefetch else ""))
+    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    con.print(f"TPOT {f(out['tpot_ms'])} ms (P50 {f(out['tpot_p50_ms'])}, P90 {f(out['tpot_p90_ms'])})  "
+              f"TTFT {f(out['ttft_ms'])} ms  throughput {f(out['throughput_tok_s'], 2)} tok/s")
+    t = Table(title="per device (busy = fraction of the run)")
+    df = res.table()
+    cols = [c for c in ("device", "layers", "gpu_layers", "busy_cpu", "busy_gpu", "busy_wait", "disk_read_gb",
+                        "net_tx_mb", "memory_pressure") if c in df.columns]
+    for col in cols:
+        t.add_column(col.replace("_", " "))
+    for _, row in df[cols].iterrows():
+        t.add_row(*[(f"{v:.3f}" if isinstance(v, float) else str(v)) for v in row.tolist()])
+    con.print(t)
+    if args.trace:
+        con.print(f"timeline written to {args.trace} (open in ui.perfetto.dev or chrome://tracing)")
+    if args.table:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_columns", 30):
+            print(df.to_string(index=False))

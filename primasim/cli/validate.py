@@ -1,0 +1,125 @@
+"""`primasim validate`: profile -> plan -> simulate -> run -> compare, on an emulated cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="the main job: profile emulated devices, plan, simulate, run, compare predicted vs measured",
+        description="On embedded defaults: random weights for llama-mini-300m (generated once, cached), the emulated "
+                    "four-device cluster home-emu (memory-short devices, shaped links). Profiles each device inside "
+                    "its limits, plans with Halda, simulates the plan as the runtime executes it, runs it, and prints "
+                    "predicted vs measured TPOT, TTFT, throughput and per-device disk and memory; writes a figure, "
+                    "both timelines (Chrome traces) and a JSON summary into --out. Without root it runs degraded "
+                    "(plain processes, no limits) and says so.")
+    p.add_argument("--out", metavar="DIR", default="", help="output directory (default runs/validate-<time>)")
+    p.add_argument("--cluster", default="home-emu", help="emulated cluster: built-in name or TOML (default home-emu)")
+    p.add_argument("--model", default="llama-mini-300m", help="catalogue model, run on random weights "
+                   "(default llama-mini-300m, 1.24 GB at f32)")
+    p.add_argument("--quant", default="f32", choices=("f32", "f16"), help="weights of the random checkpoint (f32)")
+    p.add_argument("--system", default="prima", help="planner (default prima: Halda)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
+    p.add_argument("--n-ctx", type=int, default=1024, help="KV cache length (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="prompt and jitter seed (default 0)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="planner option (repeatable)")
+    p.add_argument("--no-emulate", action="store_true", help="plain processes without limits (what non-root gets)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before a run gives up")
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from primasim.core.errors import SpecError
+    from primasim.loop.validate import ValidateConfig, default_out, validate
+
+    from .run import _parse_value
+
+    opts: list[tuple[str, Any]] = []
+    for item in args.option:
+        if "=" not in item:
+            raise SpecError(f"--option {item!r} is not KEY=VALUE", where="--option", fix="e.g. --option k=2")
+        k, v = item.split("=", 1)
+        opts.append((k.strip(), _parse_value(v.strip())))
+    for flag, v in (("--tokens", args.tokens), ("--prompt-tokens", args.prompt_tokens), ("--n-ctx", args.n_ctx)):
+        if v < 1:
+            raise SpecError(f"{flag} must be >= 1, got {v}", where=flag, fix=f"give {flag} a positive value")
+    if args.prompt_tokens + args.tokens > args.n_ctx:
+        raise SpecError(f"prompt + tokens ({args.prompt_tokens + args.tokens}) exceed --n-ctx {args.n_ctx}",
+                        where="--tokens", fix="generate fewer tokens or raise --n-ctx")
+    out = args.out or str(default_out())
+    cfg = ValidateConfig(cluster=args.cluster, model=args.model, quant=args.quant, system=args.system,
+                         tokens=args.tokens, prompt_tokens=args.prompt_tokens, n_ctx=args.n_ctx, seed=args.seed,
+                         emulate=not args.no_emulate, plan_options=tuple(opts), out=out, timeout=args.timeout)
+    if args.json:
+        res = validate(cfg)
+        print(json.dumps(res.summary(), default=str))
+        return 0
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    con = Console(stderr=True)
+    from primasim.runtime.emulate import is_root
+
+    if not args.no_emulate and not is_root():
+        con.print("[yellow]not root: running degraded -- the devices are plain processes without memory, CPU, "
+                  "disk or link limits (profiled, planned, simulated, run and compared all the same)[/]")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=con,
+                  transient=False) as prog:
+        task = prog.add_task("starting", total=1.0)
+
+        def progress(msg: str, frac: float) -> None:
+            prog.update(task, description=msg, completed=frac)
+
+        res = validate(cfg, progress)
+    print_report(res)
+    return 0
+
+
+def print_report(res: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    plan = res.plan
+    con.print(f"[bold]{res.config.model}[/] on [bold]{res.profile.cluster.name}[/]"
+              f"{' (degraded: no limits)' if res.degraded else ''}: {plan.system} plan {plan.describe()}, "
+              f"prefetch {'on' if plan.prefetch else 'off'}")
+    dev = Table(title="profiled devices (inside their limits)")
+    for c in ("device", "RAM for the model", "eff. RAM bw", "eff. GFLOPS", "call", "disk", "layers",
+              "residency"):
+        dev.add_column(c)
+    resid = res.predicted.extra.get("residency", {})
+    layers = plan.totals()
+    for d in res.profile.cluster.devices:
+        r = resid.get(d.name, {})
+        mode = r.get("mode", "-")
+        if mode == "planned":
+            mode = f"streams {100 * (1 - r['keep_fraction']):.0f} % of each layer"
+        dev.add_row(d.name, f"{d.ram_avail / 2**20:.0f} MiB", f"{d.ram_bw / 1e9:.1f} GB/s",
+                    f"{d.cpu_flops['f32'] / 1e9:.1f}", f"{d.call_overhead * 1e3:.2f} ms", f"{d.disk_seq / 1e6:.0f} MB/s",
+                    str(layers.get(d.name, (0, 0))[0]), mode)
+    con.print(dev)
+    t = Table(title="predicted vs measured")
+    for c in ("metric", "device", "predicted", "measured", "error"):
+        t.add_column(c, justify="right" if c in ("predicted", "measured", "error") else "left")
+    for r in res.rows:
+        j = r.to_json()
+        err, pp = j["error_pct"], j["error_pp"]
+        style = "green" if abs(err) <= 5 else "yellow" if abs(err) <= 10 else "red"
+        es = f"{pp:+.1f} pp" if pp == pp else "-" if err != err else f"[{style}]{err:+.1f} %[/]"
+        t.add_row(j["metric"], j["device"], f"{j['predicted']:.4g} {j['unit']}", f"{j['measured']:.4g} {j['unit']}",
+                  es)
+    con.print(t)
+    for n in res.notes + res.profile.limitations:
+        con.print(f"note: {n}")
+    s = res.seconds
+    con.print(f"took {sum(s.values()):.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + ")")
+    con.print(f"wrote {res.out}/: summary.json, comparison.csv, validate.png, predicted.trace.json, "
+              "measured.trace.json (open in ui.perfetto.dev), cluster-profiled.toml, probes.json, plan.json")
+    sys.stdout.flush()

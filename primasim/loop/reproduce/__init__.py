@@ -1,0 +1,1 @@
+"""Reproduce the papers' figures and tables from the simulator (`primasim reproduce NAME`)."""

@@ -1,0 +1,1 @@
+"""Parameter sweeps over systems, models and clusters (`primasim sweep SPEC`)."""

@@ -1,0 +1,1007 @@
+"""Halda: prima.cpp's layer-to-device allocation (Algorithm 1 + device selection).
+
+The outer loop follows prima.cpp's code path (reference prima-cpp.md §2.2-2.3): initialise the
+windows proportionally to the memory budgets, assign devices to the sets M1..M4, solve one
+fixed-k subproblem per valid k, calibrate (force the slowest-disk overloaded device into M4 while a
+GPU has free memory), roll back when no k is feasible, and finally drop devices that got only one
+layer and re-run.
+
+The fixed-k subproblem ("block") is an integer linear program in the windows w and GPU layers n.
+It is solved in one of two ways:
+
+- ``solver="relax"`` (default): the LP relaxations of *all* blocks of an iteration are stacked into
+  one CVXPY problem (independent blocks, so the sum of their objectives is minimised block by
+  block), built once per shape with Parameters (DPP) and re-solved with HiGHS. Each block's
+  fractional solution is then rounded, repaired to feasibility and improved by unit exchanges of
+  layers between devices. With every device's cost convex in its window (the best n for a given w
+  is an end point of an interval whose ends are linear in w, see ``_device_table``) and one sum
+  constraint, a point no exchange improves is optimal (separable convex resource allocation), so
+  the rounded solution is the block's integer optimum; the LP supplies the starting point, the
+  infeasibility test (penalised slacks) and a lower bound.
+- ``solver="exact"``: every block as a CVXPY integer program solved by HiGHS's MIP solver (what
+  prima.cpp does in C++), also built once per shape with Parameters.
+
+Options beyond prima.cpp (both default off, as in prima.cpp): ``comm=True`` adds the per-hop
+communication time to the cost, ``general=True`` drops L = k*W: a block is then (q, p), q full
+laps plus a partial lap that ends inside device p's window (reference Appendix A.3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal
+
+import numpy as np
+
+from primasim.core.cluster import ClusterSpec
+from primasim.core.errors import PlanError, SpecError
+from primasim.core.model import ModelSpec
+from primasim.core.plan import DevicePlan, Plan, violations
+
+from .cost import Corrections, CostModel, totals_of
+
+EPS = 1e-7  # integrality tolerance on the constraint rows (HiGHS's feasibility tolerance)
+
+
+@dataclass
+class HaldaResult:
+    """What Halda chose and how it got there."""
+
+    plan: Plan
+    objective: float  # s: the cost model's TPOT of `plan` (variant/comm as solved, no head priority)
+    k: int
+    sets: list[str]  # per device of plan.devices (dropped devices: "-")
+    iterations: int  # outer iterations over all device-selection rounds
+    solve_time: float  # s wall clock, everything included
+    candidates: list[Plan] = field(default_factory=list)  # best plan per valid k (final round)
+    dropped: list[str] = field(default_factory=list)  # devices removed by device selection
+    rounds: int = 1
+    notes: list[str] = field(default_factory=list)
+    last_iterate_objective: float | None = None  # what prima.cpp's loop would have returned
+    used_fallback: bool = False  # the memory-ratio split beat the set-assignment loop (see halda())
+    loop_sets: list[str] = field(default_factory=list)  # sets where the loop ended (per device, "-" dropped)
+
+
+# ------------------------------------------------------------------------------ blocks
+@dataclass(frozen=True)
+class _Block:
+    k: int  # laps per token
+    q: int  # full laps (k for a closed block, k-1 when the last lap is partial)
+    p: int  # device whose window the partial lap ends in; -1 for a closed block (L = k*W)
+    mult: tuple[int, ...]  # layers per unit of w_m: q+1 before p, q from p on (k for closed)
+
+    @property
+    def closed(self) -> bool:
+        return self.p < 0
+
+
+def _blocks(L: int, M: int, k_fixed: int | None, general: bool) -> list[_Block]:
+    if k_fixed is not None:
+        ks = [k_fixed]
+    elif general:
+        ks = list(range(1, math.ceil(L / M) + 1))
+    else:
+        # prima.cpp: the factors of L up to L/2 (W >= M since every window >= 1); k = 1 always
+        ks = [k for k in range(1, max(1, L // 2) + 1) if L % k == 0 and L // k >= M] or [1]
+    out = []
+    for k in ks:
+        if L % k == 0 and L // k >= M:
+            out.append(_Block(k, k, -1, (k,) * M))
+        if general and k >= 2:
+            q = k - 1
+            for p in range(M):
+                mult = tuple(q + 1 if m < p else q for m in range(M))
+                if sum(mult) + 1 <= L:
+                    out.append(_Block(k, q, p, mult))
+    return out
+
+
+@dataclass
+class _Sol:
+    block: _Block
+    w: np.ndarray
+    n: np.ndarray
+    r: int = 0  # layers of the partial window (general blocks)
+    objective: float = math.inf  # weighted (head priority) model objective, s
+    bound: float = -math.inf  # LP lower bound
+
+    def totals(self, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return totals_of(self.w, self.n, L)
+
+
+# ------------------------------------------------------------------------------ per-device integer structure
+def _device_table(mult: int, a: float, b: float, g_lo: float, D_lo: float, g_up: float, D_up: float,
+                  gcap: float, L: int, wlo: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Cost (mult*(a w + b n*(w))) and best n*(w) for w = 0..L on a device of a block.
+
+    Rows in total-layer units: lt - g_lo*lg >= D_lo, lt - g_up*lg <= D_up, lg <= gcap, 0 <= n <= w,
+    with lt = mult*w, lg = mult*n. Infeasible w get cost +inf. For fixed w the feasible n form an
+    interval [nlo(w), nhi(w)] with nlo convex and nhi concave in w, and the cost is linear in n, so
+    the best n is an end point and the cost is convex in w.
+    """
+    w = np.arange(L + 1, dtype=np.int64)
+    gi = math.floor(gcap / mult + EPS) if math.isfinite(gcap) else L
+    nhi = np.minimum(w, gi)
+    nlo = np.zeros_like(w)
+    ok = w >= wlo
+    if math.isfinite(D_lo):
+        lo_w = math.ceil(D_lo / mult - EPS)
+        if g_lo:
+            nhi = np.minimum(nhi, w - lo_w)
+        ok &= w >= lo_w
+    if math.isfinite(D_up):
+        up_w = math.floor(D_up / mult + EPS)
+        if g_up:
+            nlo = np.maximum(nlo, w - up_w)
+        else:
+            ok &= w <= up_w
+    ok &= nlo <= nhi
+    nbest = nhi if b < 0 else nlo
+    cost = np.where(ok, mult * (a * w + b * nbest), np.inf)
+    return cost, np.where(ok, nbest, 0)
+
+
+def _exchange(tables: np.ndarray, w: np.ndarray, total: int) -> np.ndarray | None:
+    """Repair w to sum(w) = total, then improve by unit exchanges until none helps.
+
+    `tables[m, x]` is device m's cost at window x (inf if infeasible); each row convex.
+    """
+    M, X = tables.shape
+    w = w.copy()
+    idx = np.arange(M)
+
+    def up(v: np.ndarray) -> np.ndarray:  # cost of one more layer
+        nxt = np.minimum(v + 1, X - 1)
+        return np.where(v + 1 < X, tables[idx, nxt] - tables[idx, v], np.inf)
+
+    def down(v: np.ndarray) -> np.ndarray:  # saving of one layer less
+        prv = np.maximum(v - 1, 0)
+        return np.where(v >= 1, tables[idx, v] - tables[idx, prv], -np.inf)
+
+    with np.errstate(invalid="ignore"):
+        s = int(w.sum())
+        while s < total:
+            u = up(w)
+            j = int(np.argmin(u))
+            if not np.isfinite(u[j]):
+                return None
+            w[j] += 1
+            s += 1
+        while s > total:
+            dn = down(w)
+            i = int(np.argmax(dn))
+            if not np.isfinite(dn[i]):
+                return None
+            w[i] -= 1
+            s -= 1
+        for _ in range(4 * X * M + 10):
+            u = up(w)
+            u[np.isnan(u)] = np.inf
+            dn = down(w)
+            dn[np.isnan(dn)] = -np.inf
+            j = int(np.argmin(u))
+            i = int(np.argmax(dn))
+            if i == j or not (np.isfinite(u[j]) and np.isfinite(dn[i])) \
+                    or not u[j] < dn[i] - 1e-12 * max(1.0, abs(dn[i])):
+                break
+            w[i] -= 1
+            w[j] += 1
+    return w
+
+
+def _partial_table(q: int, a: float, b: float, g_lo: float, D_lo: float, g_up: float, D_up: float,
+                   gcap: float, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best (cost, w, r, n) per total lt = q*w + r (1 <= r <= w) of the device whose window the
+    partial lap ends in; its GPU layers are lg = q*n + min(n, r) (first n of every window)."""
+    W = np.arange(1, L + 1)[:, None]
+    R = np.arange(1, L + 1)[None, :]
+    lt = q * W + R
+    ok = (R <= W) & (lt <= L)
+    lghi = np.minimum(lt, math.floor(gcap + EPS) if math.isfinite(gcap) else L)
+    lglo = np.zeros_like(lt)
+    if math.isfinite(D_lo):
+        if g_lo:
+            lghi = np.minimum(lghi, np.floor(lt - D_lo + EPS).astype(np.int64))
+        else:
+            ok &= lt >= math.ceil(D_lo - EPS)
+    if math.isfinite(D_up):
+        if g_up:
+            lglo = np.maximum(lglo, np.ceil(lt - D_up - EPS).astype(np.int64))
+        else:
+            ok &= lt <= math.floor(D_up + EPS)
+    knee = (q + 1) * R  # lg at n = r
+
+    def lg_of(n: np.ndarray) -> np.ndarray:
+        return q * n + np.minimum(n, R)
+
+    if b < 0:  # as many GPU layers as allowed
+        n = np.where(lghi >= knee, R + np.floor_divide(lghi - knee, q), np.floor_divide(lghi, q + 1))
+        n = np.minimum(n, W)
+        ok &= (n >= 0) & (lg_of(n) >= lglo)
+    else:
+        n = np.where(lglo <= knee, -np.floor_divide(-lglo, q + 1), R + -np.floor_divide(-(lglo - knee), q))
+        n = np.maximum(n, 0)
+        ok &= (n <= W) & (lg_of(n) <= lghi)
+    cost = np.where(ok, a * lt + b * lg_of(n), np.inf)
+    best = np.full(L + 1, np.inf)
+    bw = np.zeros(L + 1, np.int64)
+    br = np.zeros(L + 1, np.int64)
+    bn = np.zeros(L + 1, np.int64)
+    if ok.any():
+        li, ci = lt[ok], cost[ok]
+        order = np.lexsort((ci, li))
+        li, ci = li[order], ci[order]
+        first = np.r_[True, li[1:] != li[:-1]]
+        wi = np.broadcast_to(W, lt.shape)[ok][order][first]
+        ri = np.broadcast_to(R, lt.shape)[ok][order][first]
+        ni = n[ok][order][first]
+        best[li[first]] = ci[first]
+        bw[li[first]], br[li[first]], bn[li[first]] = wi, ri, ni
+    return best, bw, br, bn
+
+
+def _class_curve(tables: list[np.ndarray]) -> tuple[int, np.ndarray, list[np.ndarray]]:
+    """Greedy optimum of sum_m table_m(w_m) for every total t, for convex tables.
+
+    Returns (t_min, F[t - t_min], per-device sorted marginal lists) so allocations can be rebuilt.
+    """
+    if not tables:
+        return 0, np.zeros(1), []
+    mins, base = [], 0.0
+    margs, owners = [], []
+    for m, t in enumerate(tables):
+        fin = np.flatnonzero(np.isfinite(t))
+        if fin.size == 0:
+            return 0, np.full(1, np.inf), []
+        lo, hi = int(fin[0]), int(fin[-1])
+        mins.append(lo)
+        base += float(t[lo])
+        d = np.diff(t[lo:hi + 1])
+        margs.append(d)
+        owners.append(np.full(d.size, m))
+    allm = np.concatenate(margs) if margs else np.zeros(0)
+    own = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    order = np.argsort(allm, kind="stable")
+    F = base + np.r_[0.0, np.cumsum(allm[order])]
+    return sum(mins), F, [np.asarray(mins), own[order]]
+
+
+def _class_alloc(meta: list[np.ndarray], extra: int) -> np.ndarray:
+    mins, owners = meta
+    w = mins.copy()
+    np.add.at(w, owners[:extra], 1)
+    return w
+
+
+# ------------------------------------------------------------------------------ CVXPY problems (built once)
+_LP_CACHE: dict[tuple[int, int], _LPStack] = {}
+_MILP_CACHE: dict[int, _MILPBlock] = {}
+
+
+def _bucket(x: int) -> int:
+    """Round shapes up so a handful of compiled problems serve every cluster size."""
+    for b in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256):
+        if x <= b:
+            return b
+    return int(2 ** math.ceil(math.log2(x)))
+
+
+_MAT = ("cw", "cn", "mult", "ep", "alo_n", "aup_n", "alo_g", "aup_g", "Dlo", "Dup", "wlo", "whi", "G")
+_VEC = ("cr", "cg", "rlo", "rhi", "Lp", "pen")
+
+
+class _LPStack:
+    """K stacked LP relaxations of fixed-k blocks over M device columns, as one DPP problem.
+
+    All data live in two Parameters (sliced per role): CVXPY validates every Parameter it is given
+    a value for, and with one Parameter per role that alone took ~1.3 ms per solve."""
+
+    def __init__(self, K: int, M: int) -> None:
+        import cvxpy as cp
+
+        self.K, self.M = K, M
+        w, n = cp.Variable((K, M), name="w"), cp.Variable((K, M), name="n")
+        r, g = cp.Variable(K, name="r"), cp.Variable(K, name="g")
+        slo, sup = cp.Variable((K, M), nonneg=True), cp.Variable((K, M), nonneg=True)
+        self.A = cp.Parameter((K, len(_MAT) * M), name="A")
+        self.B = cp.Parameter((K, len(_VEC)), name="B")
+        P: dict[str, Any] = {nm: self.A[:, i * M:(i + 1) * M] for i, nm in enumerate(_MAT)}
+        P.update({nm: self.B[:, j] for j, nm in enumerate(_VEC)})
+        ones = np.ones((1, M))
+        Rb = cp.reshape(r, (K, 1), order="F") @ ones
+        Gb = cp.reshape(g, (K, 1), order="F") @ ones
+        lw = cp.multiply(P["mult"], w) + cp.multiply(P["ep"], Rb)
+        cons = [
+            cp.sum(cp.multiply(P["mult"], w), axis=1) + r == P["Lp"],
+            lw + cp.multiply(P["alo_n"], n) + cp.multiply(P["alo_g"], Gb) + slo >= P["Dlo"],
+            lw + cp.multiply(P["aup_n"], n) + cp.multiply(P["aup_g"], Gb) - sup <= P["Dup"],
+            cp.multiply(P["mult"], n) + cp.multiply(P["ep"], Gb) <= P["G"],
+            w >= P["wlo"], w <= P["whi"], n >= 0, n <= w,
+            r >= P["rlo"], r <= P["rhi"], g >= 0, g <= r,
+            cp.sum(cp.multiply(P["ep"], w), axis=1) >= r,
+            cp.sum(cp.multiply(P["ep"], n), axis=1) >= g,
+        ]
+        slack = cp.sum(slo, axis=1) + cp.sum(sup, axis=1)
+        obj = (cp.sum(cp.multiply(P["cw"], w)) + cp.sum(cp.multiply(P["cn"], n)) + P["cr"] @ r + P["cg"] @ g
+               + P["pen"] @ slack)
+        self.prob = cp.Problem(cp.Minimize(obj), cons)
+        assert self.prob.is_dpp()
+        self.w, self.n, self.r, self.g, self.slo, self.sup = w, n, r, g, slo, sup
+        self.last_values: dict[str, Any] = {}
+
+    def load(self, values: dict[str, Any]) -> None:
+        """Set the data: (K, M) arrays for the matrix roles, length-K vectors (or scalars) for the rest."""
+        K = self.K
+        self.A.value = np.hstack([np.broadcast_to(np.asarray(values[nm], float), (K, self.M)) for nm in _MAT])
+        self.B.value = np.column_stack([np.broadcast_to(np.asarray(values[nm], float), (K,)) for nm in _VEC])
+        self.last_values = values
+
+    def solve(self, values: dict[str, Any], solver: str = "HIGHS") -> None:
+        import cvxpy as cp
+
+        self.load(values)
+        self.prob.solve(solver=getattr(cp, solver))
+        if self.prob.status not in ("optimal", "optimal_inaccurate"):
+            raise PlanError(f"LP relaxation failed with status {self.prob.status}", where="halda",
+                            fix="report this instance; try --solver exact")
+
+
+class _MILPBlock:
+    """One fixed-k (or (q, p)) block as a DPP integer program (HiGHS MIP via CVXPY)."""
+
+    def __init__(self, M: int) -> None:
+        import cvxpy as cp
+
+        self.M = M
+        w, n = cp.Variable(M, integer=True, name="w"), cp.Variable(M, integer=True, name="n")
+        r, g = cp.Variable(integer=True, name="r"), cp.Variable(integer=True, name="g")
+        zb = cp.Variable(boolean=True, name="zb")
+        P = {nm: cp.Parameter(M, name=nm) for nm in
+             ("cw", "cn", "mult", "ep", "alo_n", "aup_n", "alo_g", "aup_g", "Dlo", "Dup", "wlo", "whi")}
+        P["G"] = cp.Parameter(M, nonneg=True, name="G")
+        for nm in ("cr", "cg", "rlo", "rhi", "Lp", "bigM"):
+            P[nm] = cp.Parameter(name=nm)
+        lw = cp.multiply(P["mult"], w) + P["ep"] * r
+        np_ = P["ep"] @ n
+        cons = [
+            P["mult"] @ w + r == P["Lp"],
+            lw + cp.multiply(P["alo_n"], n) + P["alo_g"] * g >= P["Dlo"],
+            lw + cp.multiply(P["aup_n"], n) + P["aup_g"] * g <= P["Dup"],
+            cp.multiply(P["mult"], n) + P["ep"] * g <= P["G"],
+            w >= P["wlo"], w <= P["whi"], n >= 0, n <= w,
+            r >= P["rlo"], r <= P["rhi"], g >= 0, g <= r, P["ep"] @ w >= r, np_ >= g,
+            # g = min(n_p, r): the partial window's first min(n_p, r) layers run on the GPU
+            g >= np_ - P["bigM"] * zb, g >= r - P["bigM"] + P["bigM"] * zb,
+        ]
+        obj = P["cw"] @ w + P["cn"] @ n + P["cr"] * r + P["cg"] * g
+        self.prob = cp.Problem(cp.Minimize(obj), cons)
+        assert self.prob.is_dpp()
+        self.P, self.w, self.n, self.r, self.g = P, w, n, r, g
+
+    def solve(self, values: dict[str, Any]) -> bool:
+        import cvxpy as cp
+
+        for k, v in values.items():
+            self.P[k].value = v
+        try:
+            # a reference must be optimal, not within HiGHS's default 0.01 % MIP gap
+            self.prob.solve(solver=cp.HIGHS, mip_rel_gap=0.0, mip_abs_gap=0.0)
+        except cp.error.SolverError:
+            return False
+        return self.prob.status in ("optimal", "optimal_inaccurate")
+
+
+# ------------------------------------------------------------------------------ block data
+class _Data:
+    """Per-iteration numbers shared by the LP, the MILP and the rounding."""
+
+    def __init__(self, cm: CostModel, sets: Sequence[str], priority: float) -> None:
+        coef = cm.coefficients(sets)
+        self.coef = coef
+        self.a_true = coef.a.copy()
+        self.a = coef.a.copy()
+        self.a[cm.head] /= priority  # prima.cpp: cost of w_0 divided by master_priority
+        self.b = coef.b
+        self.c = coef.c
+        self.kappa = coef.kappa
+        self.g_lo, self.D_lo, self.g_up, self.D_up = cm.rows(sets)
+        self.G = cm.gpu_cap
+        self.L, self.M = cm.L, cm.M
+        # finite stand-ins for the solvers (an inactive row must hold for any window)
+        self.D_lo_f = np.where(np.isfinite(self.D_lo), self.D_lo, -1.0)
+        self.D_up_f = np.where(np.isfinite(self.D_up), self.D_up, 2.0 * cm.L + 1)
+        self.G_f = np.minimum(self.G, 2.0 * cm.L)
+
+    def objective(self, lt: np.ndarray, lg: np.ndarray, windows: np.ndarray, *, weighted: bool = True) -> float:
+        a = self.a if weighted else self.a_true
+        return float(a @ lt + self.b @ lg + self.c @ windows + self.kappa)
+
+    def constant(self, blk: _Block) -> float:
+        win = np.array([blk.q + 1 if (blk.p >= 0 and m <= blk.p) else blk.q for m in range(self.M)])
+        return float(self.c @ win + self.kappa)
+
+
+def _param_rows(d: _Data, blk: _Block, Mb: int) -> dict[str, Any]:
+    """Parameter values of one block, padded to Mb device columns."""
+    M, L = d.M, d.L
+    z = np.zeros(Mb)
+
+    def pad(x: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        out = np.full(Mb, fill)
+        out[:M] = x
+        return out
+
+    mult = z.copy()
+    mult[:M] = blk.mult
+    ep = z.copy()
+    if blk.p >= 0:
+        ep[blk.p] = 1.0
+    g_lo, g_up = pad(d.g_lo), pad(d.g_up)
+    part = blk.p >= 0
+    return {
+        "cw": pad(d.a) * mult, "cn": pad(d.b) * mult,
+        "cr": float(d.a[blk.p]) if part else 0.0, "cg": float(d.b[blk.p]) if part else 0.0,
+        "mult": mult, "ep": ep, "alo_n": -g_lo * mult, "aup_n": -g_up * mult,
+        "alo_g": -g_lo * ep, "aup_g": -g_up * ep, "Dlo": pad(d.D_lo_f, -1.0), "Dup": pad(d.D_up_f, 2.0 * L + 1),
+        "G": pad(d.G_f), "wlo": pad(np.ones(M)), "whi": pad(np.full(M, float(L))),
+        "rlo": 1.0 if part else 0.0, "rhi": float(L) if part else 0.0, "Lp": float(L),
+    }
+
+
+# ------------------------------------------------------------------------------ solving blocks
+def _round_block(d: _Data, blk: _Block, w_lp: np.ndarray | None) -> _Sol | None:
+    """Integer optimum of a block from its LP solution (round, repair, exchange; see module doc)."""
+    M, L = d.M, d.L
+    if blk.closed:
+        k = blk.k
+        tabs, nb = zip(*(_device_table(k, d.a[m], d.b[m], d.g_lo[m], d.D_lo[m], d.g_up[m], d.D_up[m], d.G[m], L)
+                         for m in range(M)))
+        T = np.vstack(tabs)
+        if not np.isfinite(T).any(axis=1).all():
+            return None
+        Wt = L // k
+        fin = np.isfinite(T)
+        lo = fin.argmax(axis=1)
+        hi = L - fin[:, ::-1].argmax(axis=1)
+        if lo.sum() > Wt or hi.sum() < Wt:
+            return None
+        start = np.clip(np.rint(w_lp).astype(np.int64) if w_lp is not None else lo, lo, hi)
+        w = _exchange(T, start, Wt)
+        if w is None:
+            return None
+        n = np.array([nb[m][w[m]] for m in range(M)])
+        sol = _Sol(blk, w, n)
+    else:
+        q, p = blk.q, blk.p
+        cp_, bw, br, bn = _partial_table(q, d.a[p], d.b[p], d.g_lo[p], d.D_lo[p], d.g_up[p], d.D_up[p], d.G[p], L)
+        A = [m for m in range(M) if m < p]
+        B = [m for m in range(M) if m > p]
+        tabA = [_device_table(q + 1, d.a[m], d.b[m], d.g_lo[m], d.D_lo[m], d.g_up[m], d.D_up[m], d.G[m], L) for m in A]
+        tabB = [_device_table(q, d.a[m], d.b[m], d.g_lo[m], d.D_lo[m], d.g_up[m], d.D_up[m], d.G[m], L) for m in B]
+        a0, FA, metaA = _class_curve([t for t, _ in tabA])
+        b0, FB, metaB = _class_curve([t for t, _ in tabB])
+        lp = np.flatnonzero(np.isfinite(cp_))
+        if lp.size == 0 or not np.isfinite(FA).any() or not np.isfinite(FB).any():
+            return None
+        At = a0 + np.arange(FA.size)
+        rem = L - lp[:, None] - (q + 1) * At[None, :]
+        if B:
+            okB = (rem >= q * b0) & (rem % q == 0) & (rem // q - b0 < FB.size)
+            idxB = np.where(okB, rem // q - b0, 0)
+            tot = np.where(okB, cp_[lp][:, None] + FA[None, :] + FB[idxB], np.inf)
+        else:
+            tot = np.where(rem == 0, cp_[lp][:, None] + FA[None, :], np.inf)
+        if not np.isfinite(tot).any():
+            return None
+        i, j = np.unravel_index(int(np.argmin(tot)), tot.shape)
+        lsel = int(lp[i])
+        w = np.zeros(M, np.int64)
+        n = np.zeros(M, np.int64)
+        if A:
+            wa = _class_alloc(metaA, int(j))
+            w[A] = wa
+            n[A] = [tabA[x][1][wa[x]] for x in range(len(A))]
+        if B:
+            wb = _class_alloc(metaB, int(rem[i, j] // q - b0))
+            w[B] = wb
+            n[B] = [tabB[x][1][wb[x]] for x in range(len(B))]
+        w[p], n[p] = bw[lsel], bn[lsel]
+        sol = _Sol(blk, w, n, int(br[lsel]))
+    lt, lg, win = sol.totals(L)
+    if int(lt.sum()) != L:  # defensive: the block structure guarantees this
+        return None
+    sol.objective = d.objective(lt, lg, win)
+    return sol
+
+
+def _cost_scale(d: _Data) -> float:
+    """Objective scale for the solvers: the largest per-layer cost becomes 1. In seconds, GPU-vs-GPU
+    differences (1e-8 s) would sit below HiGHS's 1e-7 optimality tolerance (prima.cpp uses ms)."""
+    top = float(np.max(np.abs(np.r_[d.a, d.b]))) if d.M else 0.0
+    return 1.0 / top if top > 0 else 1.0
+
+
+def _solve_relax(d: _Data, blocks: list[_Block]) -> list[_Sol | None]:
+    if not blocks:
+        return []
+    Kb, Mb = _bucket(len(blocks)), _bucket(d.M)
+    key = (Kb, Mb)
+    if key not in _LP_CACHE:
+        _LP_CACHE[key] = _LPStack(Kb, Mb)
+    lp = _LP_CACHE[key]
+    rows = [_param_rows(d, blk, Mb) for blk in blocks]
+    rows += [rows[0]] * (Kb - len(blocks))  # padding blocks repeat block 0 (ignored)
+    vals: dict[str, Any] = {}
+    for nm in rows[0]:
+        vals[nm] = np.array([r[nm] for r in rows], dtype=float)
+    sc = _cost_scale(d)
+    for nm in ("cw", "cn", "cr", "cg"):
+        vals[nm] = vals[nm] * sc
+    vals["pen"] = 100.0 * max(blk.k for blk in blocks)  # exact penalty: above any dual (costs scaled to <= 1)
+    lp.solve(vals)
+    W, S1, S2 = lp.w.value, lp.slo.value, lp.sup.value
+    obj_rows = ((vals["cw"] * W + vals["cn"] * lp.n.value).sum(axis=1) + vals["cr"] * lp.r.value
+                + vals["cg"] * lp.g.value) / sc
+    out: list[_Sol | None] = []
+    for j, blk in enumerate(blocks):
+        if S1[j].sum() + S2[j].sum() > 1e-6:
+            out.append(None)  # LP relaxation infeasible -> so is the integer block
+            continue
+        sol = _round_block(d, blk, W[j, :d.M])
+        if sol is not None:
+            sol.bound = float(obj_rows[j]) + d.constant(blk)
+        out.append(sol)
+    return out
+
+
+def _solve_exact(d: _Data, blocks: list[_Block]) -> list[_Sol | None]:
+    Mb = _bucket(d.M)
+    if Mb not in _MILP_CACHE:
+        _MILP_CACHE[Mb] = _MILPBlock(Mb)
+    mp = _MILP_CACHE[Mb]
+    out: list[_Sol | None] = []
+    sc = _cost_scale(d)
+    for blk in blocks:
+        vals = _param_rows(d, blk, Mb)
+        for nm in ("cw", "cn", "cr", "cg"):
+            vals[nm] = vals[nm] * sc
+        vals["bigM"] = float(d.L)
+        if not mp.solve(vals):
+            out.append(None)
+            continue
+        w = np.rint(mp.w.value[:d.M]).astype(np.int64)
+        n = np.rint(mp.n.value[:d.M]).astype(np.int64)
+        sol = _Sol(blk, w, n, int(round(float(mp.r.value))))
+        lt, lg, win = sol.totals(d.L)
+        sol.objective = d.objective(lt, lg, win)
+        sol.bound = float(mp.prob.value) / sc + d.constant(blk)
+        out.append(sol)
+    return out
+
+
+# ------------------------------------------------------------------------------ the algorithm
+def _init_split(cm: CostModel) -> tuple[np.ndarray, np.ndarray]:
+    """prima.cpp's start: w proportional to the memory budgets (sum L), n = what fits in VRAM."""
+    L, M = cm.L, cm.M
+    budget = np.maximum(cm.budget, 0.0)
+    if budget.sum() <= 0:
+        budget = np.ones(M)
+    w = np.rint(budget / budget.sum() * L).astype(np.int64)
+    for m in np.flatnonzero(w == 0):  # every device keeps at least one layer
+        w[int(np.argmax(w))] -= 1
+        w[m] = 1
+    diff = L - int(w.sum())
+    if diff > 0:
+        w[int(np.argmax(budget))] += diff
+    elif diff < 0:
+        j = int(np.argmin(budget))
+        if w[j] + diff < 1:  # prima.cpp would go below one layer here; take from the largest instead
+            j = int(np.argmax(w))
+        w[j] += diff
+    n = np.where(cm.has_gpu, np.minimum(w, np.floor(cm.gpu_cap + EPS).astype(np.int64)), 0)
+    return w, n
+
+
+def _calibrate(d: _Data, sol: _Sol, sets: list[str], forced: np.ndarray, cm: CostModel) -> int | None:
+    """prima.cpp's check: the device to force into M4, or None."""
+    w, n = sol.w, sol.n
+    weak = bool(np.any((w == 1) & (n == 0)))
+    free_gpu = gpu_over = cpu_over = False
+    for m in range(d.M):
+        if cm.has_gpu[m]:
+            if n[m] < math.floor(d.G[m] / sol.block.mult[m] + EPS):
+                free_gpu = True
+            elif w[m] > n[m]:
+                gpu_over = True
+        elif sets[m] != "M4":
+            cpu_over = True
+    if weak or not free_gpu or not (gpu_over or cpu_over):
+        return None
+    cand = [m for m in range(d.M) if sets[m] != "M4" and not forced[m]]
+    if not cand:
+        return None
+    return min(cand, key=lambda m: cm.disk[m])
+
+
+@dataclass
+class _Round:
+    sol: _Sol | None
+    sets: list[str]
+    iterations: int
+    candidates: list[_Sol]
+    last: _Sol | None
+    notes: list[str]
+
+
+def _halda_round(cm: CostModel, *, k: int | None, solver: str, general: bool, priority: float,
+                 start: tuple[np.ndarray, np.ndarray] | None = None) -> _Round:
+    """Algorithm 1 on one device list (prima.cpp's ``assign_layers_to_device``), from prima.cpp's
+    memory-ratio start or from `start` (windows and GPU layers summing to L, i.e. k = 1)."""
+    L, M = cm.L, cm.M
+    blocks = _blocks(L, M, k, general)
+    notes: list[str] = []
+    if not blocks:
+        return _Round(None, [], 0, [], None, [f"no valid k for L={L} on {M} devices"])
+    w, n = _init_split(cm) if start is None else start
+    forced = np.zeros(M, bool)
+    prev_sets: list[str] | None = None
+    final: _Sol | None = None
+    rollback: _Sol | None = None
+    incumbent: tuple[float, _Sol, list[str], list[_Sol]] | None = None
+    it = 0
+    solve = _solve_relax if solver == "relax" else _solve_exact
+    while it < 4 * M + 16:
+        lt, lg, _ = totals_of(w, n, L)
+        sets = cm.sets(lt, lg, forced)
+        if sets == prev_sets:  # converged: the set assignment no longer changes
+            break
+        prev_sets = sets
+        it += 1
+        d = _Data(cm, sets, priority)
+        sols = solve(d, blocks)
+        feas = [s for s in sols if s is not None]
+        if not feas:
+            notes.append(f"iteration {it}: no k feasible for sets {sets}; rolled back")
+            break  # prima.cpp: roll back to the previous iteration's best
+        best = min(feas, key=lambda s: s.objective)
+        rollback = best
+        per_k: dict[int, _Sol] = {}
+        for s in feas:
+            if s.block.k not in per_k or s.objective < per_k[s.block.k].objective:
+                per_k[s.block.k] = s
+        if incumbent is None or best.objective < incumbent[0] - 1e-12 * max(1.0, abs(incumbent[0])):
+            incumbent = (best.objective, best, sets, sorted(per_k.values(), key=lambda s: s.block.k))
+        dev = _calibrate(d, best, sets, forced, cm)
+        if dev is not None:
+            # free VRAM while something is overloaded: force the slowest-disk overloaded device to
+            # fit in memory and re-solve from the same (w, n)
+            forced[dev] = True
+            notes.append(f"iteration {it}: calibration forced {cm.names[dev]} into M4")
+            continue
+        w, n = best.w, best.n
+        if final is not None and final.block == best.block and np.array_equal(final.w, best.w) \
+                and np.array_equal(final.n, best.n):
+            break
+        final = best
+    last = final if final is not None else rollback
+    if incumbent is None:
+        return _Round(None, prev_sets or [], it, [], None, notes)
+    _, sol, sets, cands = incumbent
+    return _Round(sol, sets, it, cands, last, notes)
+
+
+# ------------------------------------------------------------------------------ beyond prima.cpp: global optimum
+@lru_cache(maxsize=64)
+def _partial_reach(q: int, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Which (lt, lg) a device can have when the partial lap ends in its window (q full laps):
+    lt = q*w + r with 1 <= r <= w, lg = q*n + min(n, r), 0 <= n <= w. Returns a mask over
+    (lt, lg) and one (w, r, n) realising each pair."""
+    w = np.arange(1, L + 1)[:, None, None]
+    r = np.arange(1, L + 1)[None, :, None]
+    n = np.arange(0, L + 1)[None, None, :]
+    shape = (L, L, L + 1)
+    lt = np.broadcast_to(q * w + r, shape)
+    lg = np.broadcast_to(q * n + np.minimum(n, r), shape)
+    ok = np.broadcast_to((r <= w) & (n <= w) & (q * w + r <= L), shape)
+    mask = np.zeros((L + 1, L + 1), bool)
+    W_ = np.zeros((L + 1, L + 1), np.int64)
+    R_ = np.zeros_like(W_)
+    N_ = np.zeros_like(W_)
+    lt_b, lg_b = lt[ok], lg[ok]
+    mask[lt_b, lg_b] = True
+    W_[lt_b, lg_b] = np.broadcast_to(w, shape)[ok]
+    R_[lt_b, lg_b] = np.broadcast_to(r, shape)[ok]
+    N_[lt_b, lg_b] = np.broadcast_to(n, shape)[ok]
+    return mask, W_, R_, N_
+
+
+def _global_block(cm: CostModel, blk: _Block, priority: float) -> _Sol | None:
+    """Exact optimum of one block over *all* set assignments: per-device exact cost tables over
+    total layers (min over GPU layers), then dynamic programming over devices (min-plus
+    convolution), O(M L^2). No set iteration, so no device is ever locked into an overloaded set.
+    Non-head devices may get no layers at all (then they leave the ring and cost nothing)."""
+    L, M = cm.L, cm.M
+    tabs = np.full((M, L + 1), np.inf)
+    rep_w = np.zeros((M, L + 1), np.int64)
+    rep_n = np.zeros((M, L + 1), np.int64)
+    rep_r = np.zeros((M, L + 1), np.int64)
+    idx = np.arange(L + 1)
+    for m in range(M):
+        if m == blk.p:
+            mask, W_, R_, N_ = _partial_reach(blk.q, L)
+            grid = cm.cost_grid(m, idx[:, None], idx[None, :], float(blk.q + 1), priority=priority)
+            grid = np.where(mask, grid, np.inf)
+            best_lg = np.argmin(grid, axis=1)
+            tabs[m] = grid[idx, best_lg]
+            rep_w[m], rep_r[m], rep_n[m] = W_[idx, best_lg], R_[idx, best_lg], N_[idx, best_lg]
+        else:
+            k = blk.mult[m]
+            wmax = L // k
+            w = np.arange(1, wmax + 1)[:, None]
+            n = np.arange(0, wmax + 1)[None, :]
+            grid = cm.cost_grid(m, k * w, k * n, float(k), priority=priority)
+            grid = np.where(n <= w, grid, np.inf)
+            bn = np.argmin(grid, axis=1)
+            tabs[m, k * w[:, 0]] = grid[np.arange(wmax), bn]
+            rep_w[m, k * w[:, 0]] = w[:, 0]
+            rep_n[m, k * w[:, 0]] = bn
+            if m != cm.head:
+                # a device may also stay out of the ring (no window, no hop): the cost model itself
+                # selects devices, e.g. drops a weak one whose hop costs more than its layers save
+                tabs[m, 0] = 0.0
+    # DP: F[s] = best cost of devices 0..m holding s layers in total
+    F = tabs[0].copy()
+    choice = np.zeros((M, L + 1), np.int64)
+    choice[0] = idx
+    for m in range(1, M):
+        G = np.full(L + 1, np.inf)
+        arg = np.zeros(L + 1, np.int64)
+        for x in np.flatnonzero(np.isfinite(tabs[m])):
+            cand = F[: L + 1 - x] + tabs[m, x]
+            better = cand < G[x:]
+            G[x:] = np.where(better, cand, G[x:])
+            arg[x:] = np.where(better, x, arg[x:])
+        F, choice[m] = G, arg
+    if not np.isfinite(F[L]):
+        return None
+    lt = np.zeros(M, np.int64)
+    rest = L
+    for m in range(M - 1, -1, -1):
+        lt[m] = choice[m, rest]
+        rest -= lt[m]
+    rows = np.arange(M)
+    sol = _Sol(blk, rep_w[rows, lt], rep_n[rows, lt], int(rep_r[blk.p, lt[blk.p]]) if blk.p >= 0 else 0)
+    chk, _, _ = sol.totals(L)
+    if not np.array_equal(chk, lt):  # the representative windows must reproduce the totals
+        return None
+    sol.objective = float(F[L]) + cm.head_time()
+    sol.bound = sol.objective
+    return sol
+
+
+def _halda_round_global(cm: CostModel, *, k: int | None, general: bool, priority: float) -> _Round:
+    blocks = _blocks(cm.L, cm.M, k, general)
+    sols = [s for s in (_global_block(cm, b, priority) for b in blocks) if s is not None]
+    if not sols:
+        return _Round(None, [], 1, [], None, ["no allocation fits (global optimisation)"])
+    best = min(sols, key=lambda s: s.objective)
+    per_k: dict[int, _Sol] = {}
+    for s in sols:
+        if s.block.k not in per_k or s.objective < per_k[s.block.k].objective:
+            per_k[s.block.k] = s
+    lt, lg, _ = best.totals(cm.L)
+    return _Round(best, cm.sets(lt, lg), 1, sorted(per_k.values(), key=lambda s: s.block.k), best, [])
+
+
+def _ring(cluster: ClusterSpec) -> list[str]:
+    """Device names in ring order starting at the head (the listing order is the ring)."""
+    names = cluster.names
+    h = names.index(cluster.head)
+    return names[h:] + names[:h]
+
+
+def _to_plan(sol: _Sol, names: Sequence[str], all_names: Sequence[str], model: ModelSpec, n_ctx: int,
+             system: str, options: dict[str, Any]) -> Plan:
+    win = {nm: (int(sol.w[i]), int(sol.n[i])) for i, nm in enumerate(names)}
+    devs = tuple(DevicePlan(nm, *win.get(nm, (0, 0))) for nm in all_names)
+    W = int(sol.w.sum())
+    k = math.ceil(model.n_layers / W)
+    return Plan(system=system, model=model.name, n_layers=model.n_layers, k=k, devices=devs, quant=model.quant,
+                schedule="ring", weights="mmap", prefetch=True, n_ctx=n_ctx, options=dict(options))
+
+
+def halda(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int = 1024, k: int | None = None,
+          solver: Literal["relax", "exact"] = "relax", variant: Literal["code", "paper"] = "code",
+          comm: bool = False, general: bool = False, select_devices: bool = True,
+          master_priority: float = 1.01, corrections: Corrections | None = None,
+          global_opt: bool = False) -> HaldaResult:
+    """Run Halda (prima.cpp Algorithm 1 + device selection) and return the chosen plan.
+
+    - ``k``: fix the number of laps (prima.cpp ``-k``); default: try every valid k.
+    - ``solver``: ``"relax"`` (CVXPY LP relaxation + rounding) or ``"exact"`` (CVXPY integer
+      program, HiGHS MIP).
+    - ``variant``/``comm``: the cost model (see primasim.plan.cost); prima.cpp = ``"code"``, no comm.
+    - ``general``: allow a partial last lap (W need not divide L).
+    - ``select_devices``: drop devices that get a window of one layer (except the head) and
+      re-run until none is dropped (prima.cpp's device selection).
+    - ``master_priority``: the head's per-layer cost is divided by it (prima.cpp default 1.01).
+    - ``global_opt``: beyond prima.cpp: minimise the cost model over all set assignments at once
+      (exact per k, dynamic programming over devices) instead of prima.cpp's set-assignment loop,
+      which can lock a device into an overloaded set; devices may also get no layers, so with
+      ``comm=True`` the hop costs take part in device selection. ``solver`` is then not used.
+    - ``corrections``: ``{device name: DeviceCorrection(...) or dict}`` of measured coefficients
+      (seconds per layer on CPU/GPU, effective disk bytes/s, seconds per hop, head seconds per
+      token) that replace the analytic ones, so Halda re-plans with what the simulator (or the
+      runtime) observed. See :class:`primasim.plan.cost.DeviceCorrection`.
+
+    The plan lists every cluster device in ring order from the head; dropped devices get
+    ``layers = 0``. Deliberate deviations from prima.cpp, all reported in ``notes``: the loop keeps
+    the best solution of all its iterations (prima.cpp returns the last one;
+    ``last_iterate_objective`` reports it); devices that cannot hold a single layer are left out
+    instead of aborting; and if prima.cpp's own memory-ratio fallback split (§2.5) costs less than
+    what the loop found, that split is returned (``used_fallback``), so Halda is never worse than it.
+    """
+    t0 = time.perf_counter()
+    if solver not in ("relax", "exact"):
+        raise SpecError(f"unknown solver {solver!r}", where="--solver", fix="use relax or exact")
+    if k is not None and (not isinstance(k, int) or k < 1 or k > model.n_layers):
+        raise SpecError(f"k must be an integer in [1, {model.n_layers}], got {k!r}", where="--k",
+                        fix="pick a number of laps that divides the layer count (or use --general)")
+    if k is not None and not general and model.n_layers % k:
+        raise SpecError(f"k = {k} does not divide L = {model.n_layers}", where="--k",
+                        fix="pick a divisor of the layer count or add --general (partial last lap)")
+    if not (master_priority > 0 and math.isfinite(master_priority)):
+        raise SpecError(f"master_priority must be positive, got {master_priority}", where="master_priority",
+                        fix="use e.g. 1.01")
+    ring = _ring(cluster)
+    L = model.n_layers
+    head = ring[0]
+    dropped: list[str] = []
+    notes: list[str] = []
+    names = list(ring)
+    if len(names) > L or (k is not None and len(names) > (L if general else L // k)):
+        limit = L if (k is None or general) else L // k
+        ranked = sorted(names[1:], key=lambda nm: -cluster.device(nm).mem_budget)
+        keep = set(ranked[:max(0, limit - 1)]) | {head}
+        cut = [nm for nm in names if nm not in keep]
+        names = [nm for nm in names if nm in keep]
+        dropped += cut
+        notes.append(f"{len(cut)} device(s) with the smallest memory budgets left out: every window needs >= 1 "
+                     f"of {L} layers: {cut}")
+    opts = {"planner": "halda-global" if global_opt else "halda", "solver": "dp" if global_opt else solver, "variant": variant, "comm": comm, "general": general,
+            "master_priority": master_priority}
+    if k is not None:
+        opts["k_fixed"] = k
+    iterations = 0
+    rounds = 0
+    result: tuple[_Round, list[str], CostModel] | None = None
+    start: tuple[np.ndarray, np.ndarray] | None = None
+    while True:
+        rounds += 1
+        devs = [cluster.device(nm) for nm in names]
+        cm = CostModel(model, devs, cluster.network, 0, n_ctx=n_ctx, variant=variant, comm=comm,
+                       corrections={nm: c for nm, c in (corrections or {}).items() if nm in names})
+        if global_opt:
+            rnd = _halda_round_global(cm, k=k, general=general, priority=master_priority)
+        else:
+            rnd = _halda_round(cm, k=k, solver=solver, general=general, priority=master_priority, start=start)
+        iterations += rnd.iterations
+        notes += rnd.notes
+        if rnd.sol is None and result is None and len(names) > 1:
+            # Beyond prima.cpp (which aborts): leave out the devices that cannot hold even one layer
+            # (a slow disk with too little RAM, a KV cache that does not fit), else the one with the
+            # smallest memory budget, and try again.
+            can_host = [bool(np.isfinite(cm.cost_grid(i, np.array([1.0, 1.0]), np.array([0.0, 1.0]), 1.0)).any())
+                        for i in range(len(names))]
+            if not can_host[0]:
+                raise PlanError(f"the head {head} cannot hold one layer plus the output layer: "
+                                + ("its disk is slower than 0.1 GB/s, so prima.cpp requires it to fit in memory"
+                                   if cm.slow_disk[0] else "its KV cache and buffers do not fit in RAM + swap"),
+                                where="halda", fix="pick another head (--head) or give this device more memory")
+            hopeless = [nm for i, nm in enumerate(names) if i > 0 and not can_host[i]]
+            if hopeless:
+                dropped += hopeless
+                notes.append(f"no feasible allocation on {names}; left out {hopeless} (cannot hold one layer) "
+                             "and retried")
+                names = [nm for nm in names if nm not in hopeless]
+                continue
+        if rnd.sol is None:
+            if result is not None:
+                notes.append(f"round {rounds}: re-run on {names} infeasible; kept the previous round")
+            break
+        result = (rnd, names, cm)
+        if not select_devices:
+            break
+        drop = [nm for i, nm in enumerate(names) if i > 0 and rnd.sol.w[i] <= 1]
+        if not drop:
+            break
+        start = _survivor_start(rnd.sol, cm, names, drop, L)
+        dropped += drop
+        names = [nm for nm in names if nm not in drop]
+    if result is None:
+        fb = _fallback_plan(model, cluster, n_ctx=n_ctx, variant=variant, comm=comm, corrections=corrections)
+        reason = "; ".join(notes[-3:]) or "no feasible set assignment"
+        if fb is None:
+            raise PlanError(f"Halda found no feasible allocation of {model.name} on {cluster.name}: {reason}",
+                            where="halda", fix="add memory (devices, RAM, VRAM), shorten the context (--n-ctx), "
+                            "or use a smaller model")
+        notes.append("the set-assignment loop found no feasible allocation; returned the memory-ratio split")
+        fcm = CostModel(model, [cluster.device(d.name) for d in fb[0].devices], cluster.network, 0, n_ctx=n_ctx,
+                        variant=variant)
+        ft, fg, _ = totals_of([d.layers for d in fb[0].devices], [d.gpu_layers for d in fb[0].devices], L)
+        plan = fb[0].replace(options=dict(opts, fallback="memory-ratio"), predicted_tpot_ms=fb[1] * 1e3,
+                             notes=(notes[-1],))
+        return HaldaResult(plan=plan, objective=fb[1], k=plan.k, sets=fcm.sets(ft, fg), iterations=iterations,
+                           solve_time=time.perf_counter() - t0, candidates=[], dropped=[], rounds=rounds,
+                           notes=notes, used_fallback=True)
+    rnd, names, cm = result
+    sol = rnd.sol
+    assert sol is not None
+    plan = _to_plan(sol, names, ring, model, n_ctx, "prima", opts)
+    lt, lg, win = sol.totals(L)
+    objective = cm.tpot(lt, lg, win)  # exact (general-form) cost of the plan, no head priority
+    last_obj = None
+    if rnd.last is not None:
+        lt2, lg2, w2 = rnd.last.totals(L)
+        last_obj = cm.tpot(lt2, lg2, w2)
+    plan = plan.replace(predicted_tpot_ms=objective * 1e3,
+                        notes=tuple(notes[-8:]) + ((f"dropped: {', '.join(dropped)}",) if dropped else ()))
+    vs = violations(plan, model, cluster)
+    if vs:
+        raise PlanError("Halda produced an invalid plan: " + "; ".join(map(str, vs)), where="halda",
+                        fix="shorten the context (--n-ctx) or add memory; this is a bug if the plan looks feasible")
+    set_of = dict(zip(names, rnd.sets))
+    sets_out = [set_of.get(nm, "-") for nm in ring]
+    cands = [_to_plan(s, names, ring, model, n_ctx, "prima", opts) for s in rnd.candidates]
+    used_fallback = False
+    loop_sets = list(sets_out)
+    fb = _fallback_plan(model, cluster, n_ctx=n_ctx, variant=variant, comm=comm, corrections=corrections)
+    if fb is not None and fb[1] < objective * (1 - 1e-9) - 1e-12:
+        # Beyond prima.cpp: the set-assignment loop can lock a device into an overloaded set and end
+        # worse than prima.cpp's own fallback split (§2.5); never return something worse than it.
+        used_fallback = True
+        notes.append(f"the set-assignment loop ended at {objective * 1e3:.1f} ms, worse than the memory-ratio "
+                     f"split ({fb[1] * 1e3:.1f} ms): returned that split (try global_opt)")
+        plan = fb[0].replace(options=dict(opts, fallback="memory-ratio"), predicted_tpot_ms=fb[1] * 1e3,
+                             notes=(notes[-1],))
+        objective = fb[1]
+        fcm = CostModel(model, [cluster.device(d.name) for d in plan.devices], cluster.network, 0, n_ctx=n_ctx,
+                        variant=variant)
+        ft, fg, _ = totals_of([d.layers for d in plan.devices], [d.gpu_layers for d in plan.devices], L)
+        sets_out = fcm.sets(ft, fg)
+    return HaldaResult(plan=plan, objective=objective, k=plan.k, sets=sets_out,
+                       iterations=iterations, solve_time=time.perf_counter() - t0, candidates=cands,
+                       dropped=[] if used_fallback else dropped, rounds=rounds, notes=notes,
+                       last_iterate_objective=last_obj, used_fallback=used_fallback, loop_sets=loop_sets)
+
+
+def _survivor_start(sol: _Sol, cm: CostModel, names: list[str], drop: list[str], L: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start of the next device-selection round (beyond prima.cpp, which restarts from the memory
+    ratio and can fall back into an overloaded set): the survivors keep their total layers of this
+    round, the dropped devices' layers go to the survivor with the largest memory budget."""
+    lt, lg, _ = sol.totals(L)
+    keep = np.array([nm not in drop for nm in names])
+    w = lt[keep].astype(np.int64)
+    budget = cm.budget[keep]
+    w[int(np.argmax(budget))] += int(lt[~keep].sum())
+    gcap = np.floor(cm.gpu_cap[keep] + EPS).astype(np.int64)
+    n = np.where(cm.has_gpu[keep], np.minimum(w, np.maximum(lg[keep], np.minimum(w, gcap))), 0)
+    return w, n
+
+
+def _fallback_plan(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int, variant: str, comm: bool,
+                   corrections: Corrections | None) -> tuple[Plan, float] | None:
+    """prima.cpp's non-HiGHS split (memory ratio, §2.5) and its cost, if it is a valid plan."""
+    from .cost import predict_tpot
+    from .planners import Ctx, _memsched
+
+    plan = _memsched("prima")(model, cluster, Ctx(n_ctx=n_ctx, prompt_tokens=1, options={}))
+    assert isinstance(plan, Plan)
+    if violations(plan, model, cluster):
+        return None
+    return plan, predict_tpot(plan, model, cluster, variant=variant, comm=comm,  # type: ignore[arg-type]
+                              corrections=corrections)
