@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from runtime.kernels import llamacpp, reference as R
-from runtime.quantize import BLOCK, dequantize, q8_0, q8_1, q8_k, quantize, unpack_scales_k4
+from primasim.runtime.kernels import llamacpp, reference as R
+from primasim.runtime.quantize import (
+    BLOCK,
+    dequantize,
+    q8_0,
+    q8_1,
+    q8_k,
+    quantize,
+    unpack_scales_k4,
+)
 
 K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]
 NMAX = {"Q4_K": 15, "Q5_K": 31}
@@ -76,7 +84,7 @@ def test_zero_and_constant_blocks(qtype: str) -> None:
 
 
 def test_scales_pack_and_unpack() -> None:
-    from runtime.quantize import _pack_scales_k4
+    from primasim.runtime.quantize import _pack_scales_k4
 
     rng = np.random.default_rng(0)
     ls, lm = rng.integers(0, 64, (50, 8), dtype=np.uint8), rng.integers(0, 64, (50, 8), dtype=np.uint8)
@@ -139,7 +147,7 @@ def test_activation_quantisers_are_llama_cpps(seed: int, kind: str) -> None:
 
 # ---------------------------------------------------------------------------- the GGUF writer
 def _q4km_spec():
-    from primasim._model import ModelSpec
+    from primasim.core.model import ModelSpec
 
     return ModelSpec(name="q4km", family="llama", n_layers=8, hidden=256, n_heads=4, n_kv_heads=2, head_dim=64,
                      ffn=512, vocab=256, quant="q4k")
@@ -150,8 +158,8 @@ def test_random_q4_k_m_file_has_llama_cpps_mix(tmp_path) -> None:
     each tensor holds the seeded random weights up to Q4_K / Q6_K rounding."""
     import gguf
 
-    from runtime import write_random_checkpoint
-    from runtime.checkpoint import _permute_qk, random_tensor
+    from primasim.runtime import write_random_checkpoint
+    from primasim.runtime.checkpoint import _permute_qk, random_tensor
 
     spec = _q4km_spec()
     p = write_random_checkpoint(spec, tmp_path / "m.gguf", fmt="gguf", seed=1)
@@ -182,7 +190,7 @@ def test_random_q4_k_m_file_equals_llama_quantize(tmp_path) -> None:
     import gguf
     import llama_cpp
 
-    from runtime import write_random_checkpoint
+    from primasim.runtime import write_random_checkpoint
 
     spec = _q4km_spec()
     ours = write_random_checkpoint(spec, tmp_path / "ours.gguf", fmt="gguf", seed=2)
