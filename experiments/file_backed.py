@@ -6,7 +6,7 @@ holds the other 2 layers without a limit. Four runs of 16 tokens:
 
 - residency "kernel": the worker just maps the file and the kernel's LRU decides (llama.cpp);
 - residency "plan": the worker keeps a fraction of every layer and streams the rest, evicting it
-  after use (runtime/worker.py `Session.load`);
+  after use (runtime/worker/session.py `Session.load`);
 
 each with prefetch off and on. Reported: disk reads per decode token (/proc/<pid>/io read_bytes of
 the worker, median over tokens), the bytes that do not fit (window - budget), TPOT.

@@ -24,7 +24,7 @@ allocates the KV caches at set-up with jnp.zeros, which XLA writes, so their pag
 before the first token (the probe below measures it); the anonymous memory the KV cache adds during
 decode is then zero, and any anonymous growth during decode is not KV.
 
-Two sources of growth found by this experiment are gone from the runtime (runtime/worker.py): the
+Two sources of growth found by this experiment are gone from the runtime (runtime/worker/): the
 worker's trace recorder kept every span and sample in Python lists until the driver's STATS
 (3.6-4.1 KB a token per worker at 97119e8) and now spills them to an unlinked temporary file in
 fixed-size records (the report still counts what the lists would have held, and the file's page

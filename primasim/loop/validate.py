@@ -63,7 +63,7 @@ from primasim.core.units import GB, MB, MS, GiB, MiB
 
 Progress = Callable[[str, float], None]  # (what, fraction of the step done)
 
-# The worker's own reserve for activations and the allocator (runtime/worker.py _anon_reserve):
+# The worker's own reserve for activations and the allocator (runtime/worker/session.py _anon_reserve):
 # what the runtime allocates besides weights and KV cache, in place of llama.cpp's compute buffer.
 RUNTIME_BUFFER_BYTES = 8 * MiB
 PROBE_LAYERS = 4  # layers the runtime probe maps (4 x 61 MB for llama-mini-300m: far past the LLC)
@@ -179,7 +179,7 @@ def fault_probe(ckpt: Any, *, layer: int, nbytes: int = 24 * MiB) -> dict[str, f
     import numpy as np
 
     from primasim.runtime.checkpoint import evict, prefetch
-    from primasim.runtime.worker import _mapped_spans, drop_pages, split_ranges, touch_pages
+    from primasim.runtime.pages import drop_pages, mapped_spans, split_ranges, touch_pages
 
     layer = min(layer, ckpt.spec.n_layers - 1)
     ranges, _ = split_ranges(ckpt.layer_ranges([layer]), nbytes)
@@ -190,7 +190,7 @@ def fault_probe(ckpt: Any, *, layer: int, nbytes: int = 24 * MiB) -> dict[str, f
     t0 = time.perf_counter()
     got = touch_pages(ranges)
     fault_s = time.perf_counter() - t0
-    drop_pages(ranges, _mapped_spans(ranges))
+    drop_pages(ranges, mapped_spans(ranges))
     evict(ranges)
     t0 = time.perf_counter()
     prefetch(ranges)

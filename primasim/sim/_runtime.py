@@ -4,7 +4,7 @@ The other schedules model the systems of the papers (llama.cpp's engine under th
 This one models what `primasim.runtime.head.run_plan` executes, so a plan can be predicted and then run on
 the (emulated) cluster and the two compared (`primasim validate`, experiments/fidelity.py):
 
-- **Residency** (runtime/worker.py `Session.load`): a device whose window and (head) output layer
+- **Residency** (runtime/worker/session.py `Session.load`): a device whose window and (head) output layer
   fit its budget -- `ram_avail` minus the KV caches of the sequences in flight (f32, `max_seq`
   positions) and an 8 MiB activation reserve -- keeps them resident; otherwise it keeps the first
   fraction r of every layer and *streams* the rest from disk each time the layer runs, evicting
@@ -49,7 +49,7 @@ from ._devices import DEMAND, PREFETCH, SimDevice
 from ._engine import Proc
 from ._timing import DeviceTiming
 
-ACT_RESERVE = 8 * MiB  # runtime/worker.py _anon_reserve: activations and the allocator
+ACT_RESERVE = 8 * MiB  # runtime/worker/session.py _anon_reserve: activations and the allocator
 MIN_SPAN = 256  # runtime/model.py attention_span
 STREAM_CHUNK = 2 * MiB  # granularity of streamed reads (demand reads can pass a prefetch between chunks)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # runtime/batch.py
@@ -68,7 +68,7 @@ def kv_bytes(model: ModelSpec, layers: int, max_seq: int, sequences: int = 1) ->
 
 @dataclass
 class Residency:
-    """What one device keeps in memory and what it streams (runtime/worker.py Session.load)."""
+    """What one device keeps in memory and what it streams (runtime/worker/session.py Session.load)."""
 
     mode: str  # pinned | fits | planned | none
     budget: float
@@ -225,7 +225,7 @@ class CpuQuota:
 
 
 class RuntimeRing:
-    """The ring / recurrent-pipeline schedule of runtime/worker.py on simulated devices."""
+    """The ring / recurrent-pipeline schedule of runtime/worker/ on simulated devices."""
 
     def __init__(self, ctx: SimContext) -> None:
         assert ctx.plan is not None

@@ -1,0 +1,83 @@
+"""The model code one worker runs (its layer windows; on the head, embedding and output)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class Stage:
+    """The model code one worker runs: its layer windows and, on the head, embedding + output.
+    The only place that calls primasim.runtime.model / primasim.runtime.checkpoint. Activations are (1, T, E) f32."""
+
+    def __init__(self, path: str, windows: list[tuple[int, int]], *, head: bool, weights: str,
+                 max_seq: int) -> None:
+        # JAX loads with the first session, not at start-up: the driver waits for the worker to listen
+        from .. import checkpoint as ck, model as md
+
+        self._md, self._ck = md, ck
+        self.ckpt = ck.open_checkpoint(path)
+        self.spec = self.ckpt.spec
+        self.windows = windows
+        self.head = head
+        self.max_seq = max_seq
+        self.layers = [i for s, e in windows for i in range(s, e)]
+        self.params = md.load_params(self.ckpt, self.layers, embed=head, head=head)
+        if weights == "pinned":  # exo-style: weights copied into anonymous memory, never re-read
+            self.params = md.pin_params(self.params)
+
+    def fingerprint(self) -> str:
+        return str(self.ckpt.fingerprint())
+
+    def weight_bytes(self) -> int:
+        """Bytes of this stage's weights (its layers, plus embedding and output on the head)."""
+        return sum(n for _, _, n in self.all_ranges())
+
+    def window_ranges(self, w: int) -> list[tuple[str, int, int]]:
+        s, e = self.windows[w]
+        return self.ckpt.layer_ranges(range(s, e))
+
+    def layer_ranges(self, layer: int) -> list[tuple[str, int, int]]:
+        return self.ckpt.layer_ranges([layer])
+
+    def io_ranges(self) -> list[tuple[str, int, int]]:
+        """The embedding and output tensors (head only)."""
+        return self.ckpt.io_ranges() if self.head else []
+
+    def input_ranges(self) -> list[tuple[str, int, int]]:
+        return self.ckpt.input_ranges() if self.head else []
+
+    def output_ranges(self) -> list[tuple[str, int, int]]:
+        return self.ckpt.output_ranges() if self.head else []
+
+    def all_ranges(self) -> list[tuple[str, int, int]]:
+        return self.ckpt.layer_ranges(self.layers) + self.io_ranges()
+
+    def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
+        self._ck.prefetch(ranges)
+
+    def new_kv(self) -> Any:
+        return self._md.init_kv(self.spec, self.layers, self.max_seq)
+
+    def bucket_starts(self) -> list[int]:
+        """Decode positions where the attention span (primasim.runtime.model.attention_span) moves to a
+        new bucket, up to the KV length."""
+        span = self._md.attention_span
+        return [p for p in (1 << i for i in range(self.max_seq.bit_length()))
+                if p < self.max_seq and span(p + 1, self.max_seq) != span(p, self.max_seq)]
+
+    def run(self, kv: Any, x: np.ndarray, pos: int, start: int, end: int) -> tuple[np.ndarray, Any]:
+        y, kv = self._md.run_layers(self.params, kv, x, pos, range(start, end))
+        return np.asarray(y), kv
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        return np.asarray(self._md.embed(self.params, [list(ids)]))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits (V,) of the last position of x (1, T, E)."""
+        return np.asarray(self._md.logits(self.params, x[:, -1:]))[0, -1]
+
+    def sample(self, logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int,
+               top_p: float) -> int:
+        return int(self._md.sample(logits, rng, temperature=temperature, top_k=top_k, top_p=top_p))
