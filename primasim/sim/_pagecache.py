@@ -31,8 +31,8 @@ prefetch) meeting the policy. The policies are the kernels' own rules, each with
   this frees are the device's `swappable` (primasim.core.device.DeviceSpec.os_swappable).
 - macos: the compressor squeezes other processes first (the same `swappable` budget); file pages
   are reclaimed from the inactive queue with a reference bit (vm_pageout_scan reactivates
-  referenced pages), with no refault detection; pages mapped by Metal are evicted all-or-nothing
-  (prima.cpp's Eq. 16: once the Metal working set overflows, the whole slice is dropped).
+  referenced pages), with no refault detection; pages mapped by Metal go last and all-or-nothing
+  (prima.cpp's Eq. 16: once memory is exhausted, the whole mapped slice is dropped).
 
 Sizes are bytes. "Loading" chunks (reads in flight) are locked and never evicted.
 """
@@ -190,10 +190,17 @@ class PageCache:
         if short <= 0:
             return
         if self.os == "macos" and self.metal:
+            # pages the GPU uses are the last to go: other file pages first (the CPU layers) ...
+            while short > 0:
+                victim = self._victim(keep, metal=False)
+                if victim is None:
+                    break
+                short -= self.size[victim]
+                self._evict(victim)
             victims = [c for c in list(self.inactive) + list(self.active)
-                       if self.is_metal.get(c) and c not in self.locked and c != keep]
+                       if self.is_metal.get(c) and c not in self.locked and c != keep] if short > 0 else []
             if victims:
-                # Metal's all-or-nothing: the whole mapped working set goes at once.
+                # ... then Metal's all-or-nothing: the whole mapped working set goes at once
                 self.stats.metal_flushes += 1
                 for c in victims:
                     self._evict(c)
@@ -224,12 +231,13 @@ class PageCache:
         self.clock += n
         self.stats.activations += 1
 
-    def _victim(self, keep: int) -> int | None:
-        """The next page the inactive scan reclaims (folio_check_references on the tail)."""
+    def _victim(self, keep: int, metal: bool | None = None) -> int | None:
+        """The next page the inactive scan reclaims (folio_check_references on the tail); with
+        `metal=False`, only among pages no GPU maps."""
         for _ in range(3):  # a full rotation clears every accessed bit: the next pass finds one
             self._deactivate_if_low()
             for c in list(self.inactive):
-                if c in self.locked or c == keep:
+                if c in self.locked or c == keep or (metal is False and self.is_metal.get(c)):
                     continue
                 if c in self.young:
                     self.young.discard(c)
@@ -242,10 +250,10 @@ class PageCache:
                     continue
                 return c
             for c in self.active:  # inactive list exhausted (all locked or just activated)
-                if c not in self.locked and c != keep and not self.inactive:
+                if c not in self.locked and c != keep and not self.inactive and not (metal is False and self.is_metal.get(c)):
                     return c
         for c in list(self.inactive) + list(self.active):
-            if c not in self.locked and c != keep:
+            if c not in self.locked and c != keep and not (metal is False and self.is_metal.get(c)):
                 return c
         return None
 

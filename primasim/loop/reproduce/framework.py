@@ -1043,7 +1043,7 @@ def _plot_bud(df: pd.DataFrame) -> Figure:
 
 # =========================================================================== PIPO
 PIPO_SRC = "PIPO (arXiv 2504.03664) abstract"
-PIPO_CASES = (("llama1-30b", "q4k", 16), ("llama1-30b", "q4k", 64), ("llama1-30b", "q4k", 256),
+PIPO_CASES = (("llama3-8b", "q4k", 1), ("llama1-30b", "q4k", 16), ("llama1-30b", "q4k", 64), ("llama1-30b", "q4k", 256),
               ("llama3-8b", "f16", 64), ("llama3-8b", "f16", 256))
 
 
