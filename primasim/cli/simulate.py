@@ -8,6 +8,8 @@ import json
 import math
 from typing import Any
 
+from . import workload
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="simulate a system serving a model on a cluster (SimPy)",
@@ -43,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--table", action="store_true", help="print the per-device table (pandas) too")
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace JSON to FILE")
+    workload.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -95,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         sh = sim_halda(model, cluster, config=cfg, n_ctx=args.n_ctx, k=args.k)
         plan = sh.best.plan
         extra["sim_halda"] = sh.summary()
+    if args.workload:
+        if args.sim_halda:
+            raise SpecError("--sim-halda and --workload together are not supported", where="--workload",
+                            fix="plan first (primasim plan --planner sim --out plan.json), then --plan plan.json")
+        return workload.run(args, system, model, cluster, plan, cfg, opts)
     res = simulate(system, model, cluster, plan=plan, config=cfg, **({} if plan is not None else opts))
     if args.trace and res.trace is not None:
         res.trace.save_chrome(args.trace)

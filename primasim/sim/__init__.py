@@ -16,6 +16,12 @@ from ._feedback import (
 )
 from ._network import Network as Network
 from ._pagecache import PageCache as PageCache
+from ._serving import (
+    Departure as Departure,
+    Recovery as Recovery,
+    ServeResult as ServeResult,
+    serve_workload as serve_workload,
+)
 from ._systems import (
     SYSTEMS as SYSTEMS,
     SystemEntry as SystemEntry,
@@ -26,4 +32,5 @@ from ._timing import DeviceTiming as DeviceTiming
 
 __all__ = ["simulate", "SimConfig", "config_help", "SimContext", "SimResult", "Recorder", "Server", "Network",
            "PageCache", "SYSTEMS", "SystemEntry", "get_system", "system_names", "DeviceTiming", "Candidate",
-           "SimHaldaResult", "rerank", "sim_corrections", "sim_halda"]
+           "SimHaldaResult", "rerank", "sim_corrections", "sim_halda", "serve_workload", "ServeResult", "Departure",
+           "Recovery"]

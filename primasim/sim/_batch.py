@@ -2,7 +2,8 @@
 vs one request at a time (reference B.2-B.4).
 
 All requests arrive at t = 0 (the paper's 100 parallel requests; prompt and output lengths drawn
-from a seeded distribution around the configured means). The engine runs iterations: admit waiting
+from a seeded distribution around the configured means), unless a request stream is given
+(`requests` with arrival times: primasim.sim.serve_workload); a request waits until it arrives. The engine runs iterations: admit waiting
 requests while the KV pool has room, then one forward pass over every running request (the new
 ones' whole prompts plus one token for each decoding one). An iteration streams the weights from
 RAM once whatever the batch, reads each request's filled KV cache, and computes FLOPs for every
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from primasim.core.device import rate
@@ -38,6 +40,7 @@ class _Req:
     done: int = 0  # tokens generated since (re)admission
     tiles: int = 0
     emitted: int = 0  # tokens generated in total (index of the next token)
+    arrival: float = 0.0
 
     def __post_init__(self) -> None:
         self.total = self.gen
@@ -55,7 +58,8 @@ def draw_requests(ctx: SimContext) -> list[_Req]:
     return [_Req(i, int(p), int(g)) for i, (p, g) in enumerate(zip(prompts, gens))]
 
 
-def run_batch(ctx: SimContext, entry: object) -> SimResult:
+def run_batch(ctx: SimContext, entry: object, requests: list[_Req] | None = None,
+              on_admit: Callable[[_Req], None] | None = None) -> SimResult:
     from ._systems import SystemEntry
 
     assert isinstance(entry, SystemEntry) and ctx.plan is not None
@@ -76,9 +80,9 @@ def run_batch(ctx: SimContext, entry: object) -> SimResult:
     kv_tok = m.kv_bytes_per_token() * m.n_layers  # one position, every layer
     tile = tile_tokens * kv_tok
     n_tiles = int(pool // tile)
-    reqs = draw_requests(ctx)
+    reqs = draw_requests(ctx) if requests is None else requests
     for r in reqs:
-        ctx.request(r.rid, r.prompt, r.gen)
+        ctx.request(r.rid, r.prompt, r.gen, arrival=r.arrival)
     prealloc_tiles = math.ceil(max_len / tile_tokens)
     if kv_mode == "prealloc" and prealloc_tiles > n_tiles:
         return infeasible(entry.name, "one max-length KV reservation does not fit in RAM (OOM)", plan, cfg)
@@ -106,10 +110,16 @@ def run_batch(ctx: SimContext, entry: object) -> SimResult:
 
     def engine() -> Proc:
         nonlocal free, peak_batch
-        waiting = deque(reqs)
+        future = deque(sorted(reqs, key=lambda r: r.arrival))
+        waiting: deque[_Req] = deque()
         running: list[_Req] = []
         it = 0
-        while waiting or running:
+        while future or waiting or running:
+            while future and future[0].arrival <= env.now:
+                waiting.append(future.popleft())
+            if not waiting and not running:
+                yield env.timeout(future[0].arrival - env.now)  # idle until the next request arrives
+                continue
             it += 1
             new: list[_Req] = []
             while waiting and len(running) < max_batch:
@@ -120,6 +130,8 @@ def run_batch(ctx: SimContext, entry: object) -> SimResult:
                 if need + headroom > free and running:
                     break
                 waiting.popleft()
+                if on_admit is not None:
+                    on_admit(r)
                 r.tiles = need
                 free -= need
                 running.append(r)

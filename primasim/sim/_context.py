@@ -44,8 +44,9 @@ class SimContext:
     def dev(self, name: str) -> SimDevice:
         return self.devices[name]
 
-    def request(self, seq: int, prompt_tokens: int, max_new: int) -> None:
-        self.trace.requests.append(Request(seq, self.env.now, prompt_tokens, max_new))
+    def request(self, seq: int, prompt_tokens: int, max_new: int, arrival: float | None = None) -> None:
+        t = self.env.now if arrival is None else arrival
+        self.trace.requests.append(Request(seq, t, prompt_tokens, max_new))
 
     def emit(self, seq: int, index: int) -> None:
         self.trace.token(seq, index, self.env.now)
