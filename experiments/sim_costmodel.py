@@ -23,7 +23,8 @@ from primasim.sim import SimConfig, simulate
 from primasim.sim._testbeds import prefetch_pair
 
 ROOT = Path(__file__).resolve().parents[1]
-EXACT = SimConfig(tokens=6, jitter=False, prefetch=False, sample_cost_per_vocab=0.0, kv_read="ctx")
+EXACT = SimConfig(tokens=6, jitter=False, prefetch=False, sample_cost_per_vocab=0.0, kv_read="ctx", roofline=False,
+                  wifi_frames=False)  # the cost model's accounting
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     p = make_plan("dllama", m, cl).plan
     w = simulate("dllama", m, cl, plan=p, config=EXACT)
     n = cl.network
-    sw = ClusterSpec(cl.name, cl.devices, NetworkSpec("switched", n.bandwidth, n.latency, 0.0), cl.head)
+    sw = ClusterSpec(cl.name, cl.devices, NetworkSpec("switched", n.bandwidth, n.latency, 0.0, contention="pair"), cl.head)
     s = simulate("dllama", m, sw, plan=p, config=EXACT)
     add("dllama 8B on one Wi-Fi medium (vs the same links switched)", w.tpot_ms, s.tpot_ms,
         "airtime contention (second column: simulated on a switched network)")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
@@ -26,7 +27,9 @@ from primasim.sim import SimConfig, simulate
 
 MODEL = load_model("llama3-8b", "q4k")  # 32 layers of 131 MB
 CFG = SimConfig(tokens=4, jitter=False)
-SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 12 examples per property in the suite; PRIMASIM_PROPERTY_EXAMPLES=200 for a deeper search
+SETTINGS = settings(max_examples=int(os.environ.get("PRIMASIM_PROPERTY_EXAMPLES", "12")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 def _dev(name: str, *, ram_gb: float, bw: float, flops: float, disk: float, os: str = "linux",
