@@ -6,6 +6,8 @@ This package's model and checkpoint half (the workers, wire format and emulated 
 - `load_params`, `init_kv`, `run_layers`, `embed`, `logits`, `generate`, `sample`: the model.
 - `PagedKVPool`: Bud-style paged KV cache for batched decode on one worker.
 - `prefetch(ranges)`: madvise(WILLNEED) over `Checkpoint.layer_ranges(...)`.
+- `load_tokenizer` / `Tokenizer` / `StreamDecoder`: GGUF and tokenizer.json vocabularies as llama.cpp
+  reads them, and streamed text.
 """
 
 from ._kvcache import KVPoolExhausted as KVPoolExhausted, PagedKVPool as PagedKVPool
@@ -14,7 +16,6 @@ from .checkpoint import (
     TensorInfo as TensorInfo,
     build_tokenizer as build_tokenizer,
     evict as evict,
-    load_tokenizer as load_tokenizer,
     open_checkpoint as open_checkpoint,
     prefetch as prefetch,
     resident_fraction as resident_fraction,
@@ -34,4 +35,9 @@ from .model import (
     rope_inv_freq as rope_inv_freq,
     run_layers as run_layers,
     sample as sample,
+)
+from .tokenizer import (
+    StreamDecoder as StreamDecoder,
+    Tokenizer as Tokenizer,
+    load_tokenizer as load_tokenizer,
 )

@@ -51,7 +51,7 @@ from primasim.core.errors import PrimasimError
 from primasim.core.model import _load_catalogue, catalogue, from_gguf, from_hf_config_file
 from primasim.core.paths import data_dir
 from primasim.core.plan import DevicePlan, Plan, violations
-from primasim.runtime import open_checkpoint, wire, write_random_checkpoint
+from primasim.runtime import load_tokenizer, open_checkpoint, wire, write_random_checkpoint
 from primasim.runtime.wire import HEADER, HEADER_SIZE, MsgType
 
 MAX_MESSAGE = 4000  # characters: an error that echoes megabytes of junk is not a clear one
@@ -473,7 +473,7 @@ def _set_field(data: bytes, which: int, value: int) -> bytes:
     return data[:off] + (value % 2 ** (8 * size)).to_bytes(size, "little") + data[off + size:]
 
 
-def run_gguf(inp: tuple[str, Any]) -> None:
+def _mutated_gguf(inp: tuple[str, Any]) -> bytes:
     data = _valid_gguf()
     kind, arg = inp
     if kind == "truncate":
@@ -487,7 +487,20 @@ def run_gguf(inp: tuple[str, Any]) -> None:
             data = _set_field(data, *e)
     else:
         data = arg
-    _use(open_checkpoint(_write(_scratch("gguf") / "m.gguf", data)))
+    return data
+
+
+def run_gguf(inp: tuple[str, Any]) -> None:
+    _use(open_checkpoint(_write(_scratch("gguf") / "m.gguf", _mutated_gguf(inp))))
+
+
+def run_tokenizer(inp: tuple[str, Any]) -> None:
+    """The GGUF's vocabulary (token, type and merge arrays, special ids) with the same mutations."""
+    tok = load_tokenizer(_write(_scratch("tok") / "m.gguf", _mutated_gguf(inp)))
+    if tok is not None:  # an accepted vocabulary must encode, decode and stream
+        ids = tok.encode("Hello wörld 日本 <s> 12345\n")
+        s = tok.stream()
+        assert "".join(s.push(i) for i in ids) + s.flush() == tok.decode(ids, at_start=False)
 
 
 # ---------------------------------------------------------------------------------- 4. wire
@@ -579,6 +592,7 @@ TARGETS: dict[str, tuple[st.SearchStrategy[Any], Callable[[Any], None]]] = {
     "plan_json": (plan_inputs, run_plan),
     "safetensors": (safetensors_inputs, run_safetensors),
     "gguf": (gguf_inputs, run_gguf),
+    "gguf_tokenizer": (gguf_inputs, run_tokenizer),
     "wire": (wire_inputs, run_wire),
 }
 
@@ -600,7 +614,7 @@ def outcome(target: str, inp: Any) -> str:
 
 # ---------------------------------------------------------------------------------- tests
 EXAMPLES = {"cluster_toml": 250, "model_catalogue_toml": 200, "hf_config_json": 200, "gguf_metadata": 150,
-            "plan_json": 300, "safetensors": 250, "gguf": 250, "wire": 300}
+            "plan_json": 300, "safetensors": 250, "gguf": 250, "gguf_tokenizer": 200, "wire": 300}
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
@@ -620,6 +634,18 @@ def test_parser_gives_a_clear_error_or_accepts(target: str) -> None:
 
 
 # Inputs fuzzing found (each crashed or hung before the fix), kept as plain regressions.
+def test_tokenizer_error_shows_a_corrupted_value_briefly() -> None:
+    """A corrupted string length made tokenizer.ggml.add_bos_token's value 9 KB of the header; the
+    message quoted all of it (and an over-long metadata key likewise)."""
+    assert outcome("gguf_tokenizer", ("field", (65537, 8))) == "CheckpointError"
+    assert outcome("gguf_tokenizer", ("flip", [(407, 6)])) == "CheckpointError"
+
+
+def test_tokenizer_string_array_cut_inside_a_length_is_refused() -> None:
+    """The file ends inside a string's 8-byte length, in the middle of the token list."""
+    assert outcome("gguf_tokenizer", ("truncate", 3126)) == "CheckpointError"
+
+
 def test_gguf_array_length_past_the_end_is_refused_not_looped() -> None:
     """A metadata array of 2**63 u8s: gguf.GGUFReader read empty views past the end for ever."""
     f = next(f for f in _gguf_field_list() if f[2].endswith("array length"))

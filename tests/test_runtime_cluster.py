@@ -96,7 +96,7 @@ def test_three_workers_k2_match_transformers(tiny: Path) -> None:
     transformers = pytest.importorskip("transformers")
     n = 33  # the token from the prefill + 32 decode steps
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
-    ids = load_tokenizer(tiny).encode(PROMPT).ids
+    ids = load_tokenizer(tiny).encode(PROMPT)
     inp = torch.tensor([ids])
     with torch.no_grad():
         out = hf.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, do_sample=False,

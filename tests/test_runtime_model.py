@@ -53,7 +53,7 @@ def reference(model_dir: Path) -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf.eval()
-    ids = load_tokenizer(model_dir).encode(PROMPT).ids
+    ids = load_tokenizer(model_dir).encode(PROMPT)
     inp = torch.tensor([ids])
     with torch.no_grad():
         prefill = hf(inp).logits[0].numpy()

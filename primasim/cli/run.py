@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -25,8 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", metavar="FILE", help="plan JSON written by `primasim plan --json` (default: plan now)")
     p.add_argument("--system", default=None, help="system to plan for when there is no --plan (default prima)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--prompt", help="prompt text (needs the model's tokenizer.json)")
+    g.add_argument("--prompt", help="prompt text (needs the model's tokenizer: tokenizer.json or the GGUF's vocabulary)")
     g.add_argument("--prompt-ids", metavar="IDS", help="prompt token ids, comma-separated, e.g. 1,5,9")
+    p.add_argument("--chat", action="store_true",
+                   help="--prompt is a user message: format it with the model's chat template (tokenizer.chat_template "
+                        "in the GGUF, chat_template in tokenizer_config.json)")
+    p.add_argument("--chat-template", metavar="FILE", help="with --chat: a Jinja chat template to use instead")
+    p.add_argument("--system-prompt", metavar="TEXT", help="with --chat: a system message before the user's")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate all --tokens instead of stopping at the model's end-of-generation tokens")
     p.add_argument("--tokens", type=int, default=16, help="tokens to generate per sequence (default 16)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
@@ -75,9 +83,13 @@ def _parse_value(v: str) -> Any:
 
 def _prompt_ids(args: argparse.Namespace, ckpt: Any, vocab: int) -> tuple[list[int], Any]:
     from primasim.core.errors import SpecError
+    from primasim.runtime.chat import chat_prompt_ids
+    from primasim.runtime.tokenizer import load_tokenizer
 
-    tok = None
+    tok = load_tokenizer(ckpt.path)
     if args.prompt_ids is not None:
+        if args.chat:
+            raise SpecError("--chat formats a text prompt", where="--chat", fix="use --prompt TEXT with --chat")
         try:
             ids = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x != ""]
         except ValueError:
@@ -85,27 +97,35 @@ def _prompt_ids(args: argparse.Namespace, ckpt: Any, vocab: int) -> tuple[list[i
                             fix="e.g. --prompt-ids 1,5,9") from None
         if not ids:
             raise SpecError("no token ids", where="--prompt-ids", fix="e.g. --prompt-ids 1,5,9")
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise SpecError(f"token id(s) {bad[:5]} outside the vocabulary 0..{vocab - 1}", where="--prompt-ids",
-                            fix="use ids below the vocabulary size")
-        from primasim.runtime.checkpoint import load_tokenizer
-
-        tok = load_tokenizer(ckpt.path)
-        return ids, tok
-    from primasim.runtime.checkpoint import load_tokenizer
-
-    tok = load_tokenizer(ckpt.path)
-    if args.prompt is None:
+    elif args.prompt is None:
+        if args.chat:
+            raise SpecError("--chat needs the user's message", where="--chat", fix='add --prompt "..."')
         # no prompt: the tokenizer's BOS if there is one, else token 1 (as llama.cpp's -p "")
-        bos = tok.token_to_id("<s>") if tok is not None else None
-        return [bos if bos is not None else 1], tok
-    if tok is None:
-        raise SpecError(f"{ckpt.path} has no tokenizer, so text cannot be encoded", where="--prompt",
-                        fix="pass token ids with --prompt-ids 1,5,9, or add the model's tokenizer.json")
-    ids = tok.encode(args.prompt).ids
-    if not ids:
-        raise SpecError("the prompt encodes to no tokens", where="--prompt", fix="give a non-empty prompt")
+        ids = [tok.bos_id if tok is not None and tok.bos_id is not None else 1]
+    else:
+        if tok is None:
+            raise SpecError(f"{ckpt.path} has no tokenizer, so text cannot be encoded", where="--prompt",
+                            fix="pass token ids with --prompt-ids 1,5,9, or add the model's tokenizer.json")
+        if args.chat:
+            template = None
+            if args.chat_template:
+                try:
+                    template = Path(args.chat_template).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise SpecError(f"cannot read the template ({exc})", where=args.chat_template,
+                                    fix="give a readable Jinja file") from None
+            messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else []) + \
+                [{"role": "user", "content": args.prompt}]
+            ids = chat_prompt_ids(tok, messages, template=template)
+        else:
+            ids = tok.encode(args.prompt)
+        if not ids:
+            raise SpecError("the prompt encodes to no tokens", where="--prompt", fix="give a non-empty prompt")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise SpecError(f"token id(s) {bad[:5]} outside the vocabulary 0..{vocab - 1}",
+                        where="--prompt-ids" if args.prompt_ids is not None else "--prompt",
+                        fix="use ids below the model's vocabulary size")
     return ids, tok
 
 
@@ -132,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.compute_timeout >= 0:
         raise SpecError(f"--compute-timeout must be >= 0 seconds, got {args.compute_timeout}", where="--compute-timeout",
                         fix="give it a positive value, or 0 to turn the check off")
+    if (args.chat_template or args.system_prompt) and not args.chat:
+        raise SpecError("--chat-template and --system-prompt apply to --chat", where="--chat",
+                        fix="add --chat (the prompt is then a user message)")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise SpecError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0", where="sampling options",
                         fix="e.g. --temperature 0.8 --top-k 40 --top-p 0.95")
@@ -196,29 +219,40 @@ def run(args: argparse.Namespace) -> int:
                          top_p=args.top_p, seed=args.seed, in_flight=args.S, n_requests=n_req,
                          emulate=not args.no_emulate, keys=args.keys, token_timeout=args.timeout,
                          heartbeat_timeout=args.heartbeat_timeout, link_timeout=args.link_timeout,
-                         compute_timeout=args.compute_timeout, stop_ids=())
+                         compute_timeout=args.compute_timeout,
+                         stop_ids=() if tok is None or args.ignore_eos else tok.stop_ids())
     if plan.schedule == "batch" and args.batch is not None:
         plan = plan.replace(options={**plan.options, "batch": args.batch})
 
+    # generated text continues the prompt (a text of its own after a lone BOS), streamed as soon as
+    # each character is complete
+    fresh = tok is not None and all(i == tok.bos_id for i in ids)
+    stream = tok.stream(at_start=fresh) if tok is not None else None
+
     def on_token(t: dict[str, Any]) -> None:
         if not args.json and int(t.get("seq", 0)) == 0:
-            text = tok.decode([int(t["token_id"])]) if tok is not None else f" {t['token_id']}"
+            text = stream.push(int(t["token_id"])) if stream is not None else f" {t['token_id']}"
             print(text, end="", flush=True)
 
     if not args.json:
         print(f"{plan.system}: {plan.describe()} ({plan.schedule}, weights {plan.weights}, "
               f"prefetch {'on' if plan.prefetch else 'off'})", file=sys.stderr)
-        if tok is not None and args.prompt:
+        if tok is not None and args.prompt and not args.chat:
             print(args.prompt, end="", flush=True)
     res = run_plan(plan, ckpt, cluster, [ids], options, on_token=on_token)
+    if stream is not None and not args.json:
+        print(stream.flush(), end="")
     if args.trace:
         res.trace.save_chrome(args.trace)
     if args.save_trace:
         res.trace.save(args.save_trace)
     out = res.to_json()
     out.update(model=spec.name, quant=spec.quant, cluster=cluster.name, prompt_ids=ids)
+    if res.token_ids:
+        last = res.token_ids[0][-1] if res.token_ids[0] else None
+        out["finish_reason"] = "stop" if last in options.stop_ids else "length"
     if tok is not None and res.token_ids:
-        out["text"] = tok.decode(res.token_ids[0])
+        out["text"] = tok.decode(res.token_ids[0], at_start=fresh)
     if args.json:
         print(json.dumps(out))
         return 0
