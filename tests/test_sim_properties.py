@@ -153,3 +153,23 @@ def test_tpot_is_continuous_in_memory_shortfall_with_prefetch(swap_gb: float) ->
             assert cur[0] <= prev[0] + 1e3 * extra_s + 0.02 * prev[0], (ram, prev, cur)
             assert cur[0] >= prev[0] * 0.98, (ram, prev, cur)
         prev = cur
+
+
+@SETTINGS
+@given(case=cases(), who=st.integers(0, 2), cut=st.floats(0.02, 0.25))
+def test_taking_memory_costs_at_most_the_time_to_read_what_it_makes_reread(case: tuple[ClusterSpec, Plan], who: int,
+                                                                           cut: float) -> None:
+    """Random plans with prefetch: take a slice of one device's memory; the token gets slower by at most
+    the time that device needs to read the extra bytes it now re-reads (plus 2 % for scheduling)."""
+    cl, plan = case
+    plan = plan.replace(prefetch=True)
+    name = cl.names[who % len(cl.names)]
+    before = simulate("prima", MODEL, cl, plan=plan, config=CFG)
+    dev = cl.device(name)
+    after = simulate("prima", MODEL, cl.replace_device(dev.replace(ram_avail=dev.ram_avail * (1 - cut))), plan=plan,
+                     config=CFG)
+    assume(before.feasible and after.feasible)
+    extra = max(0.0, sum(after.extra["disk_read_bytes_per_token"].values())
+                - sum(before.extra["disk_read_bytes_per_token"].values()))
+    slowest = min(d.disk_rnd for d in cl.devices)  # (macOS and Android page in at the random rate)
+    assert after.tpot_ms <= before.tpot_ms * 1.02 + 1e3 * extra / slowest + 1e-6
