@@ -40,8 +40,7 @@ from tokenizers import (
 )
 
 from primasim.core.errors import CheckpointError
-
-from .gguf_meta import read_metadata
+from primasim.core.gguf import read_metadata
 
 # llama.cpp's token types (tokenizer.ggml.token_type; gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

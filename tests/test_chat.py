@@ -87,7 +87,7 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _with_eos(model: Path, eos: int, out: Path) -> Path:
     """The same weights (same seed) with `eos` as the end-of-generation token."""
-    from primasim.runtime.gguf_meta import read_metadata
+    from primasim.core.gguf import read_metadata
     from primasim.runtime.vocabularies import Vocabulary
 
     meta = read_metadata(model, ("tokenizer.",))
@@ -154,7 +154,7 @@ def test_run_stops_at_the_models_end_of_generation_token_on_a_cluster(chat_model
 
 
 def test_run_without_a_template_or_with_junk_says_so_in_one_line(chat_model: Path, tmp_path: Path) -> None:
-    from primasim.runtime.gguf_meta import read_metadata
+    from primasim.core.gguf import read_metadata
     from primasim.runtime.vocabularies import Vocabulary
 
     meta = read_metadata(chat_model, ("tokenizer.",))

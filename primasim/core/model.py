@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SpecError
+from .gguf import GGUFHeader, read_header
 from .paths import data_dir
 
 Family = Literal["llama", "qwen2"]
@@ -549,122 +549,38 @@ def from_hf_config_file(path: str | Path) -> ModelSpec:
 
 
 _GGUF_FTYPE = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4k", 18: "q6k", 17: "q5k", 2: "q4_0"}
-# GGUF metadata value types (gguf.GGUFValueType): fixed sizes of the scalars; 8 = string, 9 = array
-_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
-_GGUF_MAX_NEST = 4  # arrays of arrays: llama.cpp writes none; deeper nesting only serves to overflow the stack
-
-
 def check_gguf_layout(path: str | Path) -> None:
     """Walk a GGUF file's header and raise ValueError unless every count, length and tensor extent
-    fits inside the file. `gguf.GGUFReader` trusts these fields: an array length of 2**63 past the
-    end of the data makes it loop (and grow a list) for ever, so this check runs before it."""
-    import mmap
-    import struct
-
-    import gguf
-
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < 24:
-            raise ValueError(f"{size} bytes is too short for a GGUF header")
-        data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        if data[:4] != b"GGUF":
-            raise ValueError(f"no GGUF magic (starts with {bytes(data[:4])!r})")
-        bo = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"  # the reader's byte-order test
-        u32, u64 = struct.Struct(bo + "I"), struct.Struct(bo + "Q")
-        off = 8
-
-        def need(n: int, what: str) -> None:
-            if n > size - off:
-                raise ValueError(f"{what} needs {n} bytes at offset {off}, the file has {size - off} left")
-
-        def read(st: struct.Struct, what: str) -> int:
-            nonlocal off
-            need(st.size, what)
-            v = st.unpack_from(data, off)[0]
-            off += st.size
-            return int(v)
-
-        def skip_str(what: str) -> None:
-            nonlocal off
-            n = read(u64, what)
-            need(n, f"{what} ({n} bytes)")
-            off += n
-
-        def skip_value(vtype: int, what: str, depth: int) -> None:
-            nonlocal off
-            if vtype in _GGUF_SCALAR:
-                need(_GGUF_SCALAR[vtype], what)
-                off += _GGUF_SCALAR[vtype]
-            elif vtype == 8:
-                skip_str(what)
-            elif vtype == 9:
-                if depth >= _GGUF_MAX_NEST:
-                    raise ValueError(f"{what}: arrays nested deeper than {_GGUF_MAX_NEST}")
-                itype, n = read(u32, what), read(u64, what)
-                item = _GGUF_SCALAR.get(itype, 8 if itype == 8 else 12 if itype == 9 else None)
-                if item is None:
-                    raise ValueError(f"{what}: unknown array element type {itype}")
-                need(n * item, f"{what} ({n} elements)")  # each element takes at least `item` bytes
-                if itype in _GGUF_SCALAR:
-                    off += n * item
-                else:
-                    for _ in range(n):
-                        skip_value(itype, what, depth + 1)
-            else:
-                raise ValueError(f"{what}: unknown value type {vtype}")
-
-        n_tensors, n_kv = read(u64, "tensor count"), read(u64, "metadata count")
-        need(n_kv * 13, f"{n_kv} metadata entries")  # key length, value type, >= 1 byte of value
-        for i in range(n_kv):
-            skip_str(f"metadata key {i}")
-            skip_value(read(u32, f"metadata {i} type"), f"metadata entry {i}", 0)
-        need(n_tensors * 24, f"{n_tensors} tensor infos")  # name length, n_dims, type, offset
-        extents = []
-        for i in range(n_tensors):
-            skip_str(f"tensor {i} name")
-            n_dims = read(u32, f"tensor {i} dimension count")
-            if n_dims > _GGUF_MAX_DIMS:
-                raise ValueError(f"tensor {i} has {n_dims} dimensions (at most {_GGUF_MAX_DIMS})")
-            dims = [read(u64, f"tensor {i} shape") for _ in range(n_dims)]
-            qtype = read(u32, f"tensor {i} type")
-            try:
-                block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-            except (ValueError, KeyError):
-                raise ValueError(f"tensor {i} has unknown ggml type {qtype}") from None
-            extents.append((i, read(u64, f"tensor {i} offset"), math.prod(dims) * block_bytes // block))
-        for i, t_off, nbytes in extents:  # offsets count from the data section, after the header
-            if t_off + nbytes > size - off:
-                raise ValueError(f"tensor {i} ({nbytes} bytes at data offset {t_off}) ends past the end of the file")
-    finally:
-        data.close()
+    fits inside the file (`primasim.core.gguf.read_header` without keeping anything). `gguf.GGUFReader`
+    trusts these fields: an array length of 2**63 past the end of the data makes it loop for ever."""
+    read_header(path, keep=lambda key: False)
 
 
-def gguf_reader(path: str | Path) -> Any:
-    """A gguf.GGUFReader of the file after `check_gguf_layout` (both raise ValueError & co. on junk)."""
-    import gguf
-
-    check_gguf_layout(path)
-    return gguf.GGUFReader(str(path), "r")
+# the vocabulary's arrays: what from_gguf needs of them is their length (read_header's counts)
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                 "tokenizer.ggml.token_type")
 
 
-def from_gguf(path: str | Path, *, reader: Any = None) -> ModelSpec:
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """What from_gguf and the runtime's checkpoint need of a GGUF file's header: every metadata
+    entry but the vocabulary's arrays (their lengths are in `counts`), and the tensor infos."""
+    return read_header(path, keep=lambda key: key not in _VOCAB_ARRAYS)
+
+
+def from_gguf(path: str | Path, *, header: GGUFHeader | None = None) -> ModelSpec:
     """ModelSpec from a GGUF file's metadata; bytes are measured from its tensors.
 
-    `reader`: an already open gguf.GGUFReader of the file (parsing a 32k-token vocabulary takes
-    ~1.4 s, so primasim.runtime.checkpoint parses once and passes it)."""
+    `header`: the file's `read_gguf_header` if the caller has it already (primasim.runtime.checkpoint)."""
     p = Path(path)
     if not p.exists():
         raise SpecError("file not found", where=str(p), fix="give a path to a .gguf file")
     try:
-        reader = reader if reader is not None else gguf_reader(p)
+        header = header if header is not None else read_gguf_header(p)
     except Exception as exc:  # the reader raises assorted errors on junk
         raise SpecError(f"not a readable GGUF file ({type(exc).__name__}: {exc})", where=str(p),
                         fix="check the file is complete (re-download or re-convert it)") from None
     try:
-        return _from_gguf(p, reader)
+        return _from_gguf(p, header)
     except SpecError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as exc:
@@ -673,16 +589,11 @@ def from_gguf(path: str | Path, *, reader: Any = None) -> ModelSpec:
                         fix="re-convert the model with llama.cpp's convert_hf_to_gguf.py") from None
 
 
-def _from_gguf(p: Path, reader: Any) -> ModelSpec:
+def _from_gguf(p: Path, header: GGUFHeader) -> ModelSpec:
 
     def field_value(key: str, default: Any = None) -> Any:
-        fld = reader.fields.get(key)
-        if fld is None:
-            return default
-        try:
-            return fld.contents()
-        except Exception:
-            return default
+        v = header.metadata.get(key)
+        return default if v is None else v
 
     arch = field_value("general.architecture")
     if arch not in ("llama", "qwen2"):
@@ -697,9 +608,8 @@ def _from_gguf(p: Path, reader: Any) -> ModelSpec:
 
     hidden = int(need("embedding_length"))
     n_heads = int(need("attention.head_count"))
-    tokens = field_value("tokenizer.ggml.tokens")
-    vocab = field_value(f"{arch}.vocab_size") or (len(tokens) if tokens else None)
-    by_name = {t.name: t for t in reader.tensors}
+    vocab = field_value(f"{arch}.vocab_size") or header.counts.get("tokenizer.ggml.tokens") or None
+    by_name = {t.name: t for t in header.tensors}
     if vocab is None and "token_embd.weight" in by_name:
         vocab = int(by_name["token_embd.weight"].shape[-1])
     n_layers = int(need("block_count"))

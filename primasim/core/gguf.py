@@ -1,4 +1,5 @@
-"""Fast, bounds-checked reading of a GGUF file's header: metadata and tensor infos.
+"""THE reader of GGUF headers (metadata and tensor infos): fast and bounds-checked. Used by
+`core.model.from_gguf` / `check_gguf_layout`, the runtime's checkpoint and its tokenizer.
 
 `gguf.GGUFReader` builds numpy views per string: ~1 s per 10k strings on this machine, so a
 Llama 3 vocabulary (128k tokens + 280k merges) takes minutes, and every process that opens the
@@ -93,7 +94,7 @@ class _Walker:
         return self.data[self.off - n:self.off]
 
     def strings(self, n: int, what: str, keep: bool) -> list[bytes] | None:
-        self.need(n * 8, f"{what} ({n} strings)")  # each string takes at least its 8-byte length
+        self.need(n * 8, f"{what} ({n} elements)")  # each string takes at least its 8-byte length
         out: list[bytes] = []
         data, size, unpack, pos = self.data, self.size, self.u64.unpack_from, self.off  # a vocabulary's hot loop
         for _ in range(n):
@@ -134,7 +135,7 @@ class _Walker:
         if itype == _STRING:
             return self.strings(n, what, keep), n
         if itype == _ARRAY:
-            self.need(n * 12, f"{what} ({n} arrays)")
+            self.need(n * 12, f"{what} ({n} elements)")
             items = [self.value(_ARRAY, what, keep, depth + 1)[0] for _ in range(n)]
             return (items if keep else None), n
         raise ValueError(f"{what}: unknown array element type {itype}")
