@@ -160,7 +160,9 @@ def test_tpot_is_continuous_in_memory_shortfall_with_prefetch(swap_gb: float) ->
 def test_taking_memory_costs_at_most_the_time_to_read_what_it_makes_reread(case: tuple[ClusterSpec, Plan], who: int,
                                                                            cut: float) -> None:
     """Random plans with prefetch: take a slice of one device's memory; the token gets slower by at most
-    the time that device needs to read the extra bytes it now re-reads (plus 2 % for scheduling)."""
+    the time to read the extra bytes re-read, at the slowest device's page-in rate, plus 5 % of the new
+    TPOT for the overlap a device loses when it waits for its own reads (a layer's faults are issued
+    when compute reaches it: no readahead across layers)."""
     cl, plan = case
     plan = plan.replace(prefetch=True)
     name = cl.names[who % len(cl.names)]
@@ -172,4 +174,4 @@ def test_taking_memory_costs_at_most_the_time_to_read_what_it_makes_reread(case:
     extra = max(0.0, sum(after.extra["disk_read_bytes_per_token"].values())
                 - sum(before.extra["disk_read_bytes_per_token"].values()))
     slowest = min(d.disk_rnd for d in cl.devices)  # (macOS and Android page in at the random rate)
-    assert after.tpot_ms <= before.tpot_ms * 1.02 + 1e3 * extra / slowest + 1e-6
+    assert after.tpot_ms <= before.tpot_ms + 1e3 * extra / slowest + 0.05 * after.tpot_ms + 1e-6
