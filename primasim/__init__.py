@@ -12,6 +12,8 @@ _LAZY = {
     "predict_tpot": ".plan.cost", "predict_ttft": ".plan.cost", "memory_pressure": ".plan.cost",
     "coefficients": ".plan.cost", "device_sets": ".plan.cost", "Coefficients": ".plan.cost", "DeviceCorrection": ".plan.cost",
     "reproduce": ".loop.reproduce.framework", "plot_timeline": ".loop.reproduce.framework",
+    "run_sweep": ".loop.sweep", "load_sweep_spec": ".loop.sweep", "load_sweep": ".loop.sweep",
+    "sweep_report": ".loop.sweep",
 }
 
 
