@@ -254,6 +254,26 @@ def run_batch(ctx: Context, batch: int, ranges: list[tuple[int, int]]) -> BatchR
                        time.perf_counter() - t0, worker, time.process_time() - c0)
 
 
+# ------------------------------------------------------------------------------ worker-resident contexts
+_CONTEXTS: dict[str, Context] = {}  # on a Dask worker: installed once by a worker plugin, by name
+
+
+def install_context(name: str, ctx: Context) -> None:
+    _CONTEXTS[name] = ctx
+
+
+def drop_context(name: str) -> None:
+    _CONTEXTS.pop(name, None)
+
+
+def run_batch_named(name: str, batch: int, ranges: list[tuple[int, int]]) -> BatchResult:
+    """A task on a Dask worker: the context comes from the worker's memory, not from the task."""
+    ctx = _CONTEXTS.get(name)
+    if ctx is None:
+        raise LookupError(f"sweep context {name} is not installed on this worker")
+    return run_batch(ctx, batch, ranges)
+
+
 # ------------------------------------------------------------------------------ process-pool workers
 _CTX: Context | None = None
 

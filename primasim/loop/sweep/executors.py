@@ -7,9 +7,13 @@ submits the batch again (and splits a batch that keeps killing workers, to find 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
 import time
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -17,7 +21,14 @@ from typing import Any
 
 from primasim.core.errors import SpecError
 
-from .evaluate import BatchResult, Context, init_worker, run_batch, run_batch_local
+from .evaluate import (
+    BatchResult,
+    Context,
+    init_worker,
+    run_batch,
+    run_batch_local,
+    run_batch_named,
+)
 
 
 class WorkerLost(Exception):
@@ -69,6 +80,19 @@ class SerialExecutor:
         self._queue.clear()
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals go to the main thread anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 class LocalExecutor:
     """A process pool (spawn: the parent may hold JAX/zmq state that must not be forked); each worker
     receives the context once, through the pool's initializer. A dead worker breaks the pool: the
@@ -83,9 +107,14 @@ class LocalExecutor:
         self._pool: ProcessPoolExecutor | None = None
 
     def start(self, ctx: Context) -> None:
+        """Start every worker now, with SIGINT ignored: a process inherits an ignored signal, so a
+        Ctrl-C while a worker is still importing reaches only the client (the pool would otherwise
+        start workers lazily, at a submit, when the client's own handler is in place)."""
         self._ctx = ctx
-        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
-                                         initializer=init_worker, initargs=(ctx, os.getpid()))
+        with _sigint_ignored():
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=init_worker, initargs=(ctx, os.getpid()))
+            wait([self._pool.submit(os.getpid) for _ in range(self.workers)])  # one per process, all started
 
     def submit(self, batch: int, ranges: list[tuple[int, int]]) -> Future[BatchResult]:
         assert self._pool is not None
@@ -133,9 +162,11 @@ class LocalExecutor:
 
 class DaskExecutor:
     """A Dask cluster the user started (`dask scheduler` + `dask worker`, on any machines). The
-    context is scattered to every worker once (broadcast); a task carries only index ranges. When a
-    worker dies, Dask's scheduler re-runs its tasks elsewhere; a task that killed several workers
-    comes back as KilledWorker, which the engine treats as WorkerLost."""
+    context reaches every worker once through a worker plugin, which the scheduler also gives to
+    workers that join later; a task carries only its index ranges and has no data dependency, so
+    a dead worker loses nothing but its tasks, which the scheduler runs elsewhere. (Scattered data
+    would not do: the active memory manager keeps a single replica, and a dead worker takes it
+    along.) A task that killed several workers comes back as KilledWorker: WorkerLost."""
 
     name = "dask"
 
@@ -155,8 +186,7 @@ class DaskExecutor:
             raise SpecError(f"cannot reach the Dask scheduler at {address} ({exc})", where="--executor",
                             fix="start one (`dask scheduler`, then `dask worker tcp://HOST:8786` on each machine), "
                             "or use --executor local") from None
-        self._ctx_future: Any = None
-        self._key = ""
+        self._plugin = ""
         self._polled = time.monotonic()
         self.workers = self._threads()
 
@@ -171,13 +201,15 @@ class DaskExecutor:
             except TimeoutError:
                 raise SpecError(f"no Dask worker joined the scheduler at {self.address} in 60 s", where="--executor",
                                 fix=f"start workers: dask worker {self.address} --nthreads 1") from None
-        self._ctx_future = self.client.scatter(ctx, broadcast=True, hash=False)
-        self._key = f"primasim-sweep-{ctx.token}-{os.getpid()}"
+        self._plugin = f"primasim-sweep-{ctx.token}-{uuid.uuid4().hex[:8]}"
+        from .dask_plugin import ContextPlugin  # imports distributed: only when Dask is used
+
+        self.client.register_plugin(ContextPlugin(self._plugin, ctx), name=self._plugin)
         self.workers = self._threads()
 
     def submit(self, batch: int, ranges: list[tuple[int, int]]) -> Any:
-        return self.client.submit(run_batch, self._ctx_future, batch, ranges, pure=False,
-                                  key=f"{self._key}-{batch}")
+        return self.client.submit(run_batch_named, self._plugin, batch, ranges, pure=False,
+                                  key=f"{self._plugin}-{batch}")
 
     def wait(self, handles: set[Any], timeout: float) -> set[Any]:
         from distributed import wait as dwait
@@ -207,8 +239,9 @@ class DaskExecutor:
 
     def close(self, abandon: bool = False) -> None:
         try:
-            if self._ctx_future is not None:
-                self.client.cancel([self._ctx_future])
+            if self._plugin:  # the workers drop the context
+                with contextlib.suppress(Exception):
+                    self.client.unregister_worker_plugin(self._plugin)
         finally:
             self.client.close()
 
