@@ -1,8 +1,8 @@
 """Evaluating cells on a worker: the context every worker gets once, and one batch of cells -> one table.
 
 The client parses every model and cluster the spec names (and draws the generated clusters) once,
-into a `Context` that travels to each worker once (the process pool's initializer, or Dask's
-scatter with broadcast). A task is then just a batch number and index ranges: the worker builds
+into a `Context` that travels to each worker once (the process pool's initializer, or a Dask
+worker plugin). A task is then just a batch number and index ranges: the worker builds
 its cells from the spec, evaluates them and returns one Arrow table in the sweep's fixed schema.
 """
 
