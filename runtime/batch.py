@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ._measure import own_cgroup, read_int
+from primasim.core.cgroups import UNLIMITED, own_group
+
 from .wire import MsgType
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -55,11 +56,11 @@ def kv_budget(options: dict[str, Any]) -> float | None:
     cgroup (the other half stays for activations and the allocator), else None (unbounded)."""
     if options.get("kv_bytes"):
         return float(options["kv_bytes"])
-    cg = own_cgroup("memory")
-    if cg is not None:
-        limit = read_int(cg / "memory.limit_in_bytes", 1 << 62)
-        if limit < 1 << 60:
-            return 0.5 * max(0, limit - read_int(cg / "memory.usage_in_bytes"))
+    g = own_group("memory")
+    if g is not None:
+        limit = g.memory_max()
+        if limit < UNLIMITED // 2:
+            return 0.5 * max(0, limit - g.memory_current())
     return None
 
 

@@ -1,16 +1,19 @@
 """An emulated home cluster on one Linux host: every device is a worker process with real OS limits.
 
-Per device (from `DeviceSpec.emulate`, an `EmulationSpec`):
+Per device (from `DeviceSpec.emulate`, an `EmulationSpec`), one cgroup ``primasim-e<rid>-<i>-<name>``
+in whichever hierarchy offers the controllers (`primasim.core.cgroups.detect`: cgroup v2's unified
+tree, or v1's per-controller mounts; neither = one clear error):
 
-- a cgroup v1 **memory** cgroup ``primasim-e<rid>-<i>-<name>``: bounds anonymous memory *and* the page
-  cache the worker charges, so mmap'd weights beyond the limit are evicted and re-read for real.
-  The limit is `memory_limit` on top of the worker's own footprint, measured after start-up with
-  its weight pages dropped (`set_memory_budget`): the runtime itself (Python, JAX, XLA) is not part
-  of a phone's memory budget either;
-- a **cpu** cgroup with ``cpu.cfs_quota_us = cpu_quota x cpu.cfs_period_us``, plus a CPU affinity of
-  `threads` cores so XLA sizes its thread pool to the device;
-- a **blkio** cgroup with ``blkio.throttle.read_bps_device = disk_read_bw`` on the disk(s) that hold
-  the checkpoint (page-fault reads are throttled too; buffered writes are not, in cgroup v1);
+- **memory** (v1 ``memory.limit_in_bytes``, v2 ``memory.max``): bounds anonymous memory *and* the
+  page cache the worker charges, so mmap'd weights beyond the limit are evicted and re-read for
+  real. The limit is `memory_limit` on top of the worker's own footprint (Python, JAX, compiled
+  code: the runtime is not part of a phone's memory budget either), measured after set-up, which
+  compiles without reading weights, and applied before the worker maps any weight, allocates its
+  KV caches or reads a page (`set_memory_budget`);
+- **cpu** (v1 ``cpu.cfs_quota_us`` / ``cfs_period_us``, v2 ``cpu.max``) = cpu_quota x the period,
+  plus a CPU affinity of `threads` cores so XLA sizes its thread pool to the device;
+- **io** (v1 ``blkio.throttle.read_bps_device``, v2 ``io.max rbps=``) = disk_read_bw on the disk(s)
+  that hold the checkpoint (page-fault reads are throttled too);
 - its own **network namespace** ``primasim-e<rid>-<i>``, joined by a veth pair to a bridge
   ``primasim-e<rid>`` in the root namespace (where the driver lives). Egress from each device is
   shaped with ``tc tbf`` at the link bandwidth of `NetworkSpec`, one tbf per peer under an htb
@@ -45,12 +48,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from primasim.core import cgroups
 from primasim.core.cluster import ClusterSpec
 from primasim.core.errors import EmulationError
 from primasim.core.units import MBPS, MiB
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CONTROLLERS = ("memory", "cpu", "blkio")
 PREFIX = "primasim-e"
 _RID = re.compile(r"^primasim-e([0-9a-f]{4})")
 CPU_PERIOD_US = 100_000
@@ -118,34 +120,9 @@ def _alive(pid: int, start: int | None) -> bool:
 
 
 # ------------------------------------------------------------------------------------ clean-up
-def _kill_cgroup_tasks(cg: Path) -> None:
-    for _ in range(50):
-        try:
-            pids = [int(x) for x in (cg / "cgroup.procs").read_text().split()]
-        except OSError:
-            return
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-
-
 def _remove_cgroup(cg: Path) -> None:
-    if not cg.exists():
-        return
-    _kill_cgroup_tasks(cg)
-    for _ in range(100):
-        try:
-            cg.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)  # tasks are still exiting
-    raise EmulationError(f"could not remove cgroup {cg}", where="emulated cluster clean-up",
-                         fix=f"kill the processes in {cg}/cgroup.procs and rmdir it")
+    if cg.exists():
+        cgroups.Group.at(cg).remove()
 
 
 def _remove_netns(ns: str) -> None:
@@ -195,11 +172,8 @@ def _destroy(resources: dict[str, list[Any]]) -> list[str]:
 
 def find_leftovers() -> dict[str, list[str]]:
     """Every primasim emulation resource on this host, by kind (whether in use or not)."""
-    out: dict[str, list[str]] = {"cgroups": [], "netns": [], "links": []}
-    for ctrl in CONTROLLERS:
-        d = CGROUP_ROOT / ctrl
-        if d.is_dir():
-            out["cgroups"] += sorted(str(p) for p in d.iterdir() if p.is_dir() and _RID.match(p.name))
+    out: dict[str, list[str]] = {"cgroups": [str(p) for p in cgroups.group_dirs() if _RID.match(p.name)],
+                                 "netns": [], "links": []}
     if Path("/run/netns").is_dir():
         out["netns"] = sorted(p.name for p in Path("/run/netns").iterdir() if _RID.match(p.name))
     if Path("/sys/class/net").is_dir():
@@ -245,7 +219,7 @@ class EmulatedDevice:
     host: str  # IP the worker listens on
     netns: str | None = None
     veth: str | None = None
-    cgroups: dict[str, Path] = field(default_factory=dict)
+    group: cgroups.Group | None = None  # memory, cpu and io limits (cgroup v1 or v2)
     cpus: list[int] = field(default_factory=list)
     memory_limit: float = 0.0  # bytes on top of the worker's own footprint (0 = no limit)
     process: subprocess.Popen[bytes] | None = None
@@ -255,8 +229,9 @@ class EmulatedDevice:
     applied: list[str] = field(default_factory=list)
 
     @property
-    def memory_cgroup(self) -> Path | None:
-        return self.cgroups.get("memory")
+    def cgroups(self) -> dict[str, Path]:
+        """The group's dir per controller (memory, cpu, io); {} without one."""
+        return dict(self.group.dirs) if self.group is not None else {}
 
 
 class EmulatedCluster:
@@ -266,7 +241,7 @@ class EmulatedCluster:
     def __init__(self, cluster: ClusterSpec, devices: list[str] | None = None, *,
                  checkpoint_files: list[str] | None = None, emulate: bool = True,
                  workdir: str | Path | None = None, heartbeat_timeout: float = 10.0, network: bool = True,
-                 listen_host: str = "127.0.0.1") -> None:
+                 listen_host: str = "127.0.0.1", hierarchy: cgroups.Hierarchy | None = None) -> None:
         self.cluster = cluster
         self.names = list(devices) if devices else cluster.names
         self.checkpoint_files = [str(p) for p in (checkpoint_files or [])]
@@ -277,6 +252,7 @@ class EmulatedCluster:
         self.network = network
         self.listen_host = listen_host
         self.limitations: list[str] = []
+        self.hierarchy = hierarchy  # where the devices' cgroups live (as root; detected unless given)
         self.devices: dict[str, EmulatedDevice] = {}
         self.rid = ""
         self.bridge: str | None = None
@@ -312,7 +288,7 @@ class EmulatedCluster:
         if removed:
             self.limitations.append(f"removed {len(removed)} stale resource(s) of a crashed run")
         if self.active:
-            self._check_cgroups()
+            self.hierarchy = self.hierarchy or cgroups.detect()  # v2 or v1, or one clear EmulationError
         self.rid = self._new_rid()
         try:
             self._state_file = state_dir() / f"{self.rid}.json"
@@ -342,13 +318,6 @@ class EmulatedCluster:
                                      dev.emulate.cpu_quota if dev.emulate else 0.0)
             if dev.emulate is None and self.active:
                 self.limitations.append(f"{name}: no [devices.emulate] table, runs without limits")
-
-    def _check_cgroups(self) -> None:
-        for ctrl in CONTROLLERS:
-            if not (CGROUP_ROOT / ctrl).is_dir():
-                raise EmulationError(f"cgroup v1 controller '{ctrl}' is not mounted at {CGROUP_ROOT / ctrl}",
-                                     where="emulated cluster",
-                                     fix="mount cgroup v1 memory/cpu/blkio, or run with --no-emulate")
 
     def _new_rid(self) -> str:
         taken = {m.group(1) for v in find_leftovers().values() for x in v if (m := _RID.match(Path(x).name))}
@@ -431,25 +400,23 @@ class EmulatedCluster:
     def _setup_cgroups(self, ed: EmulatedDevice, em: Any) -> None:
         if em is None:
             return
+        assert self.hierarchy is not None
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", ed.name)[:40]
-        for ctrl in CONTROLLERS:
-            cg = CGROUP_ROOT / ctrl / f"{PREFIX}{self.rid}-{ed.index}-{safe}"
-            self._record("cgroups", str(cg))
-            cg.mkdir()
-            ed.cgroups[ctrl] = cg
+        name = f"{PREFIX}{self.rid}-{ed.index}-{safe}"
+        for d in self.hierarchy.group(name).paths():
+            self._record("cgroups", str(d))  # before creating: a crash in between leaves a record
+        g = ed.group = self.hierarchy.create(name)
         if em.cpu_quota > 0:
             # the device's CFS period (cpu_period_ms, default 100 ms): a short one spreads the quota
             # evenly, so the device is a slower CPU rather than a fast one that pauses
-            period = min(1_000_000, max(1000, int(round(getattr(em, "cpu_period", CPU_PERIOD_US / 1e6) * 1e6))))
-            (ed.cgroups["cpu"] / "cpu.cfs_period_us").write_text(str(period))
-            (ed.cgroups["cpu"] / "cpu.cfs_quota_us").write_text(str(max(1000, int(em.cpu_quota * period))))
+            g.set_cpu_cores(em.cpu_quota, getattr(em, "cpu_period", CPU_PERIOD_US / 1e6))
             ed.applied.append(f"cpu quota {em.cpu_quota:g} cores")
         if em.disk_read_bw > 0:
             devs = sorted({d for f in self.checkpoint_files if (d := _block_device(f))})
             if not devs:
                 self.limitations.append(f"{ed.name}: checkpoint is not on a block device; disk not throttled")
             for d in devs:
-                (ed.cgroups["blkio"] / "blkio.throttle.read_bps_device").write_text(f"{d} {int(em.disk_read_bw)}")
+                g.set_read_bps(d, int(em.disk_read_bw))
             if devs:
                 ed.applied.append(f"disk read {em.disk_read_bw / 1e6:g} MB/s on {', '.join(devs)}")
         ed.memory_limit = float(em.memory_limit)
@@ -480,7 +447,7 @@ class EmulatedCluster:
         enter = [sys.executable, "-m", "primasim.runtime.emulate", "enter"]
         if ed.netns:
             enter += ["--netns", ed.netns]
-        for cg in ed.cgroups.values():
+        for cg in ed.group.paths() if ed.group is not None else []:
             enter += ["--cgroup", str(cg)]
         enter += ["--cpus", ",".join(map(str, ed.cpus)), "--", *worker]
         penv = dict(os.environ)
@@ -554,31 +521,26 @@ class EmulatedCluster:
         parts = []
         if rc is not None:
             parts.append(f"exit code {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}")
-        cg = ed.memory_cgroup
-        if cg is not None:
-            try:
-                oom = dict(line.split() for line in (cg / "memory.oom_control").read_text().splitlines())
-                if int(oom.get("oom_kill", "0")) > 0:
-                    lim = int((cg / "memory.limit_in_bytes").read_text())
-                    parts.append(f"OOM-killed in its memory cgroup (limit {lim / MiB:.0f} MiB)")
-            except (OSError, ValueError):
-                pass
+        g = ed.group
+        if g is not None and g.oom_kills() > 0:
+            parts.append(f"OOM-killed in its memory cgroup (limit {g.memory_max() / MiB:.0f} MiB)")
         return ", ".join(parts) or "still running"
 
     # -------------------------------------------------------------------------------- memory
     def set_memory_budget(self, name: str) -> int | None:
-        """Limit the device's memory cgroup to its current usage (the runtime's own footprint,
-        measured with the weight pages dropped) plus `memory_limit`. Returns the limit."""
+        """Limit the device's memory to its current usage (the runtime's own footprint: Python,
+        JAX, compiled code; no weights, no KV caches yet) plus `memory_limit`, before the worker
+        maps its weights. Returns the limit."""
         ed = self.devices[name]
-        cg = ed.memory_cgroup
-        if cg is None or ed.memory_limit <= 0:
+        g = ed.group
+        if g is None or ed.memory_limit <= 0:
             return None
-        usage = int((cg / "memory.usage_in_bytes").read_text())
+        usage = g.memory_current()
         ed.base_usage = usage
         limit = int(usage + ed.memory_limit)
         try:
-            (cg / "memory.limit_in_bytes").write_text(str(limit))
-            (cg / "memory.max_usage_in_bytes").write_text("0")  # the peak from here on
+            g.set_memory_max(limit)
+            g.reset_peak()  # the peak from here on
         except OSError as exc:
             raise EmulationError(f"could not set memory limit {limit} ({exc})", where=f"device {name}",
                                  fix="raise memory_mib in [devices.emulate]") from None
@@ -586,33 +548,19 @@ class EmulatedCluster:
         return limit
 
     def cgroup_stats(self, name: str) -> dict[str, float]:
-        """Counters of the device's cgroups: memory usage/limit/failcnt, blkio read bytes."""
-        from ._measure import blkio_read_bytes, memory_stat, read_int
-
-        ed = self.devices[name]
-        out: dict[str, float] = {}
-        cg = ed.cgroups.get("memory")
-        if cg is not None:
-            out["cg_mem_usage"] = read_int(cg / "memory.usage_in_bytes")
-            out["cg_mem_max_usage"] = read_int(cg / "memory.max_usage_in_bytes")
-            out["cg_mem_limit"] = read_int(cg / "memory.limit_in_bytes")
-            st = memory_stat(cg)
-            out["cg_pgmajfault"] = st.get("total_pgmajfault", 0)
-            out["cg_cache"] = st.get("total_cache", 0)
-        cg = ed.cgroups.get("blkio")
-        if cg is not None:
-            out["cg_blkio_read_bytes"] = blkio_read_bytes(cg)
-        cg = ed.cgroups.get("cpu")
-        if cg is not None:
-            try:
-                st = dict(line.split() for line in (cg / "cpu.stat").read_text().splitlines())
-                out["cg_cpu_throttled_s"] = int(st.get("throttled_time", 0)) / 1e9
-            except (OSError, ValueError):
-                pass
-        return out
+        """Counters of the device's cgroup: memory usage/peak/limit, page cache, major faults,
+        disk bytes read, CPU throttled time."""
+        g = self.devices[name].group
+        if g is None:
+            return {}
+        return {"cg_mem_usage": float(g.memory_current()), "cg_mem_max_usage": float(g.memory_peak()),
+                "cg_mem_limit": float(g.memory_max()), "cg_pgmajfault": float(g.major_faults()),
+                "cg_cache": float(g.page_cache()), "cg_blkio_read_bytes": float(g.io_read_bytes()),
+                "cg_cpu_throttled_s": g.cpu_throttled_s(), "cg_version": float(g.version)}
 
     def describe(self) -> dict[str, Any]:
         return {"emulated": self.active, "run_id": self.rid, "limitations": list(self.limitations),
+                "cgroups": self.hierarchy.describe() if self.hierarchy is not None else None,
                 "devices": {n: {"host": d.host, "netns": d.netns, "cpus": d.cpus, "applied": list(d.applied)}
                             for n, d in self.devices.items()}}
 
@@ -714,15 +662,13 @@ def set_egress_rate(netns: str, bits_per_s: float) -> list[str]:
 def set_cpu_quota(pid: int, quota_us: int, period_us: int = 1_000_000) -> Path:
     """Re-set the CPU quota of the emulated device running `pid` (a fault: 1000 us a second starves
     its compute ~1000x while a heartbeat still fits). Returns the cpu cgroup changed."""
-    rel = next((line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-                if "cpu" in line.split(":")[1].split(",")), "/")
-    if not rel.strip("/").startswith(PREFIX):
-        raise EmulationError(f"process {pid} is not in an emulated device's cpu cgroup ({rel})",
-                             where="set_cpu_quota", fix="run as root with emulated devices")
-    cg = CGROUP_ROOT / "cpu" / rel.strip("/")
-    (cg / "cpu.cfs_period_us").write_text(str(period_us))
-    (cg / "cpu.cfs_quota_us").write_text(str(quota_us))
-    return cg
+    g = cgroups.own_group("cpu", proc_cgroup=f"/proc/{pid}/cgroup")
+    if g is None or not g.name.startswith(PREFIX):
+        raise EmulationError(f"process {pid} is not in an emulated device's cpu cgroup "
+                             f"({g.paths()[0] if g else 'none'})", where="set_cpu_quota",
+                             fix="run as root with emulated devices")
+    g.set_cpu_max(quota_us, period_us)
+    return g.paths()[0]
 
 
 def _block_device(path: str) -> str | None:

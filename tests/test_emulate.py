@@ -58,15 +58,19 @@ def test_limits_are_applied_and_everything_is_removed(tmp_path: Path) -> None:
         rid = emu.rid
         assert emu.active and rid and not [x for x in emu.limitations if "not root" in x]
         big, small = emu.devices["big"], emu.devices["small"]
-        assert (big.cgroups["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "150000"
-        assert (small.cgroups["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
-        thr = (small.cgroups["blkio"] / "blkio.throttle.read_bps_device").read_text().split()
-        assert thr[1] == str(50_000_000)
+        assert big.group is not None and small.group is not None
+        assert big.group.cpu_max() == (150000, 100000) and small.group.cpu_max() == (50000, 100000)
+        assert list(small.group.read_bps().values()) == [50_000_000]
+        if emu.hierarchy is not None and emu.hierarchy.version == 1:  # the files themselves, on v1
+            assert (big.cgroups["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "150000"
+            thr = (small.cgroups["io"] / "blkio.throttle.read_bps_device").read_text().split()
+            assert thr[1] == str(50_000_000)
         assert small.memory_limit == 64 * MiB and len(big.cpus) == min(2, len(os.sched_getaffinity(0)))
         assert "tbf" in _tc(small.netns) and "500Mbit" in _tc(small.netns) and "htb" in _tc(small.netns)
         assert Path(f"/run/netns/{small.netns}").exists() and Path(f"/sys/class/net/{small.veth}").exists()
         assert (state_dir() / f"{rid}.json").exists()
-        assert len(_mine(rid)) == 3 * 2 + 2 + 3  # cgroups, netns, bridge + veths
+        groups = 2 * len(small.group.paths())  # v1: a dir per controller, v2: one
+        assert len(_mine(rid)) == groups + 2 + 3  # cgroups, netns, bridge + veths
     assert _mine(rid) == []
     assert not (state_dir() / f"{rid}.json").exists()
 
@@ -183,17 +187,18 @@ def test_set_memory_budget_limits_the_cgroup_above_the_footprint() -> None:
     with EmulatedCluster(_cluster()) as emu:
         emu.spawn("small")
         emu.wait_ready("small", 60)
-        cg = emu.devices["small"].memory_cgroup
-        assert cg is not None
+        g = emu.devices["small"].group
+        assert g is not None
         limit = emu.set_memory_budget("small")
         assert limit is not None
-        usage = int((cg / "memory.usage_in_bytes").read_text())
-        assert int((cg / "memory.limit_in_bytes").read_text()) == limit
+        usage = g.memory_current()
+        assert g.memory_max() == limit
         assert limit - 64 * MiB <= usage + 16 * MiB  # footprint + 64 MiB
         assert emu.cgroup_stats("small")["cg_mem_limit"] == limit
         pid = emu.devices["small"].process.pid
-        assert str(pid) in (cg / "cgroup.procs").read_text()
-        assert str(pid) in (emu.devices["small"].cgroups["blkio"] / "cgroup.procs").read_text()
+        assert pid in g.pids()
+        for f in g.procs_files():  # every controller's group (v1: memory, cpu, blkio)
+            assert str(pid) in f.read_text()
 
 
 def test_without_privileges_it_runs_plain_processes_and_says_so(tmp_path: Path) -> None:
