@@ -58,7 +58,7 @@ def hops(trace: Any, skip_prefill: bool = True) -> list[float]:
     out: list[float] = []
     by_tok: dict[tuple[int, int], list[Any]] = {}
     for s in trace.spans:
-        if s.resource == "cpu" and (s.name.startswith("L") or s.name == "output+sample"):
+        if s.resource == "cpu" and (s.name.startswith("L") or s.name in ("output", "output+sample")):
             by_tok.setdefault((s.seq, s.token), []).append(s)
     for (_, tok), spans in sorted(by_tok.items()):
         if skip_prefill and tok == 0:

@@ -1,4 +1,4 @@
-"""What a worker measures about itself: disk reads, page faults, memory, from /proc and cgroup v1.
+"""What a worker measures about itself: disk reads, page faults, memory, from /proc and its cgroup (v1 or v2).
 
 - bytes read from disk: ``/proc/<pid>/io`` ``read_bytes`` (bytes this process caused to be fetched
   from the block layer, page-fault and readahead reads included; all threads of the process);
@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import threading
 import time
@@ -20,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-_UNLIMITED = 1 << 60
+from primasim.core.cgroups import UNLIMITED, Group, own_group
 
 
 def proc_io(pid: int | str = "self") -> dict[str, int]:
@@ -76,52 +77,71 @@ def meminfo() -> dict[str, int]:
     return out
 
 
-# ----------------------------------------------------------------------------------- cgroup v1
-def own_cgroup(controller: str = "memory") -> Path | None:
-    """This process's cgroup directory for a v1 controller, if mounted and readable."""
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NAME = 15
+
+
+def name_thread(name: str | None = None) -> None:
+    """Give the calling thread its Python name at the OS level too (15 characters; `top -H`,
+    /proc/<pid>/task/<tid>/comm), so a thread's CPU time can be told from the compute's."""
+    raw = (name or threading.current_thread().name).encode()[:15]
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
+
+
+def thread_cpu(pid: int | str = "self") -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of each thread of a process: tid -> (name, seconds)."""
+    out: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     try:
-        with open("/proc/self/cgroup") as fh:
-            for line in fh:
-                _, ctrls, path = line.rstrip("\n").split(":", 2)
-                if controller in ctrls.split(","):
-                    d = CGROUP_ROOT / controller / path.lstrip("/")
-                    return d if d.is_dir() else None
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        pass
-    return None
-
-
-def read_int(path: Path, default: int = 0) -> int:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return default
-
-
-def memory_stat(cg: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        for line in (cg / "memory.stat").read_text().splitlines():
-            k, v = line.split()
-            out[k] = int(v)
-    except (OSError, ValueError):
-        pass
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        f = raw[raw.rindex(")") + 2:].split()
+        sec = (int(f[11]) + int(f[12])) / tick
+        try:  # nanoseconds on the CPU (clock ticks are 10 ms: too coarse for a thread's share of a token)
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                sec = int(fh.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+        out[int(tid)] = (raw[raw.index("(") + 1:raw.rindex(")")], sec)
     return out
 
 
-def blkio_read_bytes(cg: Path) -> int:
-    """Bytes read through the block layer by a blkio cgroup (all devices)."""
-    total = 0
+def thread_cpu_since(before: dict[int, tuple[str, float]], pid: int | str = "self") -> dict[str, float]:
+    """CPU seconds per thread name since the `thread_cpu` snapshot `before` (threads of one name summed)."""
+    out: dict[str, float] = {}
+    for tid, (name, sec) in thread_cpu(pid).items():
+        out[name] = out.get(name, 0.0) + sec - (before[tid][1] if tid in before else 0.0)
+    return out
+
+
+def process_memory(pid: int | str = "self") -> dict[str, float]:
+    """A process's anonymous and file-backed resident memory (RssAnon, RssFile), bytes."""
+    st = proc_status(pid)
+    return {"anon_bytes": float(st.get("RssAnon", 0)), "file_bytes": float(st.get("RssFile", 0))}
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def anon_bytes() -> int:
+    """This process's anonymous resident memory, cheaply (/proc/self/statm: resident - shared;
+    shared = file-backed + shmem pages), for sampling many times a second."""
     try:
-        for line in (cg / "blkio.throttle.io_service_bytes").read_text().splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == "Read":
-                total += int(parts[2])
-    except (OSError, ValueError):
-        pass
-    return total
+        with open("/proc/self/statm") as fh:
+            f = fh.read().split()
+        return (int(f[1]) - int(f[2])) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
+# ----------------------------------------------------------------------------------- cgroups
 @dataclass(frozen=True)
 class MemoryView:
     total: float  # bytes: the cgroup limit, or MemTotal
@@ -129,25 +149,28 @@ class MemoryView:
     limited: bool  # inside a memory cgroup with a limit
 
 
-def memory_view(cg: Path | None) -> MemoryView:
+def memory_view(cg: Group | None) -> MemoryView:
     """Total and non-reclaimable memory as prima.cpp counts them (see the module docstring).
     `cg`: the device's own memory cgroup (an emulated device's), whose limit may come later."""
-    total = float(meminfo().get("MemTotal", 0))
     if cg is not None:
-        limit = read_int(cg / "memory.limit_in_bytes", _UNLIMITED)
-        usage = read_int(cg / "memory.usage_in_bytes")
-        st = memory_stat(cg)
-        cache = st.get("total_cache", st.get("cache", 0))
-        limited = limit < _UNLIMITED // 2
-        return MemoryView(float(limit) if limited else total, float(max(0, usage - cache)), limited)
-    return MemoryView(total, float(proc_status().get("RssAnon", 0)), False)
+        limit = cg.memory_max()
+        limited = limit < UNLIMITED // 2
+        return MemoryView(float(limit) if limited else mem_total(),
+                          float(max(0, cg.memory_current() - cg.page_cache())), limited)
+    return MemoryView(mem_total(), float(anon_bytes()), False)
 
 
-def device_cgroup() -> Path | None:
+@functools.cache
+def mem_total() -> float:
+    """MemTotal (it does not change while we run; sampled many times a second, read once)."""
+    return float(meminfo().get("MemTotal", 0))
+
+
+def device_cgroup() -> Group | None:
     """This process's memory cgroup if it is an emulated device's own (primasim-e*), else None:
     any other cgroup (a container, a session) is shared with unrelated processes."""
-    cg = own_cgroup("memory")
-    return cg if cg is not None and cg.name.startswith("primasim-") else None
+    g = own_group("memory")
+    return g if g is not None and g.name.startswith("primasim-") else None
 
 
 class MemorySampler:
@@ -166,6 +189,7 @@ class MemorySampler:
         self.cg = device_cgroup()
         self.before = memory_view(self.cg).used
         self.peak = self.before
+        self.anon_peak = float(anon_bytes())  # this process's anonymous memory, peak since rebase()
         self.samples: list[tuple[float, float]] = []  # (time, available bytes)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -181,12 +205,15 @@ class MemorySampler:
         """Start tracking the peak again (a new generation)."""
         with self._lock:
             self.peak = memory_view(self.cg).used
+            self.anon_peak = float(anon_bytes())
             self.samples.clear()
 
     def sample(self) -> float:
         mv = memory_view(self.cg)
+        anon = float(anon_bytes())
         with self._lock:
             self.peak = max(self.peak, mv.used)
+            self.anon_peak = max(self.anon_peak, anon)
             if self.sink is None:
                 self.samples.append((time.time(), mv.total - mv.used))
         if self.sink is not None:
@@ -199,6 +226,7 @@ class MemorySampler:
             self._thread.start()
 
     def _run(self) -> None:
+        name_thread()
         while not self._stop.wait(self.interval):
             self.sample()
 
@@ -211,6 +239,7 @@ class MemorySampler:
             drop = max(0.0, self.peak - self.before)
             return {"mem_total": mv.total, "mem_avail_before": mv.total - self.before,
                     "mem_avail_min": mv.total - self.peak, "mem_limited": float(mv.limited),
+                    "anon_peak_bytes": self.anon_peak,
                     "memory_pressure": drop / mv.total if mv.total else 0.0}
 
 

@@ -33,6 +33,7 @@ from primasim.core.cluster import ClusterSpec
 from primasim.core.errors import CheckpointError, PlanError, PrimasimError, WireError, WorkerError
 from primasim.core.model import ModelSpec, load_model
 from primasim.core.plan import Plan, violations
+from primasim.core.runtime_facts import residency_mode
 from primasim.core.trace import Request, Trace, metrics, result_json
 
 from . import wire
@@ -59,9 +60,9 @@ class RunOptions:
     keys: str | None = field(default=None, metadata={"help": "CurveZMQ key folder"})
     max_seq: int | None = field(default=None, metadata={"help": "KV length (default Plan.n_ctx)"})
     cold_start: bool = field(default=True, metadata={"help": "drop weight pages, then load within budgets"})
-    residency: str = field(default="plan", metadata={
-        "help": "plan: a worker short of memory keeps part of each layer and streams the rest (evicted "
-                "after use); kernel: leave residency to the kernel's LRU (llama.cpp's behaviour)"})
+    residency: str = field(default="planned", metadata={
+        "help": "planned: a worker short of memory keeps part of each layer and streams the rest (evicted "
+                "after use); lru: mmap + prefetch of the next window, the kernel's LRU decides (prima.cpp)"})
     connect_timeout: float = field(default=60.0, metadata={"help": "s to start and reach every worker"})
     setup_timeout: float = field(default=900.0, metadata={"help": "s to load weights and compile"})
     token_timeout: float = field(default=300.0, metadata={"help": "s without progress before giving up"})
@@ -93,6 +94,11 @@ class RunResult:
                           busy=m.busy)
         if len(self.token_ids) > 1:
             out["token_ids_all"] = self.token_ids
+        # how each device held its weights (fits, streams, lru, pinned), beside what it used
+        out["residency"] = self.trace.meta.get("residency", "")
+        for n, dev in out.get("devices", {}).items():
+            if "residency" in self.loads.get(n, {}):
+                dev["residency"] = self.loads[n]["residency"]
         return out
 
 
@@ -252,6 +258,7 @@ class Driver:
         self._on_token: Callable[[dict[str, Any]], None] | None = None
         self.unresponsive: set[str] = set()  # devices that stopped answering (not waited for at close)
         self._next_link_check = 0.0
+        self.driver_cpu_s = 0.0
 
     def __enter__(self) -> Driver:
         return self
@@ -375,7 +382,11 @@ class Driver:
                                       where=f"device {p.name}",
                                       fix="the device crashed, hangs or lost its network; restart its worker")
             self._check_alive(what)
-            for sock, _ in poller.poll(50):
+            # sleep until a message or the next ping / check is due: a driver that woke every 50 ms
+            # took CPU from the workers' compute on a host with few cores
+            due = min([p.last_ping + self.opt.heartbeat_interval for p in self.peers.values()]
+                      + ([self._next_link_check] if what == "generate tokens" else []) + [deadline])
+            for sock, _ in poller.poll(max(1, min(200, int((due - time.monotonic()) * 1000) + 1))):
                 p = by_sock[sock]
                 _, msg = wire.recv(sock, 0, peer=f"device {p.name}")  # type: ignore[misc]
                 p.last_pong = time.monotonic()
@@ -508,21 +519,35 @@ class Driver:
                        "prefetch": prefetch, "warmup_lengths": warmup_lengths, "latency": lat, "jitter": jit,
                        "seed": self.opt.seed,
                        "schedule": self.plan.schedule, "max_batch": max_batch, "options": dict(self.plan.options),
-                       "connect_timeout": self.opt.connect_timeout, "residency": self.opt.residency,
+                       "connect_timeout": self.opt.connect_timeout, "residency": residency_mode(self.opt.residency),
+                       "memory_hint": self._memory_hint(n),
                        "in_flight": int(self.opt.in_flight or self.plan.options.get("S") or len(self.ring))
                        if self.plan.schedule == "rpp" else 1}
-        self._broadcast_and_wait(MsgType.SETUP, MsgType.READY, objs, self.opt.setup_timeout,
-                                 "load weights and compile")
+        # set-up compiles without reading weights or allocating model memory; then (a cold start)
+        # the few pages the checkpoint's checks read are dropped, each emulated device's memory is
+        # limited to the runtime's own footprint + the device's memory, and only then are weights
+        # mapped, KV caches allocated and weights read: every byte the model takes is inside the limit
+        ready = self._broadcast_and_wait(MsgType.SETUP, MsgType.READY, objs, self.opt.setup_timeout, "compile")
         if self.opt.cold_start:
             self.phase = "release"
             self._broadcast_and_wait(MsgType.RELEASE, MsgType.ACK, {n: {} for n in self.ring}, 120, "drop weight pages")
-            if self.emu is not None:
-                for n in self.ring:
-                    if n in self.emu.devices:
-                        self.emu.set_memory_budget(n)
-            self.phase = "load"
-            self.loads = self._broadcast_and_wait(MsgType.LOAD, MsgType.ACK, {n: {} for n in self.ring},
-                                                  self.opt.setup_timeout, "load weights within the memory budget")
+        if self.emu is not None:
+            for n in self.ring:
+                if n in self.emu.devices:
+                    self.emu.set_memory_budget(n)
+        self.phase = "load"
+        loads = self._broadcast_and_wait(MsgType.LOAD, MsgType.ACK, {n: {} for n in self.ring},
+                                         self.opt.setup_timeout, "load weights within the memory budget")
+        self.loads = {n: {**{f"setup_{k}": v for k, v in ready.get(n, {}).items() if k != "windows"}, **ld}
+                      for n, ld in loads.items()}
+
+    def _memory_hint(self, name: str) -> float | None:
+        """The memory an emulated device will have for the model (its limit on top of the runtime's
+        footprint), so its worker knows at set-up whether it may have to stream."""
+        dev = self.cluster.device(name)
+        if self.emu is not None and self.emu.active and name in self.emu.devices and dev.emulate is not None:
+            return float(dev.emulate.memory_limit) or None
+        return None
 
     # ---------------------------------------------------------------------------- generate
     def generate(self, prompts: list[list[int]], on_token: Callable[[dict[str, Any]], None] | None = None) -> Trace:
@@ -546,9 +571,11 @@ class Driver:
         head = self.peers[self.ring[0]]
         self.tokens = []
         t0 = time.time()
+        cpu0 = time.process_time()
         wire.send(head.sock, MsgType.GENERATE, obj=obj)
         self._pump(lambda n, m: m.type == MsgType.DONE and n == head.name, self.opt.token_timeout,
                    "generate tokens", progress=True)
+        self.driver_cpu_s = time.process_time() - cpu0  # what the driver took from the devices' CPUs
         self.phase = "stats"
         stats = self._broadcast_and_wait(MsgType.STATS_REQ, MsgType.STATS, {n: {} for n in self.ring}, 60,
                                          "report measurements")
@@ -578,7 +605,8 @@ class Driver:
             tr.device_stats[n] = ds
         tr.meta = {"plan": self.plan.to_json(), "model": str(self.ckpt.path), "fingerprint": self.fingerprint,
                    "emulation": self.emu.describe() if self.emu is not None else {"emulated": False},
-                   "ring": self.ring}
+                   "ring": self.ring, "driver_cpu_s": self.driver_cpu_s,
+                   "residency": residency_mode(self.opt.residency)}
         return tr
 
     # ---------------------------------------------------------------------------- shutdown
@@ -626,6 +654,10 @@ def run_plan(plan: Plan, weights: str | Path | Any, cluster: ClusterSpec, prompt
              on_token: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Check everything, run `plan` on `cluster` with these weights, return the measured trace.
     All input errors are raised before any worker starts."""
+    try:
+        residency_mode(options.residency)
+    except ValueError as exc:
+        raise PlanError(str(exc), where="--residency", fix="use --residency lru or --residency planned") from None
     ckpt = open_weights(weights) if isinstance(weights, str | Path) else weights
     spec: ModelSpec = ckpt.spec
     notes = check_plan(plan, spec, cluster)

@@ -213,9 +213,11 @@ def _forward(ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], ids: jax.Array, po
              inv_freq: jax.Array, emb: jax.Array, norm: jax.Array, out: jax.Array, *, spec: ModelSpec,
              interleaved: bool, span: int) -> tuple[jax.Array, tuple[LayerKV, ...]]:
     """Embedding, every block and the head in one call (single-device decode): the last
-    position's logits (B, V). Saves the dispatches and syncs between calls (a few % per token)."""
+    position's logits (B, V) and their argmax (B,). Saves the dispatches and syncs between calls
+    (a few % per token); greedy decoding copies only the token ids to the host."""
     x, kvs = _blocks(ws, kvs, jnp.take(emb, ids, axis=0), pos, inv_freq, None, spec, interleaved, span)
-    return _mm(rms_norm(x[:, -1], norm, spec.norm_eps), out), kvs
+    lg = _mm(rms_norm(x[:, -1], norm, spec.norm_eps), out)
+    return lg, jnp.argmax(lg, axis=-1).astype(jnp.int32), kvs
 
 
 # ---------------------------------------------------------------------------- KV stores
@@ -261,17 +263,22 @@ class KVCache:
         return sum(k.nbytes + v.nbytes for k, v in self.layers.values())
 
 
-def init_kv(spec: ModelSpec, layers: Sequence[int], max_seq: int, batch: int = 1) -> KVCache:
-    """Zeroed contiguous caches for `layers`: 2 * batch * (max_seq + 1) * n_kv_heads * head_dim * 4 bytes each."""
+def init_kv(spec: ModelSpec, layers: Sequence[int], max_seq: int, batch: int = 1, *,
+            abstract: bool = False) -> KVCache:
+    """Zeroed contiguous caches for `layers`: 2 * batch * (max_seq + 1) * n_kv_heads * head_dim * 4 bytes each.
+    `abstract`: shapes only (jax.ShapeDtypeStruct), for compiling without allocating (`compile_only`)."""
     shape = (batch, spec.n_kv_heads, max_seq + 1, spec.head_dim)
-    return KVCache({i: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)) for i in layers}, max_seq)
+    make = (lambda: jax.ShapeDtypeStruct(shape, jnp.float32)) if abstract else (lambda: jnp.zeros(shape, jnp.float32))
+    return KVCache({i: (make(), make()) for i in layers}, max_seq)
 
 
 # ---------------------------------------------------------------------------- the API
 def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int | Sequence[int] | np.ndarray,
-               layers: Sequence[int]) -> tuple[jax.Array, KVStore]:
+               layers: Sequence[int], *, compile_only: bool = False) -> tuple[jax.Array, KVStore]:
     """Run one window of blocks on hidden states x (B, T, E) whose first token is at position `pos`
-    (an int, or one per sequence). Returns the new hidden states and the updated KV store."""
+    (an int, or one per sequence). Returns the new hidden states and the updated KV store.
+    `compile_only`: compile this call's shapes without running it (no weight page is read; the KV
+    store may be `init_kv(..., abstract=True)`); returns x and kv unchanged."""
     layers = tuple(layers)
     x = jnp.asarray(x, jnp.float32)
     B, T = x.shape[0], x.shape[1]
@@ -283,10 +290,43 @@ def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int 
     if missing:
         raise WorkerError(f"no weights for layers {missing}", where="run_layers",
                           fix="load_params with every layer of the window")
-    x, caches = _window(tuple(params.layers[i] for i in layers), kv.caches(layers), x, jnp.asarray(p),
-                        params.inv_freq, kv.tables, spec=params.spec, interleaved=params.qk_interleaved,
-                        span=attention_span(int(p.max()) + T, kv.max_seq, kv.block_size))
+    args = (tuple(params.layers[i] for i in layers), kv.caches(layers), x, jnp.asarray(p), params.inv_freq, kv.tables)
+    kw = {"spec": params.spec, "interleaved": params.qk_interleaved,
+          "span": attention_span(int(p.max()) + T, kv.max_seq, kv.block_size)}
+    if compile_only:
+        _window.lower(*args, **kw).compile()  # jit's cache keeps it: the first real call does not compile
+        return x, kv
+    x, caches = _window(*args, **kw)
     return x, kv.replace(layers, caches)
+
+
+def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[int] | None = None, *,
+            compile_only: bool = False) -> tuple[jax.Array | None, jax.Array | None, KVStore]:
+    """Embedding, the blocks `layers` (default: every block of `params`, in order) and the head in
+    one jitted call, for token ids (B, T) at position `pos`: the last position's logits (B, V),
+    their argmax (B,) and the updated KV store (contiguous). One dispatch per token instead of
+    three (embed, blocks, head), and only the argmax crosses to the host when decoding greedily.
+    `compile_only` as in `run_layers` (returns None, None, kv)."""
+    if params.embed is None or params.output is None or params.norm is None:
+        raise WorkerError("forward needs the embedding and the output layer", where="forward",
+                          fix="load_params(..., embed=True, head=True)")
+    layers = tuple(sorted(params.layers)) if layers is None else tuple(layers)
+    ids = np.asarray(ids, dtype=np.int32)
+    if ids.size and (ids.min() < 0 or ids.max() >= params.spec.vocab):
+        raise WorkerError(f"token id out of range 0..{params.spec.vocab - 1}", where="forward",
+                          fix="use ids from the model's tokenizer")
+    B, T = ids.shape
+    if pos < 0 or pos + T > kv.max_seq:
+        raise WorkerError(f"positions {pos}..{pos + T - 1} exceed the KV cache ({kv.max_seq})", where="forward",
+                          fix="allocate the cache with a larger max_seq")
+    args = (tuple(params.layers[i] for i in layers), kv.caches(layers), jnp.asarray(ids), jnp.full((B,), pos, jnp.int32),
+            params.inv_freq, params.embed, params.norm, params.output)
+    kw = {"spec": params.spec, "interleaved": params.qk_interleaved, "span": attention_span(pos + T, kv.max_seq)}
+    if compile_only:
+        _forward.lower(*args, **kw).compile()
+        return None, None, kv
+    lg, tok, caches = _forward(*args, **kw)
+    return lg, tok, kv.replace(layers, caches)
 
 
 MIN_SPAN = 256
@@ -306,27 +346,43 @@ def _embed(table: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take(table, ids, axis=0)
 
 
-def embed(params: Params, ids: Any) -> jax.Array:
-    """Token ids (B, T) -> hidden states (B, T, E)."""
+def embed(params: Params, ids: Any, *, compile_only: bool = False) -> jax.Array:
+    """Token ids (B, T) -> hidden states (B, T, E) (`compile_only`: compile, return zeros)."""
     if params.embed is None:
         raise WorkerError("these params have no embedding", where="embed", fix="load_params(..., embed=True)")
     ids = np.asarray(ids, dtype=np.int32)
     if ids.size and (ids.min() < 0 or ids.max() >= params.spec.vocab):
         raise WorkerError(f"token id out of range 0..{params.spec.vocab - 1}", where="embed",
                           fix="use ids from the model's tokenizer")
+    if compile_only:
+        _embed.lower(params.embed, jnp.asarray(ids)).compile()
+        return jnp.zeros((*ids.shape, params.spec.hidden), jnp.float32)
     return _embed(params.embed, jnp.asarray(ids))
 
 
 @partial(jax.jit, static_argnames=("eps",))
-def _head(norm: jax.Array, out: jax.Array, x: jax.Array, *, eps: float) -> jax.Array:
-    return _mm(rms_norm(x, norm, eps), out)
+def _head(norm: jax.Array, out: jax.Array, x: jax.Array, *, eps: float) -> tuple[jax.Array, jax.Array]:
+    lg = _mm(rms_norm(x, norm, eps), out)
+    return lg, jnp.argmax(lg, axis=-1).astype(jnp.int32)
+
+
+def head(params: Params, x: jax.Array | np.ndarray, *,
+         compile_only: bool = False) -> tuple[jax.Array | None, jax.Array | None]:
+    """Hidden states (B, T, E) -> logits (B, T, V) and their argmax (B, T) (output norm +
+    projection; `compile_only`: compile, return None, None)."""
+    if params.output is None or params.norm is None:
+        raise WorkerError("these params have no output layer", where="logits", fix="load_params(..., head=True)")
+    if compile_only:
+        _head.lower(params.norm, params.output, jnp.asarray(x), eps=params.spec.norm_eps).compile()
+        return None, None
+    return _head(params.norm, params.output, jnp.asarray(x), eps=params.spec.norm_eps)  # type: ignore[no-any-return]
 
 
 def logits(params: Params, x: jax.Array) -> jax.Array:
     """Hidden states (B, T, E) -> logits (B, T, V) (output norm + projection)."""
-    if params.output is None or params.norm is None:
-        raise WorkerError("these params have no output layer", where="logits", fix="load_params(..., head=True)")
-    return _head(params.norm, params.output, x, eps=params.spec.norm_eps)
+    lg, _ = head(params, x)
+    assert lg is not None
+    return lg
 
 
 # ---------------------------------------------------------------------------- sampling, generation
@@ -390,16 +446,11 @@ def generate(params: Params, prompt: Sequence[int], max_new_tokens: int, *, wind
 
     whole = len(windows) == 1 and params.embed is not None and params.output is not None
 
-    def forward(ids: Sequence[int], pos: int) -> np.ndarray:
+    def step(ids: Sequence[int], pos: int) -> np.ndarray:
         nonlocal kv
         if whole:  # one jitted call per token
-            layers = windows[0]
-            span = attention_span(pos + len(ids), kv.max_seq)
-            lg, caches = _forward(tuple(params.layers[i] for i in layers), kv.caches(layers),
-                                  jnp.asarray([list(ids)], jnp.int32), jnp.full((1,), pos, jnp.int32),
-                                  params.inv_freq, params.embed, params.norm, params.output, spec=spec,
-                                  interleaved=params.qk_interleaved, span=span)
-            kv = kv.replace(layers, caches)
+            lg, _, kv = forward(params, kv, [list(ids)], pos, windows[0])
+            assert lg is not None
             return np.asarray(lg[0])
         x = embed(params, [list(ids)])
         for w in windows:
@@ -407,7 +458,7 @@ def generate(params: Params, prompt: Sequence[int], max_new_tokens: int, *, wind
         return np.asarray(logits(params, x[:, -1:])[0, -1])
 
     t0 = time.perf_counter()
-    out = forward(prompt, 0)
+    out = step(prompt, 0)
     gen.prefill_s = time.perf_counter() - t0
     pos = len(prompt)
     for i in range(max_new_tokens):
@@ -420,7 +471,7 @@ def generate(params: Params, prompt: Sequence[int], max_new_tokens: int, *, wind
         if tok in stop or i == max_new_tokens - 1:
             break
         t = time.perf_counter()
-        out = forward([tok], pos)
+        out = step([tok], pos)
         gen.step_s.append(time.perf_counter() - t)
         pos += 1
     return gen

@@ -105,3 +105,15 @@ def split_ranges(ranges: Ranges, keep: float) -> tuple[Ranges, Ranges]:
         else:
             tail.append((f, off, length))
     return head, tail
+
+
+def resident_bytes(ranges: Ranges) -> int:
+    """Bytes of the file ranges that are in the page cache now (mincore(2) over our mappings):
+    how much of a device's weights sit in memory, whoever read them."""
+    n = 0
+    for addr, length in mapped_spans(ranges):
+        vec = np.zeros(-(-length // PAGE), dtype=np.uint8)
+        if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec.ctypes.data_as(ctypes.c_void_p)):
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        n += int(np.count_nonzero(vec & 1)) * PAGE
+    return n

@@ -184,6 +184,7 @@ class Metrics:
     busy: dict[str, dict[str, float]]  # device -> resource -> fraction of makespan
     disk_read_bytes: dict[str, float]
     net_tx_bytes: dict[str, float]
+    devices: dict[str, dict[str, float]] = field(default_factory=dict)  # device_memory()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,7 +238,30 @@ def metrics(trace: Trace) -> Metrics:
         busy=busy,
         disk_read_bytes={d: trace.device_stats.get(d, {}).get("disk_read_bytes", 0.0) for d in devices},
         net_tx_bytes={d: trace.device_stats.get(d, {}).get("net_tx_bytes", 0.0) for d in devices},
+        devices=device_memory(trace, n),
     )
+
+
+def device_memory(trace: Trace, n_tokens: int) -> dict[str, dict[str, float]]:
+    """Per device, the memory a user sees (MB = 1e6 bytes): `anon_mb`, anonymous memory the run
+    added (KV caches, activations, any copy of weights; measured: the worker's peak RssAnon since
+    generation began above its footprint after set-up -- Python, JAX, compiled code; predicted: what
+    the device reserves); `file_mb`, its weights resident in the page cache (measured with mincore
+    at the end of the run; predicted: what the residency keeps); `disk_read_mb_per_token`."""
+    out: dict[str, dict[str, float]] = {}
+    for d, st in trace.device_stats.items():
+        if "anon_peak_bytes" in st and "anon_footprint_bytes" in st:
+            anon = max(0.0, st["anon_peak_bytes"] - st["anon_footprint_bytes"])
+            file_ = st.get("file_resident_bytes", 0.0)
+        elif "anon_bytes" in st:
+            last = [x.value for x in sorted(trace.samples, key=lambda x: x.time)
+                    if x.device == d and x.name == "resident_bytes"]
+            anon, file_ = st["anon_bytes"], st.get("resident_weight_bytes", last[-1] if last else 0.0)
+        else:
+            continue
+        out[d] = {"anon_mb": anon / 1e6, "file_mb": file_ / 1e6,
+                  "disk_read_mb_per_token": st.get("disk_read_bytes", 0.0) / max(1, n_tokens) / 1e6}
+    return out
 
 
 def result_json(system: str, *, feasible: bool, plan: Any = None, m: Metrics | None = None,
@@ -260,6 +284,6 @@ def result_json(system: str, *, feasible: bool, plan: Any = None, m: Metrics | N
                    tpot_p90_ms=_nan_to_none(m.tpot_p90_ms), ttft_ms=_nan_to_none(m.ttft_ms),
                    throughput_tok_s=_nan_to_none(m.throughput_tok_s), memory_pressure=m.memory_pressure,
                    gpu_util=m.gpu_util, disk_read_bytes=m.disk_read_bytes, net_tx_bytes=m.net_tx_bytes,
-                   n_tokens=m.n_tokens)
+                   n_tokens=m.n_tokens, devices=m.devices)
     out.update(extra)
     return out

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 
+from .._measure import name_thread
 from .recorder import Recorder
 from .stage import Stage
 
@@ -27,6 +28,7 @@ class Prefetcher(threading.Thread):
         self.q.put(None)
 
     def run(self) -> None:
+        name_thread()
         while True:
             item = self.q.get()
             if item is None:

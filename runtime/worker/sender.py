@@ -15,6 +15,7 @@ import zmq
 from primasim.core.errors import WorkerError
 
 from .. import wire
+from .._measure import name_thread
 from .recorder import Recorder
 
 
@@ -136,6 +137,7 @@ class Sender:
             self.sock = None
 
     def _run(self, timeout: float) -> None:
+        name_thread()
         try:
             sock = self._connect(timeout)
         except WorkerError:

@@ -18,6 +18,7 @@ import zmq
 from primasim.core.errors import PrimasimError, WireError, WorkerError
 
 from .. import wire
+from .._measure import name_thread
 from ..wire import Message, MsgType
 from .session import Session
 
@@ -84,6 +85,7 @@ class Worker:
 
     # ---------------------------------------------------------------------------- control thread
     def _control_loop(self) -> None:
+        name_thread()
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.cmd_ctl, zmq.POLLIN)
@@ -221,7 +223,8 @@ class Worker:
                     self.session.close()
                 self.session = Session(self, msg.obj)
                 s = self.session
-                self.emit(MsgType.READY, {"load_s": s.load_s, "warmup_s": s.warmup_s, "windows": s.windows})
+                self.emit(MsgType.READY, {"load_s": s.load_s, "warmup_s": s.warmup_s, "windows": s.windows,
+                                          "weight_resident_bytes": s.setup_resident, **s.footprint})
             self._guard(setup)
         elif t == MsgType.RELEASE and self.session is not None:
             self._guard(lambda: self.emit(MsgType.ACK, {"op": "release", **self.session.release()}))  # type: ignore[union-attr]

@@ -12,11 +12,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from primasim.core.errors import WorkerError
+from primasim.core.runtime_facts import ACT_RESERVE, anon_reserve, residency_mode
 
 from .. import wire
-from .._measure import IoCounter, MemorySampler, meminfo, own_cgroup, read_int
-from ..pages import advise_random, drop_pages, mapped_spans, split_ranges, touch_pages
+from .._measure import (
+    IoCounter,
+    MemorySampler,
+    meminfo,
+    process_memory,
+    thread_cpu,
+    thread_cpu_since,
+)
+from ..pages import drop_pages, resident_bytes
 from ..wire import Message, MsgType
+from . import residency as rs
 from .prefetcher import Prefetcher
 from .recorder import MEM_SAMPLE, Recorder
 from .sender import Sender
@@ -53,48 +62,42 @@ class Session:
         self.io = IoCounter()
         self.mem = MemorySampler(sink=lambda t, v: self.rec.sample(MEM_SAMPLE, t, v))
         self.prefetch_on = bool(setup.get("prefetch", False))
-        self.layer_stream: dict[int, list[tuple[str, int, int]]] = {}  # per layer, evicted after use
-        self.layer_spans: dict[int, list[tuple[int, int]]] = {}
-        self.stream_prefetch = False
-        self.resident_bytes = 0
+        self.mode = residency_mode(str(setup.get("residency", "planned")))
+        self.pinned = setup.get("weights", "mmap") == "pinned"
+        self.res: rs.Residency | None = None  # decided at LOAD
         t0 = time.time()
         path = worker.model_override or setup["model_path"]
         if not os.path.exists(path):
             raise WorkerError(f"model file not found at {path}", where=f"device {self.name}",
                               fix="copy the model to the same path on every device, or start the worker "
                                   "with --model PATH")
-        self.stage = Stage(path, self.windows, head=self.head, weights=setup.get("weights", "mmap"),
-                           max_seq=int(setup["max_seq"]))
+        self.stage = Stage(path, self.windows, head=self.head, max_seq=int(setup["max_seq"]))
         fp = setup.get("fingerprint")
         if fp and self.stage.fingerprint() != fp:
             raise WorkerError(f"model file {path} differs from the head's (fingerprint "
                               f"{self.stage.fingerprint()[:16]}... != {fp[:16]}...)", where=f"device {self.name}",
                               fix="copy the exact same checkpoint to every device")
         self.load_s = time.time() - t0
+        # a single-device ring runs each token as one call (embedding, blocks, head): no dispatches,
+        # host copies or Python between them; not when it streams layer by layer (planned mode)
+        self.single = self.head and len(self.ring) == 1 and setup.get("schedule", "ring") in ("ring", "rpp")
+        self.fused = False
         t0 = time.time()
-        self._warmup(setup.get("warmup_lengths", [1]))
+        self._compile(setup.get("warmup_lengths", [1]))
         self.warmup_s = time.time() - t0
-        # the runtime's own memory (JAX, compiled windows) is not the run's: measure pressure from here
-        pinned = self.stage.weight_bytes() if setup.get("weights", "mmap") == "pinned" else 0
-        self.mem.set_before(discount=pinned)
-        # KV caches are allocated here, at set-up, as llama.cpp allocates its context's: never
-        # inside a measured token (a first allocation after warm-up costs ~10 ms per array under
-        # a CPU quota). One per sequence the schedule keeps in flight; a finished sequence's
-        # cache is reused (positions past a sequence's own are masked, so stale entries are inert).
+        # set-up touched no weight page and allocated no model memory: what the process holds now is
+        # the runtime's own (Python, JAX, compiled code), the baseline of memory pressure and of
+        # the device's anonymous memory; the driver limits the device's memory from here on
+        self.mem.set_before()
+        self.footprint = process_memory()
+        self.setup_resident = float(resident_bytes(self.stage.all_ranges()))  # ~ the checks' samples
+        # KV caches are allocated at LOAD (inside the memory limit), before any token, as llama.cpp
+        # allocates its context's: a first allocation inside a token costs ~10 ms per array under a
+        # CPU quota. One per sequence the schedule keeps in flight; a finished sequence's cache is
+        # reused (positions past a sequence's own are masked, so stale entries are inert).
         self.kv: dict[int, Any] = {}
         self.spare_kv: list[Any] = []
         self.batch_pool: Any = None
-        opts = setup.get("options", {}) or {}
-        if setup.get("schedule") == "batch":
-            from ..batch import BatchServer
-
-            self.batch_pool = BatchServer.preallocate(self.stage, opts, int(setup["max_seq"]))
-        else:
-            import jax
-
-            n_seq = int(opts.get("S") or len(self.ring)) if setup.get("schedule") == "rpp" else 1
-            self.spare_kv = [self.stage.new_kv() for _ in range(max(1, n_seq))]
-            jax.block_until_ready(self.spare_kv)
         self.sender: Sender | None = None
         if len(self.ring) > 1:
             self.sender = Sender(worker.ctx, setup["successor_data"], float(setup.get("latency", 0.0)),
@@ -104,12 +107,10 @@ class Session:
                 self.sender.start(float(setup.get("connect_timeout", 30.0)))
             except WorkerError as exc:
                 raise WorkerError(exc.what, where=f"device {self.name}", fix=exc.fix) from None
-        self.prefetcher: Prefetcher | None = None
-        if self.prefetch_on:
-            self.prefetcher = Prefetcher(self.stage, self.rec)
-            self.prefetcher.start()
+        self.prefetcher: Prefetcher | None = None  # started at LOAD if the residency prefetches
         self.seqs: dict[int, SeqState] = {}
-        self.work: collections.deque[tuple[int, int, np.ndarray, int, int]] = collections.deque()
+        # (seq, segment, activations or -- on the head, segment 0 -- the token ids to embed, pos, step)
+        self.work: collections.deque[tuple[int, int, np.ndarray | list[int], int, int]] = collections.deque()
         self.rx_n = 0  # activations received from the ring predecessor (this generation)
         self.rx_t: float | None = None
         self.busy_since: float | None = None  # computing since (None: waiting for input)
@@ -119,12 +120,18 @@ class Session:
         self.idle_since: float | None = None
         self.sample_at: float | None = None
         self.gen_opts: dict[str, Any] = {}
+        self.stop_ids: set[int] = set()
+        self.threads0: dict[int, tuple[str, float]] = {}
         self.pending: collections.deque[int] = collections.deque()
 
     # ---------------------------------------------------------------------------- set-up
-    def _warmup(self, lengths: list[int]) -> None:
-        """Compile every shape the run will use (windows, one layer for streaming, the head's
-        embedding and output) so compilation never lands inside a measured token."""
+    def _compile(self, lengths: list[int]) -> None:
+        """Compile every shape the run will use, without running it: no weight page is read and no
+        KV cache allocated (the memory limit comes after set-up), and nothing compiles inside a token.
+        Shapes: the prompt lengths at position 0 and one token at the first position of every
+        attention-span bucket the KV length reaches (256, 512, ...); per device its windows, one
+        layer if it may stream layer by layer, the embedding and output on the head, and on a
+        single device the whole-model step."""
         if self.cfg.get("schedule") == "batch":
             from ..batch import BatchServer, block_tokens
 
@@ -134,119 +141,79 @@ class Session:
                                block_tokens(o), max_seq=int(self.cfg["max_seq"]) if o.get("kv_bytes") else None,
                                kv_bytes=o.get("kv_bytes"))
             return
-        kv = self.stage.new_kv()
+        kv = self.stage.new_kv(abstract=True)
         steps = [(int(n), 0) for n in sorted(set(int(x) for x in lengths if int(x) > 0))]
-        # one decode step at the first position of every attention-span bucket the KV length
-        # reaches (256, 512, ...): each is a new compiled shape, which would otherwise compile
-        # inside a token and add its code (~7 MiB a worker) to memory mid-run
         steps += [(1, pos) for pos in self.stage.bucket_starts()]
+        may_stream = self._may_stream()
         for n, pos in steps:
+            if self.single:
+                self.stage.step(kv, [0] * n, pos, compile_only=True)
+                if not may_stream:
+                    continue
             x = np.zeros((1, n, self.stage.spec.hidden), np.float32)
+            if self.head:
+                x = self.stage.embed([0] * n, compile_only=True)
             for s, e in self.windows:
-                x, kv = self.stage.run(kv, x, pos, s, e)
-            if self.stream_layerwise() and self.windows:
+                x, _ = self.stage.run(kv, x, pos, s, e, compile_only=True)
+            if may_stream and self.windows:
                 s = self.windows[0][0]
-                _, kv = self.stage.run(kv, x, pos, s, s + 1)
+                self.stage.run(kv, x, pos, s, s + 1, compile_only=True)
             if self.head and pos == 0:
-                self.stage.logits(self.stage.embed([0] * n))
+                self.stage.output(x, compile_only=True)
+
+    def _may_stream(self) -> bool:
+        """Whether LOAD may decide to stream layer by layer (planned mode, mmap'd weights, and the
+        weights + reserve exceed the memory the driver says the device will have, or else the
+        host's): then the one-layer shapes are compiled too."""
+        if self.mode != "planned" or self.pinned or not self.windows:
+            return False
+        hint = self.cfg.get("memory_hint")
+        room = float(hint) if hint else 0.8 * meminfo().get("MemAvailable", 1 << 62)
+        return self.stage.weight_bytes() + self._anon_reserve() > room
 
     def _anon_reserve(self) -> int:
-        """Memory the run will still allocate after LOAD: the KV caches of the sequences in
-        flight (allocated on first use) plus 8 MiB for activations and the allocator."""
+        """Memory the run allocates besides weights: the KV caches of the sequences in flight plus
+        the activation reserve (primasim.core.runtime_facts.anon_reserve)."""
         sp = self.stage.spec
-        kv = 2 * len(self.stage.layers) * int(self.cfg["max_seq"]) * sp.n_kv_heads * sp.head_dim * 4
-        return kv * max(1, int(self.cfg.get("in_flight", 1))) + (8 << 20)
-
-    def stream_layerwise(self) -> bool:
-        return bool(self.cfg.get("streaming", True)) and self.cfg.get("weights", "mmap") == "mmap"
+        return anon_reserve(len(self.stage.layers), int(self.cfg["max_seq"]), sp.n_kv_heads, sp.head_dim,
+                            max(1, int(self.cfg.get("in_flight", 1))))
 
     def release(self) -> dict[str, Any]:
-        """Drop this worker's weight pages (a cold start; also lets the emulator measure the
-        runtime's own footprint before it sets the memory limit)."""
+        """Drop this worker's weight pages (a cold start; the checkpoint's checks read a few): what
+        the process holds afterwards is the runtime's own footprint, which the emulator measures
+        before it limits the device's memory."""
         ranges = self.stage.all_ranges()
         drop_pages(ranges)
-        return {"bytes": sum(r[2] for r in ranges)}
+        return {"bytes": sum(r[2] for r in ranges), **process_memory()}
 
     def load(self) -> dict[str, Any]:
-        """Load the weights into memory, within the device's memory budget.
-
-        When the weights do not fit, the worker plans residency itself instead of leaving it to
-        the kernel's LRU, which re-reads nearly every page of a cyclic scan larger than memory: it
-        keeps a fraction r of every layer and streams the rest of each layer from disk, evicting it
-        right after use (MADV_DONTNEED + POSIX_FADV_DONTNEED). Memory then never fills up, so the
-        kernel need not reclaim and the kept part stays resident without mlock (which would turn a
-        small misestimate of the other memory into an OOM kill instead of a few re-reads). A token
-        re-reads the streamed bytes, about the bytes that do not fit, as prima.cpp's cost model has
-        it (T_disk = (bytes - available) / disk speed). The streamed part of the layer being
-        computed (with prefetch, also of the next one) needs room: r is the largest fraction with
-        r * window + c * (1 - r) * layer <= budget (c = 1, or 2 with prefetch), so streamed bytes
-        = missing bytes + about c streamed layer parts."""
+        """Map the weights, allocate the KV caches and bring the weights in, within the device's
+        memory budget (after the driver has limited the device's memory, so every byte the model
+        takes is charged to it). Residency per the run's mode (primasim.core.runtime_facts)."""
         t0 = time.time()
-        # the memory this device has for weights, measured now (LOAD follows RELEASE, so our
-        # weights are out of memory): in a memory cgroup (an emulated device, a container) the
-        # limit minus what the cgroup holds (anon memory, library code pages); else prima.cpp's
-        # d_avail, MemAvailable x 0.8; minus what the run will still allocate
-        cg = own_cgroup("memory")
-        limit = read_int(cg / "memory.limit_in_bytes", 1 << 62) if cg is not None else 1 << 62
-        if cg is not None and limit < 1 << 60:
-            budget = float(limit - read_int(cg / "memory.usage_in_bytes") - self._anon_reserve())
+        # weights are mapped again here: a tensor that cannot stay file-backed (a converted dtype,
+        # an unaligned offset) is copied under the limit; pinned weights (exo) are copied here too
+        self.stage.load_weights(pinned=self.pinned)
+        budget, how = rs.memory_budget(self._anon_reserve())
+        opts = self.cfg.get("options", {}) or {}
+        if self.cfg.get("schedule") == "batch":
+            from ..batch import BatchServer
+
+            self.batch_pool = BatchServer.preallocate(self.stage, opts, int(self.cfg["max_seq"]))
         else:
-            budget = 0.8 * meminfo().get("MemAvailable", 1 << 62) - self._anon_reserve()
-        layers = [i for s, e in self.windows for i in range(s, e)]
-        lay_ranges = {i: self.stage.layer_ranges(i) for i in layers}
-        lay_bytes = {i: sum(r[2] for r in rs) for i, rs in lay_ranges.items()}
-        # the head reads all of the output layer per token but one row of the embedding: the
-        # embedding is left to the kernel (neither kept nor evicted)
-        out = self.stage.output_ranges()
-        out_b = sum(r[2] for r in out)
-        total = sum(lay_bytes.values()) + out_b
-        self.layer_stream = {}
-        self.layer_spans: dict[int, list[tuple[int, int]]] = {}
-        pinned = self.cfg.get("weights", "mmap") == "pinned"
-        kernel = self.cfg.get("residency") == "kernel"
-        fits = pinned or total <= budget or kernel or not layers
-        if self.head and not pinned:
-            # one embedding row is read per token: without MADV_RANDOM each row's page fault reads
-            # the disk's whole readahead window around it (8 MiB here), filling the budget
-            advise_random(self.stage.input_ranges())
-        info: dict[str, Any] = {"window_bytes": float(sum(lay_bytes.values())), "output_bytes": float(out_b),
-                                "budget": budget, "residency": "pinned" if pinned else "fits" if total <= budget
-                                else "kernel" if kernel or not layers else "planned"}
-        if fits:
-            self.resident_bytes = total
-            # the embedding (one row read per token) is loaded too only if it also fits: touching it
-            # past the budget made the kernel evict the window, which the first token re-read
-            inp = self.stage.input_ranges()
-            if not pinned and total + sum(r[2] for r in inp) > budget:
-                inp = []
-            # pinned weights are copies in anonymous memory: their file pages are not used
-            touched = 0 if pinned else touch_pages([r for i in layers for r in lay_ranges[i]] + out + inp)
-            return info | {"resident_bytes": total, "streamed_bytes": 0, "touched": touched,
-                           "load_s": time.time() - t0}
-        big = max(lay_bytes.values())
-        lt = sum(lay_bytes.values())
-        avail = budget - out_b
+            import jax
 
-        def keep_fraction(c: float) -> float:
-            return max(0.0, min(1.0, (avail - c * big) / (lt - c * big))) if lt > c * big else 0.0
-
-        r = keep_fraction(1.0)
-        # prefetching the next layer's streamed part needs room for two; when the window is too
-        # small for that (r would be 0), stream without prefetching the streamed parts
-        self.stream_prefetch = self.prefetch_on and keep_fraction(2.0) > 0.0
-        if self.stream_prefetch:
-            r = keep_fraction(2.0)
-        keep: list[tuple[str, int, int]] = list(out)
-        for i in layers:
-            k, st = split_ranges(lay_ranges[i], r * lay_bytes[i])
-            keep += k
-            self.layer_stream[i] = st
-            self.layer_spans[i] = mapped_spans(st)
-        touch_pages(keep)
-        self.resident_bytes = sum(x[2] for x in keep)
-        streamed = sum(x[2] for st in self.layer_stream.values() for x in st)
-        return info | {"resident_bytes": self.resident_bytes, "streamed_bytes": streamed,
-                       "keep_fraction": r, "stream_prefetch": self.stream_prefetch, "load_s": time.time() - t0}
+            n_seq = int(opts.get("S") or len(self.ring)) if self.cfg.get("schedule") == "rpp" else 1
+            self.spare_kv = [self.stage.new_kv() for _ in range(max(1, n_seq))]
+            jax.block_until_ready(self.spare_kv)
+        self.res = rs.load(self.stage, self.mode, budget, pinned=self.pinned, prefetch=self.prefetch_on,
+                           ring=len(self.ring), how=how)
+        self.fused = self.single and not self.res.streams
+        if self.res.plan.stream_prefetch or self.res.plan.window_prefetch:
+            self.prefetcher = Prefetcher(self.stage, self.rec)
+            self.prefetcher.start()
+        return self.res.info | {"fused": self.fused, "load_s": time.time() - t0, "kv_bytes": float(
+            self._anon_reserve() - ACT_RESERVE), **process_memory()}
 
     # ---------------------------------------------------------------------------- compute
     def on_act(self, msg: Message) -> None:
@@ -295,7 +262,14 @@ class Session:
         (reading /proc right after a send delays the next device on a busy host)."""
         self._sample_counters()
 
-    def _advance(self, seq: int, seg: int, x: np.ndarray, pos: int, step: int) -> None:
+    def _advance(self, seq: int, seg: int, x: np.ndarray | list[int], pos: int, step: int) -> None:
+        if isinstance(x, list):  # token ids on the head: one call for the whole model, or embed them
+            if self.fused:
+                self._step(seq, x, pos, step)
+                return
+            t0 = time.time()
+            x = self.stage.embed(x)
+            self.rec.span("cpu", t0, time.time(), "embed", seq, step)
         n = len(self.segments)
         while seg < n and self.segments[seg][0] == self.name:
             x = self._compute(seq, seg, x, pos, step)
@@ -305,32 +279,60 @@ class Session:
             return
         self._send(seq, seg, x, pos, step)
 
+    def _kv(self, seq: int) -> Any:
+        if seq not in self.kv:
+            self.kv[seq] = self.spare_kv.pop() if self.spare_kv else self.stage.new_kv()
+        return self.kv[seq]
+
     def _compute(self, seq: int, seg: int, x: np.ndarray, pos: int, step: int) -> np.ndarray:
         w = self.win_of_seg[seg]
         s, e = self.windows[w]
-        if seq not in self.kv:
-            self.kv[seq] = self.spare_kv.pop() if self.spare_kv else self.stage.new_kv()
-        kv = self.kv[seq]
+        kv = self._kv(seq)
+        res = self.res
         t0 = time.time()
-        if self.layer_stream and self.cfg.get("weights", "mmap") == "mmap":
+        if res is not None and res.streams:  # planned: stream each layer's part, evict it after use
             for i in range(s, e):
-                if self.prefetcher is not None and self.stream_prefetch:
+                if self.prefetcher is not None:
                     nxt = i + 1 if i + 1 < e else self.windows[(w + 1) % len(self.windows)][0]
-                    self.prefetcher.post(f"layer {nxt}", self.layer_stream.get(nxt, []))
+                    self.prefetcher.post(f"layer {nxt}", res.layer_stream.get(nxt, []))
                 x, kv = self.stage.run(kv, x, pos, i, i + 1)
-                drop_pages(self.layer_stream.get(i, []), self.layer_spans.get(i))
+                drop_pages(res.layer_stream.get(i, []), res.layer_spans.get(i))
         else:
             x, kv = self.stage.run(kv, x, pos, s, e)
-            if self.prefetcher is not None:
+            if self.prefetcher is not None:  # lru: the next window, while the rest of the ring computes
                 nw = (w + 1) % len(self.windows)
-                if nw != w or len(self.windows) == 1:
-                    self.prefetcher.post(f"window {nw}", self.stage.window_ranges(nw))
+                self.prefetcher.post(f"window {nw}", self.stage.window_ranges(nw))
         t1 = time.time()
         self.kv[seq] = kv
         self.rec.span("cpu", t0, t1, f"L{s}-{e - 1} lap {self.segments[seg][1]}", seq, step)
         self.rec.add("compute_s", t1 - t0)
         self.sample_at = t1  # counters are read once the activation is on its way (not on the hop)
         return x
+
+    def _step(self, seq: int, ids: list[int], pos: int, step: int) -> None:
+        """A single device's token: embedding, blocks and head in one call, then sampling."""
+        kv = self._kv(seq)
+        t0 = time.time()
+        lg, top, kv = self.stage.step(kv, ids, pos)
+        self.kv[seq] = kv
+        top.block_until_ready()
+        t1 = time.time()  # the model's time ends here; what follows is outside it
+        tok, logits = self._pick(seq, lg, top)
+        self.rec.span("cpu", t0, t1, f"L0-{self.stage.spec.n_layers - 1}+head", seq, step)
+        self.rec.add("compute_s", t1 - t0)
+        self._token(seq, tok, logits, pos + len(ids), step, time.time())
+
+    def _pick(self, seq: int, lg: Any, top: Any) -> tuple[int, np.ndarray | None]:
+        """The next token from the head's logits (on the device) and their argmax: greedy copies
+        only the argmax to the host; sampling (or returning logits) copies the logits."""
+        o = self.gen_opts
+        temp = float(o.get("temperature", 0.0))
+        if temp <= 0 and not o.get("return_logits"):
+            return int(np.asarray(top).reshape(-1)[0]), None
+        logits = np.asarray(lg).reshape(-1)
+        tok = int(np.asarray(top).reshape(-1)[0]) if temp <= 0 else self.stage.sample(
+            logits, self.seqs[seq].rng, temp, int(o.get("top_k", 0)), float(o.get("top_p", 1.0)))
+        return tok, logits
 
     def _sample_counters(self) -> None:
         if self.sample_at is not None:
@@ -357,6 +359,7 @@ class Session:
             raise WorkerError("GENERATE sent to a worker that is not the head", where=f"device {self.name}",
                               fix="send GENERATE to the plan's first device")
         self.gen_opts = obj
+        self.stop_ids = {int(t) for t in obj.get("stop_ids", [])}
         self.reset_measurements()
         self.recycle_kv()
         if obj.get("schedule") == "batch":
@@ -378,28 +381,27 @@ class Session:
         self.drain()
 
     def _start_seq(self, seq: int) -> None:
-        st = self.seqs[seq]
-        t0 = time.time()
-        x = self.stage.embed(st.ids)
-        self.rec.span("cpu", t0, time.time(), "embed", seq, 0)
-        self.work.append((seq, 0, x, 0, 0))
+        self.work.append((seq, 0, list(self.seqs[seq].ids), 0, 0))
 
     def _finish(self, seq: int, x: np.ndarray, pos: int, step: int) -> None:
+        t0 = time.time()
+        lg, top = self.stage.output(x)
+        top.block_until_ready()
+        t1 = time.time()
+        tok, logits = self._pick(seq, lg, top)
+        self.rec.span("cpu", t0, t1, "output", seq, step)
+        self._token(seq, tok, logits, pos + x.shape[1], step, time.time())
+
+    def _token(self, seq: int, tok: int, logits: np.ndarray | None, next_pos: int, step: int, t: float) -> None:
+        """Report a generated token to the driver; queue the sequence's next step (or finish it)."""
         st = self.seqs[seq]
         o = self.gen_opts
-        t0 = time.time()
-        logits = self.stage.logits(x)
-        tok = self.stage.sample(logits, st.rng, float(o.get("temperature", 0.0)), int(o.get("top_k", 0)),
-                                float(o.get("top_p", 1.0)))
-        t1 = time.time()
-        self.rec.span("cpu", t0, t1, "output+sample", seq, step)
         st.generated.append(tok)
-        payload: dict[str, Any] = {"seq": seq, "index": step, "token_id": tok, "time": t1}
-        if o.get("return_logits"):
+        payload: dict[str, Any] = {"seq": seq, "index": step, "token_id": tok, "time": t}
+        if o.get("return_logits") and logits is not None:
             payload["logits"] = logits.astype(float).tolist()
         self.w.emit(MsgType.TOKEN, payload)
-        stop = set(o.get("stop_ids", []))
-        if len(st.generated) >= st.max_new or tok in stop:
+        if len(st.generated) >= st.max_new or tok in self.stop_ids:
             st.done = True
             kv = self.kv.pop(seq, None)
             if kv is not None:
@@ -409,10 +411,7 @@ class Session:
             elif all(s.done for s in self.seqs.values()):
                 self._done()
             return
-        t0 = time.time()
-        xe = self.stage.embed([tok])
-        self.rec.span("cpu", t0, time.time(), "embed", seq, step + 1)
-        self.work.append((seq, 0, xe, pos + x.shape[1], step + 1))
+        self.work.append((seq, 0, [tok], next_pos, step + 1))
 
     def _done(self) -> None:
         self.w.emit(MsgType.DONE, {"tokens": {str(k): v.generated for k, v in self.seqs.items()}})
@@ -433,9 +432,21 @@ class Session:
                "stats": {"disk_read_bytes": float(self.io.read_bytes()), "page_faults": float(self.io.major_faults()),
                          "minor_faults": float(minflt), "net_tx_bytes": c.get("net_tx_bytes", 0.0),
                          "net_rx_bytes": c.get("net_rx_bytes", 0.0), "compute_s": c.get("compute_s", 0.0),
-                         "resident_weight_bytes": float(self.resident_bytes), **self.mem.stats()},
+                         "resident_weight_bytes": float(self.res.info["resident_bytes"]) if self.res else 0.0,
+                         **self._memory_report(), **self.mem.stats(),
+                         # CPU time of each thread since GENERATE: the compute's and what competes with it
+                         **{f"thread_cpu_s.{k}": v for k, v in thread_cpu_since(self.threads0).items()}},
                "mem_samples": mem_samples, "time": time.time()}
         return out
+
+    def _memory_report(self) -> dict[str, float]:
+        """What the device's memory holds for the run: anonymous memory above the runtime's own
+        footprint (peak since GENERATE), and how much of its weight file is in the page cache."""
+        ranges = self.stage.all_ranges()
+        now = process_memory()
+        return {"anon_footprint_bytes": self.footprint["anon_bytes"], "anon_end_bytes": now["anon_bytes"],
+                "file_rss_bytes": now["file_bytes"], "weight_bytes": float(sum(r[2] for r in ranges)),
+                "file_resident_bytes": float(resident_bytes(ranges))}
 
     def recycle_kv(self) -> None:
         """Keep the caches of the last generation's sequences for the next one."""
@@ -447,6 +458,7 @@ class Session:
         if self.sender is not None:
             self.sender.reset_counts()
         self.rec.clear()
+        self.threads0 = thread_cpu()
         self.io.reset()
         self.mem.rebase()
         self.mem.start()

@@ -11,8 +11,7 @@ class Stage:
     """The model code one worker runs: its layer windows and, on the head, embedding + output.
     The only place that calls primasim.runtime.model / primasim.runtime.checkpoint. Activations are (1, T, E) f32."""
 
-    def __init__(self, path: str, windows: list[tuple[int, int]], *, head: bool, weights: str,
-                 max_seq: int) -> None:
+    def __init__(self, path: str, windows: list[tuple[int, int]], *, head: bool, max_seq: int) -> None:
         # JAX loads with the first session, not at start-up: the driver waits for the worker to listen
         from .. import checkpoint as ck, model as md
 
@@ -23,9 +22,16 @@ class Stage:
         self.head = head
         self.max_seq = max_seq
         self.layers = [i for s, e in windows for i in range(s, e)]
+        # views of the mapped file (nothing read): enough to compile; LOAD maps them again
         self.params = md.load_params(self.ckpt, self.layers, embed=head, head=head)
-        if weights == "pinned":  # exo-style: weights copied into anonymous memory, never re-read
-            self.params = md.pin_params(self.params)
+
+    def load_weights(self, pinned: bool = False) -> None:
+        """Map the weights again, inside the device's memory limit: tensors that cannot stay
+        file-backed are copied now, and pinned weights (exo) are copied into anonymous memory,
+        never re-read. Same shapes as at set-up, so nothing recompiles."""
+        self.params = self._md.load_params(self.ckpt, self.layers, embed=self.head, head=self.head)
+        if pinned:
+            self.params = self._md.pin_params(self.params)
 
     def fingerprint(self) -> str:
         return str(self.ckpt.fingerprint())
@@ -57,8 +63,8 @@ class Stage:
     def prefetch(self, ranges: list[tuple[str, int, int]]) -> None:
         self._ck.prefetch(ranges)
 
-    def new_kv(self) -> Any:
-        return self._md.init_kv(self.spec, self.layers, self.max_seq)
+    def new_kv(self, abstract: bool = False) -> Any:
+        return self._md.init_kv(self.spec, self.layers, self.max_seq, abstract=abstract)
 
     def bucket_starts(self) -> list[int]:
         """Decode positions where the attention span (primasim.runtime.model.attention_span) moves to a
@@ -67,16 +73,23 @@ class Stage:
         return [p for p in (1 << i for i in range(self.max_seq.bit_length()))
                 if p < self.max_seq and span(p + 1, self.max_seq) != span(p, self.max_seq)]
 
-    def run(self, kv: Any, x: np.ndarray, pos: int, start: int, end: int) -> tuple[np.ndarray, Any]:
-        y, kv = self._md.run_layers(self.params, kv, x, pos, range(start, end))
+    def run(self, kv: Any, x: np.ndarray, pos: int, start: int, end: int,
+            compile_only: bool = False) -> tuple[np.ndarray, Any]:
+        y, kv = self._md.run_layers(self.params, kv, x, pos, range(start, end), compile_only=compile_only)
         return np.asarray(y), kv
 
-    def embed(self, ids: list[int]) -> np.ndarray:
-        return np.asarray(self._md.embed(self.params, [list(ids)]))
+    def embed(self, ids: list[int], compile_only: bool = False) -> np.ndarray:
+        return np.asarray(self._md.embed(self.params, [list(ids)], compile_only=compile_only))
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits (V,) of the last position of x (1, T, E)."""
-        return np.asarray(self._md.logits(self.params, x[:, -1:]))[0, -1]
+    def output(self, x: np.ndarray, compile_only: bool = False) -> tuple[Any, Any]:
+        """Logits (1, 1, V) of the last position of x (1, T, E) and their argmax (1, 1), on the device."""
+        return self._md.head(self.params, x[:, -1:], compile_only=compile_only)  # type: ignore[no-any-return]
+
+    def step(self, kv: Any, ids: list[int], pos: int, compile_only: bool = False) -> tuple[Any, Any, Any]:
+        """The whole model for one sequence's new tokens in one call (a single-device ring):
+        logits (1, V) and argmax (1,) of the last position, on the device, and the KV store."""
+        return self._md.forward(self.params, kv, [list(ids)], pos, self.layers,  # type: ignore[no-any-return]
+                                compile_only=compile_only)
 
     def sample(self, logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int,
                top_p: float) -> int:

@@ -1,0 +1,114 @@
+"""What primasim's runtime does that the simulator models: one place for both to import.
+
+- the memory a worker reserves besides weights: its KV caches (f32, `max_seq` positions per
+  sequence in flight) and `ACT_RESERVE` for activations and the allocator;
+- the attention span buckets (`attention_span`): attention reads the cache positions in use,
+  rounded up to a power of two of at least `MIN_SPAN`;
+- residency (`plan_residency`): how a worker with a memory budget holds its weights, in either
+  mode a run can pick (`RESIDENCY_MODES`):
+
+  ``planned``  the worker decides. Weights that fit the budget are loaded and stay; otherwise it
+               keeps the same fraction r of every layer resident and streams the rest of each layer
+               from disk each time the layer runs, evicting it right after use (MADV_DONTNEED +
+               POSIX_FADV_DONTNEED), so a token re-reads about the bytes that do not fit. r is the
+               largest fraction with r * window + c * (1 - r) * layer <= budget (c = 2 with prefetch:
+               room for the next layer's streamed part read in the background, else 1).
+  ``lru``      the kernel decides, as llama.cpp and prima.cpp leave it: every weight is mmap'd, read
+               on demand, kept or evicted by the page cache's LRU lists; with prefetch, the next
+               window is madvise(WILLNEED)'d while the rest of the ring computes (prima.cpp's
+               prefetch, only when there is a ring and the weights do not all fit: otherwise every
+               page is resident and the hint only costs CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB = 1 << 20
+ACT_RESERVE = 8 * MiB  # activations and the allocator, on top of the KV caches
+MIN_SPAN = 256  # smallest attention span bucket (positions)
+RESIDENCY_MODES = ("planned", "lru")
+_ALIASES = {"plan": "planned", "kernel": "lru"}
+
+
+def residency_mode(name: str) -> str:
+    """A residency mode by name (`planned`, `lru`; the older `plan` and `kernel` are aliases)."""
+    mode = _ALIASES.get(name, name)
+    if mode not in RESIDENCY_MODES:
+        raise ValueError(f"unknown residency mode {name!r} (use {' or '.join(RESIDENCY_MODES)})")
+    return mode
+
+
+def attention_span(need: int, max_seq: int, quantum: int = 1) -> int:
+    """How many cached positions a step attends over: the next power of two >= need (at least
+    MIN_SPAN), in whole blocks of `quantum`, at most the cache. Attention then costs what the
+    sequences use, not what the cache could hold, at one compilation per bucket."""
+    span = max(MIN_SPAN, 1 << max(need - 1, 0).bit_length())
+    cap = -(-max_seq // quantum) * quantum
+    return min(-(-span // quantum) * quantum, cap)
+
+
+def kv_bytes(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequences: int = 1) -> int:
+    """The runtime's KV reservation: f32 K and V for `n_layers`, `max_seq` positions per sequence."""
+    return 2 * n_layers * max_seq * n_kv_heads * head_dim * 4 * max(1, sequences)
+
+
+def anon_reserve(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequences: int = 1) -> int:
+    """Anonymous memory a worker allocates besides weights: KV caches + the activation reserve."""
+    return kv_bytes(n_layers, max_seq, n_kv_heads, head_dim, sequences) + ACT_RESERVE
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    """How one device holds its weights within `budget` bytes (see the module docstring).
+
+    `state`: pinned (anonymous copies), fits (everything resident), streams (planned: a fraction
+    of every layer kept, the rest streamed), lru (the kernel decides, more than fits), none."""
+
+    mode: str
+    state: str
+    budget: float
+    keep_fraction: float = 1.0
+    stream_prefetch: bool = False  # planned: the next layer's streamed part is read in the background
+    window_prefetch: bool = False  # lru: the next window is madvise(WILLNEED)'d
+    streamed: dict[int, float] = field(default_factory=dict)  # layer -> bytes streamed per use (planned)
+    resident_bytes: float = 0.0  # weight bytes kept resident (planned/fits/pinned; lru: what fits)
+
+    @property
+    def streams(self) -> bool:
+        return self.state == "streams" and any(v > 0 for v in self.streamed.values())
+
+
+def keep_fraction(avail: float, window: float, layer: float, c: float) -> float:
+    """Largest r with r * window + c * (1 - r) * layer <= avail (0 when even c layers do not fit)."""
+    if window <= c * layer:
+        return 0.0
+    return max(0.0, min(1.0, (avail - c * layer) / (window - c * layer)))
+
+
+def plan_residency(mode: str, budget: float, layer_bytes: dict[int, float], output_bytes: float = 0.0, *,
+                   pinned: bool = False, prefetch: bool = False, ring: int = 1) -> ResidencyPlan:
+    """The worker's residency decision (runtime/worker/residency.py) and the simulator's, from the
+    same inputs: `budget` = memory for weights (the device's room minus `anon_reserve`),
+    `layer_bytes` of the device's blocks, the head's output layer (kept resident in planned mode:
+    read whole every token), prefetch on, and the number of devices in the ring."""
+    mode = residency_mode(mode)
+    window = float(sum(layer_bytes.values()))
+    total = window + output_bytes
+    if pinned:
+        return ResidencyPlan(mode, "pinned", budget, resident_bytes=total)
+    if not layer_bytes:
+        return ResidencyPlan(mode, "none", budget, resident_bytes=output_bytes)
+    if total <= budget:
+        return ResidencyPlan(mode, "fits", budget, resident_bytes=total)
+    if mode == "lru":
+        return ResidencyPlan(mode, "lru", budget, window_prefetch=prefetch and ring > 1,
+                             resident_bytes=max(0.0, min(total, budget)))
+    big = max(layer_bytes.values())
+    avail = budget - output_bytes
+    r = keep_fraction(avail, window, big, 1.0)
+    pre = prefetch and keep_fraction(avail, window, big, 2.0) > 0.0
+    if pre:
+        r = keep_fraction(avail, window, big, 2.0)
+    streamed = {i: (1.0 - r) * b for i, b in layer_bytes.items()}
+    return ResidencyPlan(mode, "streams", budget, r, pre, False, streamed, r * window + output_bytes)

@@ -1,0 +1,97 @@
+"""Where a worker's weights live while it runs: its memory budget, the residency decision
+(`primasim.core.runtime_facts.plan_residency`, shared with the simulator) and carrying it out.
+
+The budget is measured at LOAD, after the driver has limited the device's memory (an emulated
+device's cgroup: the runtime's own footprint + the device's memory), before the KV caches are
+allocated: the cgroup's limit minus what it holds, or, outside a limited cgroup, prima.cpp's
+d_avail (MemAvailable x 0.8); minus the KV caches and the activation reserve.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from primasim.core.cgroups import UNLIMITED, own_group
+from primasim.core.runtime_facts import ResidencyPlan, plan_residency
+
+from .._measure import meminfo
+from ..pages import Ranges, advise_random, mapped_spans, split_ranges, touch_pages
+from .stage import Stage
+
+
+def memory_budget(reserve: float) -> tuple[float, str]:
+    """Bytes this process can give its weights, and how that was measured."""
+    g = own_group("memory")
+    if g is not None:
+        limit = g.memory_max()
+        if limit < UNLIMITED // 2:
+            used = g.memory_current()
+            return float(limit - used - reserve), (f"memory cgroup v{g.version}: limit {limit} - usage {used} - "
+                                                   f"reserve {reserve:.0f}")
+    avail = meminfo().get("MemAvailable", 1 << 62)
+    return 0.8 * avail - reserve, f"MemAvailable {avail} x 0.8 - reserve {reserve:.0f}"
+
+
+@dataclass
+class Residency:
+    """The residency a worker carries out: the plan, and per layer the ranges it streams."""
+
+    plan: ResidencyPlan
+    layer_stream: dict[int, Ranges] = field(default_factory=dict)  # evicted after every use
+    layer_spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    kept: Ranges = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def streams(self) -> bool:
+        return bool(self.layer_stream) and self.plan.streams
+
+
+def load(stage: Stage, mode: str, budget: float, *, pinned: bool, prefetch: bool, ring: int,
+         how: str = "") -> Residency:
+    """Decide and carry out the residency of `stage`'s weights within `budget` bytes: touch what
+    stays resident (in compute order), split what is streamed (planned mode). lru mode reads the
+    window in order too, like llama.cpp's load, and the kernel keeps what fits."""
+    t0 = time.time()
+    layers = stage.layers
+    lay_ranges = {i: stage.layer_ranges(i) for i in layers}
+    lay_bytes = {i: float(sum(r[2] for r in rs)) for i, rs in lay_ranges.items()}
+    out = stage.output_ranges()
+    out_b = float(sum(r[2] for r in out))
+    plan = plan_residency(mode, budget, lay_bytes, out_b, pinned=pinned, prefetch=prefetch, ring=ring)
+    res = Residency(plan)
+    if stage.head and not pinned:
+        # one embedding row is read per token: without MADV_RANDOM each row's page fault reads
+        # the disk's whole readahead window around it (8 MiB here), filling the budget
+        advise_random(stage.input_ranges())
+    window = [r for i in layers for r in lay_ranges[i]]
+    touched = 0
+    if plan.state == "fits":
+        # the embedding (one row read per token) is loaded too only if it also fits: touching it
+        # past the budget made the kernel evict the window, which the first token re-read
+        inp = stage.input_ranges()
+        if plan.resident_bytes + sum(r[2] for r in inp) > budget:
+            inp = []
+        res.kept = window + out + inp
+        touched = touch_pages(res.kept)
+    elif plan.state == "lru":
+        touched = touch_pages(window + out)  # the kernel keeps what fits, evicting as it goes
+    elif plan.state == "streams":
+        keep: Ranges = list(out)
+        for i in layers:
+            k, st = split_ranges(lay_ranges[i], plan.keep_fraction * lay_bytes[i])
+            keep += k
+            res.layer_stream[i] = st
+            res.layer_spans[i] = mapped_spans(st)
+        res.kept = keep
+        touched = touch_pages(keep)
+    res.info = {"window_bytes": float(sum(lay_bytes.values())), "output_bytes": out_b, "budget": budget,
+                "budget_how": how, "residency": plan.state, "mode": plan.mode,
+                "resident_bytes": float(sum(r[2] for r in res.kept)) if plan.state == "streams" else plan.resident_bytes,
+                "keep_fraction": plan.keep_fraction,
+                "stream_prefetch": plan.stream_prefetch, "window_prefetch": plan.window_prefetch,
+                "streamed_bytes": float(sum(r[2] for st in res.layer_stream.values() for r in st)),
+                "touched": touched, "load_s": time.time() - t0}
+    return res
