@@ -4,9 +4,10 @@ One emulated device (a memory cgroup, root only) holds a 12-layer window of a 14
 (hidden 512, 15.2 MB per layer, 182.5 MB window) with half of that in its memory budget; the head
 holds the other 2 layers without a limit. Four runs of 16 tokens:
 
-- residency "kernel": the worker just maps the file and the kernel's LRU decides (llama.cpp);
-- residency "plan": the worker keeps a fraction of every layer and streams the rest, evicting it
-  after use (runtime/worker/session.py `Session.load`);
+- residency "lru": the worker just maps the file and the kernel's LRU decides (llama.cpp, prima.cpp;
+  with prefetch, the next window is madvise(WILLNEED)'d);
+- residency "planned": the worker keeps a fraction of every layer and streams the rest, evicting it
+  after use (runtime/worker/residency.py, primasim.core.runtime_facts.plan_residency);
 
 each with prefetch off and on. Reported: disk reads per decode token (/proc/<pid>/io read_bytes of
 the worker, median over tokens), the bytes that do not fit (window - budget), TPOT.
@@ -52,7 +53,7 @@ def main() -> int:
                 for n, em in (("h", {"cpu_cores": 1.0}), ("w", {"cpu_cores": 1.0, "memory_mib": limit / 2**20}))]
         cl = cluster_from_toml({"name": "fb", "network": {"kind": "switched", "bandwidth_mbps": 1000,
                                                           "latency_ms": 0.2}, "devices": devs}, "fb")
-        for residency in ("kernel", "plan"):
+        for residency in ("lru", "planned"):
             for prefetch in (False, True):
                 plan = Plan(system="prima", model="fb14", n_layers=14, k=1, quant="f32", n_ctx=64, prefetch=prefetch,
                             devices=(DevicePlan("h", 2), DevicePlan("w", 12)))

@@ -24,12 +24,13 @@ from primasim.core.device import DeviceSpec, EmulationSpec
 from primasim.core.errors import SpecError
 from primasim.core.model import load_model
 from primasim.core.plan import DevicePlan, Plan
+from primasim.core.runtime_facts import ACT_RESERVE, kv_bytes
 from primasim.core.units import GB, MB, MBPS, MS, GiB, MiB
 from primasim.loop.validate import Row, effective_rates, measured_cluster, runtime_model
 from primasim.runtime.emulate import is_root, tbf_burst
 from primasim.sim import SimConfig, simulate
 from primasim.sim._network import LinkBucket
-from primasim.sim._runtime import ACT_RESERVE, CpuQuota, DiskBucket, kv_bytes, residency
+from primasim.sim._runtime import CpuQuota, DiskBucket, residency
 
 MINI = load_model("llama-mini-300m", "f32")
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_residency_follows_the_workers_formula() -> None:
     plan = _plan(("a", 10), ("b", 6))
     avail = 450 * MiB
     r = residency(plan, runtime_model(MINI), avail, "a", max_seq=1024)
-    budget = avail - kv_bytes(MINI, 10, 1024) - ACT_RESERVE
+    budget = avail - kv_bytes(10, 1024, MINI.n_kv_heads, MINI.head_dim) - ACT_RESERVE
     lb, out = MINI.layer_bytes, MINI.output_bytes
     want = (budget - out - 2 * lb) / (10 * lb - 2 * lb)
     assert r.mode == "planned" and r.stream_prefetch
@@ -125,6 +126,39 @@ def test_streaming_device_reads_its_streamed_bytes_every_token() -> None:
     t1 = simulate("prima", runtime_model(MINI), dear, plan=plan, config=cfg).metrics.tpot_ms
     # 2 windows + embed + output = 4 calls of 2 ms per token
     assert t1 - t0 == pytest.approx(8.0, abs=0.05)
+    # a single device that does not stream runs a token as one call (embedding, blocks, head)
+    one = _plan(("a", 16))
+    s0 = simulate("prima", runtime_model(MINI), _cluster(_dev("a", 2048, call=0.0)), plan=one, config=cfg)
+    s1 = simulate("prima", runtime_model(MINI), _cluster(_dev("a", 2048, call=2 * MS)), plan=one, config=cfg)
+    assert s1.metrics.tpot_ms - s0.metrics.tpot_ms == pytest.approx(2.0, abs=0.05)
+
+
+def test_lru_residency_lets_the_page_cache_decide() -> None:
+    """`--residency lru` simulated as the runtime runs it: a device whose window fits reads nothing;
+    one whose window is larger than its budget reads what the kernel's LRU lists evict -- for a
+    cyclic scan of a window well beyond memory, more than the missing bytes (what planned
+    residency reads) and at most the whole window per pass; with prefetch and a ring it also
+    reads the next window ahead, ranked after demand faults."""
+    cl = _cluster(_dev("a", 450), _dev("b", 2048))
+    plan = _plan(("a", 10), ("b", 6))
+    cfg = SimConfig(runtime=True, tokens=8, prompt_tokens=4, warmup=False, residency="lru")
+    res = simulate("prima", runtime_model(MINI), cl, plan=plan, config=cfg)
+    assert res.feasible
+    ra = res.extra["residency"]["a"]
+    assert ra["mode"] == "lru" and ra["window_prefetch"] and res.extra["residency"]["b"]["mode"] == "fits"
+    assert res.trace.device_stats["b"].get("disk_read_bytes", 0.0) == 0.0
+    window = 10 * MINI.layer_bytes
+    missing = window - ra["budget"]
+    per_pass = res.trace.device_stats["a"]["disk_read_bytes"] / 8
+    assert missing < per_pass <= 1.3 * window
+    planned = simulate("prima", runtime_model(MINI), cl, plan=plan, config=cfg.replace(residency="planned"))
+    assert per_pass > planned.trace.device_stats["a"]["disk_read_bytes"] / 8
+    # the same device alone (no ring): no prefetch hint, faults only
+    solo = _cluster(_dev("a", 450))
+    r1 = simulate("prima", runtime_model(MINI), solo, plan=_plan(("a", 16)), config=cfg)
+    assert not r1.extra["residency"]["a"]["window_prefetch"]
+    assert not [s for s in r1.trace.spans if s.resource == "prefetch"]
+    assert r1.trace.device_stats["a"]["disk_read_bytes"] > 0
 
 
 def test_prefetches_are_served_in_order_not_shared() -> None:

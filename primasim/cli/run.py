@@ -20,9 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="MODEL is a catalogue name: generate random weights for it once into the cache directory "
                         "(<cache>/weights/) and run those")
-    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
-                   help="file format for --random-weights (default safetensors)")
-    p.add_argument("--quant", help="--random-weights: f32 or f16 (default: the catalogue's)")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default=None,
+                   help="file format for --random-weights (default safetensors for f32/f16, gguf for quantised)")
+    p.add_argument("--quant", help="--random-weights: f32, f16, q8_0, q4k (Q4_K_M; GGUF) ... (default: the catalogue's)")
     p.add_argument("--plan", metavar="FILE", help="plan JSON written by `primasim plan --json` (default: plan now)")
     p.add_argument("--system", default=None, help="system to plan for when there is no --plan (default prima)")
     g = p.add_mutually_exclusive_group()
@@ -46,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pf = p.add_mutually_exclusive_group()
     pf.add_argument("--prefetch", dest="prefetch", action="store_true", default=None, help="force prefetch on")
     pf.add_argument("--no-prefetch", dest="prefetch", action="store_false", help="force prefetch off")
+    p.add_argument("--residency", default="planned", choices=("planned", "lru"),
+                   help="how a device short of memory holds its weights: planned (default: keep part of every layer, "
+                        "stream the rest from disk, evicted after use) or lru (mmap + madvise WILLNEED of the next "
+                        "window, the kernel's LRU decides, as prima.cpp)")
     p.add_argument("--n-ctx", type=int, default=None, help="context the KV cache is sized for (default: the plan's)")
     p.add_argument("--k", type=int, default=None, help="plan with this many laps (prima)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="planner option (repeatable)")
@@ -130,7 +134,7 @@ def _prompt_ids(args: argparse.Namespace, ckpt: Any, vocab: int) -> tuple[list[i
 
 
 def run(args: argparse.Namespace) -> int:
-    from primasim.core.errors import PlanError, SpecError
+    from primasim.core.errors import CheckpointError, PlanError, SpecError
 
     if args.cleanup:
         from primasim.runtime.emulate import cleanup_stale
@@ -167,10 +171,15 @@ def run(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     if args.random_weights:
         spec0 = load_model(args.model, args.quant)
-        if spec0.quant not in ("f32", "f16"):
-            raise SpecError(f"random weights are written as f32 or f16, not {spec0.quant}", where="--quant",
-                            fix="use --quant f32 or --quant f16")
-        weights = cached_random_weights(spec0, fmt=args.format)
+        fmt = args.format or ("safetensors" if spec0.quant in ("f32", "f16") else "gguf")
+        if fmt == "safetensors" and spec0.quant not in ("f32", "f16"):
+            raise SpecError(f"safetensors random weights are f32 or f16, not {spec0.quant}", where="--format",
+                            fix="use --format gguf for quantised weights")
+        try:
+            weights = cached_random_weights(spec0, fmt=fmt)
+        except CheckpointError as exc:
+            raise SpecError(f"cannot write {spec0.quant} random weights: {exc.what}", where="--quant",
+                            fix="use --quant f32, f16 or q8_0") from None
         if not args.json:
             print(f"random weights: {weights}", file=sys.stderr)
     else:
@@ -219,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                          top_p=args.top_p, seed=args.seed, in_flight=args.S, n_requests=n_req,
                          emulate=not args.no_emulate, keys=args.keys, token_timeout=args.timeout,
                          heartbeat_timeout=args.heartbeat_timeout, link_timeout=args.link_timeout,
-                         compute_timeout=args.compute_timeout,
+                         compute_timeout=args.compute_timeout, residency=args.residency,
                          stop_ids=() if tok is None or args.ignore_eos else tok.stop_ids())
     if plan.schedule == "batch" and args.batch is not None:
         plan = plan.replace(options={**plan.options, "batch": args.batch})

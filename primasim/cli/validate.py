@@ -21,7 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster", default="home-emu", help="emulated cluster: built-in name or TOML (default home-emu)")
     p.add_argument("--model", default="llama-mini-300m", help="catalogue model, run on random weights "
                    "(default llama-mini-300m, 1.24 GB at f32)")
-    p.add_argument("--quant", default="f32", choices=("f32", "f16"), help="weights of the random checkpoint (f32)")
+    p.add_argument("--quant", default="f32", help="weights of the random checkpoint: f32 (default), f16, or a GGUF "
+                   "quantisation such as q8_0 or q4k (Q4_K_M)")
+    p.add_argument("--residency", default="planned", choices=("planned", "lru"),
+                   help="how a device short of memory holds its weights, in the run and the simulation: planned (keep "
+                        "part of every layer, stream the rest) or lru (mmap + prefetch, the kernel decides; prima.cpp)")
     p.add_argument("--system", default="prima", help="planner (default prima: Halda)")
     p.add_argument("--tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(default_out())
     cfg = ValidateConfig(cluster=args.cluster, model=args.model, quant=args.quant, system=args.system,
                          tokens=args.tokens, prompt_tokens=args.prompt_tokens, n_ctx=args.n_ctx, seed=args.seed,
-                         emulate=not args.no_emulate, plan_options=tuple(opts), out=out, timeout=args.timeout)
+                         emulate=not args.no_emulate, plan_options=tuple(opts), out=out, timeout=args.timeout,
+                         residency=args.residency)
     if args.json:
         res = validate(cfg)
         print(json.dumps(res.summary(), default=str))
@@ -101,6 +106,8 @@ def print_report(res: Any) -> None:
         mode = r.get("mode", "-")
         if mode == "planned":
             mode = f"streams {100 * (1 - r['keep_fraction']):.0f} % of each layer"
+        elif mode == "lru":
+            mode = "more than fits: the page cache decides" + (", prefetch" if r.get("window_prefetch") else "")
         dev.add_row(d.name, f"{d.ram_avail / 2**20:.0f} MiB", f"{d.ram_bw / 1e9:.1f} GB/s",
                     f"{d.cpu_flops['f32'] / 1e9:.1f}", f"{d.call_overhead * 1e3:.2f} ms", f"{d.disk_seq / 1e6:.0f} MB/s",
                     str(layers.get(d.name, (0, 0))[0]), mode)

@@ -56,9 +56,10 @@ from typing import Any
 
 from primasim.core.cluster import ClusterSpec, LinkSpec, NetworkSpec
 from primasim.core.device import DeviceSpec
-from primasim.core.errors import EmulationError, PrimasimError, SpecError
+from primasim.core.errors import CheckpointError, EmulationError, PrimasimError, SpecError
 from primasim.core.io import atomic_open, atomic_savefig, atomic_write_text
 from primasim.core.model import ModelSpec
+from primasim.core.runtime_facts import residency_mode
 from primasim.core.units import GB, MB, MS, GiB, MiB
 
 Progress = Callable[[str, float], None]  # (what, fraction of the step done)
@@ -289,17 +290,15 @@ def idle_hop(addr: str, *, idle: float = 0.01, pings: int = 12, timeout: float =
 def _set_own_memory_limit(extra: float) -> dict[str, float]:
     """Inside an emulated device: limit our memory cgroup to what it holds now (this process:
     Python + JAX + the runtime's modules, like a worker after start-up) + `extra` bytes."""
-    from primasim.runtime._measure import own_cgroup, read_int
+    from primasim.runtime._measure import device_cgroup
 
-    cg = own_cgroup("memory")
-    if cg is None or os.geteuid() != 0 or not (cg / "memory.limit_in_bytes").exists() or cg.parent == cg:
+    g = device_cgroup()  # an emulated device's own memory cgroup (v1 or v2), never a shared one
+    if g is None or os.geteuid() != 0:
         return {}
-    if cg == Path("/sys/fs/cgroup/memory"):
-        return {}
-    usage = read_int(cg / "memory.usage_in_bytes")
+    usage = g.memory_current()
     limit = int(usage + extra)
     try:
-        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        g.set_memory_max(limit)
     except OSError:
         return {}
     return {"footprint": float(usage), "limit": float(limit)}
@@ -710,12 +709,13 @@ def predict(plan: Any, model: ModelSpec, cluster: ClusterSpec, *, tokens: int, p
 
 
 def measure(plan: Any, weights: Any, cluster: ClusterSpec, *, tokens: int, prompt: list[int], seed: int = 0,
-            emulate: bool = True, requests: int | None = None, timeout: float = 300.0) -> tuple[Any, HostLoad]:
+            emulate: bool = True, requests: int | None = None, timeout: float = 300.0,
+            residency: str = "planned") -> tuple[Any, HostLoad]:
     """Run `plan` with the runtime on the (emulated) cluster; the result and the host's load."""
     from primasim.runtime.head import RunOptions, run_plan
 
     opts = RunOptions(max_new_tokens=tokens, seed=seed, emulate=emulate, n_requests=requests,
-                      token_timeout=timeout)
+                      token_timeout=timeout, residency=residency)
     load = HostLoad().start()
     res = run_plan(plan, weights, cluster, [prompt], opts)
     load.stop()
@@ -805,7 +805,11 @@ class ValidateConfig:
 
     cluster: str = field(default="home-emu", metadata={"help": "emulated cluster (name or TOML path)"})
     model: str = field(default="llama-mini-300m", metadata={"help": "catalogue model; random weights cached"})
-    quant: str = field(default="f32", metadata={"help": "f32 or f16 random weights"})
+    quant: str = field(default="f32", metadata={"help": "random weights: f32, f16 (safetensors) or a GGUF "
+                                                    "quantisation the writer has (q8_0, q4k = Q4_K_M)"})
+    residency: str = field(default="planned", metadata={
+        "help": "how a device short of memory holds its weights, run and simulated alike: planned (the worker "
+                "keeps part of every layer, streams the rest) or lru (mmap + prefetch, the kernel's LRU decides)"})
     system: str = field(default="prima", metadata={"help": "planner: prima (Halda) or another system"})
     tokens: int = field(default=32, metadata={"help": "tokens generated"})
     prompt_tokens: int = field(default=16, metadata={"help": "prompt length"})
@@ -892,12 +896,18 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
         raise SpecError(f"cluster {cluster.name} has remote devices", where="--cluster",
                         fix="validate emulates every device on this host; profile real devices with `primasim profile`")
     model = load_model(cfg.model, cfg.quant)
-    if model.quant not in ("f32", "f16"):
-        raise SpecError(f"random weights are f32 or f16, not {model.quant}", where="--quant", fix="--quant f32")
+    try:
+        residency_mode(cfg.residency)
+    except ValueError as exc:
+        raise SpecError(str(exc), where="--residency", fix="use --residency lru or --residency planned") from None
 
     t = time.perf_counter()
     say("weights: random checkpoint (generated once, then cached)", 0.0)
-    weights = cached_random_weights(model)
+    try:  # quantised random weights are GGUF files, as the papers' checkpoints
+        weights = cached_random_weights(model, fmt="safetensors" if model.quant in ("f32", "f16") else "gguf")
+    except CheckpointError as exc:
+        raise SpecError(f"cannot write {model.quant} random weights: {exc.what}", where="--quant",
+                        fix="use --quant f32, f16 or q8_0") from None
     secs["weights"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -918,7 +928,8 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
 
     t = time.perf_counter()
     say("simulate: the plan as the runtime executes it", 0.64)
-    sim = predict(plan, model, prof.cluster, tokens=cfg.tokens, prompt_tokens=cfg.prompt_tokens, seed=cfg.seed)
+    sim = predict(plan, model, prof.cluster, tokens=cfg.tokens, prompt_tokens=cfg.prompt_tokens, seed=cfg.seed,
+                  residency=cfg.residency)
     if not sim.feasible:
         raise PlanError(f"the simulator cannot run the plan: {sim.reason}", where="validate", fix="see the reason")
     secs["simulate"] = time.perf_counter() - t
@@ -927,7 +938,7 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
     say(f"run: {cfg.tokens} tokens on the emulated {cluster.name}", 0.66)
     run, host = measure(plan, weights, cluster, tokens=cfg.tokens,
                         prompt=prompt_ids(cfg.prompt_tokens, model.vocab, cfg.seed), seed=cfg.seed,
-                        emulate=cfg.emulate, timeout=cfg.timeout)
+                        emulate=cfg.emulate, timeout=cfg.timeout, residency=cfg.residency)
     secs["run"] = time.perf_counter() - t
     if not prof.emulated:
         notes.append("degraded: not root, so the devices ran as plain processes without memory, CPU, disk or "

@@ -39,6 +39,9 @@ class SimConfig:
     runtime: bool = _h(False, "model primasim's own runtime (runtime/) instead of the system's engine: its "
                        "residency plan (keep part of every layer, stream the rest), per-call costs, f32 KV "
                        "cache and cold start (primasim/sim/_runtime.py); for comparisons with `primasim run`")
+    residency: str = _h("planned", "runtime: how a device short of memory holds its weights -- planned (keep part of "
+                        "every layer, stream the rest) or lru (the OS page cache decides; prefetch of the next "
+                        "window), as `primasim run --residency`")
     cpu_quota_bursts: bool = _h(True, "runtime: an emulated CPU quota refills every CFS period, so short calls "
                                 "after a wait run at full speed (False: every call at the profiled average rate)")
     disk_slices: bool = _h(True, "runtime: a throttled disk grants bytes per blk-throttle slice (False: a plain "
@@ -65,6 +68,8 @@ class SimConfig:
         if self.prompt_tokens < 1:
             raise SpecError(f"prompt tokens must be >= 1, got {self.prompt_tokens}", where="--prompt-tokens",
                             fix="use a prompt of at least one token")
+        if self.residency not in ("planned", "lru", "plan", "kernel"):
+            raise SpecError(f"unknown residency {self.residency!r}", where="--residency", fix="use planned or lru")
         if self.chunks_per_layer < 1:
             raise SpecError("chunks_per_layer must be >= 1", where="SimConfig", fix="use 1..16")
         if not 0 < self.fault_efficiency <= 1:

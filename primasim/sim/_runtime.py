@@ -4,15 +4,20 @@ The other schedules model the systems of the papers (llama.cpp's engine under th
 This one models what `primasim.runtime.head.run_plan` executes, so a plan can be predicted and then run on
 the (emulated) cluster and the two compared (`primasim validate`, experiments/fidelity.py):
 
-- **Residency** (runtime/worker/session.py `Session.load`): a device whose window and (head) output layer
-  fit its budget -- `ram_avail` minus the KV caches of the sequences in flight (f32, `max_seq`
-  positions) and an 8 MiB activation reserve -- keeps them resident; otherwise it keeps the first
-  fraction r of every layer and *streams* the rest from disk each time the layer runs, evicting
-  it right after, with r the largest fraction such that r * window + c * (1 - r) * layer fits
-  (c = 2 with prefetch: room for the next layer's streamed part, else 1). Pinned weights never
-  touch the disk. Nothing is left to an LRU policy, so the bytes a token reads are the
-  streamed bytes, not an emergent re-read pattern.
-- **Compute**: one jitted call per window (per layer on a streaming device), each costing the
+- **Residency**, in the run's mode (`SimConfig.residency`), decided by the worker's own formula
+  (`primasim.core.runtime_facts.plan_residency`) from the device's budget -- `ram_avail` minus the
+  KV caches of the sequences in flight (f32, `max_seq` positions) and an 8 MiB activation reserve:
+  weights that fit stay resident. Otherwise, `planned`: the device keeps the first fraction r of
+  every layer and *streams* the rest from disk each time the layer runs, evicting it right after,
+  with r the largest fraction such that r * window + c * (1 - r) * layer fits (c = 2 with
+  prefetch: room for the next layer's streamed part, else 1) -- the bytes a token reads are the
+  streamed bytes, not an emergent re-read pattern; `lru`: the weights go through the simulated OS
+  page cache (`PageCache`: the kernel's LRU lists and refaults), faulted in by the window's compute;
+  with prefetch and a ring the next window is read ahead in the background (madvise WILLNEED) --
+  what a token reads emerges from the policy, as for llama.cpp and prima.cpp. Pinned weights
+  never touch the disk.
+- **Compute**: one jitted call per window (per layer on a streaming device; on a single device
+  that does not stream, one call per token for embedding, blocks and head), each costing the
   device's `call_overhead` plus, per layer, the cost model's roofline terms at the attention span
   the runtime uses (256 positions at least, powers of two), at the matrix rate measured for that
   many rows (`gemm_bw_at`). The head embeds each token (a call), and runs the output layer (a
@@ -42,6 +47,13 @@ import simpy
 
 from primasim.core.model import ModelSpec
 from primasim.core.plan import Plan
+from primasim.core.runtime_facts import (
+    ACT_RESERVE,
+    MIN_SPAN,
+    anon_reserve,
+    attention_span,
+    plan_residency,
+)
 from primasim.core.units import MiB
 
 from ._context import SimContext, SimResult, infeasible
@@ -49,34 +61,22 @@ from ._devices import DEMAND, PREFETCH, SimDevice
 from ._engine import Proc
 from ._timing import DeviceTiming
 
-ACT_RESERVE = 8 * MiB  # runtime/worker/session.py _anon_reserve: activations and the allocator
-MIN_SPAN = 256  # runtime/model.py attention_span
 STREAM_CHUNK = 2 * MiB  # granularity of streamed reads (demand reads can pass a prefetch between chunks)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # runtime/batch.py
 
 
-def attention_span(need: int, max_seq: int) -> int:
-    """Positions a step attends over (runtime/model.py attention_span, contiguous cache)."""
-    span = max(MIN_SPAN, 1 << max(need - 1, 0).bit_length())
-    return min(span, max_seq)
-
-
-def kv_bytes(model: ModelSpec, layers: int, max_seq: int, sequences: int = 1) -> float:
-    """The runtime's KV reservation: f32 K and V per layer, `max_seq` positions per sequence."""
-    return 2.0 * layers * max_seq * model.n_kv_heads * model.head_dim * 4 * max(1, sequences)
-
-
 @dataclass
 class Residency:
-    """What one device keeps in memory and what it streams (runtime/worker/session.py Session.load)."""
+    """What one device keeps in memory and what it streams (runtime/worker/residency.py)."""
 
-    mode: str  # pinned | fits | planned | none
+    mode: str  # pinned | fits | planned (streams part of every layer) | lru (the page cache decides) | none
     budget: float
     keep_fraction: float = 1.0
     stream_prefetch: bool = False
     streamed: dict[int, float] = field(default_factory=dict)  # layer -> bytes streamed per use
     resident_bytes: float = 0.0
     anon_bytes: float = 0.0  # KV + activations (+ pinned weights)
+    window_prefetch: bool = False  # lru: the next window is madvise(WILLNEED)'d while the ring computes
 
     @property
     def streams(self) -> bool:
@@ -88,33 +88,21 @@ def device_layers(plan: Plan, name: str) -> list[int]:
 
 
 def residency(plan: Plan, model: ModelSpec, ram_avail: float, name: str, *, max_seq: int,
-              in_flight: int = 1) -> Residency:
+              in_flight: int = 1, mode: str = "planned", ring: int = 1) -> Residency:
     """The worker's residency decision for device `name` (same formula, same inputs)."""
     layers = device_layers(plan, name)
     head = name == plan.devices[0].name
-    kv = kv_bytes(model, len(layers), max_seq, in_flight)
-    reserve = kv + ACT_RESERVE
+    reserve = float(anon_reserve(len(layers), max_seq, model.n_kv_heads, model.head_dim, in_flight))
     budget = ram_avail - reserve
-    lb = float(model.layer_bytes)
     out_b = float(model.output_bytes) if head else 0.0
-    window = lb * len(layers)
-    total = window + out_b
-    if plan.weights == "pinned":
-        pinned = total + (float(model.input_bytes) if head else 0.0)
-        return Residency("pinned", budget, resident_bytes=pinned, anon_bytes=reserve + pinned)
-    if not layers or total <= budget:
-        return Residency("fits" if layers else "none", budget, resident_bytes=total, anon_bytes=reserve)
-    avail = budget - out_b
-
-    def keep(c: float) -> float:
-        return max(0.0, min(1.0, (avail - c * lb) / (window - c * lb))) if window > c * lb else 0.0
-
-    r = keep(1.0)
-    pre = plan.prefetch and keep(2.0) > 0.0
-    if pre:
-        r = keep(2.0)
-    streamed = {i: (1.0 - r) * lb for i in layers}
-    return Residency("planned", budget, r, pre, streamed, r * window + out_b, reserve)
+    pinned = plan.weights == "pinned"
+    rp = plan_residency(mode, budget, {i: float(model.layer_bytes) for i in layers}, out_b, pinned=pinned,
+                        prefetch=plan.prefetch, ring=ring)
+    if pinned:
+        total = rp.resident_bytes + (float(model.input_bytes) if head else 0.0)
+        return Residency("pinned", budget, resident_bytes=total, anon_bytes=reserve + total)
+    return Residency("planned" if rp.state == "streams" else rp.state, budget, rp.keep_fraction, rp.stream_prefetch,
+                     dict(rp.streamed), rp.resident_bytes, reserve, rp.window_prefetch)
 
 
 def timing(dev: SimDevice, rows: int) -> DeviceTiming:
@@ -237,13 +225,18 @@ class RuntimeRing:
         P, N = ctx.cfg.prompt_tokens, ctx.cfg.tokens
         self.max_seq = max(plan.n_ctx, P + N)
         self.prefetch = plan.prefetch and plan.weights == "mmap"
+        ring = len([d for d in plan.devices if d.layers > 0 or d.name == self.head])
         self.res: dict[str, Residency] = {}
         for name, dev in ctx.devices.items():
-            r = residency(plan, self.model, dev.spec.ram_avail, name, max_seq=self.max_seq, in_flight=self.S)
-            if not self.prefetch and r.mode == "planned":
-                r.stream_prefetch = False
+            r = residency(plan, self.model, dev.spec.ram_avail, name, max_seq=self.max_seq, in_flight=self.S,
+                          mode=ctx.cfg.residency, ring=ring)
+            if not self.prefetch:
+                r.stream_prefetch = r.window_prefetch = False
             self.res[name] = r
+        # a single device that does not stream runs a token as one call (runtime/worker/session.py)
+        self.fused = ring == 1 and not self.res[self.head].streams
         self.buckets = {n: DiskBucket(d, ctx.cfg.disk_slices) for n, d in ctx.devices.items()}
+        self._setup_lru()
         self.prefetch_queue = {n: simpy.Resource(ctx.env, 1) for n in ctx.devices}
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
             d.cpu.throttle = CpuQuota(d, ctx.cfg.cpu_quota_bursts).duration
@@ -255,6 +248,32 @@ class RuntimeRing:
             for w, (a, b) in enumerate(wins):
                 for i in range(a, b):
                     self.next_layer[(name, i)] = i + 1 if i + 1 < b else wins[(w + 1) % len(wins)][0]
+
+    def _setup_lru(self) -> None:
+        """lru mode: a device whose weights do not fit holds them in the simulated page cache (its
+        budget), read by demand faults at the throttled disk's rate; LOAD reads the window and the
+        output layer in order, so the cache starts with what the kernel's lists keep of that."""
+        for name, dev in self.ctx.devices.items():
+            r = self.res[name]
+            if r.mode != "lru":
+                continue
+            dev.setup_memory(r.anon_bytes, mmap=True)
+            assert dev.cache is not None
+            dev.cache.capacity = max(0.0, r.budget)  # the worker's budget, as it measures it
+            bucket = self.buckets[name]
+            dev.disk_time = lambda t0, n, _prio, b=bucket: b.duration(t0, n)
+            n = self.cfg.chunks_per_layer
+            base = 0
+            order: list[int] = []
+            for i in device_layers(self.plan, name):
+                order += dev.register_chunks(i, float(self.model.layer_bytes), n, metal=False, base=base)
+                base += n
+            if name == self.head:
+                order += dev.register_chunks(-1, float(self.model.output_bytes), n, metal=False, base=base)
+            for cid in order:  # cold start + LOAD: read in order, the LRU keeps the latest
+                dev.cache.admit(cid, demand=True)
+                dev.cache.unlock(cid)
+            dev.cache.stats = type(dev.cache.stats)()
 
     # ---------------------------------------------------------------- memory accounting
     def setup_stats(self) -> None:
@@ -335,12 +354,22 @@ class RuntimeRing:
         r = self.res[dev.name]
         call = dev.spec.call_overhead
         t_l = self.t_layer(dev, n_tokens, pos)
+        if r.mode == "lru":  # the page cache decides: faults stall the window's compute
+            yield from dev.run_layers(dev.cpu, list(range(start, end)), t_l, name=name, seq=seq, token=token,
+                                      tail=0.0 if self.fused else call, tail_name=name)
+            if r.window_prefetch:  # the next window, while the rest of the ring computes
+                nxt = self.next_layer[(dev.name, end - 1)]
+                win = next(s for s in self.segs if s.device == dev.name and s.start == nxt)
+                cids = [c for i in range(win.start, win.end) for c in dev.weights.chunks.get(i, ())]
+                self.ctx.env.process(dev.prefetch(cids, token=token))
+            return
         req = dev.cpu.acquire()
         yield req
         try:
             # (the worker allocates every in-flight sequence's KV cache at set-up, not here)
             if not r.streams:
-                yield from dev.cpu.work((end - start) * t_l + call, name=name, seq=seq, token=token)
+                yield from dev.cpu.work((end - start) * t_l + (0.0 if self.fused else call), name=name, seq=seq,
+                                        token=token)
                 return
             for i in range(start, end):
                 if r.stream_prefetch:
@@ -354,12 +383,17 @@ class RuntimeRing:
     def head_out(self, n_tokens: int, seq: int, token: int) -> Proc:
         """Output layer + sampling on the head (the output layer is resident: it is kept)."""
         dev = self.ctx.dev(self.head)
+        # a fused token pays one call overhead, for the whole model (charged here)
         t = dev.timing.output(1) + dev.spec.call_overhead + self.cfg.sample_cost_per_vocab * self.model.vocab
-        yield from dev.cpu.serve(t, name="output+sample", seq=seq, token=token)
+        if self.res[self.head].mode == "lru":
+            yield from dev.run_chunks(dev.cpu, dev.weights.output_chunks, t, name="output", seq=seq, token=token)
+            return
+        yield from dev.cpu.serve(t, name="output", seq=seq, token=token)
 
     def embed(self, n_tokens: int, seq: int, token: int) -> Proc:
         dev = self.ctx.dev(self.head)
-        yield from dev.cpu.serve(dev.spec.call_overhead, name="embed", seq=seq, token=token)
+        if not self.fused:
+            yield from dev.cpu.serve(dev.spec.call_overhead, name="embed", seq=seq, token=token)
 
     def walk(self, n_tokens: int, pos: int, seq: int, token: int) -> Proc:
         m = self.model
@@ -399,7 +433,8 @@ def run_runtime_ring(ctx: SimContext) -> SimResult:
     extra = {"disk_read_bytes_per_token": {n: d.disk_bytes / per_tok for n, d in ctx.devices.items()},
              "residency": {n: {"mode": r.mode, "keep_fraction": r.keep_fraction, "budget": r.budget,
                                "streamed_bytes": sum(r.streamed.values()), "resident_bytes": r.resident_bytes,
-                               "stream_prefetch": r.stream_prefetch} for n, r in rr.res.items()},
+                               "stream_prefetch": r.stream_prefetch, "window_prefetch": r.window_prefetch}
+                           for n, r in rr.res.items()},
              "engine": "primasim-runtime"}
     return ctx.result(extra=extra)
 
