@@ -62,6 +62,12 @@ from primasim.core.units import MBPS, MS, MiB
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "llama-mini-300m"
+# the weights and the residency mode of the whole study (--quant, --residency): f32 and planned are
+# the committed study; q4k (Q4_K_M, the papers' format) and lru (the kernel decides, as prima.cpp)
+# run the same configurations, with every device's memory scaled by the file's size over f32's
+QUANT = "f32"
+RESIDENCY = "planned"
+MEMORY_SCALE = 1.0
 TOKENS = 20
 PROMPT = 16
 N_CTX = 1024
@@ -73,7 +79,15 @@ TRAIN_GROUPS = ("short-2", "rich-4")
 
 # ----------------------------------------------------------------------------------- clusters
 def variant(name: str) -> ClusterSpec:
-    """The emulated cluster of one regime, derived from home-emu."""
+    """The emulated cluster of one regime, derived from home-emu (memory x MEMORY_SCALE)."""
+    c = _variant(name)
+    if MEMORY_SCALE == 1.0:
+        return c
+    mem = {d.name: int(d.emulate.memory_limit * MEMORY_SCALE / MiB) for d in c.devices if d.emulate is not None}
+    return _with_memory(c, mem, c.name)
+
+
+def _variant(name: str) -> ClusterSpec:
     base = load_cluster("home-emu")
     if name == "short":
         return base
@@ -166,7 +180,7 @@ def make(cfg: Config, profiled: ClusterSpec) -> Any:
     from primasim.loop.validate import runtime_model
     from primasim.plan.planners import make_plan
 
-    model = runtime_model(load_model(MODEL, "f32"))
+    model = runtime_model(load_model(MODEL, QUANT))
     cl = profiled.subset(list(cfg.devices)) if len(cfg.devices) < len(profiled.devices) else profiled
     opts = dict(cfg.options)
     out = make_plan(cfg.system, model, cl, n_ctx=N_CTX, prompt_tokens=PROMPT, **opts)
@@ -184,10 +198,10 @@ def simulate_config(cfg: Config, plan: Any, cl: ClusterSpec, fit: dict[str, floa
                     switches: dict[str, bool] | None = None) -> dict[str, Any]:
     from primasim.loop.validate import predict
 
-    model = load_model(MODEL, "f32")
+    model = load_model(MODEL, QUANT)
     requests = cfg.batch if cfg.batch else None
     sim = predict(plan, model, _calibrated(cl, fit or {}), tokens=TOKENS, prompt_tokens=PROMPT, requests=requests,
-                  batch=cfg.batch, **(switches or {}))
+                  batch=cfg.batch, residency=RESIDENCY, **(switches or {}))
     if not sim.feasible:
         raise RuntimeError(f"{cfg.name}: simulator: {sim.reason}")
     m = sim.metrics
@@ -213,12 +227,12 @@ def measure_config(cfg: Config, plan: Any, emu_cluster: ClusterSpec, weights: An
     from primasim.core.trace import metrics
     from primasim.loop.validate import measure, prompt_ids
 
-    model = load_model(MODEL, "f32")
+    model = load_model(MODEL, QUANT)
     cl = emu_cluster.subset(list(cfg.devices)) if len(cfg.devices) < len(emu_cluster.devices) else emu_cluster
     best = None
     for attempt in range(2):
         run, host = measure(plan, weights, cl, tokens=TOKENS, prompt=prompt_ids(PROMPT, model.vocab),
-                            requests=cfg.batch, timeout=300)
+                            requests=cfg.batch, timeout=300, residency=RESIDENCY)
         m = metrics(run.trace)
         rec = {"tpot_ms": m.tpot_ms, "ttft_ms": m.ttft_ms, "throughput": m.throughput_tok_s,
                "disk_mb_per_token": sum(run.trace.device_stats.get(d, {}).get("disk_read_bytes", 0.0)
@@ -305,7 +319,9 @@ def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, se
     lines = ["# Simulator vs runtime on the emulated home cluster (fidelity)", "",
              f"{len(df)} configurations {measured}predicted and reported by `{cmd}` on "
              f"{time.strftime('%Y-%m-%d %H:%M')} ({seconds:.0f} s). "
-             f"Model {MODEL} (f32 random weights, 1.24 GB), prompt {PROMPT} tokens, {TOKENS} generated.", ""]
+             f"Model {MODEL} ({QUANT} random weights, {load_model(MODEL, QUANT).total_bytes / 1e9:.2f} GB), "
+             f"residency {RESIDENCY}, devices' memory x {MEMORY_SCALE:.3g}, prompt {PROMPT} tokens, {TOKENS} "
+             "generated.", ""]
     metrics_ = [("TPOT", "tpot_ms"), ("TTFT", "ttft_ms"), ("throughput", "throughput")]
 
     def block(sub: Any) -> list[str]:
@@ -421,9 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--analyze", action="store_true", help="no runs: re-simulate the journal and report")
     ap.add_argument("--only", default="", help="comma list of configuration name prefixes to run")
     ap.add_argument("--resume", action="store_true", help="keep the journal's configurations, run the rest")
-    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    ap.add_argument("--out", default="", help="results directory (default experiments/results, or "
+                    "experiments/results/fidelity_<quant>_<residency> for another --quant or --residency)")
+    ap.add_argument("--quant", default="f32", help="random weights: f32 (the committed study), q8_0, q4k (Q4_K_M, "
+                    "GGUF)")
+    ap.add_argument("--residency", default="planned", choices=("planned", "lru"), help="run and simulate with it")
+    ap.add_argument("--memory-scale", type=float, default=0.0, help="scale every device's memory (default: the "
+                    "weight file's size over the f32 model's, so each regime keeps its share of the model)")
     a = ap.parse_args(argv)
-    out = Path(a.out)
+    global QUANT, RESIDENCY, MEMORY_SCALE
+    QUANT, RESIDENCY = a.quant, a.residency
+    MEMORY_SCALE = a.memory_scale or load_model(MODEL, QUANT).total_bytes / load_model(MODEL, "f32").total_bytes
+    out = Path(a.out or (RESULTS if (QUANT, RESIDENCY) == ("f32", "planned") else RESULTS / f"fidelity_{QUANT}_{RESIDENCY}"))
     out.mkdir(parents=True, exist_ok=True)
     journal = out / "fidelity_runs.jsonl"
     cmd = "python experiments/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -438,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         from primasim.loop.validate import profile_cluster
         from primasim.runtime.head import cached_random_weights
 
-        model = load_model(MODEL, "f32")
-        weights = cached_random_weights(model)
+        model = load_model(MODEL, QUANT)
+        weights = cached_random_weights(model, fmt="safetensors" if QUANT in ("f32", "f16") else "gguf")
         # --resume keeps the journal's configurations (a torn last line is cut off: that one re-runs);
         # a fresh run keeps the old journal as fidelity_runs.jsonl.prev until it is done
         runs = Journal(journal, "name", resume=a.resume, default=float)

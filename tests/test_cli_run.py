@@ -263,7 +263,11 @@ plan = plan.replace(devices=(DevicePlan("b", 6),))
 d = Driver(plan, ckpt, load_cluster(sys.argv[1]), RunOptions(emulate=False))
 d.start()
 print("connected", flush=True)
-time.sleep(600)
+from primasim.runtime import wire
+while True:  # alive: heartbeats, however slowly the next head starts on a loaded host
+    for p in d.peers.values():
+        wire.send(p.sock, wire.MsgType.PING)
+    time.sleep(0.5)
 """
 
 

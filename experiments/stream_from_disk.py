@@ -1,0 +1,162 @@
+"""A model larger than the device's memory, run inside a memory limit smaller than its file (issue 14's
+done-when; root).
+
+    sudo .venv/bin/python experiments/stream_from_disk.py                 # every model/format below
+    sudo .venv/bin/python experiments/stream_from_disk.py --only llama-mini-300m:q4k --tokens 32
+
+For each random-weight GGUF file (the papers run Q4_K_M; f32 and Q8_0 beside it), one emulated device
+(a memory cgroup: the runtime's own footprint + `--fraction` of the file for the model, which is a
+small share of the model's f32 size) runs greedy generation in both residency modes:
+
+- planned: the worker keeps part of every layer and streams the rest from disk, evicting it after use;
+- lru: mmap, and the kernel's LRU decides (llama.cpp / prima.cpp on one device: no prefetch hint);
+
+and a run without any limit gives the reference tokens. Reported per run: the same tokens or not,
+TPOT, disk MB read per token, anonymous and file-backed memory (`run --json` `devices`), the
+cgroup's peak against its limit, and how the worker held its weights. A format the runtime cannot
+yet keep file-backed (dequantised into anonymous memory at load) is OOM-killed inside the limit --
+recorded as such, which is the point of applying the limit before the weights are mapped.
+
+Writes experiments/results/stream_from_disk.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = ("llama-mini-300m:f32", "llama-mini-300m:q8_0", "llama-mini-300m:q4k", "tinyllama-1.1b:q4k")
+PROMPT = [1, 5, 9, 200, 3000, 7, 42, 1234]
+N_CTX = 256
+
+
+def device(memory_mib: float | None, disk_mbs: float) -> Any:
+    from primasim.core.cluster import cluster_from_toml
+
+    em: dict[str, Any] = {"cpu_cores": 2.0, "threads": 2}
+    if memory_mib is not None:
+        em["memory_mib"] = memory_mib
+    if disk_mbs > 0:
+        em["disk_read_mbs"] = disk_mbs
+    return cluster_from_toml({"name": "one", "network": {"kind": "switched"}, "devices": [
+        {"name": "dev", "os": "linux", "cores": 2, "ram_total_gib": 4, "ram_avail_gib": 2, "ram_bw_gbs": 10,
+         "cpu_gflops": {"f32": 10}, "disk_seq_gbs": 1, "emulate": em}]}, "one")
+
+
+def plan_for(spec: Any) -> Any:
+    from primasim.core.plan import DevicePlan, Plan
+
+    return Plan(system="prima", model=spec.name, n_layers=spec.n_layers, k=1, quant=spec.quant, n_ctx=N_CTX,
+                devices=(DevicePlan("dev", spec.n_layers),), prefetch=True)
+
+
+def one(cfg: str, a: argparse.Namespace) -> list[dict[str, Any]]:
+    from primasim.core.errors import CheckpointError, PrimasimError
+    from primasim.core.model import load_model
+    from primasim.core.units import MiB
+    from primasim.runtime.head import RunOptions, cached_random_weights, open_weights, run_plan
+
+    name, quant = cfg.split(":")
+    spec = load_model(name, quant)
+    try:
+        path = cached_random_weights(spec, fmt="gguf")
+    except CheckpointError as exc:
+        print(f"{cfg}: skipped ({exc.what})", flush=True)
+        return [{"config": cfg, "skipped": exc.what}]
+    ckpt = open_weights(path)
+    size = Path(path).stat().st_size
+    f32 = dataclasses.replace(ckpt.spec, quant="f32").total_bytes
+    limit = a.fraction * size
+    opts = {"max_new_tokens": a.tokens}
+    ref = run_plan(plan_for(ckpt.spec), ckpt, device(None, 0), [PROMPT], RunOptions(emulate=False, **opts))
+    rows = [{"config": cfg, "mode": "unlimited", "file_bytes": size, "f32_bytes": f32, "limit_bytes": None,
+             "same_tokens": True, "tpot_ms": ref.to_json()["tpot_ms"], **ref.to_json()["devices"]["dev"]}]
+    print(f"{cfg}: file {size / 1e6:.0f} MB (f32 {f32 / 1e9:.2f} GB), unlimited TPOT {rows[0]['tpot_ms']:.1f} ms",
+          flush=True)
+    for mode in ("planned", "lru"):
+        t0 = time.time()
+        row: dict[str, Any] = {"config": cfg, "mode": mode, "file_bytes": size, "f32_bytes": f32, "limit_bytes": limit}
+        try:
+            res = run_plan(plan_for(ckpt.spec), ckpt, device(limit / MiB, a.disk_mbs), [PROMPT],
+                           RunOptions(residency=mode, **opts))
+        except PrimasimError as exc:
+            row["error"] = exc.message.splitlines()[0]
+            rows.append(row)
+            print(f"  {mode}: {row['error']}", flush=True)
+            continue
+        out = res.to_json()
+        st = res.trace.device_stats["dev"]
+        row.update(out["devices"]["dev"])
+        row.update({"same_tokens": res.token_ids == ref.token_ids, "tpot_ms": out["tpot_ms"],
+                    "cg_limit_bytes": st.get("cg_mem_limit"), "cg_peak_bytes": st.get("cg_mem_max_usage"),
+                    "footprint_bytes": st.get("cg_mem_limit", 0.0) - limit,
+                    "residency": res.loads["dev"].get("residency"), "keep_fraction": res.loads["dev"].get("keep_fraction"),
+                    "seconds": time.time() - t0, "load1": os.getloadavg()[0]})
+        rows.append(row)
+        print(f"  {mode}: same tokens {row['same_tokens']}, TPOT {row['tpot_ms']:.1f} ms, disk "
+              f"{row['disk_read_mb_per_token']:.1f} MB/token, anon {row['anon_mb']:.1f} MB, file {row['file_mb']:.1f} MB "
+              f"(limit {limit / 1e6:.0f} MB; cgroup peak {st.get('cg_mem_max_usage', 0) / 1e6:.0f} of "
+              f"{st.get('cg_mem_limit', 0) / 1e6:.0f} MB)", flush=True)
+    return rows
+
+
+def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
+    lines = ["# A model larger than memory, inside a limit smaller than its file (issue 14)", "",
+             f"`sudo .venv/bin/python experiments/stream_from_disk.py {' '.join(sys.argv[1:])}` -- "
+             f"{time.strftime('%Y-%m-%d %H:%M')}; one emulated device, 2 cores, the model's memory = "
+             f"{a.fraction:.0%} of the file on top of the runtime's footprint"
+             + (f", disk throttled to {a.disk_mbs:.0f} MB/s" if a.disk_mbs else ", disk not throttled")
+             + f"; {a.tokens} greedy tokens; load1 {os.getloadavg()[0]:.1f}.", "",
+             "| model:format | file | f32 size | limit | residency | same tokens as unlimited | TPOT | disk MB/token "
+             "| anon MB | file MB | cgroup peak / limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['config']} | skipped: {r['skipped']} |||||||||| ")
+            continue
+        lim = "-" if r["limit_bytes"] is None else f"{r['limit_bytes'] / 1e6:.0f} MB"
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['file_bytes'] / 1e6:.0f} MB | {r['f32_bytes'] / 1e9:.2f} GB | {lim} | "
+                         f"{r['mode']} | failed: {r['error']} ||||||")
+            continue
+        cg = (f"{r['cg_peak_bytes'] / 1e6:.0f} / {r['cg_limit_bytes'] / 1e6:.0f} MB" if r.get("cg_limit_bytes")
+              else "-")
+        mode = r["mode"] + (f" ({r['residency']})" if r.get("residency") else "")
+        lines.append(f"| {r['config']} | {r['file_bytes'] / 1e6:.0f} MB | {r['f32_bytes'] / 1e9:.2f} GB | {lim} | {mode} "
+                     f"| {r['same_tokens']} | {r['tpot_ms']:.1f} ms | {r['disk_read_mb_per_token']:.1f} | "
+                     f"{r['anon_mb']:.1f} | {r['file_mb']:.1f} | {cg} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(CONFIGS), help="model:quant,... (default: all)")
+    ap.add_argument("--fraction", type=float, default=0.6, help="the model's memory as a fraction of the file")
+    ap.add_argument("--disk-mbs", type=float, default=0.0, help="throttle the device's disk (MB/s; 0 = not)")
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--out", default=str(RESULTS))
+    a = ap.parse_args()
+    from primasim.core.io import atomic_write_json, atomic_write_text
+    from primasim.runtime.emulate import is_root
+
+    if not is_root():
+        print("needs root (a memory cgroup per device)", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for cfg in a.only.split(","):
+        rows += one(cfg, a)
+    out = Path(a.out)
+    atomic_write_json(out / "stream_from_disk.json", {"rows": rows, "argv": sys.argv[1:],
+                                                       "time": time.strftime("%Y-%m-%d %H:%M")})
+    atomic_write_text(out / "stream_from_disk.md", report(rows, a))
+    print(report(rows, a))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
