@@ -39,7 +39,8 @@ class PagedKVPool:
     """Per-layer block pools + free list + per-sequence block tables (a `KVStore` for run_layers)."""
 
     def __init__(self, spec: ModelSpec, layers: Sequence[int], n_blocks: int, block_size: int = 16,
-                 max_seq: int | None = None) -> None:
+                 max_seq: int | None = None, *, abstract: bool = False) -> None:
+        """`abstract`: shapes only (jax.ShapeDtypeStruct), to compile run_layers without allocating."""
         if n_blocks < 2 or block_size < 1:
             raise WorkerError(f"n_blocks={n_blocks}, block_size={block_size}", where="PagedKVPool",
                               fix="use n_blocks >= 2 (block 0 is reserved) and block_size >= 1")
@@ -49,8 +50,8 @@ class PagedKVPool:
         self.max_seq = max_seq or (n_blocks - 1) * block_size
         self.max_blocks = -(-self.max_seq // block_size)  # table width: fixed, so shapes are stable
         shape = (n_blocks, spec.n_kv_heads, block_size, spec.head_dim)
-        self.layers: dict[int, LayerKV] = {i: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
-                                           for i in layers}
+        make = (lambda: jax.ShapeDtypeStruct(shape, jnp.float32)) if abstract else (lambda: jnp.zeros(shape, jnp.float32))
+        self.layers: dict[int, LayerKV] = {i: (make(), make()) for i in layers}
         self._free: list[int] = list(range(n_blocks - 1, 0, -1))  # pop() hands out low ids first
         self._tables: dict[Hashable, list[int]] = {}
         self._lengths: dict[Hashable, int] = {}

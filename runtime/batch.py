@@ -226,9 +226,10 @@ class BatchServer:
     @staticmethod
     def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = 16, *, max_seq: int | None = None,
                kv_bytes: float | None = None) -> None:
-        """Compile the prefill shapes and every decode bucket up to max_batch. Given the pool's
-        size (`kv_bytes`, as the run's options give it) and `max_seq`, the shapes are the run's
-        own, so nothing compiles during generation."""
+        """Compile the prefill shapes and every decode bucket up to max_batch, without running them
+        (no weight read, no pool allocated: set-up comes before the device's memory limit). Given
+        the pool's size (`kv_bytes`, as the run's options give it) and `max_seq`, the shapes are the
+        run's own, so nothing compiles during generation."""
         from . import model as md
         from ._kvcache import PagedKVPool
 
@@ -239,14 +240,14 @@ class BatchServer:
             n_blocks = max(n_blocks, int(float(kv_bytes) // (2 * len(stage.layers) * block * sp.n_kv_heads
                                                               * sp.head_dim * 4)))
         pool = PagedKVPool(stage.spec, stage.layers, n_blocks=n_blocks, block_size=block,
-                           max_seq=max(longest, max_seq or 0))
+                           max_seq=max(longest, max_seq or 0), abstract=True)
         for n in sorted(set(lengths)):
             pool.add("w")
             pos = pool.prepare(["w"], n)
-            x = md.embed(stage.params, np.zeros((1, n), np.int32))
+            x = md.embed(stage.params, np.zeros((1, n), np.int32), compile_only=True)
             for s, e in stage.windows:
-                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e))
-            md.logits(stage.params, x[:, -1:])
+                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e), compile_only=True)
+            md.head(stage.params, x[:, -1:], compile_only=True)
             pool.free("w")
         for b in BUCKETS:
             if b > _bucket(max_batch):
@@ -255,9 +256,9 @@ class BatchServer:
             for q in seqs:
                 pool.add(q)
             pos = pool.prepare(seqs, 1)
-            x = md.embed(stage.params, np.zeros((b, 1), np.int32))
+            x = md.embed(stage.params, np.zeros((b, 1), np.int32), compile_only=True)
             for s, e in stage.windows:
-                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e))
-            md.logits(stage.params, x[:, -1:])
+                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e), compile_only=True)
+            md.head(stage.params, x[:, -1:], compile_only=True)
             for q in seqs:
                 pool.free(q)
