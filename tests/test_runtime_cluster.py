@@ -184,6 +184,26 @@ def test_kv_caches_allocated_at_setup_are_reused_by_the_next_generation(llama: P
 
 
 @pytest.mark.slow
+def test_a_single_device_runs_a_token_as_one_call_and_prefetches_nothing_resident(llama: Path) -> None:
+    """Per-token overhead (issue 14): on one device whose weights fit, a token is one call for the
+    whole model (no embed/window/output dispatches and host copies in between) and prefetch hints
+    nothing (madvise of a resident window only burns CPU); the run reports its threads' CPU."""
+    ckpt = open_checkpoint(llama)
+    plan = ring_plan(ckpt.spec, {"a": ckpt.spec.n_layers}, k=1, prefetch=True)
+    res = run_plan(plan, ckpt, cluster(["a"]), [[1, 5, 9]], RunOptions(max_new_tokens=6, emulate=False))
+    params = load_params(ckpt, range(ckpt.spec.n_layers), embed=True, head=True)
+    assert res.token_ids[0] == generate(params, [1, 5, 9], 6).tokens
+    assert res.loads["a"]["fused"] and res.loads["a"]["residency"] == "fits"
+    cpu = [s for s in res.trace.spans if s.resource == "cpu"]
+    assert len(cpu) == 6 and {s.name for s in cpu} == {f"L0-{ckpt.spec.n_layers - 1}+head"}
+    assert not [s for s in res.trace.spans if s.resource == "prefetch"]
+    st = res.trace.device_stats["a"]
+    assert st["thread_cpu_s.primasim-contro"] >= 0 and res.trace.meta["driver_cpu_s"] > 0
+    dev = res.to_json()["devices"]["a"]
+    assert dev["residency"] == "fits" and dev["disk_read_mb_per_token"] == 0.0
+    assert dev["file_mb"] * 1e6 >= 0.9 * sum(n for _, _, n in ckpt.layer_ranges(range(ckpt.spec.n_layers)))
+
+
 def test_batched_decode_with_admission_by_memory(llama: Path) -> None:
     """Bud: 5 requests on one worker, paged KV pool sized for two at a time: at most 2 run
     together, all finish, each with the tokens it gets alone."""
