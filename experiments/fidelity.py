@@ -80,11 +80,10 @@ TRAIN_GROUPS = ("short-2", "rich-4")
 # ----------------------------------------------------------------------------------- clusters
 def variant(name: str) -> ClusterSpec:
     """The emulated cluster of one regime, derived from home-emu (memory x MEMORY_SCALE)."""
+    from primasim.loop.validate import scale_memory
+
     c = _variant(name)
-    if MEMORY_SCALE == 1.0:
-        return c
-    mem = {d.name: int(d.emulate.memory_limit * MEMORY_SCALE / MiB) for d in c.devices if d.emulate is not None}
-    return _with_memory(c, mem, c.name)
+    return c if MEMORY_SCALE == 1.0 else scale_memory(c, MEMORY_SCALE)
 
 
 def _variant(name: str) -> ClusterSpec:

@@ -807,6 +807,9 @@ class ValidateConfig:
     model: str = field(default="llama-mini-300m", metadata={"help": "catalogue model; random weights cached"})
     quant: str = field(default="f32", metadata={"help": "random weights: f32, f16 (safetensors) or a GGUF "
                                                     "quantisation the writer has (q8_0, q4k = Q4_K_M)"})
+    memory_scale: float = field(default=0.0, metadata={
+        "help": "multiply every emulated device's memory by this (0 = the weight file's size over the f32 "
+                "model's: a quantised model keeps the regime -- which devices stream -- of the f32 one)"})
     residency: str = field(default="planned", metadata={
         "help": "how a device short of memory holds its weights, run and simulated alike: planned (the worker "
                 "keeps part of every layer, streams the rest) or lru (mmap + prefetch, the kernel's LRU decides)"})
@@ -868,6 +871,18 @@ class ValidateResult:
                 "probes": self.out / "probes.json", "plan": self.out / "plan.json"}
 
 
+def scale_memory(cluster: ClusterSpec, factor: float) -> ClusterSpec:
+    """`cluster` with every emulated device's memory for the model (and its ram_avail) x `factor`."""
+    devs = []
+    for d in cluster.devices:
+        if d.emulate is None:
+            devs.append(d)
+            continue
+        em = dataclasses.replace(d.emulate, memory_limit=d.emulate.memory_limit * factor)
+        devs.append(d.replace(emulate=em, ram_avail=d.ram_avail * factor))
+    return dataclasses.replace(cluster, devices=tuple(devs), name=f"{cluster.name}-x{factor:.3g}")
+
+
 def default_out() -> Path:
     return Path("runs") / f"validate-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -900,6 +915,13 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
         residency_mode(cfg.residency)
     except ValueError as exc:
         raise SpecError(str(exc), where="--residency", fix="use --residency lru or --residency planned") from None
+    scale = cfg.memory_scale or model.total_bytes / load_model(cfg.model, "f32").total_bytes
+    if not 0 < scale <= 64:
+        raise SpecError(f"memory scale {scale:g} out of range", where="--memory-scale", fix="use e.g. 0.2 or 1")
+    if scale != 1.0:
+        cluster = scale_memory(cluster, scale)
+        notes.append(f"every device's memory scaled by {scale:.3g} (the {model.quant} file over the f32 model), so "
+                     "each keeps the share of the model it has at f32")
 
     t = time.perf_counter()
     say("weights: random checkpoint (generated once, then cached)", 0.0)
