@@ -147,10 +147,11 @@ def test_lru_residency_lets_the_page_cache_decide() -> None:
     ra = res.extra["residency"]["a"]
     assert ra["mode"] == "lru" and ra["window_prefetch"] and res.extra["residency"]["b"]["mode"] == "fits"
     assert res.trace.device_stats["b"].get("disk_read_bytes", 0.0) == 0.0
-    window = 10 * MINI.layer_bytes
-    missing = window - ra["budget"]
+    held = 10 * MINI.layer_bytes + MINI.output_bytes  # a's window and the head's output layer
+    missing = held - ra["budget"]
     per_pass = res.trace.device_stats["a"]["disk_read_bytes"] / 8
-    assert missing < per_pass <= 1.3 * window
+    # every page at most once by a fault and once by the next window's prefetch
+    assert missing < per_pass <= 2 * held
     planned = simulate("prima", runtime_model(MINI), cl, plan=plan, config=cfg.replace(residency="planned"))
     assert per_pass > planned.trace.device_stats["a"]["disk_read_bytes"] / 8
     # the same device alone (no ring): no prefetch hint, faults only
@@ -158,7 +159,7 @@ def test_lru_residency_lets_the_page_cache_decide() -> None:
     r1 = simulate("prima", runtime_model(MINI), solo, plan=_plan(("a", 16)), config=cfg)
     assert not r1.extra["residency"]["a"]["window_prefetch"]
     assert not [s for s in r1.trace.spans if s.resource == "prefetch"]
-    assert r1.trace.device_stats["a"]["disk_read_bytes"] > 0
+    assert 0 < r1.trace.device_stats["a"]["disk_read_bytes"] / 8 <= 16 * MINI.layer_bytes + MINI.output_bytes
 
 
 def test_prefetches_are_served_in_order_not_shared() -> None:
