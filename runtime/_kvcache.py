@@ -117,6 +117,12 @@ class PagedKVPool:
         self.tables = jnp.asarray(table)
         return pos
 
+    def padding(self, batch: int) -> np.ndarray:
+        """Tables for `batch` padding rows (every entry block 0, the reserved one) and their start
+        positions: a call of the run's shapes that touches no sequence's blocks (warm-up)."""
+        self.tables = jnp.zeros((batch, self.max_blocks), jnp.int32)
+        return np.zeros(batch, dtype=np.int32)
+
     def advance(self, seqs: Sequence[Hashable | None], n_new: int) -> None:
         """Record that n_new tokens of each sequence are now stored."""
         for s in seqs:

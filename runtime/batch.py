@@ -225,40 +225,35 @@ class BatchServer:
 
     @staticmethod
     def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = 16, *, max_seq: int | None = None,
-               kv_bytes: float | None = None) -> None:
+               kv_bytes: float | None = None, pool: Any = None) -> None:
         """Compile the prefill shapes and every decode bucket up to max_batch, without running them
         (no weight read, no pool allocated: set-up comes before the device's memory limit). Given
         the pool's size (`kv_bytes`, as the run's options give it) and `max_seq`, the shapes are the
-        run's own, so nothing compiles during generation."""
+        run's own, so nothing compiles during generation. Given the run's `pool` (at LOAD, on the
+        stage's zero weights), the same shapes are run once instead (XLA's first executions)."""
         from . import model as md
         from ._kvcache import PagedKVPool
 
         longest = max(lengths) + 1
         n_blocks = 1 + -(-longest // block) * max(1, max_batch)
-        if kv_bytes:
+        if kv_bytes:  # the run's pool (preallocate's formula): its shapes are the ones to compile
             sp = stage.spec
-            n_blocks = max(n_blocks, int(float(kv_bytes) // (2 * len(stage.layers) * block * sp.n_kv_heads
-                                                              * sp.head_dim * 4)))
-        pool = PagedKVPool(stage.spec, stage.layers, n_blocks=n_blocks, block_size=block,
-                           max_seq=max(longest, max_seq or 0), abstract=True)
+            n_blocks = max(2, int(float(kv_bytes) // (2 * len(stage.layers) * block * sp.n_kv_heads * sp.head_dim * 4)))
+        only = pool is None
+        if pool is None:
+            pool = PagedKVPool(stage.spec, stage.layers, n_blocks=n_blocks, block_size=block,
+                               max_seq=max(longest, max_seq or 0), abstract=True)
         for n in sorted(set(lengths)):
-            pool.add("w")
-            pos = pool.prepare(["w"], n)
-            x = md.embed(stage.params, np.zeros((1, n), np.int32), compile_only=True)
+            pos = pool.padding(1)
+            x = md.embed(stage.params, np.zeros((1, n), np.int32), compile_only=only)
             for s, e in stage.windows:
-                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e), compile_only=True)
-            md.head(stage.params, x[:, -1:], compile_only=True)
-            pool.free("w")
+                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e), compile_only=only)
+            md.head(stage.params, x[:, -1:], compile_only=only)
         for b in BUCKETS:
             if b > _bucket(max_batch):
                 break
-            seqs: list[Any] = [f"w{i}" for i in range(b)]
-            for q in seqs:
-                pool.add(q)
-            pos = pool.prepare(seqs, 1)
-            x = md.embed(stage.params, np.zeros((b, 1), np.int32), compile_only=True)
+            pos = pool.padding(b)
+            x = md.embed(stage.params, np.zeros((b, 1), np.int32), compile_only=only)
             for s, e in stage.windows:
-                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e), compile_only=True)
-            md.head(stage.params, x[:, -1:], compile_only=True)
-            for q in seqs:
-                pool.free(q)
+                x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e), compile_only=only)
+            md.head(stage.params, x[:, -1:], compile_only=only)

@@ -125,13 +125,17 @@ class Session:
         self.pending: collections.deque[int] = collections.deque()
 
     # ---------------------------------------------------------------------------- set-up
-    def _compile(self, lengths: list[int]) -> None:
+    def _compile(self, lengths: list[int], kv: Any = None) -> Any:
         """Compile every shape the run will use, without running it: no weight page is read and no
         KV cache allocated (the memory limit comes after set-up), and nothing compiles inside a token.
         Shapes: the prompt lengths at position 0 and one token at the first position of every
         attention-span bucket the KV length reaches (256, 512, ...); per device its windows, one
         layer if it may stream layer by layer, the embedding and output on the head, and on a
-        single device the whole-model step."""
+        single device the whole-model step. With `kv` (a real cache, at LOAD) the same shapes are
+        *run* instead, on the stage's zero weights (`Stage.zero_weights`): XLA's first execution of
+        each executable happens here, not in a token; the garbage written into the cache sits at
+        positions a sequence writes before it reads them."""
+        run = kv is not None
         if self.cfg.get("schedule") == "batch":
             from ..batch import BatchServer, block_tokens
 
@@ -139,27 +143,32 @@ class Session:
             # with the pool's size given (options kv_bytes) the warm-up compiles the run's shapes
             BatchServer.warmup(self.stage, [int(x) for x in lengths], int(self.cfg.get("max_batch", 1)),
                                block_tokens(o), max_seq=int(self.cfg["max_seq"]) if o.get("kv_bytes") else None,
-                               kv_bytes=o.get("kv_bytes"))
+                               kv_bytes=o.get("kv_bytes"), pool=kv if run else None)
             return
-        kv = self.stage.new_kv(abstract=True)
+        if kv is None:
+            kv = self.stage.new_kv(abstract=True)
         steps = [(int(n), 0) for n in sorted(set(int(x) for x in lengths if int(x) > 0))]
         steps += [(1, pos) for pos in self.stage.bucket_starts()]
-        may_stream = self._may_stream()
+        may_stream = self._may_stream() if not run else bool(self.res and self.res.streams)
+        only = not run
         for n, pos in steps:
-            if self.single:
-                self.stage.step(kv, [0] * n, pos, compile_only=True)
+            if self.single and (not run or self.fused):
+                _, top, kv = self.stage.step(kv, [0] * n, pos, compile_only=only)
+                if run:
+                    top.block_until_ready()
                 if not may_stream:
                     continue
             x = np.zeros((1, n, self.stage.spec.hidden), np.float32)
             if self.head:
-                x = self.stage.embed([0] * n, compile_only=True)
+                x = self.stage.embed([0] * n, compile_only=only)
             for s, e in self.windows:
-                x, _ = self.stage.run(kv, x, pos, s, e, compile_only=True)
+                x, kv = self.stage.run(kv, x, pos, s, e, compile_only=only)
             if may_stream and self.windows:
                 s = self.windows[0][0]
-                self.stage.run(kv, x, pos, s, s + 1, compile_only=True)
+                _, kv = self.stage.run(kv, x, pos, s, s + 1, compile_only=only)
             if self.head and pos == 0:
-                self.stage.output(x, compile_only=True)
+                self.stage.output(x, compile_only=only)
+        return kv if run else None
 
     def _may_stream(self) -> bool:
         """Whether LOAD may decide to stream layer by layer (planned mode, mmap'd weights, and the
@@ -209,10 +218,18 @@ class Session:
         self.res = rs.load(self.stage, self.mode, budget, pinned=self.pinned, prefetch=self.prefetch_on,
                            ring=len(self.ring), how=how)
         self.fused = self.single and not self.res.streams
+        t1 = time.time()
+        with self.stage.zero_weights():  # run every compiled shape once, reading no weight
+            if self.batch_pool is not None or self.cfg.get("schedule") == "batch":
+                if self.batch_pool is not None:
+                    self._compile(self.cfg.get("warmup_lengths", [1]), self.batch_pool)
+            elif self.spare_kv:
+                self.spare_kv[-1] = self._compile(self.cfg.get("warmup_lengths", [1]), self.spare_kv[-1])
+        warm_s = time.time() - t1
         if self.res.plan.stream_prefetch or self.res.plan.window_prefetch:
             self.prefetcher = Prefetcher(self.stage, self.rec)
             self.prefetcher.start()
-        return self.res.info | {"fused": self.fused, "load_s": time.time() - t0, "kv_bytes": float(
+        return self.res.info | {"fused": self.fused, "load_s": time.time() - t0, "warm_s": warm_s, "kv_bytes": float(
             self._anon_reserve() - ACT_RESERVE), **process_memory()}
 
     # ---------------------------------------------------------------------------- compute
