@@ -34,7 +34,7 @@ from primasim.core.model import load_model
 from primasim.core.paths import cache_dir
 
 from .checkpoint import write_random_checkpoint
-from .tokenizer import BYTE, CONTROL, NORMAL, SPLIT_RULES, UNKNOWN, UNUSED, USER_DEFINED
+from .vocab_rules import BYTE, CONTROL, NORMAL, SPLIT_RULES, UNKNOWN, UNUSED, USER_DEFINED
 
 STYLES = ("llama3", "qwen2", "gpt2", "spm", "spm-unigram")
 

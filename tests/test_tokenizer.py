@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from primasim.core.errors import CheckpointError
-from primasim.runtime.tokenizer import SPACE, Tokenizer, load_tokenizer, tokenizer_from_gguf
+from primasim.runtime.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from primasim.runtime.vocab_rules import SPACE
 from primasim.runtime.vocabularies import Vocabulary, cached_vocab_model, train_vocabulary
 
 STYLES = ("llama3", "qwen2", "spm")

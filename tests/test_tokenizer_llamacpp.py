@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from primasim.runtime.tokenizer import SPLIT_RULES, Tokenizer, load_tokenizer
+from primasim.runtime.tokenizer import Tokenizer, load_tokenizer
 from primasim.runtime.tokenizer_check import LlamaCppVocab, compare, corpus, random_texts
+from primasim.runtime.vocab_rules import SPLIT_RULES
 from primasim.runtime.vocabularies import cached_vocab_model, train_vocabulary, write_vocab_gguf
 
 pytest.importorskip("llama_cpp", reason="optional extra 'bench' (llama-cpp-python) not installed")
