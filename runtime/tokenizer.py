@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ class Tokenizer:
     chat_template: str | None = None
     source: str = ""
     token_types: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
@@ -106,11 +108,12 @@ class Tokenizer:
     def encode(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Token ids of `text`: BOS/EOS added when `add_special` and the vocabulary asks for them;
         control-token texts (e.g. "<|eot_id|>") become those tokens only with `parse_special`."""
-        self.hf.encode_special_tokens = not parse_special
-        try:
-            return list(self.hf.encode(text, add_special_tokens=add_special).ids)
-        finally:
-            self.hf.encode_special_tokens = False
+        with self._lock:  # the flag is the HF tokenizer's state: one encoding at a time (e.g. a server's threads)
+            self.hf.encode_special_tokens = not parse_special
+            try:
+                return list(self.hf.encode(text, add_special_tokens=add_special).ids)
+            finally:
+                self.hf.encode_special_tokens = False
 
     def piece(self, i: int, *, special: bool = False) -> bytes:
         """The bytes token i prints (control tokens print their text only with `special`)."""
