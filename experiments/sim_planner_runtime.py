@@ -1,12 +1,13 @@
-"""Does ranking candidate plans by simulating primasim's runtime pick faster plans than Halda?
+"""Does planning with the simulator of primasim's runtime as the objective pick faster plans than Halda?
 
 On the profiled clusters of the fidelity experiment (experiments/results/fidelity_cluster_*.toml),
-plan with Halda (default `global`) and with `planner=sim, sim_runtime=true` (Halda's candidates,
-device subsets, even splits with k = 1..4 and every candidate with prefetch switched, simulated as
-the runtime executes them), then run both plans on the emulated cluster and compare the measured
-TPOT. Needs root for the emulation (runs degraded otherwise, and says so).
+plan with Halda (the default) and with `planner=sim, sim_runtime=true` (local search from Halda's
+plan -- windows, GPU layers, laps, device drops, prefetch -- every move judged by simulating the
+plan as the runtime executes it; primasim.sim.sim_plan), then run both plans on the emulated
+cluster and compare the measured TPOT. Needs root for the emulation (runs degraded otherwise, and
+says so).
 
-    sudo .venv/bin/python experiments/sim_planner_runtime.py       # ~4 min
+    sudo .venv/bin/python experiments/sim_planner_runtime.py       # ~5 min
     sudo .venv/bin/python experiments/sim_planner_runtime.py --resume   # after a kill: the missing clusters
     python experiments/sim_planner_runtime.py --report             # re-render the table from the CSV
 
@@ -76,7 +77,9 @@ def main(resume: bool = False) -> int:
                          "prefetch": plan.prefetch, "predicted_tpot_ms": pred, "measured_tpot_ms": meas,
                          "others_cpu": host.foreign_share,
                          "planning_s": plan_s if label.startswith("planner=sim") else float("nan"),
-                         "source": sim.extra["sim_halda"]["best_source"] if label.startswith("planner=sim") else ""})
+                         "source": (f"{len(sim.extra['sim_planner']['moves'])} moves, "
+                                    f"{sim.extra['sim_planner']['evaluations']} simulations"
+                                    if label.startswith("planner=sim") else "")})
             print(f"{var}-{len(devs)} {label}: {plan.describe()} prefetch={plan.prefetch} "
                   f"predicted {pred:.0f} ms, measured {meas:.0f} ms", flush=True)
         journal.add({"cluster": case, "minutes": (time.time() - t0) / 60, "rows": rows})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from primasim.plan.halda import (
     _solve_relax,
     halda,
 )
-from primasim.plan.planners import make_plan
 
 C4 = load_cluster("prima-d1-d4")
 C4_D3 = dataclasses.replace(C4, head="D3")
@@ -86,51 +84,41 @@ def test_rounding_reaches_the_integer_optimum(seed: int, n_dev: int, name: str, 
             assert rel.objective >= rel.bound - 1e-9 * max(1.0, abs(rel.bound))  # the LP is a lower bound
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n_dev=st.integers(2, 16), name=st.sampled_from(MODELS),
-       select=st.booleans(), prio=st.sampled_from([1.0, 1.01]))
-def test_halda_is_never_worse_than_the_memory_ratio_split(seed: int, n_dev: int, name: str, select: bool,
-                                                          prio: float) -> None:
+       select=st.booleans(), revision=st.sampled_from(["head", "v1"]))
+def test_the_global_optimum_bounds_prima_cpps_loop(seed: int, n_dev: int, name: str, select: bool,
+                                                   revision: str) -> None:
+    """prima.cpp's loop returns valid plans (or refuses); the global MILP is never worse on the
+    cost model the loop optimises."""
     m = load_model(name, "q4k")
     c = random_cluster(np.random.default_rng(seed), n_dev)
-    ms = make_plan("memsched", m, c)
-    assume(ms.feasible and ms.plan is not None)
-    ref = predict_tpot(ms.plan, m, c, variant="code", comm=False)
     try:
-        r = halda(m, c, select_devices=select, master_priority=prio)
+        a = halda(m, c, select_devices=select, master_priority=1.0, revision=revision)  # type: ignore[arg-type]
     except PlanError as e:
-        assert "head" in e.message  # only a head that cannot hold one layer makes Halda refuse
+        assert "head" in e.message or "no feasible allocation" in e.message
         return
-    assert r.objective <= ref * (1 + 1e-9) + 1e-12
-    assert violations(r.plan, m, c) == []
-    g = halda(m, c, select_devices=False, master_priority=1.0, global_opt=True)
-    a = halda(m, c, select_devices=False, master_priority=1.0)
-    assert g.objective <= a.objective * (1 + 1e-9) + 1e-12  # the global optimum bounds Algorithm 1
+    assert violations(a.plan, m, c) == []
+    assert a.objective == pytest.approx(predict_tpot(a.plan, m, c, variant="code", comm=False), rel=1e-9)
+    g = halda(m, c, master_priority=1.0, global_opt=True, solver="exact")
+    assert g.objective <= a.objective * (1 + 1e-9) + 1e-12
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_global_optimum_by_brute_force(seed: int) -> None:
-    """On tiny instances, enumerate every (w, n) and compare with the DP."""
-    rng = np.random.default_rng(seed)
-    c = random_cluster(rng, 2 + seed % 2)
-    m = load_model("llama-tiny", "f32")  # 6 layers
-    m = dataclasses.replace(m, n_layers=6)
-    cm = CostModel.for_cluster(m, c, n_ctx=64)
-    best = np.inf
-    M, L = cm.M, cm.L
-    for k in (1, 2, 3):
-        W = L // k
-        # the head keeps >= 1 layer; the others may stay out of the ring (no layers, no cost)
-        for w in itertools.product(range(1, W + 1), *([range(0, W + 1)] * (M - 1))):
-            if sum(w) != W:
-                continue
-            for n in itertools.product(*(range(x + 1) for x in w)):
-                lt, lg, win = totals_of(w, n, L)
-                cost = sum(cm.cost_grid(i, lt[i], lg[i], win[i]) for i in range(M) if w[i]) + cm.head_time()
-                best = min(best, float(cost))
-    g = halda(m, c, n_ctx=64, global_opt=True, select_devices=False, master_priority=1.0)
-    if np.isfinite(best):
-        assert g.objective == pytest.approx(best, rel=1e-9)
+def test_prima_cpp_revisions_on_the_paper_testbed() -> None:
+    """The loop investigation (docs/planning.md): at 70B, HEAD's start (GPU layers = window) puts
+    D2 and D3 in M4 ("must fit"), so the overflow lands on the phone D4; v1's (GPU layers = 0, the
+    code of the paper's Table 4) puts them in M3 ("must overload"), so it lands on their fast SSDs.
+    Both keep D1 in M2 (its slice just over the Metal budget) and never leave the first sets."""
+    m = load_model("llama3-70b", "q4k")
+    head = halda(m, C4, revision="head", select_devices=False)
+    v1 = halda(m, C4, revision="v1", select_devices=False)
+    order = [d.name for d in head.plan.devices]
+    sh, s1 = dict(zip(order, head.sets)), dict(zip(order, v1.sets))
+    assert (sh["D2"], sh["D3"], sh["D4"], sh["D1"]) == ("M4", "M4", "M3", "M2")
+    assert (s1["D2"], s1["D3"], s1["D4"], s1["D1"]) == ("M3", "M3", "M3", "M2")
+    lay = {r: {d.name: d.layers for d in x.plan.devices} for r, x in (("head", head), ("v1", v1))}
+    assert lay["head"]["D4"] >= 2 * lay["v1"]["D4"]
+    assert head.iterations == v1.iterations == 1  # locked: the sets never change
 
 
 def test_small_models_collapse_onto_one_device() -> None:

@@ -1,7 +1,7 @@
 """Every system's schedule on the same simulated devices, against the papers' reported results.
 
-prima.cpp Table 4 (prima-d1-d4, Q4K): llama.cpp within +/-30 %, prima within +/-25 % (plans from
-the simulator-fed Halda, see primasim.sim.sim_halda), exo and dllama OOM at 70B, and the paper's
+prima.cpp Table 4 (prima-d1-d4, Q4K): llama.cpp within +/-30 %, prima within +/-25 % (Halda's
+plans, the default planner), exo and dllama OOM at 70B, and the paper's
 orderings; MDI-LLM's recurrent pipeline; Bud's batching; PIPO vs FlexGen.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from primasim import load_model
 from primasim.core.cluster import ClusterSpec, load_cluster
 from primasim.plan.planners import make_plan
-from primasim.sim import SimConfig, sim_halda, simulate
+from primasim.sim import SimConfig, sim_plan, simulate
 from primasim.sim._testbeds import bud_xeon, mdi_jetsons, pipo_laptop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +53,13 @@ def test_llamacpp_within_30_percent(d1d4: ClusterSpec, paper: dict, name: str) -
 def test_prima_within_25_percent(d1d4: ClusterSpec, paper: dict, name: str) -> None:
     m = load_model(name, "q4k")
     res = simulate("prima", m, d1d4, config=CFG)
-    assert res.tpot_ms == pytest.approx(paper[(name, "prima")], rel=0.25), res.plan.describe()
+    assert res.tpot_ms == pytest.approx(paper[(name, "prima")], rel=0.25), res.plan.describe() if res.plan else ""
 
 
 @pytest.mark.parametrize("name", ["llama3-45b", "llama3-70b"])
-def test_simulator_fed_halda_is_never_worse_than_closed_form(d1d4: ClusterSpec, name: str) -> None:
-    sh = sim_halda(load_model(name, "q4k"), d1d4, config=CFG, max_iter=2)
-    assert sh.best.tpot_ms <= sh.closed_form.tpot_ms + 1e-9
+def test_the_sim_planner_is_never_worse_than_halda(d1d4: ClusterSpec, name: str) -> None:
+    sp = sim_plan(load_model(name, "q4k"), d1d4, config=CFG, max_rounds=3)
+    assert sp.tpot_ms <= sp.start_tpot_ms + 1e-9
 
 
 def test_exo_and_dllama_run_out_of_memory_at_70b(d1d4: ClusterSpec) -> None:
@@ -74,11 +74,11 @@ def test_orderings_at_8b_and_70b(d1d4: ClusterSpec) -> None:
     """8B: llama.cpp ~ prima < prima w/o Halda < exo < dllama. 70B: prima < llama.cpp < w/o Halda."""
     m8 = load_model("llama3-8b", "q4k")
     t = {s: simulate(s, m8, d1d4, config=CFG).tpot_ms for s in ("llama.cpp", "prima-no-halda", "exo", "dllama")}
-    t["prima"] = sim_halda(m8, d1d4, config=CFG, max_iter=1).best.tpot_ms
+    t["prima"] = simulate("prima", m8, d1d4, config=CFG).tpot_ms
     assert t["prima"] == pytest.approx(t["llama.cpp"], rel=0.1)
     assert t["llama.cpp"] < t["prima-no-halda"] < t["exo"] < t["dllama"]
     m70 = load_model("llama3-70b", "q4k")
-    p70 = sim_halda(m70, d1d4, config=CFG, max_iter=1).best.tpot_ms
+    p70 = sim_plan(m70, d1d4, config=CFG, max_rounds=2).tpot_ms
     l70 = simulate("llama.cpp", m70, d1d4, config=CFG).tpot_ms
     h70 = simulate("prima-no-halda", m70, d1d4, config=CFG).tpot_ms
     assert p70 < l70 < h70
@@ -152,6 +152,6 @@ def test_memory_ratio_split_fits_at_45b_and_conflicts_at_70b(d1d4: ClusterSpec) 
     on = simulate("prima-no-halda", m70, d1d4, config=CFG)
     off = simulate("prima-no-halda", m70, d1d4, config=CFG.replace(prefetch=False))
     window = on.plan.totals()["D1"][0] * m70.layer_bytes
-    assert on.extra["disk_read_bytes_per_token"]["D1"] > window
+    assert on.extra["disk_read_bytes_per_token"]["D1"] > 1.2 * window
     assert on.trace.device_stats["D1"]["cache_wasted_prefetch_bytes"] > 0
     assert on.tpot_ms > 1.2 * off.tpot_ms

@@ -27,18 +27,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", help="use this device as the head (rank 0) instead of the cluster file's")
     g = p.add_argument_group("Halda (systems prima, prima-no-prefetch)")
     g.add_argument("--planner", choices=("global", "loop", "sim"),
-                   help="global (default): exact optimum over set assignments of the paper-variant cost model with "
-                   "communication; loop: prima.cpp's own Halda (set-assignment loop, code variant); sim: Halda fed "
-                   "by the simulator, candidates re-ranked by simulated TPOT")
-    g.add_argument("--k", type=int, help="fix the number of laps k (default: try every valid k); also `even`'s k")
-    g.add_argument("--solver", choices=("relax", "exact"), help="with --planner loop (or --global with --variant code): relax = CVXPY relaxation + "
-                   "rounding (default), exact = integer program (HiGHS); the default global planner solves exactly by "
-                   "dynamic programming")
+                   help="global (default): Halda as one optimisation model of the paper-variant cost model with "
+                   "communication (windows, GPU layers, memory sets and device selection at once); loop: prima.cpp's "
+                   "own Halda (set-assignment loop, code variant); sim: local search with the simulator as the "
+                   "objective, from Halda's plan")
+    g.add_argument("--k", type=int, help="fix the number of laps k (honoured, or refused with the reason; default: "
+                   "the planner's choice); also `even`'s k")
+    g.add_argument("--solver", choices=("relax", "exact", "dp"),
+                   help="relax (default): CVXPY relaxation + rounding; exact: the integer program (HiGHS MIP, the "
+                   "global optimum with --planner global); dp: dynamic programming over devices (global only, a "
+                   "cross-check)")
+    g.add_argument("--revision", choices=("head", "v1"),
+                   help="with --planner loop: prima.cpp main (head, default) or v1, the code of the paper's Table 4 "
+                   "(GPU layers start at 0)")
     g.add_argument("--variant", choices=("code", "paper"), help="cost model Halda optimises (default: paper; code with --planner loop)")
     g.add_argument("--general", action="store_true", help="allow a partial last lap (W need not divide L)")
     g.add_argument("--comm", action="store_true", help="include per-hop communication time in Halda's cost")
     g.add_argument("--global", dest="global_opt", action="store_true",
-                   help="optimise over all set assignments at once (exact; beyond prima.cpp)")
+                   help="with --variant/--comm: solve the global model instead of prima.cpp's loop (beyond prima.cpp)")
     g.add_argument("--no-select", action="store_true", help="keep devices that get only one layer")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="system option, repeatable (e.g. S=4 for mdi-llm, batch=100 for bud, include_android=true)")
@@ -72,6 +78,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
             opts["planner"] = args.planner
         if args.solver:
             opts["solver"] = args.solver
+        if args.revision:
+            opts["revision"] = args.revision
         if args.variant:
             opts["variant"] = args.variant
         if args.general:
@@ -83,7 +91,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         if args.no_select:
             opts["select_devices"] = False
     else:
-        used = [f for f, on in (("--planner", args.planner), ("--solver", args.solver), ("--variant", args.variant), ("--general", args.general),
+        used = [f for f, on in (("--planner", args.planner), ("--solver", args.solver), ("--revision", args.revision),
+                                ("--variant", args.variant), ("--general", args.general),
                                 ("--comm", args.comm), ("--global", args.global_opt), ("--no-select", args.no_select),
                                 ("--k", args.k is not None and args.system != "even")) if on]
         if used:

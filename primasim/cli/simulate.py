@@ -39,9 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="planner option (repeatable), e.g. kv=prealloc for bud, devices=D1,D2 for exo; "
                         "see `primasim plan --help`")
     p.add_argument("--no-jitter", action="store_true", help="use the mean link latency for every message")
-    p.add_argument("--sim-halda", action="store_true",
-                   help="prima: re-plan with Halda fed by simulated coefficients until plan and coefficients "
-                        "agree, then keep the best simulated candidate")
+    p.add_argument("--sim-planner", "--sim-halda", dest="sim_halda", action="store_true",
+                   help="prima: plan with the simulator as the objective (local search from Halda's plan, "
+                        "= --option planner=sim), then simulate that plan")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--table", action="store_true", help="print the per-device table (pandas) too")
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace JSON to FILE")
@@ -90,18 +90,19 @@ def run(args: argparse.Namespace) -> int:
         key, val = item.split("=", 1)
         opts[key.strip()] = _parse_value(val.strip())
     extra: dict[str, Any] = {}
+    if args.sim_halda and args.workload:
+        raise SpecError("--sim-planner and --workload together are not supported", where="--workload",
+                        fix="plan first (primasim plan --planner sim --out plan.json), then --plan plan.json")
     if args.sim_halda:
         if plan is not None:
-            raise SpecError("--sim-halda plans by itself", where="--plan", fix="drop --plan or --sim-halda")
-        from primasim.sim import sim_halda
+            raise SpecError("--sim-planner plans by itself", where="--plan", fix="drop --plan or --sim-planner")
+        from primasim.sim import sim_plan
 
-        sh = sim_halda(model, cluster, config=cfg, n_ctx=args.n_ctx, k=args.k)
-        plan = sh.best.plan
-        extra["sim_halda"] = sh.summary()
+        sp = sim_plan(model, cluster, config=cfg.replace(tokens=min(cfg.tokens, 8)), n_ctx=args.n_ctx, k=args.k,
+                      system=system)
+        plan = sp.plan
+        extra["sim_planner"] = sp.summary()
     if args.workload:
-        if args.sim_halda:
-            raise SpecError("--sim-halda and --workload together are not supported", where="--workload",
-                            fix="plan first (primasim plan --planner sim --out plan.json), then --plan plan.json")
         return workload.run(args, system, model, cluster, plan, cfg, opts)
     res = simulate(system, model, cluster, plan=plan, config=cfg, **({} if plan is not None else opts))
     if args.trace and res.trace is not None:

@@ -21,9 +21,17 @@ def _flops(base: float) -> dict[str, float]:
     return {q: base * f * GFLOPS for q, f in _QUANT_SPEED.items()}
 
 
-def random_device(rng: np.random.Generator, name: str) -> DeviceSpec:
-    """One random device."""
-    os_ = str(rng.choice(["linux", "macos", "android"], p=[0.5, 0.25, 0.25]))
+OSES = ("linux", "macos", "android")
+_OS_WEIGHT = {"linux": 0.5, "macos": 0.25, "android": 0.25}
+
+
+def random_device(rng: np.random.Generator, name: str, *, os_name: str | None = None,
+                  oses: tuple[str, ...] = OSES) -> DeviceSpec:
+    """One random device (OS `os_name`, or drawn from `oses` with Linux twice as likely)."""
+    if os_name is None:
+        wts = np.array([_OS_WEIGHT[o] for o in oses])
+        os_name = str(rng.choice(list(oses), p=wts / wts.sum()))
+    os_ = os_name
     ram_total = float(rng.choice([4, 6, 8, 12, 16, 24, 32, 64] if os_ != "android" else [4, 6, 8, 12, 16]))
     ram_avail = ram_total * float(rng.uniform(0.15, 0.85))
     cpu = float(rng.uniform(30, 200) if os_ == "android" else rng.uniform(60, 900))
@@ -52,9 +60,19 @@ def random_device(rng: np.random.Generator, name: str) -> DeviceSpec:
     )
 
 
-def random_cluster(rng: np.random.Generator, n_devices: int, *, name: str = "random") -> ClusterSpec:
-    """A random cluster of `n_devices` devices on Wi-Fi or a switch; the first device is the head."""
-    devs = tuple(random_device(rng, f"R{i + 1}") for i in range(n_devices))
+def random_cluster(rng: np.random.Generator, n_devices: int, *, name: str = "random",
+                   oses: tuple[str, ...] | None = None) -> ClusterSpec:
+    """A random cluster of `n_devices` devices on Wi-Fi or a switch; the first device is the head.
+
+    `oses`: the OS mix (e.g. ("linux", "android")); every OS of it appears when there are enough
+    devices. Default: any OS, Linux twice as likely as macOS or Android (the same draws as before).
+    """
+    if oses is None:
+        devs = tuple(random_device(rng, f"R{i + 1}") for i in range(n_devices))
+    else:
+        first = [str(o) for o in rng.permutation(list(oses))]
+        devs = tuple(random_device(rng, f"R{i + 1}", os_name=first[i] if i < len(first) else None, oses=oses)
+                     for i in range(n_devices))
     net = NetworkSpec(kind=str(rng.choice(["wifi", "switched"])), bandwidth=float(rng.uniform(100, 1000)) * MBPS,
                       latency=float(rng.uniform(0.5, 10)) * MS)
     return ClusterSpec(name=name, devices=devs, network=net, description=f"synthetic, {n_devices} devices")

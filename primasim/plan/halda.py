@@ -28,11 +28,11 @@ laps plus a partial lap that ends inside device p's window (reference Appendix A
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -43,42 +43,22 @@ from primasim.core.model import ModelSpec
 from primasim.core.plan import DevicePlan, Plan, violations
 
 from .cost import Corrections, CostModel, totals_of
+from .halda_common import (
+    HaldaResult,
+    _Block,
+    _class_alloc,
+    _class_curve,
+    _exchange,
+    _partial_reach,
+    _ring,
+    quiet_highs,
+)
+from .halda_global import halda_model
 
 EPS = 1e-7  # integrality tolerance on the constraint rows (HiGHS's feasibility tolerance)
 
 
-@dataclass
-class HaldaResult:
-    """What Halda chose and how it got there."""
-
-    plan: Plan
-    objective: float  # s: the cost model's TPOT of `plan` (variant/comm as solved, no head priority)
-    k: int
-    sets: list[str]  # per device of plan.devices (dropped devices: "-")
-    iterations: int  # outer iterations over all device-selection rounds
-    solve_time: float  # s wall clock, everything included
-    candidates: list[Plan] = field(default_factory=list)  # best plan per valid k (final round)
-    dropped: list[str] = field(default_factory=list)  # devices removed by device selection
-    rounds: int = 1
-    notes: list[str] = field(default_factory=list)
-    last_iterate_objective: float | None = None  # what prima.cpp's loop would have returned
-    used_fallback: bool = False  # the memory-ratio split beat the set-assignment loop (see halda())
-    loop_sets: list[str] = field(default_factory=list)  # sets where the loop ended (per device, "-" dropped)
-
-
 # ------------------------------------------------------------------------------ blocks
-@dataclass(frozen=True)
-class _Block:
-    k: int  # laps per token
-    q: int  # full laps (k for a closed block, k-1 when the last lap is partial)
-    p: int  # device whose window the partial lap ends in; -1 for a closed block (L = k*W)
-    mult: tuple[int, ...]  # layers per unit of w_m: q+1 before p, q from p on (k for closed)
-
-    @property
-    def closed(self) -> bool:
-        return self.p < 0
-
-
 def _blocks(L: int, M: int, k_fixed: int | None, general: bool) -> list[_Block]:
     if k_fixed is not None:
         ks = [k_fixed]
@@ -145,54 +125,6 @@ def _device_table(mult: int, a: float, b: float, g_lo: float, D_lo: float, g_up:
     return cost, np.where(ok, nbest, 0)
 
 
-def _exchange(tables: np.ndarray, w: np.ndarray, total: int) -> np.ndarray | None:
-    """Repair w to sum(w) = total, then improve by unit exchanges until none helps.
-
-    `tables[m, x]` is device m's cost at window x (inf if infeasible); each row convex.
-    """
-    M, X = tables.shape
-    w = w.copy()
-    idx = np.arange(M)
-
-    def up(v: np.ndarray) -> np.ndarray:  # cost of one more layer
-        nxt = np.minimum(v + 1, X - 1)
-        return np.where(v + 1 < X, tables[idx, nxt] - tables[idx, v], np.inf)
-
-    def down(v: np.ndarray) -> np.ndarray:  # saving of one layer less
-        prv = np.maximum(v - 1, 0)
-        return np.where(v >= 1, tables[idx, v] - tables[idx, prv], -np.inf)
-
-    with np.errstate(invalid="ignore"):
-        s = int(w.sum())
-        while s < total:
-            u = up(w)
-            j = int(np.argmin(u))
-            if not np.isfinite(u[j]):
-                return None
-            w[j] += 1
-            s += 1
-        while s > total:
-            dn = down(w)
-            i = int(np.argmax(dn))
-            if not np.isfinite(dn[i]):
-                return None
-            w[i] -= 1
-            s -= 1
-        for _ in range(4 * X * M + 10):
-            u = up(w)
-            u[np.isnan(u)] = np.inf
-            dn = down(w)
-            dn[np.isnan(dn)] = -np.inf
-            j = int(np.argmin(u))
-            i = int(np.argmax(dn))
-            if i == j or not (np.isfinite(u[j]) and np.isfinite(dn[i])) \
-                    or not u[j] < dn[i] - 1e-12 * max(1.0, abs(dn[i])):
-                break
-            w[i] -= 1
-            w[j] += 1
-    return w
-
-
 def _partial_table(q: int, a: float, b: float, g_lo: float, D_lo: float, g_up: float, D_up: float,
                    gcap: float, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Best (cost, w, r, n) per total lt = q*w + r (1 <= r <= w) of the device whose window the
@@ -242,39 +174,6 @@ def _partial_table(q: int, a: float, b: float, g_lo: float, D_lo: float, g_up: f
         best[li[first]] = ci[first]
         bw[li[first]], br[li[first]], bn[li[first]] = wi, ri, ni
     return best, bw, br, bn
-
-
-def _class_curve(tables: list[np.ndarray]) -> tuple[int, np.ndarray, list[np.ndarray]]:
-    """Greedy optimum of sum_m table_m(w_m) for every total t, for convex tables.
-
-    Returns (t_min, F[t - t_min], per-device sorted marginal lists) so allocations can be rebuilt.
-    """
-    if not tables:
-        return 0, np.zeros(1), []
-    mins, base = [], 0.0
-    margs, owners = [], []
-    for m, t in enumerate(tables):
-        fin = np.flatnonzero(np.isfinite(t))
-        if fin.size == 0:
-            return 0, np.full(1, np.inf), []
-        lo, hi = int(fin[0]), int(fin[-1])
-        mins.append(lo)
-        base += float(t[lo])
-        d = np.diff(t[lo:hi + 1])
-        margs.append(d)
-        owners.append(np.full(d.size, m))
-    allm = np.concatenate(margs) if margs else np.zeros(0)
-    own = np.concatenate(owners) if owners else np.zeros(0, np.int64)
-    order = np.argsort(allm, kind="stable")
-    F = base + np.r_[0.0, np.cumsum(allm[order])]
-    return sum(mins), F, [np.asarray(mins), own[order]]
-
-
-def _class_alloc(meta: list[np.ndarray], extra: int) -> np.ndarray:
-    mins, owners = meta
-    w = mins.copy()
-    np.add.at(w, owners[:extra], 1)
-    return w
 
 
 # ------------------------------------------------------------------------------ CVXPY problems (built once)
@@ -528,6 +427,7 @@ def _cost_scale(d: _Data) -> float:
 def _solve_relax(d: _Data, blocks: list[_Block]) -> list[_Sol | None]:
     if not blocks:
         return []
+    quiet_highs()
     Kb, Mb = _bucket(len(blocks)), _bucket(d.M)
     key = (Kb, Mb)
     if key not in _LP_CACHE:
@@ -559,6 +459,7 @@ def _solve_relax(d: _Data, blocks: list[_Block]) -> list[_Sol | None]:
 
 
 def _solve_exact(d: _Data, blocks: list[_Block]) -> list[_Sol | None]:
+    quiet_highs()
     Mb = _bucket(d.M)
     if Mb not in _MILP_CACHE:
         _MILP_CACHE[Mb] = _MILPBlock(Mb)
@@ -584,16 +485,20 @@ def _solve_exact(d: _Data, blocks: list[_Block]) -> list[_Sol | None]:
 
 
 # ------------------------------------------------------------------------------ the algorithm
-def _init_split(cm: CostModel) -> tuple[np.ndarray, np.ndarray]:
-    """prima.cpp's start: w proportional to the memory budgets (sum L), n = what fits in VRAM."""
+def _init_split(cm: CostModel, revision: str = "head") -> tuple[np.ndarray, np.ndarray]:
+    """prima.cpp's start: w proportional to the memory budgets (sum L); n = w on GPU devices
+    ("assume all layers can run on GPU", HEAD) or n = 0 (v1, commit f97a9700, the code of the
+    paper's Table 4)."""
     L, M = cm.L, cm.M
     budget = np.maximum(cm.budget, 0.0)
     if budget.sum() <= 0:
         budget = np.ones(M)
     w = np.rint(budget / budget.sum() * L).astype(np.int64)
-    for m in np.flatnonzero(w == 0):  # every device keeps at least one layer
-        w[int(np.argmax(w))] -= 1
+    for m in np.flatnonzero(w == 0):  # no 0 is allowed in w: 1, taken from the largest window
         w[m] = 1
+        j = int(np.argmax(w))
+        if w[j] > 1:
+            w[j] -= 1
     diff = L - int(w.sum())
     if diff > 0:
         w[int(np.argmax(budget))] += diff
@@ -602,26 +507,31 @@ def _init_split(cm: CostModel) -> tuple[np.ndarray, np.ndarray]:
         if w[j] + diff < 1:  # prima.cpp would go below one layer here; take from the largest instead
             j = int(np.argmax(w))
         w[j] += diff
-    n = np.where(cm.has_gpu, np.minimum(w, np.floor(cm.gpu_cap + EPS).astype(np.int64)), 0)
-    return w, n
+    n = np.where(cm.has_gpu, w, 0) if revision == "head" else np.zeros(M, np.int64)
+    return w, n.astype(np.int64)
 
 
-def _calibrate(d: _Data, sol: _Sol, sets: list[str], forced: np.ndarray, cm: CostModel) -> int | None:
-    """prima.cpp's check: the device to force into M4, or None."""
+def _calibrate(d: _Data, sol: _Sol, sets: list[str], forced: np.ndarray, cm: CostModel, k_cur: int,
+               revision: str = "head") -> int | None:
+    """prima.cpp's check after a solve: the device to force into M4, or None.
+
+    As in the code, "free GPU memory" compares the solution's n_m with floor(W * z_gpu_m), where W
+    is the windows' sum of the iterate the solve started from (the loop's outer W), i.e. the GPU
+    capacity in layers divided by that iterate's k, not by the solution's."""
     w, n = sol.w, sol.n
     weak = bool(np.any((w == 1) & (n == 0)))
     free_gpu = gpu_over = cpu_over = False
     for m in range(d.M):
         if cm.has_gpu[m]:
-            if n[m] < math.floor(d.G[m] / sol.block.mult[m] + EPS):
-                free_gpu = True
-            elif w[m] > n[m]:
+            free = n[m] < math.floor(d.G[m] / k_cur + EPS)
+            free_gpu |= free
+            if w[m] > n[m] and (revision == "head" or not free):  # v1 tested it only without free VRAM
                 gpu_over = True
         elif sets[m] != "M4":
             cpu_over = True
     if weak or not free_gpu or not (gpu_over or cpu_over):
         return None
-    cand = [m for m in range(d.M) if sets[m] != "M4" and not forced[m]]
+    cand = [m for m in range(d.M) if sets[m] != "M4"]
     if not cand:
         return None
     return min(cand, key=lambda m: cm.disk[m])
@@ -635,27 +545,32 @@ class _Round:
     candidates: list[_Sol]
     last: _Sol | None
     notes: list[str]
+    trace: list[str] = field(default_factory=list)
 
 
 def _halda_round(cm: CostModel, *, k: int | None, solver: str, general: bool, priority: float,
-                 start: tuple[np.ndarray, np.ndarray] | None = None) -> _Round:
-    """Algorithm 1 on one device list (prima.cpp's ``assign_layers_to_device``), from prima.cpp's
-    memory-ratio start or from `start` (windows and GPU layers summing to L, i.e. k = 1)."""
+                 revision: str = "head") -> _Round:
+    """Algorithm 1 on one device list, as prima.cpp's ``assign_layers_to_device`` does it: from the
+    memory-ratio start, assign sets, solve every valid k, calibrate, accept, until the sets or the
+    solution stop changing; the answer is the last accepted solution (or the rollback)."""
     L, M = cm.L, cm.M
     blocks = _blocks(L, M, k, general)
     notes: list[str] = []
     if not blocks:
         return _Round(None, [], 0, [], None, [f"no valid k for L={L} on {M} devices"])
-    w, n = _init_split(cm) if start is None else start
+    w, n = _init_split(cm, revision)
     forced = np.zeros(M, bool)
     prev_sets: list[str] | None = None
     final: _Sol | None = None
-    rollback: _Sol | None = None
-    incumbent: tuple[float, _Sol, list[str], list[_Sol]] | None = None
+    final_sets: list[str] = []
+    final_cands: list[_Sol] = []
+    rollback: tuple[_Sol, list[str], list[_Sol]] | None = None
     it = 0
     solve = _solve_relax if solver == "relax" else _solve_exact
-    while it < 4 * M + 16:
+    trace: list[str] = []
+    while it < 4 * M + 16:  # prima.cpp has no cap; the sets or the solution repeat long before
         lt, lg, _ = totals_of(w, n, L)
+        k_cur = max(1, L // max(1, int(np.sum(w))))
         sets = cm.sets(lt, lg, forced)
         if sets == prev_sets:  # converged: the set assignment no longer changes
             break
@@ -666,60 +581,39 @@ def _halda_round(cm: CostModel, *, k: int | None, solver: str, general: bool, pr
         feas = [s for s in sols if s is not None]
         if not feas:
             notes.append(f"iteration {it}: no k feasible for sets {sets}; rolled back")
+            if rollback is not None:
+                final, final_sets, final_cands = rollback
             break  # prima.cpp: roll back to the previous iteration's best
         best = min(feas, key=lambda s: s.objective)
-        rollback = best
         per_k: dict[int, _Sol] = {}
         for s in feas:
             if s.block.k not in per_k or s.objective < per_k[s.block.k].objective:
                 per_k[s.block.k] = s
-        if incumbent is None or best.objective < incumbent[0] - 1e-12 * max(1.0, abs(incumbent[0])):
-            incumbent = (best.objective, best, sets, sorted(per_k.values(), key=lambda s: s.block.k))
-        dev = _calibrate(d, best, sets, forced, cm)
+        cands = sorted(per_k.values(), key=lambda s: s.block.k)
+        rollback = (best, sets, cands)
+        trace.append(f"iteration {it}: k={k_cur} sets {' '.join(sets)} -> k={best.block.k} w={best.w.tolist()} "
+                     f"n={best.n.tolist()} objective {best.objective * 1e3:.1f} ms")
+        dev = _calibrate(d, best, sets, forced, cm, k_cur, revision)
         if dev is not None:
             # free VRAM while something is overloaded: force the slowest-disk overloaded device to
             # fit in memory and re-solve from the same (w, n)
             forced[dev] = True
             notes.append(f"iteration {it}: calibration forced {cm.names[dev]} into M4")
+            trace.append(notes[-1])
             continue
+        unchanged = final is not None and final.block == best.block and np.array_equal(final.w, best.w) \
+            and np.array_equal(final.n, best.n)
         w, n = best.w, best.n
-        if final is not None and final.block == best.block and np.array_equal(final.w, best.w) \
-                and np.array_equal(final.n, best.n):
+        final, final_sets, final_cands = best, sets, cands
+        if unchanged:
             break
-        final = best
-    last = final if final is not None else rollback
-    if incumbent is None:
-        return _Round(None, prev_sets or [], it, [], None, notes)
-    _, sol, sets, cands = incumbent
-    return _Round(sol, sets, it, cands, last, notes)
+    if final is None:
+        return _Round(None, prev_sets or [], it, [], None, notes, trace)
+    return _Round(final, final_sets, it, final_cands, final, notes, trace)
 
 
 # ------------------------------------------------------------------------------ beyond prima.cpp: global optimum
-@lru_cache(maxsize=64)
-def _partial_reach(q: int, L: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Which (lt, lg) a device can have when the partial lap ends in its window (q full laps):
-    lt = q*w + r with 1 <= r <= w, lg = q*n + min(n, r), 0 <= n <= w. Returns a mask over
-    (lt, lg) and one (w, r, n) realising each pair."""
-    w = np.arange(1, L + 1)[:, None, None]
-    r = np.arange(1, L + 1)[None, :, None]
-    n = np.arange(0, L + 1)[None, None, :]
-    shape = (L, L, L + 1)
-    lt = np.broadcast_to(q * w + r, shape)
-    lg = np.broadcast_to(q * n + np.minimum(n, r), shape)
-    ok = np.broadcast_to((r <= w) & (n <= w) & (q * w + r <= L), shape)
-    mask = np.zeros((L + 1, L + 1), bool)
-    W_ = np.zeros((L + 1, L + 1), np.int64)
-    R_ = np.zeros_like(W_)
-    N_ = np.zeros_like(W_)
-    lt_b, lg_b = lt[ok], lg[ok]
-    mask[lt_b, lg_b] = True
-    W_[lt_b, lg_b] = np.broadcast_to(w, shape)[ok]
-    R_[lt_b, lg_b] = np.broadcast_to(r, shape)[ok]
-    N_[lt_b, lg_b] = np.broadcast_to(n, shape)[ok]
-    return mask, W_, R_, N_
-
-
-def _global_block(cm: CostModel, blk: _Block, priority: float) -> _Sol | None:
+def _global_block(cm: CostModel, blk: _Block, priority: float, select: bool = True) -> _Sol | None:
     """Exact optimum of one block over *all* set assignments: per-device exact cost tables over
     total layers (min over GPU layers), then dynamic programming over devices (min-plus
     convolution), O(M L^2). No set iteration, so no device is ever locked into an overloaded set.
@@ -749,9 +643,10 @@ def _global_block(cm: CostModel, blk: _Block, priority: float) -> _Sol | None:
             tabs[m, k * w[:, 0]] = grid[np.arange(wmax), bn]
             rep_w[m, k * w[:, 0]] = w[:, 0]
             rep_n[m, k * w[:, 0]] = bn
-            if m != cm.head:
+            if m != cm.head and (select or not np.isfinite(tabs[m]).any()):
                 # a device may also stay out of the ring (no window, no hop): the cost model itself
                 # selects devices, e.g. drops a weak one whose hop costs more than its layers save
+                # (without selection only a device that cannot hold a window stays out)
                 tabs[m, 0] = 0.0
     # DP: F[s] = best cost of devices 0..m holding s layers in total
     F = tabs[0].copy()
@@ -783,9 +678,23 @@ def _global_block(cm: CostModel, blk: _Block, priority: float) -> _Sol | None:
     return sol
 
 
-def _halda_round_global(cm: CostModel, *, k: int | None, general: bool, priority: float) -> _Round:
-    blocks = _blocks(cm.L, cm.M, k, general)
-    sols = [s for s in (_global_block(cm, b, priority) for b in blocks) if s is not None]
+def _dp_blocks(L: int, M: int, k: int | None, general: bool) -> list[_Block]:
+    """The dynamic programme's blocks: devices may hold nothing, so every window count is allowed."""
+    ks = [k] if k is not None else [x for x in range(1, max(1, L // 2) + 1) if L % x == 0]
+    out = []
+    for kk in ks:
+        if L % kk == 0:
+            out.append(_Block(kk, kk, -1, (kk,) * M))
+        if general and kk >= 2:
+            q = kk - 1
+            out += [_Block(kk, q, p, tuple(q + 1 if m < p else q for m in range(M))) for p in range(M)]
+    return out
+
+
+def _halda_round_global(cm: CostModel, *, k: int | None, general: bool, priority: float,
+                        select: bool = True) -> _Round:
+    blocks = _dp_blocks(cm.L, cm.M, k, general)
+    sols = [s for s in (_global_block(cm, b, priority, select) for b in blocks) if s is not None]
     if not sols:
         return _Round(None, [], 1, [], None, ["no allocation fits (global optimisation)"])
     best = min(sols, key=lambda s: s.objective)
@@ -795,13 +704,6 @@ def _halda_round_global(cm: CostModel, *, k: int | None, general: bool, priority
             per_k[s.block.k] = s
     lt, lg, _ = best.totals(cm.L)
     return _Round(best, cm.sets(lt, lg), 1, sorted(per_k.values(), key=lambda s: s.block.k), best, [])
-
-
-def _ring(cluster: ClusterSpec) -> list[str]:
-    """Device names in ring order starting at the head (the listing order is the ring)."""
-    names = cluster.names
-    h = names.index(cluster.head)
-    return names[h:] + names[:h]
 
 
 def _to_plan(sol: _Sol, names: Sequence[str], all_names: Sequence[str], model: ModelSpec, n_ctx: int,
@@ -815,39 +717,51 @@ def _to_plan(sol: _Sol, names: Sequence[str], all_names: Sequence[str], model: M
 
 
 def halda(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int = 1024, k: int | None = None,
-          solver: Literal["relax", "exact"] = "relax", variant: Literal["code", "paper"] = "code",
+          solver: Literal["relax", "exact", "dp"] = "relax", variant: Literal["code", "paper"] = "code",
           comm: bool = False, general: bool = False, select_devices: bool = True,
           master_priority: float = 1.01, corrections: Corrections | None = None,
-          global_opt: bool = False) -> HaldaResult:
-    """Run Halda (prima.cpp Algorithm 1 + device selection) and return the chosen plan.
+          global_opt: bool = False, revision: Literal["head", "v1"] = "head") -> HaldaResult:
+    """Halda: prima.cpp's own algorithm (default) or, with ``global_opt``, one optimisation model.
 
-    - ``k``: fix the number of laps (prima.cpp ``-k``); default: try every valid k.
-    - ``solver``: ``"relax"`` (CVXPY LP relaxation + rounding) or ``"exact"`` (CVXPY integer
-      program, HiGHS MIP).
+    - ``global_opt=False``: prima.cpp's Algorithm 1 as its code runs it (``assign_layers_to_device``
+      + ``assign_layers_and_select_devices``, reference §2.2-2.3): memory-ratio start, set
+      assignment, one integer program per valid k, calibration, rollback, the last accepted solution,
+      then device selection (drop devices given one layer, re-run from scratch). ``solver``:
+      ``"relax"`` (each block's LP relaxation + exact rounding) or ``"exact"`` (HiGHS MIP, what
+      prima.cpp does). ``revision``: ``"head"`` (prima.cpp main, 2025-07) or ``"v1"`` (commit
+      f97a9700, the code of the paper's Table 4: GPU layers start at 0, see docs/planning.md).
+      Deviations, each in ``notes``: devices that cannot hold one layer are left out instead of
+      aborting, and an infeasible device-selection re-run keeps the previous round.
+    - ``global_opt=True``: beyond prima.cpp: minimise the cost model over windows, GPU layers, memory
+      regimes and device selection at once (one optimisation model, primasim.plan.halda_model) instead
+      of the set-assignment loop, which can lock a device into an overloaded set; devices may get
+      no layers, so with ``comm=True`` the hop costs take part in device selection. ``solver``:
+      ``"relax"`` (its relaxation + rounding, default), ``"exact"`` (its MILP, the global optimum)
+      or ``"dp"`` (dynamic programming over devices per k, a cross-check of the exact optimum).
+    - ``k``: fix the number of laps (prima.cpp ``-k``): honoured or refused (PlanError), never
+      changed; default: every valid k (the model: k = 1, optimal when k is free).
     - ``variant``/``comm``: the cost model (see primasim.plan.cost); prima.cpp = ``"code"``, no comm.
     - ``general``: allow a partial last lap (W need not divide L).
-    - ``select_devices``: drop devices that get a window of one layer (except the head) and
-      re-run until none is dropped (prima.cpp's device selection).
+    - ``select_devices``: device selection (the loop: prima.cpp's one-layer rule; the model: its
+      own binaries); ``False`` keeps every device that can hold a window in the ring.
     - ``master_priority``: the head's per-layer cost is divided by it (prima.cpp default 1.01).
-    - ``global_opt``: beyond prima.cpp: minimise the cost model over all set assignments at once
-      (exact per k, dynamic programming over devices) instead of prima.cpp's set-assignment loop,
-      which can lock a device into an overloaded set; devices may also get no layers, so with
-      ``comm=True`` the hop costs take part in device selection. ``solver`` is then not used.
     - ``corrections``: ``{device name: DeviceCorrection(...) or dict}`` of measured coefficients
       (seconds per layer on CPU/GPU, effective disk bytes/s, seconds per hop, head seconds per
       token) that replace the analytic ones, so Halda re-plans with what the simulator (or the
       runtime) observed. See :class:`primasim.plan.cost.DeviceCorrection`.
 
     The plan lists every cluster device in ring order from the head; dropped devices get
-    ``layers = 0``. Deliberate deviations from prima.cpp, all reported in ``notes``: the loop keeps
-    the best solution of all its iterations (prima.cpp returns the last one;
-    ``last_iterate_objective`` reports it); devices that cannot hold a single layer are left out
-    instead of aborting; and if prima.cpp's own memory-ratio fallback split (§2.5) costs less than
-    what the loop found, that split is returned (``used_fallback``), so Halda is never worse than it.
+    ``layers = 0``. ``objective`` is the plan's cost-model TPOT (as ``predict_tpot`` computes it
+    for the same variant and comm).
     """
     t0 = time.perf_counter()
-    if solver not in ("relax", "exact"):
-        raise SpecError(f"unknown solver {solver!r}", where="--solver", fix="use relax or exact")
+    if global_opt and solver in ("relax", "exact"):
+        return halda_model(model, cluster, n_ctx=n_ctx, k=k, solver=solver, variant=variant, comm=comm,
+                           general=general, select_devices=select_devices, master_priority=master_priority,
+                           corrections=corrections)
+    if solver not in ("relax", "exact", "dp") or (solver == "dp" and not global_opt):
+        raise SpecError(f"unknown solver {solver!r}" + (" for prima.cpp's loop" if solver == "dp" else ""),
+                        where="--solver", fix="use relax or exact (dp only with the global model)")
     if k is not None and (not isinstance(k, int) or k < 1 or k > model.n_layers):
         raise SpecError(f"k must be an integer in [1, {model.n_layers}], got {k!r}", where="--k",
                         fix="pick a number of laps that divides the layer count (or use --general)")
@@ -862,8 +776,9 @@ def halda(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int = 1024, k: int |
     head = ring[0]
     dropped: list[str] = []
     notes: list[str] = []
+    trace: list[str] = []
     names = list(ring)
-    if len(names) > L or (k is not None and len(names) > (L if general else L // k)):
+    if not global_opt and (len(names) > L or (k is not None and len(names) > (L if general else L // k))):
         limit = L if (k is None or general) else L // k
         ranked = sorted(names[1:], key=lambda nm: -cluster.device(nm).mem_budget)
         keep = set(ranked[:max(0, limit - 1)]) | {head}
@@ -872,29 +787,42 @@ def halda(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int = 1024, k: int |
         dropped += cut
         notes.append(f"{len(cut)} device(s) with the smallest memory budgets left out: every window needs >= 1 "
                      f"of {L} layers: {cut}")
-    opts = {"planner": "halda-global" if global_opt else "halda", "solver": "dp" if global_opt else solver, "variant": variant, "comm": comm, "general": general,
-            "master_priority": master_priority}
+    opts = {"planner": "halda-global" if global_opt else "halda", "solver": solver, "variant": variant,
+            "comm": comm, "general": general, "master_priority": master_priority}
     if k is not None:
         opts["k_fixed"] = k
+    if global_opt:  # the dynamic programme: one pass, it selects devices itself
+        cm = CostModel(model, [cluster.device(nm) for nm in names], cluster.network, 0, n_ctx=n_ctx,
+                       variant=variant, comm=comm,
+                       corrections={nm: c for nm, c in (corrections or {}).items() if nm in names})
+        rnd = _halda_round_global(cm, k=k, general=general, priority=master_priority, select=select_devices)
+        if rnd.sol is None and cm.slow_disk.any():  # as the model does: let slow disks overflow too
+            cm = copy.copy(cm)
+            cm.slow_disk = np.zeros(cm.M, bool)
+            rnd = _halda_round_global(cm, k=k, general=general, priority=master_priority, select=select_devices)
+            notes.append("no plan keeps the slow-disk devices in memory (prima.cpp's M4 rule); they may overflow "
+                         "here, at their disk speed")
+        if rnd.sol is None:
+            raise PlanError(f"no allocation of {model.name} on {cluster.name} fits the cost model's rules",
+                            where="halda", fix="add memory (devices, RAM, VRAM), shorten the context (--n-ctx), "
+                            "or use a smaller model")
+        return _result(rnd, names, cm, ring, model, cluster, n_ctx, opts, notes + rnd.notes, dropped, 1, 1, t0)
     iterations = 0
     rounds = 0
     result: tuple[_Round, list[str], CostModel] | None = None
-    start: tuple[np.ndarray, np.ndarray] | None = None
     while True:
         rounds += 1
         devs = [cluster.device(nm) for nm in names]
         cm = CostModel(model, devs, cluster.network, 0, n_ctx=n_ctx, variant=variant, comm=comm,
                        corrections={nm: c for nm, c in (corrections or {}).items() if nm in names})
-        if global_opt:
-            rnd = _halda_round_global(cm, k=k, general=general, priority=master_priority)
-        else:
-            rnd = _halda_round(cm, k=k, solver=solver, general=general, priority=master_priority, start=start)
+        rnd = _halda_round(cm, k=k, solver=solver, general=general, priority=master_priority, revision=revision)
         iterations += rnd.iterations
         notes += rnd.notes
+        trace.append(f"round {rounds} on {', '.join(names)}:")
+        trace += ["  " + x for x in rnd.trace]
         if rnd.sol is None and result is None and len(names) > 1:
             # Beyond prima.cpp (which aborts): leave out the devices that cannot hold even one layer
-            # (a slow disk with too little RAM, a KV cache that does not fit), else the one with the
-            # smallest memory budget, and try again.
+            # (a slow disk with too little RAM, a KV cache that does not fit) and try again.
             can_host = [bool(np.isfinite(cm.cost_grid(i, np.array([1.0, 1.0]), np.array([0.0, 1.0]), 1.0)).any())
                         for i in range(len(names))]
             if not can_host[0]:
@@ -905,103 +833,60 @@ def halda(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int = 1024, k: int |
             hopeless = [nm for i, nm in enumerate(names) if i > 0 and not can_host[i]]
             if hopeless:
                 dropped += hopeless
-                notes.append(f"no feasible allocation on {names}; left out {hopeless} (cannot hold one layer) "
-                             "and retried")
+                notes.append(f"no feasible allocation on {names}; left out {hopeless} (cannot hold one layer; "
+                             "prima.cpp would abort) and retried")
                 names = [nm for nm in names if nm not in hopeless]
                 continue
         if rnd.sol is None:
             if result is not None:
-                notes.append(f"round {rounds}: re-run on {names} infeasible; kept the previous round")
+                notes.append(f"round {rounds}: re-run on {names} infeasible; kept the previous round "
+                             "(prima.cpp would stop with an error)")
             break
         result = (rnd, names, cm)
         if not select_devices:
             break
+        # prima.cpp's device selection: drop every device given one layer (not the head) and re-run
+        # Halda from scratch (memory-ratio start) on the survivors
         drop = [nm for i, nm in enumerate(names) if i > 0 and rnd.sol.w[i] <= 1]
         if not drop:
             break
-        start = _survivor_start(rnd.sol, cm, names, drop, L)
         dropped += drop
         names = [nm for nm in names if nm not in drop]
     if result is None:
-        fb = _fallback_plan(model, cluster, n_ctx=n_ctx, variant=variant, comm=comm, corrections=corrections)
         reason = "; ".join(notes[-3:]) or "no feasible set assignment"
-        if fb is None:
-            raise PlanError(f"Halda found no feasible allocation of {model.name} on {cluster.name}: {reason}",
-                            where="halda", fix="add memory (devices, RAM, VRAM), shorten the context (--n-ctx), "
-                            "or use a smaller model")
-        notes.append("the set-assignment loop found no feasible allocation; returned the memory-ratio split")
-        fcm = CostModel(model, [cluster.device(d.name) for d in fb[0].devices], cluster.network, 0, n_ctx=n_ctx,
-                        variant=variant)
-        ft, fg, _ = totals_of([d.layers for d in fb[0].devices], [d.gpu_layers for d in fb[0].devices], L)
-        plan = fb[0].replace(options=dict(opts, fallback="memory-ratio"), predicted_tpot_ms=fb[1] * 1e3,
-                             notes=(notes[-1],))
-        return HaldaResult(plan=plan, objective=fb[1], k=plan.k, sets=fcm.sets(ft, fg), iterations=iterations,
-                           solve_time=time.perf_counter() - t0, candidates=[], dropped=[], rounds=rounds,
-                           notes=notes, used_fallback=True)
+        raise PlanError(f"prima.cpp's Halda found no feasible allocation of {model.name} on {cluster.name}: {reason}",
+                        where="halda", fix="add memory (devices, RAM, VRAM), shorten the context (--n-ctx), "
+                        "use a smaller model, or use the global model (--planner global)")
     rnd, names, cm = result
+    return _result(rnd, names, cm, ring, model, cluster, n_ctx, opts, notes, dropped, iterations, rounds, t0,
+                   trace=trace)
+
+
+def _result(rnd: _Round, names: list[str], cm: CostModel, ring: list[str], model: ModelSpec, cluster: ClusterSpec,
+            n_ctx: int, opts: dict[str, Any], notes: list[str], dropped: list[str], iterations: int, rounds: int,
+            t0: float, trace: list[str] | None = None) -> HaldaResult:
     sol = rnd.sol
     assert sol is not None
+    L = model.n_layers
     plan = _to_plan(sol, names, ring, model, n_ctx, "prima", opts)
     lt, lg, win = sol.totals(L)
-    objective = cm.tpot(lt, lg, win)  # exact (general-form) cost of the plan, no head priority
-    last_obj = None
-    if rnd.last is not None:
-        lt2, lg2, w2 = rnd.last.totals(L)
-        last_obj = cm.tpot(lt2, lg2, w2)
+    act = lt > 0
+    # the plan's cost as predict_tpot computes it: the cost model over the devices in the ring
+    acm = cm if act.all() else CostModel(model, [cm.devices[i] for i in np.flatnonzero(act)], cluster.network, 0,
+                                         n_ctx=n_ctx, variant=cm.variant, comm=cm.comm,
+                                         corrections={k: v for k, v in cm.corrections.items()
+                                                      if k in {names[i] for i in np.flatnonzero(act)}})
+    objective = acm.tpot(lt[act], lg[act], win[act])
+    dropped = dropped + [nm for i, nm in enumerate(names) if not act[i]]
     plan = plan.replace(predicted_tpot_ms=objective * 1e3,
                         notes=tuple(notes[-8:]) + ((f"dropped: {', '.join(dropped)}",) if dropped else ()))
     vs = violations(plan, model, cluster)
     if vs:
         raise PlanError("Halda produced an invalid plan: " + "; ".join(map(str, vs)), where="halda",
                         fix="shorten the context (--n-ctx) or add memory; this is a bug if the plan looks feasible")
-    set_of = dict(zip(names, rnd.sets))
+    set_of = {nm: (s if act[i] else "-") for i, (nm, s) in enumerate(zip(names, rnd.sets))}
     sets_out = [set_of.get(nm, "-") for nm in ring]
-    cands = [_to_plan(s, names, ring, model, n_ctx, "prima", opts) for s in rnd.candidates]
-    used_fallback = False
-    loop_sets = list(sets_out)
-    fb = _fallback_plan(model, cluster, n_ctx=n_ctx, variant=variant, comm=comm, corrections=corrections)
-    if fb is not None and fb[1] < objective * (1 - 1e-9) - 1e-12:
-        # Beyond prima.cpp: the set-assignment loop can lock a device into an overloaded set and end
-        # worse than prima.cpp's own fallback split (§2.5); never return something worse than it.
-        used_fallback = True
-        notes.append(f"the set-assignment loop ended at {objective * 1e3:.1f} ms, worse than the memory-ratio "
-                     f"split ({fb[1] * 1e3:.1f} ms): returned that split (try global_opt)")
-        plan = fb[0].replace(options=dict(opts, fallback="memory-ratio"), predicted_tpot_ms=fb[1] * 1e3,
-                             notes=(notes[-1],))
-        objective = fb[1]
-        fcm = CostModel(model, [cluster.device(d.name) for d in plan.devices], cluster.network, 0, n_ctx=n_ctx,
-                        variant=variant)
-        ft, fg, _ = totals_of([d.layers for d in plan.devices], [d.gpu_layers for d in plan.devices], L)
-        sets_out = fcm.sets(ft, fg)
-    return HaldaResult(plan=plan, objective=objective, k=plan.k, sets=sets_out,
-                       iterations=iterations, solve_time=time.perf_counter() - t0, candidates=cands,
-                       dropped=[] if used_fallback else dropped, rounds=rounds, notes=notes,
-                       last_iterate_objective=last_obj, used_fallback=used_fallback, loop_sets=loop_sets)
-
-
-def _survivor_start(sol: _Sol, cm: CostModel, names: list[str], drop: list[str], L: int) -> tuple[np.ndarray, np.ndarray]:
-    """Start of the next device-selection round (beyond prima.cpp, which restarts from the memory
-    ratio and can fall back into an overloaded set): the survivors keep their total layers of this
-    round, the dropped devices' layers go to the survivor with the largest memory budget."""
-    lt, lg, _ = sol.totals(L)
-    keep = np.array([nm not in drop for nm in names])
-    w = lt[keep].astype(np.int64)
-    budget = cm.budget[keep]
-    w[int(np.argmax(budget))] += int(lt[~keep].sum())
-    gcap = np.floor(cm.gpu_cap[keep] + EPS).astype(np.int64)
-    n = np.where(cm.has_gpu[keep], np.minimum(w, np.maximum(lg[keep], np.minimum(w, gcap))), 0)
-    return w, n
-
-
-def _fallback_plan(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int, variant: str, comm: bool,
-                   corrections: Corrections | None) -> tuple[Plan, float] | None:
-    """prima.cpp's non-HiGHS split (memory ratio, §2.5) and its cost, if it is a valid plan."""
-    from .cost import predict_tpot
-    from .planners import Ctx, _memsched
-
-    plan = _memsched("prima")(model, cluster, Ctx(n_ctx=n_ctx, prompt_tokens=1, options={}))
-    assert isinstance(plan, Plan)
-    if violations(plan, model, cluster):
-        return None
-    return plan, predict_tpot(plan, model, cluster, variant=variant, comm=comm,  # type: ignore[arg-type]
-                              corrections=corrections)
+    cands = [_to_plan(c, names, ring, model, n_ctx, "prima", opts) for c in rnd.candidates]
+    return HaldaResult(plan=plan, objective=objective, k=plan.k, sets=sets_out, iterations=iterations,
+                       solve_time=time.perf_counter() - t0, candidates=cands, dropped=dropped, rounds=rounds,
+                       notes=notes, trace=list(trace or []), model_objective=sol.objective)

@@ -182,22 +182,25 @@ def _names_opt(v: Any, cluster: ClusterSpec, name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ prima (Halda)
 _HALDA_OPTS = {
-    "planner": "global (default: Halda's exact optimum over set assignments of the paper-variant cost "
-               "model with per-hop communication), loop (prima.cpp's own Halda: set-assignment loop, code "
-               "variant, no communication) or sim (simulator in the loop: Halda re-solved with simulated "
-               "coefficients and candidates re-ranked by simulated TPOT)",
-    "k": "fix the number of laps (prima.cpp -k); default: every valid k",
-    "solver": "relax (CVXPY relaxation + rounding, default) or exact (integer program, HiGHS)",
+    "planner": "global (default: Halda as one optimisation model of the paper-variant cost model with per-hop "
+               "communication, solved by relaxation + rounding), loop (prima.cpp's own Halda: set-assignment loop, "
+               "code variant, no communication) or sim (local search with the simulator as the objective, from "
+               "Halda's plan)",
+    "k": "fix the number of laps (prima.cpp -k): honoured, or refused with the reason; default: the planner's choice",
+    "solver": "relax (CVXPY relaxation + rounding, default), exact (integer program, HiGHS) or dp (global only: "
+              "dynamic programming, a cross-check)",
+    "revision": "planner=loop: prima.cpp main (head, default) or v1 (the code of the paper's Table 4)",
     "variant": "cost model Halda optimises: paper (default with planner=global) or code (prima.cpp HEAD; default with planner=loop)",
     "comm": "add per-hop communication time to Halda's cost (beyond prima.cpp)",
     "general": "allow a partial last lap, W need not divide L (beyond prima.cpp)",
-    "global_opt": "optimise over all set assignments at once (exact DP; beyond prima.cpp)",
+    "global_opt": "solve the global model instead of prima.cpp's loop (beyond prima.cpp)",
     "select_devices": "drop devices given one layer and re-plan (default true)",
     "master_priority": "head preference (prima.cpp --master-priority, default 1.01)",
     "corrections": "{device: DeviceCorrection} measured coefficients (Python API only)",
     "sim_runtime": "with planner=sim: simulate the candidates as primasim's runtime executes them "
                    "(SimConfig(runtime=True): its residency plan, CPU quota, throttled disk and shaped links) "
-                   "instead of the papers' engines; for `primasim validate` on an emulated cluster",
+                   "instead of the papers' engines, and let the search switch prefetch; for `primasim validate` "
+                   "on an emulated cluster",
 }
 
 
@@ -218,32 +221,48 @@ def _halda_plan(system: str, prefetch: bool) -> PlannerFn:
                 kw[b] = _bool(ctx.opt(b), b)
         if ctx.opt("solver") is not None:
             kw["solver"] = str(ctx.opt("solver"))
+        if ctx.opt("revision") is not None:
+            kw["revision"] = str(ctx.opt("revision"))
         if ctx.opt("variant") is not None:
             kw["variant"] = str(ctx.opt("variant"))
         if ctx.opt("master_priority") is not None:
             kw["master_priority"] = float(ctx.opt("master_priority"))
         if ctx.opt("corrections") is not None:
             kw["corrections"] = ctx.opt("corrections")
+        if "revision" in kw and kw.get("global_opt"):
+            raise SpecError("revision selects a version of prima.cpp's loop; the global model has none",
+                            where="--revision", fix="add --planner loop, or drop --revision")
         if mode == "sim":
+            unused = [o for o in ("variant", "comm", "global_opt", "revision") if ctx.opt(o) is not None]
+            if unused:
+                raise SpecError(f"planner=sim does not use {', '.join(unused)}: its objective is the simulator "
+                                "and its start the global model's plan", where="--planner sim",
+                                fix=f"drop {', '.join('--' + o.replace('_opt', '') for o in unused)}")
+            k = kw.get("k")
+            if k is not None and model.n_layers % k and not kw.get("general"):
+                raise SpecError(f"k = {k} does not divide L = {model.n_layers}", where="--k",
+                                fix="pick a divisor of the layer count or add --general (partial last lap)")
             return _sim_halda_plan(system, prefetch, model, cluster, ctx, kw)
         res = halda(model, cluster, n_ctx=ctx.n_ctx, **kw)
         plan = res.plan.replace(system=system, prefetch=prefetch, notes=res.plan.notes + (f"planner: {mode}",))
         extra = {"halda": {"objective_ms": res.objective * 1e3, "sets": res.sets, "k": res.k,
                            "iterations": res.iterations, "rounds": res.rounds, "solve_time_ms": res.solve_time * 1e3,
                            "dropped": res.dropped, "notes": res.notes,
-                           "last_iterate_objective_ms": None if res.last_iterate_objective is None
-                           else res.last_iterate_objective * 1e3,
+                           "solver": res.plan.options.get("solver"),
+                           "model_objective_ms": None if res.model_objective is None else res.model_objective * 1e3,
+                           "lower_bound_ms": None if res.lower_bound is None else res.lower_bound * 1e3,
                            "candidates": [{"k": c.k, "devices": [[d.name, d.layers, d.gpu_layers] for d in c.devices]}
                                           for c in res.candidates]}}
+        if res.trace:
+            extra["halda"]["trace"] = res.trace
         return plan, extra
 
     return fn
 
 
-# Why `global` is the default: prima.cpp's set-assignment loop cannot move a device out of the set it
-# starts in, so on the paper's testbed (with our estimated device figures) it keeps D1 overloaded from
-# 45B up and predicts ~6 s/token where prima.cpp measured 0.2-0.7 s. The exact optimum of the same
-# cost model over all set assignments does not get stuck (experiments/results/halda_gap.md).
+# Why `global` is the default: prima.cpp's set-assignment loop keeps every device in the set it starts
+# in (docs/planning.md, "Why prima.cpp's loop locks"); the one model of Halda optimises the sets too,
+# and its relaxation + rounding reaches the MILP's optimum (experiments/results/halda_gap.md).
 _PLANNER_MODES: dict[str, dict[str, Any]] = {
     "global": {"global_opt": True, "variant": "paper", "comm": True},
     "loop": {"global_opt": False, "variant": "code", "comm": False},
@@ -253,27 +272,19 @@ _PLANNER_MODES: dict[str, dict[str, Any]] = {
 
 def _sim_halda_plan(system: str, prefetch: bool, model: ModelSpec, cluster: ClusterSpec, ctx: Ctx,
                     kw: dict[str, Any]) -> tuple[Plan, dict[str, Any]]:
-    """Halda fed by the simulator (primasim.sim.sim_halda): the best plan by simulated TPOT."""
-    from primasim.sim import SimConfig, sim_halda
+    """The simulator-in-the-loop planner (primasim.sim.sim_plan): local search from Halda's plan,
+    each move judged by simulating it (lazy import: the simulator sits above the planners)."""
+    from primasim.sim import SimConfig, sim_plan
 
-    halda_kw = {k: v for k, v in kw.items() if k in ("solver", "general", "select_devices", "master_priority")}
+    halda_kw = {k: v for k, v in kw.items() if k in ("solver", "master_priority", "select_devices")}
     rt = _bool(ctx.opt("sim_runtime"), "sim_runtime") if ctx.opt("sim_runtime") is not None else False
     cfg = SimConfig(tokens=8, prompt_tokens=ctx.prompt_tokens, runtime=rt, warmup=not rt)
-    evens: list[tuple[str, Plan]] = []
-    if rt:  # the runtime's own trade-offs: even splits with more laps, and prefetch off, are candidates too
-        for k_even in range(1, 5):
-            out = make_plan("even", model, cluster, n_ctx=ctx.n_ctx, prompt_tokens=ctx.prompt_tokens, k=k_even)
-            if out.feasible and out.plan is not None:
-                evens.append((f"even k={k_even}", out.plan.replace(system=system, prefetch=prefetch)))
-    res = sim_halda(model, cluster, config=cfg, n_ctx=ctx.n_ctx, k=kw.get("k"), extra=evens,
-                    prefetch_variants=rt, **halda_kw)
-    best = res.best
-    plan = best.plan.replace(system=system, prefetch=best.plan.prefetch if rt else prefetch, notes=best.plan.notes + (
-        f"planner: sim ({best.source}; simulated {best.tpot_ms:.1f} ms)",))
-    extra = {"sim_halda": {"best_source": best.source, "simulated_tpot_ms": best.tpot_ms,
-                           "closed_form_simulated_tpot_ms": res.closed_form.tpot_ms,
-                           "iterations": res.iterations, "converged": res.converged, "history": res.history}}
-    return plan, extra
+    res = sim_plan(model, cluster, config=cfg, n_ctx=ctx.n_ctx, k=kw.get("k"), system=system, prefetch_moves=rt,
+                   **halda_kw)
+    plan = res.plan.replace(system=system, prefetch=res.plan.prefetch if rt else prefetch, notes=res.plan.notes + (
+        f"planner: sim ({len(res.history)} moves from Halda's plan; simulated {res.start_tpot_ms:.1f} -> "
+        f"{res.tpot_ms:.1f} ms)",))
+    return plan, {"sim_planner": res.summary()}
 
 
 # ------------------------------------------------------------------------------ memory ratio (prima.cpp w/o Halda)

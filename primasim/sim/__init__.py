@@ -7,13 +7,7 @@ from ._api import simulate as simulate
 from ._config import SimConfig as SimConfig, config_help as config_help
 from ._context import SimContext as SimContext, SimResult as SimResult
 from ._engine import Recorder as Recorder, Server as Server
-from ._feedback import (
-    Candidate as Candidate,
-    SimHaldaResult as SimHaldaResult,
-    rerank as rerank,
-    sim_corrections as sim_corrections,
-    sim_halda as sim_halda,
-)
+from ._feedback import sim_corrections as sim_corrections
 from ._network import Network as Network
 from ._pagecache import PageCache as PageCache
 from ._serving import (
@@ -22,6 +16,7 @@ from ._serving import (
     ServeResult as ServeResult,
     serve_workload as serve_workload,
 )
+from ._planner import SimPlanResult as SimPlanResult, sim_plan as sim_plan
 from ._systems import (
     SYSTEMS as SYSTEMS,
     SystemEntry as SystemEntry,
@@ -31,6 +26,5 @@ from ._systems import (
 from ._timing import DeviceTiming as DeviceTiming
 
 __all__ = ["simulate", "SimConfig", "config_help", "SimContext", "SimResult", "Recorder", "Server", "Network",
-           "PageCache", "SYSTEMS", "SystemEntry", "get_system", "system_names", "DeviceTiming", "Candidate",
-           "SimHaldaResult", "rerank", "sim_corrections", "sim_halda", "serve_workload", "ServeResult", "Departure",
-           "Recovery"]
+           "PageCache", "SYSTEMS", "SystemEntry", "get_system", "system_names", "DeviceTiming", "sim_corrections",
+           "SimPlanResult", "sim_plan", "serve_workload", "ServeResult", "Departure", "Recovery"]
