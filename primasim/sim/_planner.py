@@ -194,16 +194,18 @@ class _Search:
                     yield f"k = {k2}: even split{tag}", lambda k2=k2, pf=pf: _pf(self._even(cur, k2), pf)
 
     def _marginals(self, cur: Plan, corr: dict[str, DeviceCorrection]) -> tuple[np.ndarray, np.ndarray]:
-        """Cost-model seconds (with simulated coefficients) of one window more / less per device."""
+        """Cost-model seconds (with simulated coefficients) of one window (k layers) more / less per
+        device: the ranking of window moves."""
         cm = CostModel(self.model, [self.cluster.device(n) for n in self.ring], self.cluster.network, 0,
                        n_ctx=self.n_ctx, variant="paper", comm=True, corrections=corr)
-        d = ModelData(cm, cur.k, False, 1.0, True)
-        T, _ = _tables(d, cur.k, np.full(cm.M, -1))
-        w = np.array([x.layers for x in cur.devices])
-        X = T.shape[1]
+        d = ModelData(cm, 1, False, 1.0, True)
+        T, _ = _tables(d, 1, np.full(cm.M, -1))  # by total layers (the plan may have a partial lap)
+        tot = cur.totals()
+        lt = np.array([tot[nm][0] for nm in self.ring])
+        k, X = cur.k, T.shape[1]
         with np.errstate(invalid="ignore"):  # inf - inf: a window the device cannot take either way
-            up = np.array([T[m, w[m] + 1] - T[m, w[m]] if w[m] + 1 < X else math.inf for m in range(cm.M)])
-            down = np.array([T[m, w[m]] - T[m, w[m] - 1] if w[m] >= 1 else -math.inf for m in range(cm.M)])
+            up = np.array([T[m, lt[m] + k] - T[m, lt[m]] if lt[m] + k < X else math.inf for m in range(cm.M)])
+            down = np.array([T[m, lt[m]] - T[m, lt[m] - k] if lt[m] >= k else -math.inf for m in range(cm.M)])
         return np.nan_to_num(up, nan=math.inf), np.nan_to_num(down, nan=-math.inf)
 
     def _window_moves(self, cur: Plan, corr: dict[str, DeviceCorrection]) -> Iterator[tuple[str, Callable[[], Plan | None]]]:
