@@ -7,8 +7,8 @@ systems' own planners) and simulates. prima is reported three ways, because the 
 result and closed-form Halda is only one way to get one:
 - `halda`         make_plan("prima", planner="loop") (prima.cpp's Halda: code variant, local set search);
 - `halda-global`  make_plan("prima", global_opt=True, variant="paper", comm=True);
-- `sim-halda`     primasim.sim.sim_halda: Halda's candidates and device-subset plans re-ranked by
-                  simulated TPOT, plus the fixed-point re-plan with simulated coefficients.
+- `sim-planner`   primasim.sim.sim_plan: local search with the simulator as the objective, from
+                  the global model's plan (`--planner sim`).
 prima-no-prefetch is the same plan with prefetching off. Writes sim_table4.csv and sim_table4.md
 (tolerance checks: prima +/-25 %, llama.cpp +/-30 %; OOMs; the paper's orderings per row).
 """
@@ -26,7 +26,7 @@ from primasim import load_model
 from primasim.core.cluster import load_cluster
 from primasim.core.io import atomic_csv_rows, atomic_write_text
 from primasim.plan.planners import make_plan
-from primasim.sim import SimConfig, sim_halda, simulate
+from primasim.sim import SimConfig, sim_plan, simulate
 
 MODELS = ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b"]
 BASE = ["llama.cpp", "prima-no-halda", "exo", "dllama"]
@@ -63,8 +63,7 @@ def main() -> None:
         plans["halda"] = o.plan if o.feasible else None
         o = make_plan("prima", m, cl, global_opt=True, variant="paper", comm=True)
         plans["halda-global"] = o.plan if o.feasible else None
-        sh = sim_halda(m, cl, config=cfg)
-        plans["sim-halda"] = sh.best.plan
+        plans["sim-planner"] = sim_plan(m, cl, config=cfg.replace(tokens=min(cfg.tokens, 8))).plan
         for planner, plan in plans.items():
             if plan is None:
                 continue
@@ -86,12 +85,14 @@ def main() -> None:
                          "reason": r.reason[:120]})
     # sensitivity: the context the KV cache is sized for decides how much of llama1-30b fits the GPUs
     for n_ctx in (512, 256):
-        sh = sim_halda(load_model("llama1-30b", "q4k"), cl, config=cfg, n_ctx=n_ctx)
+        m30 = load_model("llama1-30b", "q4k")
+        sp = sim_plan(m30, cl, config=cfg.replace(tokens=min(cfg.tokens, 8)), n_ctx=n_ctx)
+        t = simulate("prima", m30, cl, plan=sp.plan, config=cfg).tpot_ms
         ref = paper[("llama1-30b", "prima")]
-        rows.append({"model": "llama1-30b", "system": "prima", "planner": f"sim-halda n_ctx={n_ctx}", "feasible": True,
-                     "tpot_ms": round(sh.best.tpot_ms, 2), "tpot_p50_ms": "", "tpot_p90_ms": "", "ttft_ms": "",
-                     "paper_tpot_ms": ref, "rel_err": round(sh.best.tpot_ms / ref - 1, 3),
-                     "within_tol": abs(sh.best.tpot_ms / ref - 1) <= TOL["prima"], "plan": sh.best.plan.describe(),
+        rows.append({"model": "llama1-30b", "system": "prima", "planner": f"sim-planner n_ctx={n_ctx}", "feasible": True,
+                     "tpot_ms": round(t, 2), "tpot_p50_ms": "", "tpot_p90_ms": "", "ttft_ms": "",
+                     "paper_tpot_ms": ref, "rel_err": round(t / ref - 1, 3),
+                     "within_tol": abs(t / ref - 1) <= TOL["prima"], "plan": sp.plan.describe(),
                      "reason": ""})
     elapsed = time.perf_counter() - t0
     out = Path(args.out)
@@ -137,7 +138,7 @@ def report(rows: list[dict], paper: dict, tokens: int, elapsed: float) -> str:
              f"`python experiments/sim_table4.py --tokens {tokens}` ({elapsed:.0f} s on this machine; "
              "numbers from experiments/results/sim_table4.csv). TPOT in ms, simulated / paper (relative error).",
              ""]
-    planners = ["halda", "halda-global", "sim-halda"]
+    planners = ["halda", "halda-global", "sim-planner"]
     head = "| model | llama.cpp | " + " | ".join(f"prima [{p}]" for p in planners) + " | " + \
         " | ".join(f"no-prefetch [{p}]" for p in planners) + " | prima-no-halda | exo | dllama |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -168,9 +169,9 @@ def report(rows: list[dict], paper: dict, tokens: int, elapsed: float) -> str:
     oom = [r for r in rows if r["model"] == "llama3-70b" and r["system"] in ("exo", "dllama")]
     lines.append("- 70B: " + ", ".join(f"{r['system']} {'OOM' if (not r['feasible'] and 'OOM' in r['reason']) else 'NOT OOM'}"
                                       for r in oom))
-    sens = [r for r in rows if r["planner"].startswith("sim-halda n_ctx=")]
+    sens = [r for r in rows if r["planner"].startswith("sim-planner n_ctx=")]
     if sens:
-        lines.append("- sensitivity, llama1-30b prima [sim-halda] with a smaller KV cache: " + ", ".join(
+        lines.append("- sensitivity, llama1-30b prima [sim-planner] with a smaller KV cache: " + ", ".join(
             f"{r['planner'].split()[-1]}: {r['tpot_ms']:.0f} ms ({r['rel_err']:+.0%})" for r in sens))
     lines += ["", "## The paper's orderings within each row", ""]
     for planner in planners:
