@@ -1,4 +1,4 @@
-"""One optimisation model of Halda: its CVXPY relaxation plus rounding, and the exact MILP.
+"""One optimisation model of Halda (data, rows, CVXPY problems) and its exact MILP.
 
 prima.cpp's Halda (reference prima-cpp.md §1-2) minimises its cost model by iterating over set
 assignments (each device's memory regime M1-M4 is fixed, one integer program per k is solved, the
@@ -25,15 +25,10 @@ k = 1 (experiments/halda_gap.py checks this against the MILP at every valid k). 
 
 Two solvers, one model (same variables, same rows, built once per shape as DPP problems):
 
-- ``relax`` (the default ``prima`` planner): the LP relaxation, then rounding: the binaries are
-  rounded (device selection and Metal regime from the LP's layers; the partial-lap device from the
-  LP's fill), and the windows and GPU layers are completed by rounding the LP's layers and
-  exchanging single layers until none helps. With the binaries fixed every device's cost is convex
-  in its window and the only coupling is the layer total, so that completion is exact for the
-  rounded binaries; the rounding of the binaries is where the relaxation does the work, and
-  experiments/halda_gap.py measures how often it is right.
-- ``exact``: the MILP by HiGHS through CVXPY, MIP gap 0: the global optimum of the cost model, the
-  reference every planner is measured against.
+- ``relax`` (the default ``prima`` planner, primasim.plan.halda_relax): the LP relaxation, its
+  binaries rounded and the windows completed exactly for them (see there);
+- ``exact`` (``solve_exact`` here): the MILP by HiGHS through CVXPY, MIP gap 0: the global optimum
+  of the cost model, the reference every planner is measured against.
 """
 
 from __future__ import annotations
