@@ -10,13 +10,13 @@ from ._engine import Recorder as Recorder, Server as Server
 from ._feedback import sim_corrections as sim_corrections
 from ._network import Network as Network
 from ._pagecache import PageCache as PageCache
+from ._planner import SimPlanResult as SimPlanResult, sim_plan as sim_plan
 from ._serving import (
     Departure as Departure,
     Recovery as Recovery,
     ServeResult as ServeResult,
     serve_workload as serve_workload,
 )
-from ._planner import SimPlanResult as SimPlanResult, sim_plan as sim_plan
 from ._systems import (
     SYSTEMS as SYSTEMS,
     SystemEntry as SystemEntry,
