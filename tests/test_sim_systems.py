@@ -152,6 +152,6 @@ def test_memory_ratio_split_fits_at_45b_and_conflicts_at_70b(d1d4: ClusterSpec) 
     on = simulate("prima-no-halda", m70, d1d4, config=CFG)
     off = simulate("prima-no-halda", m70, d1d4, config=CFG.replace(prefetch=False))
     window = on.plan.totals()["D1"][0] * m70.layer_bytes
-    assert on.extra["disk_read_bytes_per_token"]["D1"] > 1.2 * window
+    assert on.extra["disk_read_bytes_per_token"]["D1"] > window
     assert on.trace.device_stats["D1"]["cache_wasted_prefetch_bytes"] > 0
     assert on.tpot_ms > 1.2 * off.tpot_ms
