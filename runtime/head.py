@@ -258,6 +258,7 @@ class Driver:
         self._on_token: Callable[[dict[str, Any]], None] | None = None
         self.unresponsive: set[str] = set()  # devices that stopped answering (not waited for at close)
         self._next_link_check = 0.0
+        self.keep_tokens = True  # a server keeps none (its engine tracks requests)
         self.driver_cpu_s = 0.0
 
     def __enter__(self) -> Driver:
@@ -350,21 +351,29 @@ class Driver:
                                       "buffers is OOM-killed")
 
     def _pump(self, done: Callable[[str, Message], bool], timeout: float, what: str,
-              progress: bool = False) -> None:
-        """Handle messages from every worker until `done` returns True for one of them."""
+              progress: bool = False, *, extra: dict[zmq.Socket, Callable[[zmq.Socket], bool]] | None = None,
+              busy: Callable[[], bool] | None = None) -> None:
+        """Handle messages from every worker until `done` returns True for one of them. `extra`:
+        other sockets to wait on, whose callback returns True to stop; `busy`: the no-progress
+        timeout runs only while it returns True (a server idle between requests is not stuck)."""
         poller = zmq.Poller()
         by_sock = {}
         for p in self.peers.values():
             poller.register(p.sock, zmq.POLLIN)
             by_sock[p.sock] = p
+        for sock in extra or {}:
+            poller.register(sock, zmq.POLLIN)
+        checks = what in ("generate tokens", "serve requests")
         deadline = time.monotonic() + timeout
         while True:
             now = time.monotonic()
+            if busy is not None and not busy():
+                deadline = now + timeout
             if now > deadline:
                 where, why = self._diagnose(now)
                 raise WorkerError(f"no progress for {timeout:.0f} s while waiting to {what}" + (f": {why}" if why else ""),
                                   where=where, fix="raise the timeout (--timeout) or check the devices' logs")
-            if what == "generate tokens" and now >= self._next_link_check:
+            if checks and now >= self._next_link_check:
                 self._next_link_check = now + 0.25
                 self._check_links(now)
                 self._check_compute()
@@ -385,8 +394,12 @@ class Driver:
             # sleep until a message or the next ping / check is due: a driver that woke every 50 ms
             # took CPU from the workers' compute on a host with few cores
             due = min([p.last_ping + self.opt.heartbeat_interval for p in self.peers.values()]
-                      + ([self._next_link_check] if what == "generate tokens" else []) + [deadline])
+                      + ([self._next_link_check] if checks else []) + [deadline])
             for sock, _ in poller.poll(max(1, min(200, int((due - time.monotonic()) * 1000) + 1))):
+                if extra and sock in extra:
+                    if extra[sock](sock):
+                        return
+                    continue
                 p = by_sock[sock]
                 _, msg = wire.recv(sock, 0, peer=f"device {p.name}")  # type: ignore[misc]
                 p.last_pong = time.monotonic()
@@ -400,13 +413,28 @@ class Driver:
                     raise cls(o.get("what", "failed"), where=o.get("where") or f"device {p.name}",
                               fix=o.get("fix") or "see the worker's log")
                 if msg.type == MsgType.TOKEN:
-                    self.tokens.append(msg.obj | {"device": p.name})
+                    if self.keep_tokens:
+                        self.tokens.append(msg.obj | {"device": p.name})
                     if self._on_token is not None:
                         self._on_token(msg.obj)
                     if progress:
                         deadline = time.monotonic() + timeout
                 if done(p.name, msg):
                     return
+
+    def serve_pump(self, on_message: Callable[[str, Message], None], *,
+                   extra: dict[zmq.Socket, Callable[[zmq.Socket], bool]], busy: Callable[[], bool],
+                   timeout: float) -> None:
+        """A server's loop (primasim.serve.engine): every worker message goes to `on_message`,
+        liveness and stall checks run as during generation, until an `extra` callback says stop.
+        A dead, silent, hung or cut-off device raises WorkerError naming it."""
+        self.keep_tokens = False
+
+        def done(name: str, msg: Message) -> bool:
+            on_message(name, msg)
+            return False
+
+        self._pump(done, timeout, "serve requests", progress=True, extra=extra, busy=busy)
 
     # ---------------------------------------------------------------------------- stalls
     def _links(self, now: float) -> list[dict[str, Any]]:

@@ -74,6 +74,9 @@ class MsgType(enum.IntEnum):
     DONE = 16  # head worker -> driver: generation finished (JSON summary)
     ACK = 17  # generic reply to RELEASE / LOAD / SHUTDOWN (JSON)
     RESET = 18  # driver -> worker: forget KV caches and measurements (next run)
+    SUBMIT = 19  # driver -> head worker: one request of a serving stream (JSON: id, prompt ids, sampler)
+    CANCEL = 20  # driver -> head worker: drop a request (waiting, or at its next ring turn)
+    FINISHED = 21  # head worker -> driver: a request ended (JSON: id, reason length|stop|cancelled|error)
 
 
 class DType(enum.IntEnum):

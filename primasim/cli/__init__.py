@@ -11,7 +11,8 @@ import sys
 
 from ..core.errors import PrimasimError
 
-COMMANDS = ("plan", "simulate", "run", "profile", "worker", "keys", "validate", "reproduce", "sweep", "sweep_report", "models", "clusters")
+COMMANDS = ("plan", "simulate", "run", "serve", "profile", "worker", "keys", "validate", "reproduce", "sweep", "sweep_report",
+            "models", "clusters")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from primasim.core.errors import PrimasimError, WireError, WorkerError
 from .. import wire
 from .._measure import name_thread
 from ..wire import Message, MsgType
+from .serving import serve_command
 from .session import Session
 
 CMD_ENDPOINT = "inproc://primasim-cmd"
@@ -232,6 +233,8 @@ class Worker:
             self._guard(lambda: self.emit(MsgType.ACK, {"op": "load", **self.session.load()}))  # type: ignore[union-attr]
         elif t == MsgType.GENERATE and self.session is not None:
             self._guard(lambda: self.session.generate(msg.obj))  # type: ignore[union-attr]
+        elif t in (MsgType.SUBMIT, MsgType.CANCEL):
+            self._guard(lambda: serve_command(self.session, msg))
         elif t == MsgType.STATS_REQ and self.session is not None:
             self._guard(lambda: self.emit(MsgType.STATS, self.session.stats()))  # type: ignore[union-attr]
         elif t == MsgType.RESET and self.session is not None:

@@ -29,6 +29,7 @@ from . import residency as rs
 from .prefetcher import Prefetcher
 from .recorder import MEM_SAMPLE, Recorder
 from .sender import Sender
+from .serving import ServeLoop
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class Session:
         self.load_s = time.time() - t0
         # a single-device ring runs each token as one call (embedding, blocks, head): no dispatches,
         # host copies or Python between them; not when it streams layer by layer (planned mode)
-        self.single = self.head and len(self.ring) == 1 and setup.get("schedule", "ring") in ("ring", "rpp")
+        self.single = (self.head and len(self.ring) == 1 and setup.get("schedule", "ring") in ("ring", "rpp")
+                       and not (setup.get("options") or {}).get("serving"))  # a server pads prompts: no fused step
         self.fused = False
         t0 = time.time()
         self._compile(setup.get("warmup_lengths", [1]))
@@ -123,6 +125,7 @@ class Session:
         self.stop_ids: set[int] = set()
         self.threads0: dict[int, tuple[str, float]] = {}
         self.pending: collections.deque[int] = collections.deque()
+        self.serving: ServeLoop | None = None  # primasim serve: requests arrive one by one (serving.py)
 
     # ---------------------------------------------------------------------------- set-up
     def _compile(self, lengths: list[int], kv: Any = None) -> Any:
@@ -342,13 +345,13 @@ class Session:
     def _pick(self, seq: int, lg: Any, top: Any) -> tuple[int, np.ndarray | None]:
         """The next token from the head's logits (on the device) and their argmax: greedy copies
         only the argmax to the host; sampling (or returning logits) copies the logits."""
-        o = self.gen_opts
+        o = self.gen_opts if self.serving is None else self.serving.opts(seq)
         temp = float(o.get("temperature", 0.0))
         if temp <= 0 and not o.get("return_logits"):
             return int(np.asarray(top).reshape(-1)[0]), None
         logits = np.asarray(lg).reshape(-1)
         tok = int(np.asarray(top).reshape(-1)[0]) if temp <= 0 else self.stage.sample(
-            logits, self.seqs[seq].rng, temp, int(o.get("top_k", 0)), float(o.get("top_p", 1.0)))
+            logits, self.seqs[seq].rng if self.serving is None else self.serving.rng(seq), temp, int(o.get("top_k", 0)), float(o.get("top_p", 1.0)))
         return tok, logits
 
     def _sample_counters(self) -> None:
@@ -379,6 +382,9 @@ class Session:
         self.stop_ids = {int(t) for t in obj.get("stop_ids", [])}
         self.reset_measurements()
         self.recycle_kv()
+        self.serving = ServeLoop(self, obj) if obj.get("serve") else None
+        if self.serving is not None:
+            return
         if obj.get("schedule") == "batch":
             from ..batch import BatchServer
 
@@ -401,6 +407,8 @@ class Session:
         self.work.append((seq, 0, list(self.seqs[seq].ids), 0, 0))
 
     def _finish(self, seq: int, x: np.ndarray, pos: int, step: int) -> None:
+        if self.serving is not None:
+            x = self.serving.trim(seq, x)  # a padded prompt: the output at its last real position
         t0 = time.time()
         lg, top = self.stage.output(x)
         top.block_until_ready()
@@ -411,6 +419,9 @@ class Session:
 
     def _token(self, seq: int, tok: int, logits: np.ndarray | None, next_pos: int, step: int, t: float) -> None:
         """Report a generated token to the driver; queue the sequence's next step (or finish it)."""
+        if self.serving is not None:
+            self.serving.token(seq, tok, next_pos, step, t)
+            return
         st = self.seqs[seq]
         o = self.gen_opts
         st.generated.append(tok)
