@@ -73,8 +73,7 @@ def loose(server: str):  # type: ignore[no-untyped-def]
 def _reference_text(prompt_ids: list[int], n: int) -> str:
     """What the model generates greedily, computed in this process (runtime.model.generate)."""
     from primasim.core.model import load_model
-    from primasim.runtime import generate, load_params, open_checkpoint
-    from primasim.runtime.checkpoint import load_tokenizer
+    from primasim.runtime import generate, load_params, load_tokenizer, open_checkpoint
     from primasim.runtime.head import cached_random_weights
 
     path = cached_random_weights(load_model(MODEL))
@@ -127,7 +126,6 @@ def test_sampling_is_seeded(client) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_chat_completion_and_stream(client) -> None:  # type: ignore[no-untyped-def]
-    pytest.importorskip("primasim.runtime.chat")
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_completion_tokens=6, temperature=0,
                                        extra_body={"ignore_eos": True})

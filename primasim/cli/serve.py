@@ -193,51 +193,10 @@ def _exit_quietly(_signum: int, _frame: Any) -> None:
 
 
 def _tokenizer(ckpt: Any) -> Any:
-    """The model's tokenizer, in the runtime's Tokenizer API (encode -> ids, stream(), stop_ids())."""
-    from primasim.runtime.checkpoint import load_tokenizer
+    """The model's tokenizer (primasim.runtime.tokenizer), or None: then prompts must be token ids."""
+    from primasim.runtime.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(ckpt.path)
-    if tok is None or hasattr(tok, "stop_ids"):
-        return tok
-    return _HFAdapter(tok)
-
-
-class _HFAdapter:
-    """A `tokenizers.Tokenizer` seen through the runtime's Tokenizer API (until every checkpoint
-    loads one: runtime/tokenizer.py)."""
-
-    def __init__(self, hf: Any) -> None:
-        self.hf = hf
-        self.chat_template = None
-        self.bos_token = ""
-        self.eos_token = ""
-
-    def encode(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special).ids)
-
-    def stop_ids(self) -> tuple[int, ...]:
-        return ()
-
-    def stream(self) -> Any:
-        return _HFStream(self.hf)
-
-
-class _HFStream:
-    def __init__(self, hf: Any) -> None:
-        self.hf, self.ids, self.sent = hf, [], ""
-
-    def push(self, tid: int) -> str:
-        self.ids.append(int(tid))
-        text = self.hf.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        out, self.sent = text[len(self.sent):], text
-        return out
-
-    def flush(self) -> str:
-        text = self.hf.decode(self.ids)
-        out, self.sent = text[len(self.sent):], text
-        return out
+    return load_tokenizer(ckpt.path)
 
 
 def _value(v: str) -> Any:

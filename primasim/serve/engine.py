@@ -253,6 +253,7 @@ class Engine:
         wire.send(head.sock, MsgType.GENERATE, obj={"serve": True, "slots": self.slots, "schedule": "rpp",
                                                     "buckets": list(self.buckets), "options": dict(plan.options)})
         d.phase = "serve"
+        self._warm(d)
         for n, ld in d.loads.items():  # set-up without the weight reads: what a restart costs before loading
             self.setup_s[n] = (t1 - t0) + float(ld.get("setup_warmup_s", ld.get("warmup_s", 0.0)) or 0.0)
         self.plan = plan
@@ -261,6 +262,24 @@ class Engine:
                             "connect_s": t1 - t0, "setup_s": t2 - t1, "ready_at": time.time(),
                             "loads": {n: {k: v for k, v in ld.items() if isinstance(v, int | float | str)}
                                       for n, ld in d.loads.items()}})
+
+    def _warm(self, d: Driver) -> None:
+        """One short request per slot before serving: the first execution of each compiled shape
+        (XLA's lazy initialisation, ~0.1-0.5 s) happens here, not in a client's first token."""
+        head = d.peers[d.ring[0]]
+        pending = set()
+        for i in range(self.slots):
+            rid = -(i + 1)
+            pending.add(rid)
+            wire.send(head.sock, MsgType.SUBMIT, obj={"rid": rid, "ids": [1] * self.buckets[0], "max_new": 2,
+                                                      "temperature": 0.0, "seed": 0, "stop_ids": []})
+
+        def done(_name: str, msg: Any) -> bool:
+            if msg.type == MsgType.FINISHED:
+                pending.discard(int(msg.obj["rid"]))
+            return not pending
+
+        d._pump(done, self.opt.run.setup_timeout, "warm up the request stream")
 
     def _serve(self, wake: zmq.Socket) -> None:
         d = self.driver
