@@ -105,9 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from primasim.core.cluster import load_cluster
     from primasim.core.model import load_model
     from primasim.core.plan import Plan
-    from primasim.plan.planners import make_plan
     from primasim.runtime.head import RunOptions, cached_random_weights, open_weights
-    from primasim.serve.engine import Engine, EngineOptions
+    from primasim.serve.engine import Engine, EngineOptions, plan_for_runtime
     from primasim.serve.protocol import Limits
 
     cluster = load_cluster(args.cluster)
@@ -130,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         plan = Plan.from_json(args.plan).replace(n_ctx=n_ctx)
     else:
-        outcome = make_plan(args.system, spec, cluster, n_ctx=n_ctx, **opts)
+        outcome = plan_for_runtime(args.system, spec, cluster, n_ctx, opts)
         if not outcome.feasible or outcome.plan is None:
             raise PlanError(f"{args.system} cannot serve {spec.name} on {cluster.name}: {outcome.reason}",
                             where="--system", fix="try another system, a smaller model or more devices")

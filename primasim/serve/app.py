@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from primasim.core.errors import PrimasimError
+
 from .engine import Engine, EngineRequest
 from .protocol import (
     APIError,
@@ -182,7 +184,6 @@ def _chat_ids(served: Served, messages: list[dict[str, Any]]) -> list[int]:
     if served.tok is None:
         raise APIError(400, "this model has no tokenizer, so it cannot chat; use /v1/completions with token ids",
                        param="messages")
-    from primasim.core.errors import PrimasimError
     from primasim.runtime.chat import chat_prompt_ids
 
     tpl = served.chat_template or getattr(served.tok, "chat_template", None) or CHATML
@@ -224,7 +225,10 @@ async def _generate(request: Request, served: Served, body: Any, ids: list[int],
     sink = _Bridge()
     req = _engine_request(served, ids, s, sink)
     reply = Reply(body.model, chat)
-    eng.submit(req)
+    try:
+        eng.submit(req)
+    except PrimasimError as exc:  # the engine failed between the check above and now
+        raise APIError(503, f"the server cannot serve: {exc.what}", code="unavailable") from None
     text = _Text(served.tok, s.stop)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))

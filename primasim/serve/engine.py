@@ -401,9 +401,7 @@ class Engine:
         ev["resumed_at"] = time.time()
 
     def _plan_on(self, survivors: ClusterSpec) -> Any:
-        from primasim.plan.planners import make_plan
-
-        return make_plan(self.opt.system, self.spec, survivors, n_ctx=self.n_ctx, **dict(self.opt.plan_options))
+        return plan_for_runtime(self.opt.system, self.spec, survivors, self.n_ctx, dict(self.opt.plan_options))
 
     def _fail(self, message: str) -> None:
         self.state = "failed"
@@ -421,3 +419,11 @@ class Engine:
             with contextlib.suppress(Exception):
                 d.close()
 
+
+def plan_for_runtime(system: str, spec: Any, cluster: ClusterSpec, n_ctx: int, options: dict[str, Any]) -> Any:
+    """Plan `spec` on `cluster` for primasim's runtime (its f32 KV cache and activation reserve in
+    the memory accounting), as the server plans at its start and after a device left."""
+    from primasim.loop.validate import runtime_model
+    from primasim.plan.planners import make_plan
+
+    return make_plan(system, runtime_model(spec), cluster, n_ctx=n_ctx, **options)

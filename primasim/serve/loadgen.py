@@ -59,7 +59,8 @@ async def _one(client: Any, model: str, spec: Any, t0: float, vocab: int, rec: R
 
 
 async def replay_async(url: str, model: str, workload: Workload, *, api_key: str = "x", vocab: int = 32000,
-                       timeout: float = 600.0) -> list[RequestRecord]:
+                       timeout: float = 600.0, t0: float | None = None) -> list[RequestRecord]:
+    """`t0`: the time.monotonic() of the workload's time 0 (default: now); record times are relative to it."""
     import httpx2 as httpx
     import openai
 
@@ -67,7 +68,7 @@ async def replay_async(url: str, model: str, workload: Workload, *, api_key: str
     client = openai.AsyncOpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=timeout,
                                 http_client=openai.DefaultAsyncHttpxClient(limits=limits))
     recs = [RequestRecord(r.rid, r.arrival, r.prompt_tokens, r.output_tokens) for r in workload]
-    t0 = time.monotonic() + 0.05
+    t0 = time.monotonic() + 0.05 if t0 is None else t0
     try:
         await asyncio.gather(*(_one(client, model, spec, t0, vocab, rec, timeout)
                                for spec, rec in zip(workload, recs)))

@@ -73,7 +73,13 @@ class Recovery:
     setup_s: float | dict[str, float] = field(default=0.0, metadata={
         "help": "seconds a survivor needs to set up its new windows (open, compile), per device or one value; "
                 "measured by the server at its start"})
-    reload: bool = field(default=True, metadata={"help": "read the layers that moved to a survivor from its disk"})
+    reload: Literal["all", "moved", "none"] = field(default="moved", metadata={
+        "help": "what a survivor reads from its disk before serving again: its whole resident window (a cold "
+                "restart, as `primasim serve` does), only the layers that moved to it, or nothing"})
+    warmup: int = field(default=0, metadata={
+        "help": "short requests (a bucket's prompt, 2 tokens) the server runs before serving again "
+                "(`primasim serve` runs one per slot)"})
+    buckets: tuple[int, ...] = field(default=(), metadata={"help": "the server's compiled prompt lengths"})
 
 
 @dataclass
@@ -106,9 +112,10 @@ class ServeResult:
 class _Walker:
     """One forward pass of a ring (paper engine or primasim's runtime), by filled context."""
 
-    def __init__(self, ctx: SimContext, runtime: bool) -> None:
+    def __init__(self, ctx: SimContext, runtime: bool, buckets: tuple[int, ...] = ()) -> None:
         self.ctx = ctx
         self.runtime = runtime
+        self.buckets = sorted(buckets)
         if runtime:
             from ._runtime import RuntimeRing
 
@@ -122,6 +129,8 @@ class _Walker:
     def step(self, n_tokens: int, filled: int, seq: int, token: int) -> Proc:
         """`n_tokens` new tokens of a sequence whose cache holds `filled` positions."""
         if self.runtime:
+            if filled == 0 and n_tokens > 1:  # the server pads a prompt to its next compiled length
+                n_tokens = next((b for b in self.buckets if b >= n_tokens), n_tokens)
             yield from self.rr.walk(n_tokens, filled, seq, token)
         else:
             yield from self.ring.walk(n_tokens, self.ring.n_kv(filled + n_tokens), seq, token)
@@ -274,7 +283,7 @@ def _mode_for(entry: SystemEntry, mode: str | None, runtime: bool, plan: Plan) -
 
 def _run_phase(system: str, entry: SystemEntry, model: ModelSpec, cluster: ClusterSpec, plan: Plan,
                cfg: SimConfig, mode: str, slots: int, jobs: list[_Job], offset: float,
-               until: float | None, warm: bool) -> tuple[_Phase, SimContext, float]:
+               until: float | None, warm: bool, buckets: tuple[int, ...] = ()) -> tuple[_Phase, SimContext, float]:
     """Serve `jobs` on `plan` from phase-local time 0; stop at `until` (phase-local) or when done.
     Returns the phase, its context and the phase-local time the stream started (after warm-up)."""
     ctx = SimContext(system, model, cluster, plan, cfg)
@@ -283,7 +292,7 @@ def _run_phase(system: str, entry: SystemEntry, model: ModelSpec, cluster: Clust
     ph.remaining = len(jobs)
     if mode == "batch":
         return _run_bud(ph, entry, jobs, until), ctx, 0.0
-    walker = _Walker(ctx, runtime)
+    walker = _Walker(ctx, runtime, buckets)
     env = ctx.env
     started = env.event()
 
@@ -342,13 +351,14 @@ def serve_workload(system: str, model: ModelSpec, cluster: ClusterSpec, workload
                    plan: Plan | None = None, config: SimConfig | None = None, mode: str | None = None,
                    slots: int | None = None, slo: SLO | None = None, departure: Departure | None = None,
                    recovery: Recovery | None = None, replan: Callable[[ClusterSpec], Any] | None = None,
-                   **plan_options: Any) -> ServeResult:
+                   buckets: tuple[int, ...] = (), **plan_options: Any) -> ServeResult:
     """Serve `workload` with `system` on `cluster` (planned by the system's planner unless `plan`).
 
     `slots`: sequences in flight (slots mode) or the batch cap (continuous); default the plan's
     S option or the number of devices in the ring (slots), 4 (continuous). `config.runtime=True`
     models primasim's runtime (what `primasim serve` runs). `replan(survivors)` overrides how
-    the plan after a departure is made (default: the system's planner on the survivors)."""
+    the plan after a departure is made (default: the system's planner on the survivors).
+    `buckets`: the compiled prompt lengths of the server a runtime model pads prompts to."""
     cfg = config or SimConfig()
     entry = get_system(system)
     cfg = cfg.replace(prompt_tokens=max(cfg.prompt_tokens, workload.max_prompt),
@@ -380,12 +390,16 @@ def serve_workload(system: str, model: ModelSpec, cluster: ClusterSpec, workload
         departure = None
     try:
         if departure is None:
-            ph, ctx, t0 = _run_phase(system, entry, model, cluster, plan, cfg, m, n_slots, jobs, 0.0, None, True)
+            ph, ctx, t0 = _run_phase(system, entry, model, cluster, plan, cfg, m, n_slots, jobs, 0.0, None, True,
+                                     buckets)
             trace = _trace(ctx, t0)
             phases.append({"plan": plan.describe(), "start_s": 0.0, "devices": [d.name for d in plan.active]})
         else:
+            rcv = recovery or Recovery()
+            if buckets and not rcv.buckets:
+                rcv = replace(rcv, buckets=buckets)
             trace, rec_out = _with_departure(system, entry, model, cluster, plan, cfg, m, n_slots, jobs, departure,
-                                             recovery or Recovery(), replan, phases, plan_options)
+                                             rcv, replan, phases, plan_options)
     except _Infeasible as exc:
         return ServeResult(system, m, False, str(exc), plan, records, summarize(records, slo))
     for r in records:
@@ -404,19 +418,45 @@ def _trace(ctx: SimContext, t0: float) -> Trace:
     return ctx.trace
 
 
-def _moved_bytes(model: ModelSpec, old: Plan, new: Plan) -> dict[str, float]:
-    """Per survivor: bytes of the layers (and output layer) it holds in `new` but not in `old`."""
+def _reload_bytes(model: ModelSpec, old: Plan, new: Plan, cluster: ClusterSpec, cfg: SimConfig, slots: int,
+                  how: str) -> dict[str, float]:
+    """Per survivor, the bytes it reads before serving on `new`: its whole resident window (`all`,
+    a cold restart; the runtime model's residency decides what is resident) or only the layers it
+    did not hold in `old` (`moved`), plus the output layer on a new head."""
     def layers(p: Plan, name: str) -> set[int]:
         return {i for s in p.segments() if s.device == name for i in range(s.start, s.end)}
 
     out: dict[str, float] = {}
+    if how == "none":
+        return out
     for d in new.active:
-        gained = layers(new, d.name) - layers(old, d.name)
-        b = len(gained) * float(model.layer_bytes)
-        if d.name == new.devices[0].name and old.devices[0].name != d.name:
-            b += float(model.output_bytes + model.input_bytes)
+        head = d.name == new.devices[0].name
+        if how == "all":
+            if cfg.runtime:
+                from ._runtime import residency
+
+                r = residency(new, model, cluster.device(d.name).ram_avail, d.name,
+                              max_seq=max(new.n_ctx, cfg.prompt_tokens + cfg.tokens), in_flight=slots)
+                out[d.name] = float(r.resident_bytes)
+            else:
+                out[d.name] = len(layers(new, d.name)) * float(model.layer_bytes) + (model.output_bytes if head else 0.0)
+            continue
+        b = len(layers(new, d.name) - layers(old, d.name)) * float(model.layer_bytes)
+        if head and old.devices[0].name != d.name:
+            b += float(model.output_bytes)
         out[d.name] = b
     return out
+
+
+def _read_time(dev: Any, nbytes: float) -> float:
+    """Seconds to read `nbytes` from a device's disk from idle (a throttle's slices, as the runtime model)."""
+    if nbytes <= 0 or dev.disk_speed <= 0:
+        return 0.0
+    from types import SimpleNamespace
+
+    from ._runtime import DiskBucket
+
+    return DiskBucket(SimpleNamespace(spec=dev)).duration(0.0, nbytes)  # type: ignore[arg-type]
 
 
 def _with_departure(system: str, entry: SystemEntry, model: ModelSpec, cluster: ClusterSpec, plan: Plan,
@@ -428,7 +468,8 @@ def _with_departure(system: str, entry: SystemEntry, model: ModelSpec, cluster: 
     if mode == "batch":
         raise SpecError("a departure needs a multi-device ring; bud runs on one device", where="--depart",
                         fix="serve a ring system")
-    ph1, ctx1, t0 = _run_phase(system, entry, model, cluster, plan, cfg, mode, slots, jobs, 0.0, dep.time, True)
+    ph1, ctx1, t0 = _run_phase(system, entry, model, cluster, plan, cfg, mode, slots, jobs, 0.0, dep.time, True,
+                               rcv.buckets)
     trace = _trace(ctx1, t0)
     phases.append({"plan": plan.describe(), "start_s": 0.0, "end_s": dep.time,
                    "devices": [d.name for d in plan.active]})
@@ -462,12 +503,11 @@ def _with_departure(system: str, entry: SystemEntry, model: ModelSpec, cluster: 
     new_plan = new_plan.replace(n_ctx=max(new_plan.n_ctx, plan.n_ctx))
     if mode == "slots":
         new_plan = new_plan.replace(options={**new_plan.options, "S": slots})
-    moved = _moved_bytes(model, plan, new_plan) if rcv.reload else {}
+    moved = _reload_bytes(model, plan, new_plan, surv, cfg, slots, rcv.reload)
     setup = {}
     for d in new_plan.active:
         s = rcv.setup_s.get(d.name, 0.0) if isinstance(rcv.setup_s, dict) else float(rcv.setup_s)
-        rate = cluster.device(d.name).disk_speed
-        setup[d.name] = s + (moved.get(d.name, 0.0) / rate if rate > 0 else 0.0)
+        setup[d.name] = s + _read_time(cluster.device(d.name), moved.get(d.name, 0.0))
     t_setup = max(setup.values(), default=0.0)
     resume = dep.time + detect + replan_s + t_setup
     info.update(feasible=True, plan=new_plan.describe(), setup_s=t_setup, setup_by_device=setup,
@@ -475,15 +515,17 @@ def _with_departure(system: str, entry: SystemEntry, model: ModelSpec, cluster: 
     # phase 2: in-flight requests first (by admission), re-prefilled with what they produced
     order = sorted(left, key=lambda j: (0 if id(j) in in_flight or j.rec.n_out > 0 else 1,
                                         j.rec.admitted if j.rec.admitted is not None else math.inf, j.arrival))
-    jobs2 = []
+    jobs2 = [_Job(RequestRecord(-1 - i, 0.0, rcv.buckets[0] if rcv.buckets else 16, 2),
+                  rcv.buckets[0] if rcv.buckets else 16, 2, 0.0) for i in range(rcv.warmup)]
     for j in order:
         if j.rec.n_out > 0 or id(j) in in_flight:
             j.rec.restarts += 1
         jobs2.append(_Job(j.rec, j.rec.prompt_tokens + j.rec.n_out, j.left, max(0.0, j.arrival - resume)))
     # the queue is FIFO by arrival: restarted ones share time 0 and keep their order
-    ph2, ctx2, t0b = _run_phase(system, entry, model, surv, new_plan, cfg, mode, slots, jobs2, resume, None, False)
+    ph2, ctx2, t0b = _run_phase(system, entry, model, surv, new_plan, cfg, mode, slots, jobs2, resume, None, False,
+                                rcv.buckets)
     phases.append({"plan": new_plan.describe(), "start_s": resume, "devices": [d.name for d in new_plan.active]})
-    after = [t for j in jobs2 for t in j.rec.token_times if t >= resume]
+    after = [t for j in jobs2 if j.rec.rid >= 0 for t in j.rec.token_times if t >= resume]
     info["first_token_after_s"] = min(after) if after else None
     info["recovery_s"] = (min(after) - dep.time) if after else None
     _merge(trace, ctx2.trace, resume)
