@@ -70,8 +70,9 @@ class Recovery:
     detect_stall_s: float = field(default=5.0, metadata={
         "help": "a stalled link or silent device: the serve engine's link / heartbeat timeout"})
     replan_s: float | None = field(default=None, metadata={"help": "re-plan time; None = time the planner here"})
-    setup_s: float | dict[str, float] = field(default=0.0, metadata={
-        "help": "seconds a survivor needs to set up its new windows (open, compile), per device or one value; "
+    setup_s: float | dict[str, float] | Callable[[str, float, Plan], float] = field(default=0.0, metadata={
+        "help": "seconds a survivor needs to set up its new windows (spawn, compile, warm) besides its disk reads: "
+                "one value, per device, or fn(device, bytes it reads, new plan) -> seconds; "
                 "measured by the server at its start"})
     reload: Literal["all", "moved", "none"] = field(default="moved", metadata={
         "help": "what a survivor reads from its disk before serving again: its whole resident window (a cold "
@@ -506,7 +507,10 @@ def _with_departure(system: str, entry: SystemEntry, model: ModelSpec, cluster: 
     moved = _reload_bytes(model, plan, new_plan, surv, cfg, slots, rcv.reload)
     setup = {}
     for d in new_plan.active:
-        s = rcv.setup_s.get(d.name, 0.0) if isinstance(rcv.setup_s, dict) else float(rcv.setup_s)
+        if callable(rcv.setup_s):
+            s = float(rcv.setup_s(d.name, moved.get(d.name, 0.0), new_plan))
+        else:
+            s = rcv.setup_s.get(d.name, 0.0) if isinstance(rcv.setup_s, dict) else float(rcv.setup_s)
         setup[d.name] = s + _read_time(cluster.device(d.name), moved.get(d.name, 0.0))
     t_setup = max(setup.values(), default=0.0)
     resume = dep.time + detect + replan_s + t_setup
