@@ -61,7 +61,7 @@ MODEL = "llama-mini-300m"
 PROMPT, OUTPUT, N_CTX = 16, 16, 256
 BUCKETS = (16, 64)
 CALL_SCALE = 2.0  # experiments/fidelity.py's fitted global coefficient (fitted on its training configurations)
-LEVELS = (0.25, 0.45, 0.6, 0.75, 0.9, 1.1, 1.3)  # offered load / predicted capacity
+LEVELS = (0.15, 0.3, 0.45, 0.55, 0.65, 0.75, 0.9, 1.1, 1.3)  # offered load / predicted capacity
 N_REQUESTS = 32
 SEED = 11
 JOURNAL = RESULTS / "serve_runs.jsonl"
@@ -234,7 +234,7 @@ def run(resume: bool) -> None:
             recs = measure_level(srv, wl, model_id)  # type: ignore[arg-type]
             foreign = hl.stop()
             rec = {"level": f"{f:g}", "fraction": f, "rate": rate, "capacity_pred": cap, "load1_before": l0,
-                   "load1_after": _load1(), "foreign_cpu": foreign, "wall_s": time.time() - t0,
+                   "load1_after": _load1(), "foreign_cpu": foreign, "nice": os.nice(0), "wall_s": time.time() - t0,
                    "records": records_to_json(recs), "server_start": starts[0] if starts else None}
             jr.add(rec)
             s = summarize(recs)
@@ -342,7 +342,7 @@ def analyze() -> None:
         sm, sp = summarize(meas), summarize(sim.records)
         row = {"fraction": r["fraction"], "rate_req_s": r["rate"], "requests": len(meas), "completed": len(ok),
                "meas_throughput_req_s": sm["throughput_req_s"], "pred_throughput_req_s": sp["throughput_req_s"],
-               "load1": r["load1_before"]}
+               "load1": r["load1_before"], "foreign_cpu": r.get("foreign_cpu"), "nice": r.get("nice", 0)}
         for m in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
             for p in ("p50", "p90"):
                 mv, pv = sm[m][p], sp[m][p]
@@ -434,21 +434,25 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
         f"{MODEL} (f32 random weights) on home-emu with every window fitting its device, profiled inside the "
         f"emulation (`serve_cluster.toml`); plan {plan.describe()} (Halda on the profiled cluster), "
         f"{len(plan.active)} slots, prompts {PROMPT} tokens, {OUTPUT} generated (ignore_eos), Poisson arrivals, "
-        f"{N_REQUESTS} requests per level, replayed with the openai client (open loop). The simulator serves the "
+        f"{N_REQUESTS} requests per level, replayed with the openai client (open loop; profile, server and workers at "
+        f"nice {table[0]['nice'] if table else 0}, so that the emulated devices get their CPU quota on the shared "
+        f"host: the others' CPU share is in the last column). The simulator serves the "
         f"same arrivals (as sent) with the runtime model; nothing is fitted to these runs "
         f"(call_scale {CALL_SCALE:g} from experiments/fidelity.py).", "",
         f"Measured capacity (best throughput): {cap:.3f} req/s. A level is below saturation when its offered rate "
         f"is < 0.9 of it.", "",
         "| offered req/s | / capacity | done | TTFT P50 pred / meas ms | err % | TTFT P90 pred / meas | err % | "
-        "TPOT P50 pred / meas ms | err % | TPOT P90 pred / meas | err % | throughput pred / meas req/s | load1 |",
-        "|---" * 13 + "|"]
+        "TPOT P50 pred / meas ms | err % | TPOT P90 pred / meas | err % | throughput pred / meas req/s | load1 | "
+        "others' CPU % |",
+        "|---" * 14 + "|"]
     for t in table:
         cells = [f"{t['rate_req_s']:.3f}", f"{t['offered_over_capacity']:.2f}" + ("" if t["below_saturation"] else " (sat.)"),
                  f"{t['completed']}/{t['requests']}"]
         for m in ("ttft", "tpot"):
             for p in ("p50", "p90"):
                 cells += [f"{_fmt(t[f'pred_{m}_{p}'])} / {_fmt(t[f'meas_{m}_{p}'])}", _fmt(t[f"err_{m}_{p}"], 1)]
-        cells += [f"{_fmt(t['pred_throughput_req_s'], 3)} / {_fmt(t['meas_throughput_req_s'], 3)}", f"{t['load1']:.1f}"]
+        cells += [f"{_fmt(t['pred_throughput_req_s'], 3)} / {_fmt(t['meas_throughput_req_s'], 3)}", f"{t['load1']:.1f}",
+                  _fmt(100 * t["foreign_cpu"] if t["foreign_cpu"] is not None else None)]
         lines.append("| " + " | ".join(cells) + " |")
     if below:
         def worst(key: str) -> float:
@@ -498,6 +502,9 @@ def main() -> None:
     ap.add_argument("--results", default=None, help="write here instead of experiments/results (a trial run)")
     ap.add_argument("--requests", type=int, default=N_REQUESTS, help=f"requests per level ({N_REQUESTS})")
     ap.add_argument("--levels", default=None, help="offered load / predicted capacity, comma-separated")
+    ap.add_argument("--nice", type=int, default=-5,
+                    help="niceness of the profile, server and workers (-5: on a shared host the emulated devices get "
+                         "their CPU quota; the others' CPU share is recorded per level)")
     a = ap.parse_args()
     if a.results:
         RESULTS = Path(a.results)
@@ -508,6 +515,8 @@ def main() -> None:
     if a.analyze:
         analyze()
     else:
+        if a.nice:
+            os.nice(a.nice)
         run(a.resume)
 
 
