@@ -166,6 +166,24 @@ def test_runtime_model_serves_slots_and_recovers() -> None:
     rec = serve_workload("prima", m, cl, wl, config=cfg, slots=3, departure=Departure(2.0, dev))
     _check_records(rec, wl)
     assert rec.recovery["feasible"] and rec.recovery["moved_bytes"]
+    # a cold restart (what `primasim serve` does): every survivor reads its whole window, set-up given as a
+    # function of what it reads; prompts padded to the server's compiled lengths; warm-up requests first
+    seen: list[tuple[str, float]] = []
+
+    def setup(name: str, nbytes: float, new_plan) -> float:  # type: ignore[no-untyped-def]
+        seen.append((name, nbytes))
+        assert name in {d.name for d in new_plan.active}
+        return 1.0 + nbytes / 1e9
+
+    cold = serve_workload("prima", m, cl, wl, config=cfg, slots=3, departure=Departure(2.0, dev), buckets=(16, 64),
+                          recovery=Recovery(setup_s=setup, reload="all", warmup=3))
+    _check_records(cold, wl)
+    rc = cold.recovery
+    assert {n for n, _ in seen} == set(rc["setup_by_device"]) and all(b > 0 for _, b in seen)
+    assert sum(b for _, b in seen) >= sum(rec.recovery["moved_bytes"].values())  # all >= what moved
+    assert all(s >= 1.0 + b / 1e9 for (n, b), s in zip(seen, rc["setup_by_device"].values()))
+    assert rc["recovery_s"] >= rc["detect_s"] + rc["replan_s"] + rc["setup_s"]
+    assert rc["recovery_s"] > rec.recovery["recovery_s"]
 
 
 def test_cli_workload_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
