@@ -12,6 +12,17 @@ Regimes: memory-short (devices stream part of every layer from disk every token)
 batched decode (Bud). Planners: Halda (prima, global and prima.cpp's loop), the memory-ratio split
 (prima-no-halda), even splits with k = 1..4; prefetch on and off; 2-4 devices.
 
+The streaming regime (issue 15 part 6, `--only stream`): every device short of memory for its
+share of the model (variant `stream`), 2, 3 and 4 devices x residency planned and lru (both in one
+study, whatever --residency says) x even splits k = 1..4 with prefetch on, k = 1..4 with prefetch
+off, and Halda: 42 configurations, all held out, ranked per group (devices x residency). Meant
+for `--quant q4k` (the papers' Q4_K_M); it runs at f32 as well. Whether every device of a plan
+really streamed is checked per configuration (measured and predicted disk reads).
+
+Independent runs: `--runs N` repeats the whole study N times into <out>/run1..runN (each profiles
+its clusters afresh) and writes <out>/fidelity_spread.md (experiments/fidelity_spread.py): each
+run's errors and per-group Kendall tau, and their spread -- a fidelity figure is what re-runs give.
+
 What is fitted, and on what: the simulator's device figures all come from the profile (nothing per
 configuration). The only fitted quantities are the global runtime coefficients in `FIT`, fitted on
 the configurations of the named training subset (`TRAIN_GROUPS`) and applied unchanged to the
@@ -19,6 +30,7 @@ held-out ones; errors are reported for both.
 
     sudo .venv/bin/python experiments/fidelity.py                 # profile + run everything (~25 min)
     sudo .venv/bin/python experiments/fidelity.py --resume        # after a kill: run only what is missing
+    sudo .venv/bin/python experiments/fidelity.py --only stream --quant q4k --runs 3   # streaming regime
     python experiments/fidelity.py --analyze                      # re-simulate + report from the journal
 
 Writes experiments/results/fidelity.csv (one row per configuration), fidelity.md (the summary),
@@ -75,6 +87,10 @@ FOREIGN_RETRY = 0.30  # re-run a configuration once if other processes used more
 
 # The training subset: the only configurations the fitted coefficients see.
 TRAIN_GROUPS = ("short-2", "rich-4")
+# The streaming regime's memory for the model (MiB at f32, x MEMORY_SCALE like every variant): less
+# than a quarter of the model each, so every device streams even when four share it evenly
+STREAM_MEMORY = {"desktop": 224, "laptop": 192, "tablet": 128, "phone": 96}
+STREAM_TOKENS = 10  # streamed tokens are slow at f32 (seconds each); TPOT over 9 intervals
 
 
 # ----------------------------------------------------------------------------------- clusters
@@ -100,6 +116,8 @@ def _variant(name: str) -> ClusterSpec:
         net = NetworkSpec("switched", 8 * MBPS, 5 * MS, c.network.jitter, links, {"bandwidth_mbps": "fidelity: bw"},
                           contention="pair")
         return ClusterSpec("home-emu-bw", c.devices, net, c.head, "home-emu with slow links", c.path)
+    if name == "stream":  # every device short of its share of the model in every plan of 2-4 devices
+        return _with_memory(base, STREAM_MEMORY, "home-emu-stream")
     if name == "batch":  # one device that holds the whole model pinned, plus a KV pool
         c = _with_memory(base, {"desktop": 1536, "laptop": 768, "tablet": 512, "phone": 384}, "home-emu-batch")
         return c.subset(["desktop"])
@@ -128,6 +146,16 @@ class Config:
     prefetch: bool | None = None  # override the plan's
     S: int | None = None
     batch: int | None = None
+    residency: str | None = None  # planned | lru for this configuration (None: the study's --residency)
+    tokens: int | None = None  # tokens generated (None: TOKENS)
+
+    @property
+    def mode(self) -> str:
+        return self.residency or RESIDENCY
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens or TOKENS
 
     @property
     def split(self) -> str:
@@ -170,6 +198,23 @@ def configs() -> list[Config]:
     for b in (1, 2, 4, 8):
         out.append(Config(f"batch/b{b}", "batch", "batched decode", "batch", ("desktop",), "bud",
                           (("batch", b), ("device", "desktop"), ("max_len", 256)), batch=b))
+    out += stream_configs()
+    return out
+
+
+def stream_configs() -> list[Config]:
+    """The streaming regime: 2-4 devices x residency x (even k = 1..4, prefetch on and off; Halda)."""
+    out = []
+    for devs in (("desktop", "laptop"), ("desktop", "laptop", "tablet"), ("desktop", "laptop", "tablet", "phone")):
+        for mode in ("planned", "lru"):
+            group = f"stream-{len(devs)}-{mode}"
+            items: list[tuple[str, str, dict[str, Any], bool | None]] = [
+                *((f"even-k{k}", "even", {"k": k}, True) for k in (1, 2, 3, 4)),
+                *((f"even-k{k}-noprefetch", "even", {"k": k}, False) for k in (1, 2, 3, 4)),
+                ("halda", "prima", {}, None)]
+            for label, system, opts, pre in items:
+                out.append(Config(f"{group}/{label}", group, "streaming", "stream", devs, system,
+                                  tuple(opts.items()), pre, residency=mode, tokens=STREAM_TOKENS))
     return out
 
 
@@ -199,14 +244,23 @@ def simulate_config(cfg: Config, plan: Any, cl: ClusterSpec, fit: dict[str, floa
 
     model = load_model(MODEL, QUANT)
     requests = cfg.batch if cfg.batch else None
-    sim = predict(plan, model, _calibrated(cl, fit or {}), tokens=TOKENS, prompt_tokens=PROMPT, requests=requests,
-                  batch=cfg.batch, residency=RESIDENCY, **(switches or {}))
+    sim = predict(plan, model, _calibrated(cl, fit or {}), tokens=cfg.n_tokens, prompt_tokens=PROMPT,
+                  requests=requests, batch=cfg.batch, residency=cfg.mode, **(switches or {}))
     if not sim.feasible:
         raise RuntimeError(f"{cfg.name}: simulator: {sim.reason}")
     m = sim.metrics
     return {"tpot_ms": m.tpot_ms, "ttft_ms": m.ttft_ms, "throughput": m.throughput_tok_s,
             "disk_mb_per_token": sum(sim.trace.device_stats.get(d, {}).get("disk_read_bytes", 0.0)
-                                     for d in cl.names) / max(1, m.n_tokens) / 1e6}
+                                     for d in cl.names) / max(1, m.n_tokens) / 1e6,
+            "streaming": streaming_devices(plan, sim.trace.device_stats, m.n_tokens)}
+
+
+def streaming_devices(plan: Any, stats: dict[str, dict[str, float]], n_tokens: int) -> str:
+    """'streamed/active': devices with layers that read at least a tenth of a layer per token."""
+    layer = load_model(MODEL, QUANT).layer_bytes
+    active = [d.name for d in plan.active]
+    n = sum(1 for d in active if stats.get(d, {}).get("disk_read_bytes", 0.0) / max(1, n_tokens) >= 0.1 * layer)
+    return f"{n}/{len(active)}"
 
 
 def _calibrated(cl: ClusterSpec, fit: dict[str, float]) -> ClusterSpec:
@@ -230,8 +284,8 @@ def measure_config(cfg: Config, plan: Any, emu_cluster: ClusterSpec, weights: An
     cl = emu_cluster.subset(list(cfg.devices)) if len(cfg.devices) < len(emu_cluster.devices) else emu_cluster
     best = None
     for attempt in range(2):
-        run, host = measure(plan, weights, cl, tokens=TOKENS, prompt=prompt_ids(PROMPT, model.vocab),
-                            requests=cfg.batch, timeout=300, residency=RESIDENCY)
+        run, host = measure(plan, weights, cl, tokens=cfg.n_tokens, prompt=prompt_ids(PROMPT, model.vocab),
+                            requests=cfg.batch, timeout=300, residency=cfg.mode)
         m = metrics(run.trace)
         rec = {"tpot_ms": m.tpot_ms, "ttft_ms": m.ttft_ms, "throughput": m.throughput_tok_s,
                "disk_mb_per_token": sum(run.trace.device_stats.get(d, {}).get("disk_read_bytes", 0.0)
@@ -364,7 +418,22 @@ def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, se
         po = " < ".join(sub.sort_values(key, ascending=sign > 0)["label"])
         mo = " < ".join(sub.sort_values(mkey, ascending=sign > 0)["label"])
         lines.append(f"| {grp} ({'TPOT' if sign > 0 else 'throughput'}) | {len(sub)} | {tau:.2f} | {po} | {mo} |")
-    lines += ["", f"Mean tau over groups: {np.mean(taus):.2f} (target >= 0.9).", ""]
+    if taus:
+        lines += ["", f"Mean tau over groups: {np.mean(taus):.2f}, lowest {min(taus):.2f} (target >= 0.9 in every group).", ""]
+    stream = df[df["regime"] == "streaming"]
+    if len(stream):
+        lines += ["## Streaming regime per group (every device short of memory; median / P90 APE)", "",
+                  "| group | n | TPOT | TTFT | configurations where every device streamed (measured / predicted) |",
+                  "|---|---|---|---|---|"]
+        for grp, sub in stream.groupby("group", sort=False):
+            allm = sum(1 for v in sub["meas_streaming"] if _all_of(v))
+            allp = sum(1 for v in sub["pred_streaming"] if _all_of(v))
+            e, t = sub["ape_tpot_ms"].dropna(), sub["ape_ttft_ms"].dropna()
+            lines.append(f"| {grp} | {len(sub)} | {np.median(e):.1f} / {np.percentile(e, 90):.1f} | "
+                         f"{np.median(t):.1f} / {np.percentile(t, 90):.1f} | {allm} / {allp} of {len(sub)} |")
+        e = stream["ape_tpot_ms"].dropna()
+        lines += ["", f"Streaming regime, all {len(stream)}: TPOT {np.median(e):.1f} / {np.percentile(e, 90):.1f} "
+                  "(targets: median <= 5 %, P90 <= 10 %).", ""]
     if ablated:
         lines += ["## What each mechanism buys (ablation: same journal, same fit; median / P90 APE)", "",
                   *ablation_table(rows, ablated), "",
@@ -377,13 +446,20 @@ def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, se
               + (", ".join(f"`{k}` = {v:g}" for k, v in fitted.items()) or "nothing") + ".", ""]
     lines += ["## Every configuration", "",
               "| configuration | split | plan | TPOT pred / meas ms | err % | TTFT pred / meas ms | err % | "
-              "disk MB/token pred / meas | others' CPU |", "|---|---|---|---|---|---|---|---|---|"]
+              "disk MB/token pred / meas | devices streaming pred / meas | others' CPU |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['split']} | {r['plan']} | {r['pred_tpot_ms']:.1f} / {r['meas_tpot_ms']:.1f} | "
                      f"{r['err_tpot_ms']:+.1f} | {r['pred_ttft_ms']:.0f} / {r['meas_ttft_ms']:.0f} | "
                      f"{r['err_ttft_ms']:+.1f} | {r['pred_disk_mb_per_token']:.0f} / {r['meas_disk_mb_per_token']:.0f} | "
-                     f"{100 * r['foreign_cpu']:.0f} % |")
+                     f"{r['pred_streaming']} / {r['meas_streaming']} | {100 * r['foreign_cpu']:.0f} % |")
     return "\n".join(lines) + "\n"
+
+
+def _all_of(v: Any) -> bool:
+    """'n/m' with n == m > 0."""
+    a, _, b = str(v).partition("/")
+    return a.isdigit() and b.isdigit() and int(a) == int(b) > 0
 
 
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
@@ -431,6 +507,20 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- main
+def dry_run(cfgs: list[Config]) -> int:
+    """Plan and simulate every configuration on its variant's nominal figures (no profile, no run)."""
+    clusters = {v: variant(v) for v in sorted({c.variant for c in cfgs})}
+    short = 0
+    for c in cfgs:
+        plan, cl = make(c, clusters[c.variant])
+        p = simulate_config(c, plan, cl)
+        short += c.regime == "streaming" and not _all_of(p["streaming"])
+        print(f"{c.name:34s} {c.mode:7s} {plan.describe():60s} prefetch={plan.prefetch!s:5s} "
+              f"TPOT {p['tpot_ms']:8.1f} ms  disk {p['disk_mb_per_token']:6.0f} MB/token  streaming {p['streaming']}")
+    print(f"{len(cfgs)} configurations; streaming configurations where not every device streams: {short}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--analyze", action="store_true", help="no runs: re-simulate the journal and report")
@@ -443,12 +533,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--residency", default="planned", choices=("planned", "lru"), help="run and simulate with it")
     ap.add_argument("--memory-scale", type=float, default=0.0, help="scale every device's memory (default: the "
                     "weight file's size over the f32 model's, so each regime keeps its share of the model)")
+    ap.add_argument("--dry-run", action="store_true", help="no runs, no root: plan and simulate the selected "
+                    "configurations on the emulated clusters' nominal figures (checks a configuration set)")
+    ap.add_argument("--runs", type=int, default=1, help="independent runs of the whole study into <out>/run1..N, "
+                    "then their spread (<out>/fidelity_spread.md)")
     a = ap.parse_args(argv)
+    if a.runs < 1:
+        raise SystemExit("--runs must be >= 1")
     global QUANT, RESIDENCY, MEMORY_SCALE
     QUANT, RESIDENCY = a.quant, a.residency
     MEMORY_SCALE = a.memory_scale or load_model(MODEL, QUANT).total_bytes / load_model(MODEL, "f32").total_bytes
     out = Path(a.out or (RESULTS if (QUANT, RESIDENCY) == ("f32", "planned") else RESULTS / f"fidelity_{QUANT}_{RESIDENCY}"))
     out.mkdir(parents=True, exist_ok=True)
+    if a.dry_run:
+        return dry_run([c for c in configs() if not a.only or any(c.name.startswith(p) for p in a.only.split(","))])
+    if a.runs > 1:
+        import fidelity_spread
+
+        rest = list(argv if argv is not None else sys.argv[1:])
+        for flag in ("--runs", "--out"):  # each run gets its own directory
+            while flag in rest:
+                i = rest.index(flag)
+                del rest[i:i + 2]
+            rest = [x for x in rest if not x.startswith(flag + "=")]
+        for i in range(1, a.runs + 1):
+            print(f"=== run {i} of {a.runs} -> {out / f'run{i}'}", flush=True)
+            main([*rest, "--out", str(out / f"run{i}")])
+        print(fidelity_spread.spread(out))
+        return 0
     journal = out / "fidelity_runs.jsonl"
     cmd = "python experiments/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t_start = time.time()
@@ -456,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     done: dict[str, dict[str, Any]] = {}
     if a.analyze:  # read-only: a torn last line (a run killed mid-write) is skipped, not cut
         done = {j["name"]: j for j in read_journal(journal)}
-    variants = sorted({c.variant for c in cfgs})
+    # (analysis: only the variants the journal has configurations of)
+    variants = sorted({c.variant for c in cfgs if not a.analyze or c.name in done})
     profiled: dict[str, ClusterSpec] = {}
     if not a.analyze:
         from primasim.loop.validate import profile_cluster
@@ -514,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
                      "split": c.split, "plan": plan.describe(), "prefetch": plan.prefetch,
                      "plan_key": f"{plan.describe()} prefetch={plan.prefetch} S={c.S} batch={c.batch}",
                      **{f"meas_{k}": m[k] for k in ("tpot_ms", "ttft_ms", "throughput", "disk_mb_per_token")},
+                     "residency": c.mode, "meas_streaming": streaming_devices(plan, m.get("device_stats", {}), c.n_tokens),
                      "foreign_cpu": m["foreign_cpu"], "load1": m.get("load1", float("nan"))})
     fitted = fit(rows, plans, profiled) if any(r["split"] == "train" for r in rows) else {}
     for r in rows:
         p = simulate_config(CONFIGS[r["name"]], *plans[r["name"]], fitted)
-        for k in ("tpot_ms", "ttft_ms", "throughput", "disk_mb_per_token"):
+        for k in ("tpot_ms", "ttft_ms", "throughput", "disk_mb_per_token", "streaming"):
             r[f"pred_{k}"] = p[k]
         for k in ("tpot_ms", "ttft_ms", "throughput"):
             r[f"ape_{k}"] = ape(r[f"pred_{k}"], r[f"meas_{k}"])
