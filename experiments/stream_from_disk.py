@@ -49,6 +49,34 @@ def device(memory_mib: float | None, disk_mbs: float) -> Any:
          "cpu_gflops": {"f32": 10}, "disk_seq_gbs": 1, "emulate": em}]}, "one")
 
 
+def sim_device(limit: float, disk_mbs: float) -> Any:
+    """The emulated device as the simulator sees it: the model's memory = the limit (the worker's
+    own footprint is outside it, as in the cgroup), the disk at its throttle (else 1 GB/s)."""
+    from primasim.core.cluster import cluster_from_toml
+    from primasim.core.units import GiB
+
+    disk = disk_mbs / 1e3 if disk_mbs > 0 else 1.0
+    return cluster_from_toml({"name": "one", "network": {"kind": "switched"}, "devices": [
+        {"name": "dev", "os": "linux", "cores": 2, "ram_total_gib": 4, "ram_avail_gib": limit / GiB, "ram_bw_gbs": 10,
+         "cpu_gflops": {"f32": 10}, "disk_seq_gbs": disk}]}, "one")
+
+
+def predict(spec: Any, limit: float, mode: str, a: argparse.Namespace) -> dict[str, float]:
+    """The simulator's runtime model of the same run: disk bytes per token and resident weights
+    (decided by the policy, so comparable across hosts; its TPOT needs a profiled device, so
+    it is not reported here -- `primasim validate` compares that)."""
+    from primasim.loop.validate import runtime_model
+    from primasim.sim import SimConfig, simulate
+
+    plan = plan_for(spec)
+    cfg = SimConfig(runtime=True, tokens=a.tokens, prompt_tokens=len(PROMPT), warmup=False, residency=mode)
+    res = simulate(plan.system, runtime_model(spec), sim_device(limit, a.disk_mbs), plan=plan, config=cfg)
+    st = res.trace.device_stats.get("dev", {})
+    r = res.extra.get("residency", {}).get("dev", {})
+    return {"sim_disk_read_mb_per_token": st.get("disk_read_bytes", 0.0) / max(1, res.metrics.n_tokens) / 1e6,
+            "sim_resident_mb": float(r.get("resident_bytes", 0.0)) / 1e6, "sim_residency": str(r.get("mode", ""))}
+
+
 def plan_for(spec: Any) -> Any:
     from primasim.core.plan import DevicePlan, Plan
 
@@ -93,6 +121,7 @@ def one(cfg: str, a: argparse.Namespace) -> list[dict[str, Any]]:
         out = res.to_json()
         st = res.trace.device_stats["dev"]
         row.update(out["devices"]["dev"])
+        row.update(predict(ckpt.spec, limit, mode, a))
         row.update({"same_tokens": res.token_ids == ref.token_ids, "tpot_ms": out["tpot_ms"],
                     "cg_limit_bytes": st.get("cg_mem_limit"), "cg_peak_bytes": st.get("cg_mem_max_usage"),
                     "footprint_bytes": st.get("cg_mem_limit", 0.0) - limit,
@@ -100,7 +129,7 @@ def one(cfg: str, a: argparse.Namespace) -> list[dict[str, Any]]:
                     "seconds": time.time() - t0, "load1": os.getloadavg()[0]})
         rows.append(row)
         print(f"  {mode}: same tokens {row['same_tokens']}, TPOT {row['tpot_ms']:.1f} ms, disk "
-              f"{row['disk_read_mb_per_token']:.1f} MB/token, anon {row['anon_mb']:.1f} MB, file {row['file_mb']:.1f} MB "
+              f"{row['disk_read_mb_per_token']:.1f} MB/token (simulated {row['sim_disk_read_mb_per_token']:.1f}), anon {row['anon_mb']:.1f} MB, file {row['file_mb']:.1f} MB "
               f"(limit {limit / 1e6:.0f} MB; cgroup peak {st.get('cg_mem_max_usage', 0) / 1e6:.0f} of "
               f"{st.get('cg_mem_limit', 0) / 1e6:.0f} MB)", flush=True)
     return rows
@@ -114,7 +143,7 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
              + (f", disk throttled to {a.disk_mbs:.0f} MB/s" if a.disk_mbs else ", disk not throttled")
              + f"; {a.tokens} greedy tokens; load1 {os.getloadavg()[0]:.1f}.", "",
              "| model:format | file | f32 size | limit | residency | same tokens as unlimited | TPOT | disk MB/token "
-             "| anon MB | file MB | cgroup peak / limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(simulated) | anon MB | file MB | cgroup peak / limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['config']} | skipped: {r['skipped']} |||||||||| ")
@@ -127,8 +156,9 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
         cg = (f"{r['cg_peak_bytes'] / 1e6:.0f} / {r['cg_limit_bytes'] / 1e6:.0f} MB" if r.get("cg_limit_bytes")
               else "-")
         mode = r["mode"] + (f" ({r['residency']})" if r.get("residency") else "")
+        sim = f"{r['sim_disk_read_mb_per_token']:.1f}" if "sim_disk_read_mb_per_token" in r else "-"
         lines.append(f"| {r['config']} | {r['file_bytes'] / 1e6:.0f} MB | {r['f32_bytes'] / 1e9:.2f} GB | {lim} | {mode} "
-                     f"| {r['same_tokens']} | {r['tpot_ms']:.1f} ms | {r['disk_read_mb_per_token']:.1f} | "
+                     f"| {r['same_tokens']} | {r['tpot_ms']:.1f} ms | {r['disk_read_mb_per_token']:.1f} ({sim}) | "
                      f"{r['anon_mb']:.1f} | {r['file_mb']:.1f} | {cg} |")
     return "\n".join(lines) + "\n"
 
