@@ -53,9 +53,11 @@ def inproc_main(path: str, tokens: int) -> None:
     ckpt = open_checkpoint(path)
     params = load_params(ckpt, range(ckpt.spec.n_layers), embed=True, head=True)
     generate(params, PROMPT, 4, max_seq=1024)  # compile the prefill and the first span bucket
+    cpu0 = time.process_time()  # every thread of this process (XLA's included)
     g = generate(params, PROMPT, tokens, max_seq=1024)
+    cpu = time.process_time() - cpu0
     print(json.dumps({"tpot_ms": 1e3 * float(np.median(g.step_s)), "tokens": g.tokens,
-                      "steps_ms": [1e3 * s for s in g.step_s]}))
+                      "cpu_ms_per_token": 1e3 * cpu / tokens, "steps_ms": [1e3 * s for s in g.step_s]}))
 
 
 def inproc(path: Path, tokens: int) -> dict[str, Any]:
@@ -100,7 +102,11 @@ def decompose(tr: dict[str, Any], n_tokens: int) -> dict[str, Any]:
             "outside_mean_ms": statistics.mean(r[2] for r in decode) * 1e3,
             "thread_cpu_ms_per_token": other, "compute_cpu_ms_per_token": {
                 k: v / n_tokens * 1e3 for k, v in threads.items() if k in ("python", "tf_XLAEigen")},
-            "driver_cpu_ms_per_token": tr.get("meta", {}).get("driver_cpu_s", 0.0) / n_tokens * 1e3}
+            "driver_cpu_ms_per_token": tr.get("meta", {}).get("driver_cpu_s", 0.0) / n_tokens * 1e3,
+            # every worker thread + the driver: what a token costs in CPU, comparable with the
+            # in-process engine's whatever else the host runs (wall times are not, on a busy host)
+            "run_cpu_ms_per_token": (sum(threads.values()) + tr.get("meta", {}).get("driver_cpu_s", 0.0))
+            / n_tokens * 1e3}
 
 
 # ---------------------------------------------------------------------------- files
@@ -148,11 +154,14 @@ def main() -> int:
                        "load1_before": load0, "load1_after": load_avg(),
                        "other_processes_cpu_share": host.foreign_share, "command": rn["command"]}
                 row["overhead"] = row["run_tpot_ms"] / row["inproc_tpot_ms"] - 1
+                row["inproc_cpu_ms_per_token"] = ip["cpu_ms_per_token"]
+                row["cpu_overhead"] = row["run_cpu_ms_per_token"] / ip["cpu_ms_per_token"] - 1
                 row["outside_share"] = row["outside_ms"] / row["run_tpot_ms"]
                 rounds.append(row)
                 print(f"round {r} {name}: in-process {row['inproc_tpot_ms']:.1f} ms, run {row['run_tpot_ms']:.1f} ms "
                       f"({100 * row['overhead']:+.1f} %); outside the model call {row['outside_ms']:.2f} ms "
-                      f"({100 * row['outside_share']:.1f} % of TPOT); driver {row['driver_cpu_ms_per_token']:.2f} "
+                      f"({100 * row['outside_share']:.1f} % of TPOT); CPU/token {row['inproc_cpu_ms_per_token']:.1f} -> "
+                      f"{row['run_cpu_ms_per_token']:.1f} ms ({100 * row['cpu_overhead']:+.1f} %); driver {row['driver_cpu_ms_per_token']:.2f} "
                       f"ms CPU/token; same tokens {row['same_tokens']}; load {load0:.1f}", flush=True)
     out = Path(a.out)
     summary = summarize(rounds)
@@ -170,7 +179,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         rs = [r for r in rounds if r["file"] == name]
         out[name] = {k: statistics.median(r[k] for r in rs)
                      for k in ("inproc_tpot_ms", "run_tpot_ms", "overhead", "outside_ms", "outside_share",
-                               "driver_cpu_ms_per_token", "model_ms")}
+                               "driver_cpu_ms_per_token", "model_ms", "inproc_cpu_ms_per_token",
+                               "run_cpu_ms_per_token", "cpu_overhead")}
         out[name]["same_tokens"] = all(r["same_tokens"] for r in rs)
         threads: dict[str, list[float]] = {}
         for r in rs:
@@ -186,20 +196,26 @@ def report(rounds: list[dict[str, Any]], summary: dict[str, Any], a: argparse.Na
              f"{len(os.sched_getaffinity(0))} CPUs, {a.tokens} tokens, {a.rounds} rounds (in-process and run back to "
              "back per round; medians over rounds).", "",
              "| file | in-process TPOT | `primasim run` TPOT | run / in-process - 1 | outside the model call "
-             "| share of TPOT | driver CPU / token | same tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| share of TPOT | CPU / token in-process -> run (all threads) | driver CPU / token | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['inproc_tpot_ms']:.2f} ms | {s['run_tpot_ms']:.2f} ms | "
                      f"{100 * s['overhead']:+.1f} % | {s['outside_ms']:.3f} ms | {100 * s['outside_share']:.2f} % | "
+                     f"{s['inproc_cpu_ms_per_token']:.1f} -> {s['run_cpu_ms_per_token']:.1f} ms "
+                     f"({100 * s['cpu_overhead']:+.1f} %) | "
                      f"{s['driver_cpu_ms_per_token']:.3f} ms | {s['same_tokens']} |")
     lines += ["", "CPU per token of the threads that are not the compute (ms; they compete with XLA's threads):", ""]
     for name, s in summary.items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(s["thread_cpu_ms_per_token"].items())))
-    lines += ["", "## Rounds", "", "| round | file | in-process | run | overhead | outside | load1 before/after "
-              "| other processes' CPU |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Wall times (TPOT, run / in-process) are only comparable on a quiet host: see the rounds' load "
+              "and the share of the host's CPU other processes took. The time outside the model call (from the "
+              "run's own trace) and CPU per token (every thread, both sides) do not depend on what else runs.",
+              "", "## Rounds", "", "| round | file | in-process | run | overhead | outside | CPU overhead "
+              "| load1 before/after | other processes' CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         lines.append(f"| {r['round']} | {r['file']} | {r['inproc_tpot_ms']:.2f} | {r['run_tpot_ms']:.2f} | "
-                     f"{100 * r['overhead']:+.1f} % | {r['outside_ms']:.3f} ms | {r['load1_before']:.1f} / "
+                     f"{100 * r['overhead']:+.1f} % | {r['outside_ms']:.3f} ms | {100 * r['cpu_overhead']:+.1f} % | "
+                     f"{r['load1_before']:.1f} / "
                      f"{r['load1_after']:.1f} | {100 * r['other_processes_cpu_share']:.0f} % |")
     return "\n".join(lines) + "\n"
 

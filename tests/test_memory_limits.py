@@ -106,3 +106,21 @@ def test_a_model_larger_than_memory_streams_inside_a_limit_smaller_than_its_file
     assert dev["disk_read_mb_per_token"] * 1e6 > 0.2 * size  # streaming from disk every token
     assert dev["file_mb"] * 1e6 < limit  # what stays resident fits the limit
     assert f32 > 1.5 * limit
+    # the simulator's runtime model of the same device (memory = the limit, residency mode) reads
+    # what the run read: the planned stream, or the page cache's re-reads under lru (part 5)
+    sim = _simulate(ckpt.spec, limit, mode, tokens=8)
+    assert sim == pytest.approx(dev["disk_read_mb_per_token"] * 1e6, rel=0.25), (sim, dev)
+
+
+def _simulate(spec: ModelSpec, memory: float, mode: str, tokens: int) -> float:
+    """Disk bytes per token the simulator predicts for `_plan(spec)` on one device with `memory`
+    bytes for the model (the emulated device's limit on top of the runtime's footprint)."""
+    from primasim.loop.validate import runtime_model
+    from primasim.sim import SimConfig, simulate
+
+    cl = cluster_from_toml({"name": "mem", "network": {"kind": "switched"}, "devices": [
+        {"name": "dev", "os": "linux", "cores": 2, "ram_total_gib": 4, "ram_avail_gib": memory / (1 << 30),
+         "ram_bw_gbs": 10, "cpu_gflops": {"f32": 10}, "disk_seq_gbs": 1}]}, "mem")
+    cfg = SimConfig(runtime=True, tokens=tokens, prompt_tokens=len(PROMPT), warmup=False, residency=mode)
+    res = simulate("prima", runtime_model(spec), cl, plan=_plan(spec), config=cfg)
+    return float(res.trace.device_stats["dev"]["disk_read_bytes"]) / max(1, res.metrics.n_tokens)
