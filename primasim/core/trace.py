@@ -109,19 +109,8 @@ class Trace:
 
     def busy(self, device: str, resource: str, t0: float = 0.0, t1: float = math.inf) -> float:
         """Busy time of a resource, overlapping spans merged, clipped to [t0, t1]."""
-        iv = sorted((max(s.start, t0), min(s.end, t1)) for s in self.spans
-                    if s.device == device and s.resource == resource and s.end > t0 and s.start < t1)
-        total, cur_s, cur_e = 0.0, None, None
-        for s, e in iv:
-            if cur_e is None or s > cur_e:
-                if cur_e is not None:
-                    total += cur_e - cur_s
-                cur_s, cur_e = s, e
-            else:
-                cur_e = max(cur_e, e)
-        if cur_e is not None:
-            total += cur_e - cur_s
-        return total
+        return _merged_length([(s.start, s.end) for s in self.spans if s.device == device and s.resource == resource],
+                              t0, t1)
 
     # -------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +179,22 @@ class Metrics:
         return asdict(self)
 
 
+def _merged_length(intervals: list[tuple[float, float]], t0: float = 0.0, t1: float = math.inf) -> float:
+    """Length of the union of `intervals`, clipped to [t0, t1]."""
+    iv = sorted((max(a, t0), min(b, t1)) for a, b in intervals if b > t0 and a < t1)
+    total, cur_s, cur_e = 0.0, 0.0, None
+    for a, b in iv:
+        if cur_e is None or a > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
 def _nan_to_none(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
@@ -221,8 +226,11 @@ def metrics(trace: Trace) -> Metrics:
             pressure[d] = st["memory_pressure"]
         elif {"mem_total", "mem_avail_before", "mem_avail_min"} <= st.keys() and st["mem_total"] > 0:
             pressure[d] = max(0.0, (st["mem_avail_before"] - st["mem_avail_min"]) / st["mem_total"])
-    busy = {d: {r: (trace.busy(d, r, t_start, t_start + makespan) / makespan if makespan > 0 else 0.0)
-                for r in RESOURCES if any(s.device == d and s.resource == r for s in trace.spans)}
+    by_res: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for s in trace.spans:  # one pass over the spans (a long simulated run has millions)
+        by_res.setdefault((s.device, s.resource), []).append((s.start, s.end))
+    busy = {d: {r: (_merged_length(by_res[(d, r)], t_start, t_start + makespan) / makespan if makespan > 0 else 0.0)
+                for r in RESOURCES if (d, r) in by_res}
             for d in devices}
     gpu_util = {d: b["gpu"] for d, b in busy.items() if "gpu" in b}
     return Metrics(
