@@ -535,13 +535,15 @@ def main(argv: list[str] | None = None) -> int:
                     "weight file's size over the f32 model's, so each regime keeps its share of the model)")
     ap.add_argument("--dry-run", action="store_true", help="no runs, no root: plan and simulate the selected "
                     "configurations on the emulated clusters' nominal figures (checks a configuration set)")
+    ap.add_argument("--retry-above", type=float, default=FOREIGN_RETRY, help="re-run a configuration once (after "
+                    "20 s) when other processes used more than this share of the host's CPUs (1 = never)")
     ap.add_argument("--runs", type=int, default=1, help="independent runs of the whole study into <out>/run1..N, "
                     "then their spread (<out>/fidelity_spread.md)")
     a = ap.parse_args(argv)
     if a.runs < 1:
         raise SystemExit("--runs must be >= 1")
-    global QUANT, RESIDENCY, MEMORY_SCALE
-    QUANT, RESIDENCY = a.quant, a.residency
+    global QUANT, RESIDENCY, MEMORY_SCALE, FOREIGN_RETRY
+    QUANT, RESIDENCY, FOREIGN_RETRY = a.quant, a.residency, a.retry_above
     MEMORY_SCALE = a.memory_scale or load_model(MODEL, QUANT).total_bytes / load_model(MODEL, "f32").total_bytes
     out = Path(a.out or (RESULTS if (QUANT, RESIDENCY) == ("f32", "planned") else RESULTS / f"fidelity_{QUANT}_{RESIDENCY}"))
     out.mkdir(parents=True, exist_ok=True)
