@@ -87,9 +87,8 @@ FOREIGN_RETRY = 0.30  # re-run a configuration once if other processes used more
 
 # The training subset: the only configurations the fitted coefficients see.
 TRAIN_GROUPS = ("short-2", "rich-4")
-# The streaming regime's memory for the model (MiB at f32, x MEMORY_SCALE like every variant): less
-# than a quarter of the model each, so every device streams even when four share it evenly
-STREAM_MEMORY = {"desktop": 224, "laptop": 192, "tablet": 128, "phone": 96}
+# The streaming regime: the share of the weight file each device can hold (stream_memory_mib)
+STREAM_WEIGHTS = {"desktop": 0.16, "laptop": 0.13, "tablet": 0.08, "phone": 0.05}
 STREAM_TOKENS = 10  # streamed tokens are slow at f32 (seconds each); TPOT over 9 intervals
 
 
@@ -98,8 +97,21 @@ def variant(name: str) -> ClusterSpec:
     """The emulated cluster of one regime, derived from home-emu (memory x MEMORY_SCALE)."""
     from primasim.loop.validate import scale_memory
 
+    if name == "stream":  # sized from the weight file itself (the KV caches do not shrink with it)
+        return _with_memory(load_cluster("home-emu"), stream_memory_mib(), "home-emu-stream")
     c = _variant(name)
     return c if MEMORY_SCALE == 1.0 else scale_memory(c, MEMORY_SCALE)
+
+
+def stream_memory_mib() -> dict[str, int]:
+    """The streaming regime's memory per device: the runtime's anonymous memory for its share of
+    an even 4-device split (KV caches + activations) plus STREAM_WEIGHTS of the weight file -- less
+    than a quarter of the weights each, so every device of an even 2-4 device split streams."""
+    from primasim.core.runtime_facts import anon_reserve
+
+    m = load_model(MODEL, QUANT)
+    reserve = anon_reserve(m.n_layers // 4, N_CTX, m.n_kv_heads, m.head_dim)
+    return {d: math.ceil((reserve + f * m.total_bytes) / MiB) for d, f in STREAM_WEIGHTS.items()}
 
 
 def _variant(name: str) -> ClusterSpec:
@@ -116,8 +128,6 @@ def _variant(name: str) -> ClusterSpec:
         net = NetworkSpec("switched", 8 * MBPS, 5 * MS, c.network.jitter, links, {"bandwidth_mbps": "fidelity: bw"},
                           contention="pair")
         return ClusterSpec("home-emu-bw", c.devices, net, c.head, "home-emu with slow links", c.path)
-    if name == "stream":  # every device short of its share of the model in every plan of 2-4 devices
-        return _with_memory(base, STREAM_MEMORY, "home-emu-stream")
     if name == "batch":  # one device that holds the whole model pinned, plus a KV pool
         c = _with_memory(base, {"desktop": 1536, "laptop": 768, "tablet": 512, "phone": 384}, "home-emu-batch")
         return c.subset(["desktop"])
@@ -522,6 +532,7 @@ def dry_run(cfgs: list[Config]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global QUANT, RESIDENCY, MEMORY_SCALE, FOREIGN_RETRY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--analyze", action="store_true", help="no runs: re-simulate the journal and report")
     ap.add_argument("--only", default="", help="comma list of configuration name prefixes to run")
@@ -542,7 +553,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.runs < 1:
         raise SystemExit("--runs must be >= 1")
-    global QUANT, RESIDENCY, MEMORY_SCALE, FOREIGN_RETRY
     QUANT, RESIDENCY, FOREIGN_RETRY = a.quant, a.residency, a.retry_above
     MEMORY_SCALE = a.memory_scale or load_model(MODEL, QUANT).total_bytes / load_model(MODEL, "f32").total_bytes
     out = Path(a.out or (RESULTS if (QUANT, RESIDENCY) == ("f32", "planned") else RESULTS / f"fidelity_{QUANT}_{RESIDENCY}"))
