@@ -597,11 +597,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resuming: {len(done)} configurations in {journal}", flush=True)
         for v in variants:
             path = out / f"fidelity_cluster_{v}.toml"
-            if a.resume and path.exists():
+            # only the devices the selected configurations use are profiled (--only stream-2: two)
+            full = variant(v)
+            need = {d for c in cfgs if c.variant == v for d in c.devices}
+            vc = full.subset([n for n in full.names if n in need]) if need < set(full.names) else full
+            if a.resume and path.exists() and need <= set(load_cluster(path).names):
                 profiled[v] = load_cluster(path)
                 continue
-            print(f"profiling variant {v} ...", flush=True)
-            prof = profile_cluster(variant(v), weights, model, prompt_tokens=PROMPT, max_seq=N_CTX)
+            print(f"profiling variant {v} ({', '.join(vc.names)}) ...", flush=True)
+            prof = profile_cluster(vc, weights, model, prompt_tokens=PROMPT, max_seq=N_CTX)
             profiled[v] = prof.cluster
             atomic_write_with(path, prof.cluster.save)
         for i, c in enumerate(cfgs):
