@@ -384,7 +384,8 @@ def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, se
              f"{time.strftime('%Y-%m-%d %H:%M')} ({seconds:.0f} s). "
              f"Model {MODEL} ({QUANT} random weights, {load_model(MODEL, QUANT).total_bytes / 1e9:.2f} GB), "
              f"residency {RESIDENCY}, devices' memory x {MEMORY_SCALE:.3g}, prompt {PROMPT} tokens, {TOKENS} "
-             "generated.", ""]
+             f"generated (streaming regime: residency per configuration, {STREAM_TOKENS} generated, memory "
+             "by stream_memory_mib).", ""]
     metrics_ = [("TPOT", "tpot_ms"), ("TTFT", "ttft_ms"), ("throughput", "throughput")]
 
     def block(sub: Any) -> list[str]:
