@@ -60,6 +60,10 @@ def run_figures(df: pd.DataFrame) -> dict[str, float]:
         errs(sub, f"held-out, {reg}")
     for grp, sub in df[df["regime"] == "streaming"].groupby("group", sort=False):
         errs(sub, f"group {grp}")
+        if "ape_disk_mb_per_token" in sub:
+            d = sub["ape_disk_mb_per_token"].dropna()
+            if len(d):
+                f[f"disk MB/token median % | group {grp}"] = float(np.median(d))
     for grp, tau in group_tau(df).items():
         f[f"Kendall tau | {grp}"] = tau
     return f
