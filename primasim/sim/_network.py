@@ -64,6 +64,15 @@ class Network:
         self._egress: dict[str, float] = {}  # when the switch port to each device has drained its queue
         self.bytes_on: dict[tuple[str, str], float] = {}
         self.messages = 0
+        self._link_of: dict[tuple[str, str], tuple[float, float]] = {}  # (bandwidth, latency) per pair
+        self._air: dict[tuple[str, str, float], float] = {}
+
+    def link(self, a: str, b: str) -> tuple[float, float]:
+        """The spec's (bandwidth, latency) of a pair, looked up once (every message asks)."""
+        v = self._link_of.get((a, b))
+        if v is None:
+            v = self._link_of[(a, b)] = self.spec.link(a, b)
+        return v
 
     def _nic(self, dev: str, direction: str) -> Server:
         key = (dev, direction)
@@ -81,11 +90,11 @@ class Network:
             srv = self._links[key] = Server(self.env, device=a, resource="net", recorder=None)
             burst = self.spec.burst(a, b)
             if burst > 0 and self.buckets:
-                srv.throttle = LinkBucket(self.spec.link(a, b)[0], burst).duration
+                srv.throttle = LinkBucket(self.link(a, b)[0], burst).duration
         return srv
 
     def latency(self, a: str, b: str) -> float:
-        _, lat = self.spec.link(a, b)
+        _, lat = self.link(a, b)
         if not self.jitter or lat <= 0:
             return lat
         sd = self.spec.jitter
@@ -97,7 +106,7 @@ class Network:
         """Deliver `nbytes` from a to b (returns when the receiver has them)."""
         if a == b:
             return
-        bw, _ = self.spec.link(a, b)
+        bw, _ = self.link(a, b)
         t0 = self.env.now
         if overhead > 0:
             yield self.env.timeout(overhead)  # sender-side software cost (serialisation, RPC)
@@ -110,7 +119,10 @@ class Network:
             self._egress[b] = done
             yield self.env.timeout(done - self.env.now)
         else:
-            air = self.spec.airtime(a, b, nbytes) if self.frames else nbytes / bw
+            key = (a, b, nbytes)  # a run sends few distinct sizes: the airtime formula once each
+            air = self._air.get(key)
+            if air is None:
+                air = self._air[key] = self.spec.airtime(a, b, nbytes) if self.frames else nbytes / bw
             yield from self._server(a, b).serve(air)
         yield self.env.timeout(self.latency(a, b))
         self.messages += 1
