@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch: the CPU build that lies on this machine's disk (a bare "torch" would pull a CUDA build)
 	$(BIN)/pip install --quiet "torch==2.13.0"
+	# an install from before the setuptools move left an empty primasim/ here that shadows the sources
+	rm -rf $(VENV)/lib/python*/site-packages/primasim
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

@@ -1,7 +1,7 @@
 """Fidelity of the simulator against primasim's runtime on the emulated home cluster.
 
 Every configuration is planned on a *profiled* cluster (each device measured inside its emulated
-limits by `primasim.loop.validate.profile_cluster`), simulated as the runtime executes it
+limits by `primasim.loop.validate.calibrate.profile_cluster`), simulated as the runtime executes it
 (`SimConfig(runtime=True)`) and run on the emulated cluster (`primasim.runtime.head.run_plan`). Reported,
 as the simulators of reference §2 do (Vidur, BLIS, LLMServingSim): per metric the median and P90
 absolute percentage error, per regime and per split (fitted vs held out), and whether the
@@ -69,7 +69,7 @@ from primasim.core.io import (
     atomic_write_with,
     read_journal,
 )
-from primasim.core.model import load_model
+from primasim.core.model_sources import load_model
 from primasim.core.units import MBPS, MS, MiB
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -231,8 +231,8 @@ def stream_configs() -> list[Config]:
 # ----------------------------------------------------------------------------------- one configuration
 def make(cfg: Config, profiled: ClusterSpec) -> Any:
     """The plan of a configuration on the profiled cluster (runtime memory accounting)."""
-    from primasim.loop.validate import runtime_model
-    from primasim.plan.planners import make_plan
+    from primasim import make_plan
+    from primasim.core.runtime_facts import runtime_model
 
     model = runtime_model(load_model(MODEL, QUANT))
     cl = profiled.subset(list(cfg.devices)) if len(cfg.devices) < len(profiled.devices) else profiled
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = sorted({c.variant for c in cfgs if not a.analyze or c.name in done})
     profiled: dict[str, ClusterSpec] = {}
     if not a.analyze:
-        from primasim.loop.validate import profile_cluster
+        from primasim.loop.validate.calibrate import profile_cluster
         from primasim.runtime.head import cached_random_weights
 
         model = load_model(MODEL, QUANT)

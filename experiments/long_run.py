@@ -179,9 +179,9 @@ print(json.dumps({{"anon_delta": anon() - a0,
 
 def run_cluster(path: Path, cluster_name: Any, tokens: int, k: int, interval: float, emulate: bool,
                 prompt: list[int] = PROMPT) -> dict[str, Any]:
+    from primasim import make_plan
     from primasim.core.cluster import load_cluster
-    from primasim.loop.validate import runtime_model
-    from primasim.plan.planners import make_plan
+    from primasim.core.runtime_facts import runtime_model
     from primasim.runtime.head import RunOptions, open_weights, run_plan
 
     ckpt = open_weights(path)

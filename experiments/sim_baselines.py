@@ -17,9 +17,8 @@ import argparse
 import warnings
 from pathlib import Path
 
-from primasim import load_model
+from primasim import load_model, make_plan
 from primasim.core.io import atomic_csv_rows, atomic_write_text
-from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, simulate
 from primasim.sim._testbeds import bud_xeon, mdi_jetsons, pipo_laptop
 

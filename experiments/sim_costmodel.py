@@ -13,12 +13,11 @@ import argparse
 import warnings
 from pathlib import Path
 
-from primasim import load_model
+from primasim import load_model, make_plan
 from primasim.core.cluster import ClusterSpec, NetworkSpec, load_cluster
 from primasim.core.io import atomic_csv_rows, atomic_write_text
 from primasim.core.plan import DevicePlan, Plan
 from primasim.plan.cost import predict_tpot
-from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, simulate
 from primasim.sim._testbeds import prefetch_pair
 

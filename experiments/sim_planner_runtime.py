@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fidelity as F  # noqa: E402
 
+from primasim import make_plan  # noqa: E402
 from primasim.core.cluster import load_cluster  # noqa: E402
 from primasim.core.io import Journal, atomic_csv, atomic_write_text  # noqa: E402
-from primasim.core.model import load_model  # noqa: E402
-from primasim.loop.validate import measure, predict, prompt_ids, runtime_model  # noqa: E402
-from primasim.plan.planners import make_plan  # noqa: E402
+from primasim.core.model_sources import load_model
+from primasim.core.runtime_facts import runtime_model  # noqa: E402
+from primasim.loop.validate import measure, predict, prompt_ids  # noqa: E402
 
 CASES = [("short", ("desktop", "laptop", "tablet", "phone")), ("short", ("desktop", "laptop", "tablet")),
          ("short", ("desktop", "laptop")), ("rich", ("desktop", "laptop", "tablet", "phone")),

@@ -22,10 +22,9 @@ import time
 import warnings
 from pathlib import Path
 
-from primasim import load_model
+from primasim import load_model, make_plan
 from primasim.core.cluster import load_cluster
 from primasim.core.io import atomic_csv_rows, atomic_write_text
-from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, sim_plan, simulate
 
 MODELS = ["llama3-8b", "llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b"]

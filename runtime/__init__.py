@@ -8,36 +8,53 @@ This package's model and checkpoint half (the workers, wire format and emulated 
 - `prefetch(ranges)`: madvise(WILLNEED) over `Checkpoint.layer_ranges(...)`.
 - `load_tokenizer` / `Tokenizer` / `StreamDecoder`: GGUF and tokenizer.json vocabularies as llama.cpp
   reads them, and streamed text.
+
+Importing this package loads neither JAX nor the checkpoint readers: the names below load their
+module on first use, so a worker starts listening, and `primasim keys`, the profiler's network
+probe and the emulator run, without JAX (the modules themselves import at their top).
 """
 
-from ._kvcache import KVPoolExhausted as KVPoolExhausted, PagedKVPool as PagedKVPool
-from .checkpoint import (
-    Checkpoint as Checkpoint,
-    TensorInfo as TensorInfo,
-    build_tokenizer as build_tokenizer,
-    evict as evict,
-    open_checkpoint as open_checkpoint,
-    prefetch as prefetch,
-    resident_fraction as resident_fraction,
-    write_random_checkpoint as write_random_checkpoint,
-)
-from .model import (
-    Generation as Generation,
-    KVCache as KVCache,
-    KVStore as KVStore,
-    Params as Params,
-    embed as embed,
-    generate as generate,
-    init_kv as init_kv,
-    load_params as load_params,
-    logits as logits,
-    pin_params as pin_params,
-    rope_inv_freq as rope_inv_freq,
-    run_layers as run_layers,
-    sample as sample,
-)
-from .tokenizer import (
-    StreamDecoder as StreamDecoder,
-    Tokenizer as Tokenizer,
-    load_tokenizer as load_tokenizer,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {  # name -> module that defines it
+    "KVPoolExhausted": "._kvcache",
+    "PagedKVPool": "._kvcache",
+    "Checkpoint": ".checkpoint",
+    "TensorInfo": ".checkpoint",
+    "build_tokenizer": ".checkpoint",
+    "evict": ".checkpoint",
+    "open_checkpoint": ".checkpoint",
+    "prefetch": ".checkpoint",
+    "resident_fraction": ".checkpoint",
+    "write_random_checkpoint": ".checkpoint",
+    "Generation": ".model",
+    "KVCache": ".model",
+    "KVStore": ".model",
+    "Params": ".model",
+    "embed": ".model",
+    "generate": ".model",
+    "init_kv": ".model",
+    "load_params": ".model",
+    "logits": ".model",
+    "pin_params": ".model",
+    "rope_inv_freq": ".rope",
+    "run_layers": ".model",
+    "sample": ".model",
+    "StreamDecoder": ".tokenizer",
+    "Tokenizer": ".tokenizer",
+    "load_tokenizer": ".tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'primasim.runtime' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

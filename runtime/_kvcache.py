@@ -27,6 +27,7 @@ import numpy as np
 
 from primasim.core.errors import WorkerError
 from primasim.core.model import ModelSpec
+from primasim.core.runtime_facts import BLOCK_TOKENS, kv_bytes
 
 LayerKV = tuple[jax.Array, jax.Array]
 
@@ -38,7 +39,7 @@ class KVPoolExhausted(WorkerError):
 class PagedKVPool:
     """Per-layer block pools + free list + per-sequence block tables (a `KVStore` for run_layers)."""
 
-    def __init__(self, spec: ModelSpec, layers: Sequence[int], n_blocks: int, block_size: int = 16,
+    def __init__(self, spec: ModelSpec, layers: Sequence[int], n_blocks: int, block_size: int = BLOCK_TOKENS,
                  max_seq: int | None = None, *, abstract: bool = False) -> None:
         """`abstract`: shapes only (jax.ShapeDtypeStruct), to compile run_layers without allocating."""
         if n_blocks < 2 or block_size < 1:
@@ -65,7 +66,7 @@ class PagedKVPool:
     @property
     def block_bytes(self) -> int:
         """Bytes of one block over all layers of this pool (k and v)."""
-        return 2 * len(self.layers) * self.block_size * self.spec.n_kv_heads * self.spec.head_dim * 4
+        return kv_bytes(len(self.layers), self.block_size, self.spec.n_kv_heads, self.spec.head_dim)
 
     def blocks_needed(self, seq: Hashable, n_new: int) -> int:
         """Extra blocks `seq` needs to hold n_new more tokens."""

@@ -15,67 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from primasim.core.cgroups import UNLIMITED, Group, own_group
-
-
-def proc_io(pid: int | str = "self") -> dict[str, int]:
-    """/proc/<pid>/io as a dict (rchar, wchar, read_bytes, write_bytes, ...); {} if unreadable."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/io") as fh:
-            for line in fh:
-                k, v = line.split(":", 1)
-                out[k.strip()] = int(v)
-    except OSError:
-        pass
-    return out
-
-
-def proc_faults(pid: int | str = "self") -> tuple[int, int]:
-    """(minor, major) page faults of a process so far (all threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            raw = fh.read()
-    except OSError:
-        return 0, 0
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    fields = raw[raw.rindex(")") + 2:].split()
-    return int(fields[7]), int(fields[9])
-
-
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """Byte-valued lines of /proc/<pid>/status (VmRSS, RssAnon, RssFile, ...)."""
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                k, _, v = line.partition(":")
-                parts = v.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    out[k] = int(parts[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def meminfo() -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                k, v = line.split(":", 1)
-                out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
+from primasim.core.procfs import anon_bytes, meminfo, proc_faults, proc_status, read_bytes
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NAME = 15
@@ -88,57 +34,10 @@ def name_thread(name: str | None = None) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0)
 
 
-def thread_cpu(pid: int | str = "self") -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) so far of each thread of a process: tid -> (name, seconds)."""
-    out: dict[int, tuple[str, float]] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
-                raw = fh.read()
-        except OSError:
-            continue
-        f = raw[raw.rindex(")") + 2:].split()
-        sec = (int(f[11]) + int(f[12])) / tick
-        try:  # nanoseconds on the CPU (clock ticks are 10 ms: too coarse for a thread's share of a token)
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                sec = int(fh.read().split()[0]) / 1e9
-        except (OSError, ValueError, IndexError):
-            pass
-        out[int(tid)] = (raw[raw.index("(") + 1:raw.rindex(")")], sec)
-    return out
-
-
-def thread_cpu_since(before: dict[int, tuple[str, float]], pid: int | str = "self") -> dict[str, float]:
-    """CPU seconds per thread name since the `thread_cpu` snapshot `before` (threads of one name summed)."""
-    out: dict[str, float] = {}
-    for tid, (name, sec) in thread_cpu(pid).items():
-        out[name] = out.get(name, 0.0) + sec - (before[tid][1] if tid in before else 0.0)
-    return out
-
-
 def process_memory(pid: int | str = "self") -> dict[str, float]:
     """A process's anonymous and file-backed resident memory (RssAnon, RssFile), bytes."""
     st = proc_status(pid)
     return {"anon_bytes": float(st.get("RssAnon", 0)), "file_bytes": float(st.get("RssFile", 0))}
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def anon_bytes() -> int:
-    """This process's anonymous resident memory, cheaply (/proc/self/statm: resident - shared;
-    shared = file-backed + shmem pages), for sampling many times a second."""
-    try:
-        with open("/proc/self/statm") as fh:
-            f = fh.read().split()
-        return (int(f[1]) - int(f[2])) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 # ----------------------------------------------------------------------------------- cgroups
@@ -250,28 +149,14 @@ class IoCounter:
         self.reset()
 
     def reset(self) -> None:
-        self.read0 = proc_io().get("read_bytes", 0)
+        self.read0 = read_bytes()
         self.min0, self.maj0 = proc_faults()
 
     def read_bytes(self) -> int:
-        return proc_io().get("read_bytes", 0) - self.read0
+        return read_bytes() - self.read0
 
     def major_faults(self) -> int:
         return proc_faults()[1] - self.maj0
 
     def minor_faults(self) -> int:
         return proc_faults()[0] - self.min0
-
-
-def block_device_of(path: str | os.PathLike[str]) -> str | None:
-    """'MAJ:MIN' of the whole disk holding `path` (blkio throttles whole disks, not partitions)."""
-    st = os.stat(path)
-    maj, mnt = os.major(st.st_dev), os.minor(st.st_dev)
-    sys_dev = Path(f"/sys/dev/block/{maj}:{mnt}")
-    if not sys_dev.exists():
-        return None  # tmpfs, overlay on a non-block device, ...
-    real = sys_dev.resolve()
-    if (real / "partition").exists():
-        parent = real.parent
-        return (parent / "dev").read_text().strip()
-    return f"{maj}:{mnt}"

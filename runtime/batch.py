@@ -20,20 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
+from primasim.core import runtime_facts as facts
 from primasim.core.cgroups import UNLIMITED, own_group
+from primasim.core.errors import WorkerError
 
+from . import model as md
+from ._kvcache import PagedKVPool
 from .wire import MsgType
-
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def _bucket(n: int) -> int:
-    for b in BUCKETS:
-        if n <= b:
-            return b
-    return n
 
 
 @dataclass
@@ -48,7 +44,7 @@ class Req:
 
 def block_tokens(options: dict[str, Any]) -> int:
     """Tokens per KV block: the plan's Bud tile size (``tile_tokens``), 16 by default."""
-    return int(options.get("tile_tokens", 16))
+    return int(options.get("tile_tokens", facts.BLOCK_TOKENS))
 
 
 def kv_budget(options: dict[str, Any]) -> float | None:
@@ -60,7 +56,7 @@ def kv_budget(options: dict[str, Any]) -> float | None:
     if g is not None:
         limit = g.memory_max()
         if limit < UNLIMITED // 2:
-            return 0.5 * max(0, limit - g.memory_current())
+            return facts.KV_POOL_SHARE * max(0, limit - g.memory_current())
     return None
 
 
@@ -69,8 +65,6 @@ class BatchServer:
 
     def __init__(self, stage: Any, obj: dict[str, Any], rec: Any, emit: Callable[[MsgType, dict[str, Any]], None],
                  io: Any, mem: Any, pool: Any = None) -> None:
-        from .model import run_layers  # noqa: F401 - fail early if the model is missing
-
         self.stage, self.rec, self.emit, self.io, self.mem = stage, rec, emit, io, mem
         self.opts = obj
         o = dict(obj.get("options", {}))
@@ -89,19 +83,17 @@ class BatchServer:
             self.max_seq = int(obj["setup_max_seq"])  # the table width the warm-up compiled
         per_req = -(-need // self.block)
         spec = stage.spec
-        block_bytes = 2 * len(stage.layers) * self.block * spec.n_kv_heads * spec.head_dim * 4
+        block_bytes = facts.kv_bytes(len(stage.layers), self.block, spec.n_kv_heads, spec.head_dim)
         budget = kv_budget(o)
         if budget is None:
             n_blocks = 1 + per_req * min(len(self.waiting), self.max_batch)
         else:
             n_blocks = int(budget // block_bytes)
         if n_blocks - 1 < per_req:
-            from primasim.core.errors import WorkerError
 
             raise WorkerError(f"the KV pool ({n_blocks} blocks of {self.block} tokens, {budget or 0:.0f} bytes) "
                               f"cannot hold one request of {need} tokens", where="batch",
                               fix="give the device more memory or shorten the requests")
-        from ._kvcache import PagedKVPool
 
         if (pool is not None and pool.n_blocks == n_blocks and pool.block_size == self.block
                 and pool.max_seq == self.max_seq and not pool.sequences()):
@@ -137,7 +129,6 @@ class BatchServer:
     # -------------------------------------------------------------------- compute
     def _forward(self, seqs: list[int | None], ids: np.ndarray, n_new: int) -> np.ndarray:
         """Run every window for tokens `ids` (B, T) of `seqs` (None = padding); logits (B, V)."""
-        from . import model as md
 
         pos = self.pool.prepare(seqs, n_new)
         params = self.stage.params
@@ -173,13 +164,12 @@ class BatchServer:
                     self.running.append(r)
             if not self.running:
                 if self.waiting and not self._admit_possible():
-                    from primasim.core.errors import WorkerError
 
                     raise WorkerError("a waiting request can never be admitted", where="batch",
                                       fix="give the device more memory")
                 continue
             self.stats["max_running"] = max(self.stats["max_running"], len(self.running))
-            b = _bucket(len(self.running))
+            b = facts.batch_bucket(len(self.running))
             seqs: list[int | None] = [r.seq for r in self.running] + [None] * (b - len(self.running))
             ids = np.zeros((b, 1), np.int32)
             ids[:len(self.running), 0] = [r.last for r in self.running]
@@ -210,13 +200,11 @@ class BatchServer:
         None otherwise (the pool is then sized from the memory left when generation starts)."""
         if not options.get("kv_bytes"):
             return None
-        import jax
 
-        from ._kvcache import PagedKVPool
 
         block = block_tokens(options)
         sp = stage.spec
-        n_blocks = int(float(options["kv_bytes"]) // (2 * len(stage.layers) * block * sp.n_kv_heads * sp.head_dim * 4))
+        n_blocks = int(float(options["kv_bytes"]) // facts.kv_bytes(len(stage.layers), block, sp.n_kv_heads, sp.head_dim))
         if n_blocks < 2:
             return None
         pool = PagedKVPool(sp, stage.layers, n_blocks=n_blocks, block_size=block, max_seq=max_seq)
@@ -224,21 +212,19 @@ class BatchServer:
         return pool
 
     @staticmethod
-    def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = 16, *, max_seq: int | None = None,
+    def warmup(stage: Any, lengths: list[int], max_batch: int, block: int = facts.BLOCK_TOKENS, *, max_seq: int | None = None,
                kv_bytes: float | None = None, pool: Any = None) -> None:
         """Compile the prefill shapes and every decode bucket up to max_batch, without running them
         (no weight read, no pool allocated: set-up comes before the device's memory limit). Given
         the pool's size (`kv_bytes`, as the run's options give it) and `max_seq`, the shapes are the
         run's own, so nothing compiles during generation. Given the run's `pool` (at LOAD, on the
         stage's zero weights), the same shapes are run once instead (XLA's first executions)."""
-        from . import model as md
-        from ._kvcache import PagedKVPool
 
         longest = max(lengths) + 1
         n_blocks = 1 + -(-longest // block) * max(1, max_batch)
         if kv_bytes:  # the run's pool (preallocate's formula): its shapes are the ones to compile
             sp = stage.spec
-            n_blocks = max(2, int(float(kv_bytes) // (2 * len(stage.layers) * block * sp.n_kv_heads * sp.head_dim * 4)))
+            n_blocks = max(2, int(float(kv_bytes) // facts.kv_bytes(len(stage.layers), block, sp.n_kv_heads, sp.head_dim)))
         only = pool is None
         if pool is None:
             pool = PagedKVPool(stage.spec, stage.layers, n_blocks=n_blocks, block_size=block,
@@ -249,8 +235,8 @@ class BatchServer:
             for s, e in stage.windows:
                 x, pool = md.run_layers(stage.params, pool, x, pos, range(s, e), compile_only=only)
             md.head(stage.params, x[:, -1:], compile_only=only)
-        for b in BUCKETS:
-            if b > _bucket(max_batch):
+        for b in facts.BATCH_BUCKETS:
+            if b > facts.batch_bucket(max_batch):
                 break
             pos = pool.padding(b)
             x = md.embed(stage.params, np.zeros((b, 1), np.int32), compile_only=only)

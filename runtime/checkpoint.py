@@ -12,6 +12,9 @@ Names are GGUF's (`blk.{i}.attn_q.weight`, ...) whatever the format; shapes are 
 One difference is kept, not hidden: llama.cpp's converter permutes the rows of `attn_q`/`attn_k` of
 Llama models for its interleaved RoPE; `Checkpoint.qk_interleaved` says so and the model undoes the
 permutation on the activations (cheap) instead of copying the weights.
+
+Longer than ~600 lines: safetensors and GGUF readers and writers behind one Checkpoint; issue 14
+(quantised kernels, tokenizer) is reworking it, and splits it by format.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from primasim.core.errors import CheckpointError, SpecError
-from primasim.core.model import ModelSpec, Tensor, from_gguf, from_hf_config, read_gguf_header
+from primasim.core.model import ModelSpec, Tensor
+from primasim.core.model_sources import from_gguf, from_hf_config, read_gguf_header
+
+from .rope import rope_inv_freq
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -589,8 +595,6 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _rope_freq_factors(spec: ModelSpec) -> np.ndarray | None:
     """llama.cpp's rope_freqs.weight for Llama 3 rope scaling: base / scaled inverse frequencies."""
-    from .model import rope_inv_freq
-
     if spec.rope_scaling is None:
         return None
     base = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)

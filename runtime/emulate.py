@@ -26,10 +26,15 @@ with SIGKILL leaves a record and the next start (or `cleanup_stale()`, ``primasi
 removes the leftovers. Workers die with their parent (PR_SET_PDEATHSIG) and also exit when the
 driver's heartbeat stops. Without root the cluster runs plain processes on 127.0.0.1 and
 `limitations` says what it could not emulate.
+
+Longer than ~600 lines: the emulated cluster's whole life cycle (cgroups, namespaces, shaped links,
+worker processes, clean-up after a crash, the `enter` launcher) under one lock file and one state
+file; being reworked under issue 14 (residency, memory limits before set-up), split after that.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import json
@@ -50,7 +55,8 @@ from typing import Any
 
 from primasim.core import cgroups
 from primasim.core.cluster import ClusterSpec
-from primasim.core.errors import EmulationError
+from primasim.core.errors import EmulationError, WorkerError
+from primasim.core.procfs import block_device_of
 from primasim.core.units import MBPS, MiB
 
 PREFIX = "primasim-e"
@@ -465,7 +471,6 @@ class EmulatedCluster:
 
     def wait_ready(self, name: str, timeout: float) -> dict[str, Any]:
         """The endpoints a spawned worker bound, once it is listening (or WorkerError)."""
-        from primasim.core.errors import WorkerError
 
         ed = self.devices[name]
         assert ed.process is not None and ed.ready_path is not None
@@ -602,8 +607,6 @@ class EmulatedCluster:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _install_handlers(self) -> None:
-        import atexit
-
         atexit.register(self.close)
         if threading.current_thread() is not threading.main_thread():
             return
@@ -616,8 +619,6 @@ class EmulatedCluster:
             self._old_handlers[sig] = signal.signal(sig, on_signal)
 
     def _restore_handlers(self) -> None:
-        import atexit
-
         atexit.unregister(self.close)
         if threading.current_thread() is threading.main_thread():
             for sig, h in self._old_handlers.items():
@@ -672,12 +673,11 @@ def set_cpu_quota(pid: int, quota_us: int, period_us: int = 1_000_000) -> Path:
 
 
 def _block_device(path: str) -> str | None:
-    from ._measure import block_device_of
-
     try:
-        return block_device_of(path)
+        dev = block_device_of(path)
     except OSError:
         return None
+    return dev.devno if dev is not None else None
 
 
 # ------------------------------------------------------------------------------------ launcher

@@ -15,12 +15,18 @@ Everything the driver waits for has a timeout; a worker that dies, stops answeri
 reports an error ends the run with a `WorkerError` naming the device, and every local worker is
 stopped. The driver runs in the `primasim run` process; the head *device* (embedding, output layer,
 sampling) is a worker like the others, so it can be emulated with its own limits.
+
+Longer than ~600 lines: the driver's one protocol with its workers (connect, SETUP, LOAD, GENERATE,
+STATS, heartbeats and fault diagnosis); being reworked under issue 14, split after that.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,15 +37,20 @@ import zmq
 
 from primasim.core.cluster import ClusterSpec
 from primasim.core.errors import CheckpointError, PlanError, PrimasimError, WireError, WorkerError
-from primasim.core.model import ModelSpec, load_model
+from primasim.core.model import ModelSpec
+from primasim.core.model_sources import load_model
+from primasim.core.paths import cache_dir
 from primasim.core.plan import Plan, violations
 from primasim.core.runtime_facts import residency_mode
+from primasim.core.systems import RUNTIME_SCHEDULES
 from primasim.core.trace import Request, Trace, metrics, result_json
 
 from . import wire
+from .checkpoint import open_checkpoint, write_random_checkpoint
+from .emulate import EmulatedCluster
 from .wire import Message, MsgType
 
-RUNNABLE = ("ring", "rpp", "batch")
+RUNNABLE = RUNTIME_SCHEDULES  # the schedules this runtime executes, as the registry of systems states them
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ class RunOptions:
         "help": "planned: a worker short of memory keeps part of each layer and streams the rest (evicted "
                 "after use); lru: mmap + prefetch of the next window, the kernel's LRU decides (prima.cpp)"})
     connect_timeout: float = field(default=60.0, metadata={"help": "s to start and reach every worker"})
+    ring_timeout: float | None = field(default=None, metadata={
+        "help": "s a device may take to reach its ring successor's data port (default: connect_timeout)"})
     setup_timeout: float = field(default=900.0, metadata={"help": "s to load weights and compile"})
     token_timeout: float = field(default=300.0, metadata={"help": "s without progress before giving up"})
     heartbeat_interval: float = field(default=0.5, metadata={"help": "s between pings"})
@@ -150,7 +163,6 @@ def check_plan(plan: Plan, spec: ModelSpec, cluster: ClusterSpec) -> list[str]:
 
 def open_weights(ref: str | Path) -> Any:
     """Open a checkpoint (GGUF file or config.json + safetensors directory), or explain."""
-    from .checkpoint import open_checkpoint
 
     p = Path(ref)
     if not p.exists():
@@ -172,12 +184,8 @@ def open_weights(ref: str | Path) -> Any:
 def cached_random_weights(spec: ModelSpec, *, fmt: str = "safetensors", seed: int = 0) -> Path:
     """Random weights for a catalogue architecture, written once into the cache directory
     (`primasim.core.paths.cache_dir()/weights/<name>-<quant>-<fmt>-s<seed>`) and reused afterwards."""
-    import shutil
-    import tempfile
 
-    from primasim.core.paths import cache_dir
 
-    from .checkpoint import write_random_checkpoint
 
     # <cache>/weights/<name>-<quant>-<fmt>-s<seed>/<name>: the checkpoint directory carries the
     # catalogue name, which is the name a config.json-only checkpoint gets (plans match by name)
@@ -269,8 +277,6 @@ class Driver:
 
     # ---------------------------------------------------------------------------- start
     def start(self) -> None:
-        from .emulate import EmulatedCluster
-
         local = [n for n in self.ring if not self.cluster.device(n).address]
         remote = [n for n in self.ring if self.cluster.device(n).address]
         if local and remote:
@@ -547,7 +553,7 @@ class Driver:
                        "prefetch": prefetch, "warmup_lengths": warmup_lengths, "latency": lat, "jitter": jit,
                        "seed": self.opt.seed,
                        "schedule": self.plan.schedule, "max_batch": max_batch, "options": dict(self.plan.options),
-                       "connect_timeout": self.opt.connect_timeout, "residency": residency_mode(self.opt.residency),
+                       "connect_timeout": self.opt.ring_timeout or self.opt.connect_timeout, "residency": residency_mode(self.opt.residency),
                        "memory_hint": self._memory_hint(n),
                        "in_flight": int(self.opt.in_flight or self.plan.options.get("S") or len(self.ring))
                        if self.plan.schedule == "rpp" else 1}
@@ -618,13 +624,8 @@ class Driver:
             tr.token(int(t["seq"]), int(t["index"]), t["time"] - head.offset - t0, int(t["token_id"]))
         for n, st in stats.items():
             off = self.peers[n].offset + t0
-            for res, a, b, name, seq, tok, nb in st["spans"]:
-                if b >= off - 1e-3:
-                    tr.span(n, res, max(0.0, a - off), b - off, name, seq=seq, token=tok, nbytes=nb)
-            for name, t, v in st["samples"]:
-                tr.samples.append(_sample(n, name, t - off, v))
-            for t, v in st.get("mem_samples", []):
-                tr.samples.append(_sample(n, "mem_available_bytes", t - off, v))
+            mem = [["mem_available_bytes", t, v] for t, v in st.get("mem_samples", [])]
+            tr.add_device(n, st["spans"], st["samples"] + mem, off)
             ds = dict(st["stats"])
             if self.emu is not None and n in self.emu.devices:
                 ds.update(self.emu.cgroup_stats(n))
@@ -659,7 +660,6 @@ def _endpoint(addr: str) -> str:
 
 def _local_ip_towards(endpoint: str) -> str:
     """The address of this host's interface on the route to `endpoint` (no packet is sent)."""
-    import socket
 
     host, _, port = endpoint[len("tcp://"):].rpartition(":")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -668,12 +668,6 @@ def _local_ip_towards(endpoint: str) -> str:
             return str(s.getsockname()[0])
         except OSError:
             return "127.0.0.1"
-
-
-def _sample(device: str, name: str, t: float, v: float) -> Any:
-    from primasim.core.trace import Sample
-
-    return Sample(device, name, t, float(v))
 
 
 # ======================================================================================== one call

@@ -29,8 +29,10 @@ from jax import lax
 
 from primasim.core.errors import CheckpointError, WorkerError
 from primasim.core.model import ModelSpec
+from primasim.core.runtime_facts import attention_span
 
 from .checkpoint import Checkpoint
+from .rope import rope_inv_freq
 
 Layer = dict[str, jax.Array]  # GGUF names without "blk.{i}.": "attn_q.weight", ... (+ FUSED views)
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v)
@@ -49,21 +51,6 @@ class Params:
     embed: jax.Array | None = None  # token_embd (V, E)
     norm: jax.Array | None = None  # output_norm (E,)
     output: jax.Array | None = None  # output (V, E); the embedding itself when tied
-
-
-def rope_inv_freq(spec: ModelSpec) -> np.ndarray:
-    """RoPE inverse frequencies, with Llama 3's rope scaling (as transformers' `llama3` rope type)."""
-    d = spec.head_dim
-    inv = 1.0 / spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
-    rs = spec.rope_scaling
-    if rs is None:
-        return inv.astype(np.float32)
-    low_wl, high_wl = rs.original_max_position / rs.low_freq_factor, rs.original_max_position / rs.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wl, inv / rs.factor, inv)
-    smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
-    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
-    return np.where(medium, (1 - smooth) * scaled / rs.factor + smooth * scaled, scaled).astype(np.float32)
 
 
 FUSED = {"attn_qkv.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
@@ -327,18 +314,6 @@ def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[in
         return None, None, kv
     lg, tok, caches = _forward(*args, **kw)
     return lg, tok, kv.replace(layers, caches)
-
-
-MIN_SPAN = 256
-
-
-def attention_span(need: int, max_seq: int, quantum: int = 1) -> int:
-    """How many cached positions a step attends over: the next power of two >= need (at least
-    MIN_SPAN), in whole blocks, at most the cache. Attention then costs what the sequences use,
-    not what the cache could hold, at one compilation per bucket (256, 512, ... positions)."""
-    span = max(MIN_SPAN, 1 << max(need - 1, 0).bit_length())
-    cap = -(-max_seq // quantum) * quantum
-    return min(-(-span // quantum) * quantum, cap)
 
 
 @jax.jit

@@ -32,10 +32,16 @@ magic, version, header CRC, type, dtype, shape vs. length, payload CRC. Any fail
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
 import json
 import math
+import os
+import platform
+import stat
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,8 +49,12 @@ from typing import Any
 
 import numpy as np
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
-from primasim.core.errors import WireError
+from primasim import __version__
+from primasim.core.errors import SpecError, WireError
 
 PROTOCOL_VERSION = 1
 MAGIC = b"PSIM"
@@ -236,10 +246,6 @@ def recv(sock: zmq.Socket, timeout: float | None, *, peer: str = "peer",
 
 def hello_payload(role: str, **extra: Any) -> dict[str, Any]:
     """What both sides say about themselves in HELLO / HELLO_ACK."""
-    import platform
-    import time
-
-    from primasim import __version__
 
     return {"role": role, "protocol": PROTOCOL_VERSION, "primasim": __version__, "host": platform.node(),
             "time": time.time(), **extra}
@@ -254,23 +260,54 @@ def hello_payload(role: str, **extra: Any) -> dict[str, Any]:
 KEY_NAME = "cluster"
 
 
-def make_keys(directory: str) -> str:
-    """Create the cluster key pair in `directory`; returns the secret-key file."""
-    import os
+def fingerprint(public: bytes | str) -> str:
+    """``SHA256:<base64>`` of the 32-byte public key (given in Z85, as zmq writes it)."""
+    raw = z85.decode(public.encode() if isinstance(public, str) else public)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
 
-    import zmq.auth
 
-    os.makedirs(directory, exist_ok=True)
-    _, secret = zmq.auth.create_certificates(directory, KEY_NAME)
-    os.chmod(secret, 0o600)
-    return secret
+def make_keys(directory: str, *, force: bool = False) -> str:
+    """Create the cluster key pair in `directory` (`primasim keys make`); refuse to overwrite one
+    unless `force`. Returns the secret-key file."""
+    secret = os.path.join(directory, f"{KEY_NAME}.key_secret")
+    if os.path.exists(secret) and not force:
+        raise SpecError(f"{secret} already exists: a new pair would lock out every device that has the old one",
+                        where="primasim keys make", fix=f"use another folder, or add --force to replace it "
+                        f"(then copy {directory} to every device again)")
+    if not zmq.has("curve"):
+        raise SpecError("this libzmq has no CURVE support", where="primasim keys",
+                        fix="install pyzmq wheels (their bundled libzmq has CURVE)")
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+        os.chmod(directory, 0o700)
+    _, sec = zmq.auth.create_certificates(directory, KEY_NAME)
+    os.chmod(sec, 0o600)
+    return sec
+
+
+def show_keys(directory: str) -> dict[str, str]:
+    """Public key, fingerprint and files of the key pair in `directory` (`primasim keys show`)."""
+    pub = os.path.join(directory, f"{KEY_NAME}.key")
+    sec = os.path.join(directory, f"{KEY_NAME}.key_secret")
+    src = sec if os.path.exists(sec) else pub
+    if not os.path.exists(src):
+        raise SpecError(f"no {KEY_NAME}.key or {KEY_NAME}.key_secret in {directory}", where="primasim keys show",
+                        fix=f"create a pair with `primasim keys make {directory}`")
+    try:
+        public, secret = zmq.auth.load_certificate(src)
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"cannot read {src} ({exc})", where="primasim keys show",
+                        fix=f"re-create the pair with `primasim keys make --force {directory}`") from None
+    out = {"public_key": public.decode(), "fingerprint": fingerprint(public), "public_file": pub,
+           "secret_file": sec if secret is not None else "(none: this folder cannot join a cluster)"}
+    if secret is not None:
+        mode = stat.S_IMODE(os.stat(sec).st_mode)
+        if mode & 0o077:
+            out["warning"] = f"{sec} is readable by others (mode {mode:o}): chmod 600 it"
+    return out
 
 
 def load_keys(directory: str) -> dict[str, bytes]:
-    import os
-
-    import zmq.auth
-
     if not zmq.has("curve"):
         raise WireError("this libzmq has no CURVE support", where="--keys",
                         fix="install pyzmq wheels (bundled libzmq has CURVE) or drop --keys")
@@ -294,8 +331,6 @@ def start_authenticator(ctx: zmq.Context, keys: dict[str, bytes],
 
     A callback rather than `configure_curve(location=...)`: that one reads keys from a folder,
     which would have to be written to disk and removed again."""
-    from zmq.auth.thread import ThreadAuthenticator
-
     cluster_key = keys["public"]
 
     class ClusterKeyOnly:

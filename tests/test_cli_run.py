@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Lines
 
 from primasim import load_model
 from primasim.runtime import write_random_checkpoint
-from primasim.runtime.emulate import find_leftovers, is_root
+from primasim.runtime.emulate import find_leftovers
 
 CONTRACT = ("system", "feasible", "tpot_ms", "ttft_ms", "throughput_tok_s", "memory_pressure", "plan", "token_ids")
 CLUSTER2 = """
@@ -50,8 +51,8 @@ def primasim(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_checkpoint(load_model("llama-tiny"), tmp_path_factory.mktemp("m") / "llama-tiny", seed=7)
+def model(llama_tiny: Path) -> Path:
+    return llama_tiny
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_a_plan_for_another_model_is_refused(model: Path, cluster_file: Path, tm
     t0 = time.monotonic()
     out = primasim("run", "--cluster", str(cluster_file), "--model", str(model), "--plan", str(pf), "--no-emulate")
     assert out.returncode == 2 and "qwen2-tiny" in out.stderr and "re-plan" in out.stderr
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 300  # refused before any worker starts, not after a timeout
 
 
 @pytest.mark.slow
@@ -192,7 +193,6 @@ def test_cleanup_command() -> None:
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.skipif(not is_root(), reason="needs root (cgroups, network namespaces)")
 def test_emulated_three_device_cluster_end_to_end() -> None:
     """The emulated default cluster (home-emu: memory-short devices, 30-80 Mbit/s links) runs Halda's
     plan for llama-mini-300m over its four devices from the CLI and returns the contract's JSON,
@@ -274,7 +274,9 @@ while True:  # alive: heartbeats, however slowly the next head starts on a loade
 def test_a_remote_worker_outlives_a_killed_head(model: Path, tmp_path: Path) -> None:
     """A head that dies (SIGKILL) stops its heartbeat: the worker refuses a second head while the
     first may still be alive, ends the session after --heartbeat-timeout and then serves again."""
-    worker, addr = _start_worker(tmp_path, "--heartbeat-timeout", "2")
+    worker, addr = _start_worker(tmp_path, "--heartbeat-timeout", "10")
+    assert worker.stderr is not None
+    log = Lines(worker.stderr)
     try:
         cf = tmp_path / "one.toml"
         cf.write_text(CLUSTER2.split("[[devices]]")[0] + "[[devices]]" +
@@ -286,16 +288,16 @@ def test_a_remote_worker_outlives_a_killed_head(model: Path, tmp_path: Path) -> 
                         "--system", "even", "--json")
         assert busy.returncode == 2 and "busy" in busy.stderr
         head.kill()
-        head.wait(timeout=10)
-        time.sleep(3)  # > --heartbeat-timeout
+        head.wait(timeout=60)
+        log.wait_for("no heartbeat from the driver")  # the worker ends the dead head's session
         out = primasim("run", "--cluster", str(cf), "--model", str(model), "--prompt-ids", "4", "--tokens", "2",
                        "--system", "even", "--json")
         assert out.returncode == 0, out.stderr
         assert worker.poll() is None
     finally:
         worker.terminate()
-        _, err = worker.communicate(timeout=10)
-    assert "no heartbeat from the driver" in err
+        worker.wait(timeout=60)
+    assert "no heartbeat from the driver" in log.text
 
 
 def test_keys_make_show_and_the_worker_alias(tmp_path: Path) -> None:

@@ -18,19 +18,18 @@ from typing import Any
 
 import pytest
 import zmq
+from conftest import ROOT, wait_until
 from zmq.utils.monitor import recv_monitor_message
 
 from primasim import load_model
 from primasim.runtime import write_random_checkpoint
 from primasim.runtime.emulate import (
     find_leftovers,
-    is_root,
     set_cpu_quota,
     set_egress_rate,
     state_dir,
 )
 
-ROOT = is_root()
 DEV = """
 [[devices]]
 name = "{n}"
@@ -123,7 +122,7 @@ def _mine(rid: str) -> list[str]:
 
 
 def _assert_clean(head: int, pids: dict[str, int], st: dict[str, Any]) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(_gone(p) for p in pids.values()):
         time.sleep(0.05)
     assert all(_gone(p) for p in pids.values()), "orphan worker processes"
@@ -163,41 +162,40 @@ def test_sigkilled_worker_mid_generation_is_named_and_the_head_exits(setup: tupl
     rc, err, dt = _fault(setup, lambda pids: os.kill(pids["b"], signal.SIGKILL))
     assert rc == 2, err
     assert "device b" in err and "SIGKILL" in err
-    assert dt < 10, dt  # detected at once (the driver polls its children), then clean-up
+    assert dt < 60, dt  # not after a heartbeat timeout: the driver sees its child die (SIGKILL named)
 
 
 @pytest.mark.slow
 def test_stopped_worker_mid_generation_times_out_naming_it(setup: tuple[Path, Path]) -> None:
-    rc, err, dt = _fault(setup, lambda pids: os.kill(pids["b"], signal.SIGSTOP), "--heartbeat-timeout", "3")
+    # 10 s: long enough that a loaded host never delays a live device's heartbeats that long
+    rc, err, dt = _fault(setup, lambda pids: os.kill(pids["b"], signal.SIGSTOP), "--heartbeat-timeout", "10")
     assert rc == 2, err
     assert "device b" in err and "heartbeats" in err and "stopped" in err
-    assert 3 <= dt < 12, dt
+    assert 10 <= dt < 120, dt
 
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.skipif(not ROOT, reason="needs root (network namespaces, tc)")
 def test_stalled_link_mid_generation_times_out_naming_the_link(setup: tuple[Path, Path]) -> None:
     def stall(pids: dict[str, int]) -> None:
         ns = subprocess.run(["ip", "netns", "identify", str(pids["b"])], capture_output=True, text=True).stdout.strip()
         assert ns.startswith("primasim-e")
         assert set_egress_rate(ns, 8)  # b's links to a and c at 8 bit/s; heartbeats are not shaped
 
-    rc, err, dt = _fault(setup, stall, "--link-timeout", "3")
+    rc, err, dt = _fault(setup, stall, "--link-timeout", "10")
     assert rc == 2, err
     assert "link b -> c" in err and "stalled" in err
-    assert 3 <= dt < 15, dt
+    assert 10 <= dt < 120, dt
 
 
 @pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.skipif(not ROOT, reason="needs root (cpu cgroups)")
 def test_hung_compute_mid_generation_is_named(setup: tuple[Path, Path]) -> None:
     rc, err, dt = _fault(setup, lambda pids: set_cpu_quota(pids["b"], 1000), "--compute-timeout", "1",
                          "--heartbeat-timeout", "60", "--link-timeout", "60")
     assert rc == 2, err
     assert "device b" in err and "computing for" in err and "median" in err, err
-    assert 1 <= dt < 20, dt
+    assert 1 <= dt < 120, dt
 
 
 @pytest.mark.slow
@@ -214,7 +212,7 @@ def test_sigkilled_head_the_next_run_starts_clean(setup: tuple[Path, Path]) -> N
         if p.poll() is None:
             p.kill()
             p.wait()
-    deadline = time.monotonic() + 10  # workers die with their parent (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 60  # workers die with their parent (PR_SET_PDEATHSIG)
     while time.monotonic() < deadline and not all(_gone(x) for x in pids.values()):
         time.sleep(0.05)
     assert all(_gone(x) for x in pids.values())
@@ -252,10 +250,8 @@ def test_strangers_are_refused_during_a_keyed_run_which_is_unaffected(setup: tup
                 devices=(DevicePlan("a", 2), DevicePlan("b", 2), DevicePlan("c", 2)))
     opts = RunOptions(max_new_tokens=30, emulate=ROOT)
     ref = run_plan(plan, ckpt, cl, [[1, 2, 3]], opts).token_ids[0]
-    from primasim.cli.keys import make
-
-    make(str(tmp_path / "k"))
-    make(str(tmp_path / "other"))
+    wire.make_keys(str(tmp_path / "k"))
+    wire.make_keys(str(tmp_path / "other"))
     other = wire.load_keys(str(tmp_path / "other"))
     cluster_pub = wire.load_keys(str(tmp_path / "k"))["public"]
     ctx = zmq.Context()
@@ -286,7 +282,8 @@ def test_strangers_are_refused_during_a_keyed_run_which_is_unaffected(setup: tup
             d.setup([3, 1], 128)
             d.generate([[1, 2, 3]], on_token=lambda t: intrude(d) if t["index"] == 2 else None)
             got = [int(t["token_id"]) for t in sorted(d.tokens, key=lambda t: t["index"])]
-            time.sleep(1.0)
+            wait_until(lambda: "refused a peer presenting another key" in d.emu.log_tail("b", 50),
+                       what="worker b logging the refused peer")
             log = d.emu.log_tail("b", 50)
         assert got == ref
         assert len(intruders) == 8

@@ -48,7 +48,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from primasim import load_model
 from primasim.core.cluster import load_cluster
 from primasim.core.errors import PrimasimError
-from primasim.core.model import _load_catalogue, catalogue, from_gguf, from_hf_config_file
+from primasim.core.model_sources import _load_catalogue, catalogue, from_gguf, from_hf_config_file
 from primasim.core.paths import data_dir
 from primasim.core.plan import DevicePlan, Plan, violations
 from primasim.runtime import load_tokenizer, open_checkpoint, wire, write_random_checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import tomllib
@@ -32,3 +33,101 @@ def test_the_runtime_installs_as_primasim_runtime_only(tmp_path: Path) -> None:
             "print(importlib.util.find_spec('runtime') is None, primasim.runtime.__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "primasim.runtime"]
+
+
+# ------------------------------------------------------------------------------ the import graph
+def _modules() -> dict[str, Path]:
+    out = {}
+    for top, name in (("primasim", "primasim"), ("runtime", "primasim.runtime")):
+        for p in (ROOT / top).rglob("*.py"):
+            parts = (name, *p.relative_to(ROOT / top).with_suffix("").parts)
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports, at its top or inside functions (an import in a
+    function is an edge too: it only runs later); `if TYPE_CHECKING:` imports are not."""
+    mods = _modules()
+    graph: dict[str, set[str]] = {}
+    for m, path in mods.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in
+                       ast.unparse(node.test) for n in ast.walk(node)}
+        pkg = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom):
+                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+                mod = ".".join([*base, node.module] if node.module else base) if node.level else str(node.module)
+                for a in node.names:
+                    full = f"{mod}.{a.name}"
+                    edges.add(full if full in mods else mod)
+        graph[m] = {e for e in edges if e in mods and e != m}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+# what each layer may import (docs/architecture.md): core <- plan <- sim; the runtime uses core only;
+# the profiler, the loop and the CLI sit on top
+LAYERS = {
+    "primasim.core": ("primasim.core",),
+    "primasim.plan": ("primasim.core", "primasim.plan"),
+    "primasim.sim": ("primasim.core", "primasim.plan", "primasim.sim"),
+    "primasim.runtime": ("primasim.core", "primasim.runtime"),
+    "primasim.profile": ("primasim.core", "primasim.runtime", "primasim.profile"),
+}
+
+
+def test_layers_point_one_way() -> None:
+    bad = []
+    for m, deps in _import_graph().items():
+        layer = next((name for name in LAYERS if m == name or m.startswith(name + ".")), None)
+        if layer is None:
+            continue
+        bad += [f"{m} -> {d}" for d in sorted(deps) if d != "primasim" and not any(
+            d == ok or d.startswith(ok + ".") for ok in LAYERS[layer])]
+    assert not bad, "imports against the layers: " + ", ".join(bad)
+
+
+def test_files_are_small_or_say_why() -> None:
+    """One concept per file, mostly under ~600 lines; a longer one states its reason at its top."""
+    long = [f"{p.relative_to(ROOT)} ({n} lines)" for p in _modules().values()
+            if (n := len(p.read_text().splitlines())) > 650 and "Longer than" not in p.read_text()[:3000]]
+    assert not long, "split these or state why they are long at their top ('Longer than ~600 lines: ...'): " + \
+        ", ".join(long)

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from primasim import SpecError
-from primasim.core.model import (
-    GGML_BLOCK,
-    ModelSpec,
+from primasim.core.model import GGML_BLOCK, ModelSpec
+from primasim.core.model_sources import (
     catalogue,
     from_gguf,
     from_hf_config,

@@ -10,10 +10,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from primasim import SpecError, load_model
 from primasim.core.cluster import ClusterSpec, load_cluster
-from primasim.core.model import catalogue
+from primasim.core.model_sources import catalogue
 from primasim.core.plan import violations
 from primasim.core.synth import random_cluster
-from primasim.plan.planners import SYSTEMS, make_plan, mdi_split
+from primasim.core.systems import SYSTEMS
+from primasim.plan.baselines import mdi_split
+from primasim.plan.planners import make_plan
 
 C4 = load_cluster("prima-d1-d4")
 C4_D3 = dataclasses.replace(C4, head="D3")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from conftest import ROOT
 
 from primasim import load_model
 from primasim.core.cluster import ClusterSpec, cluster_from_toml
@@ -29,11 +30,9 @@ from primasim.runtime import (
     wire,
     write_random_checkpoint,
 )
-from primasim.runtime.emulate import find_leftovers, is_root
+from primasim.runtime.emulate import find_leftovers
 from primasim.runtime.head import Driver, RunOptions, run_plan
 
-ROOT = is_root()
-needs_root = pytest.mark.skipif(not ROOT, reason="needs root (cgroups, network namespaces)")
 PROMPT = "The quick brown fox jumps over the lazy dog; primasim runs models on home clusters."
 
 
@@ -83,8 +82,8 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_checkpoint(load_model("llama-tiny"), tmp_path_factory.mktemp("llama") / "llama-tiny", seed=7)
+def llama(llama_tiny: Path) -> Path:
+    return llama_tiny
 
 
 # ------------------------------------------------------------------------------ numerical truth
@@ -288,7 +287,7 @@ def test_a_worker_that_dies_mid_run_is_named_and_nothing_leaks(llama: Path) -> N
                 os.kill(d.emu.devices["b"].process.pid, signal.SIGKILL)
 
         d.generate([[1, 2, 3]], on_token=kill_b)
-    assert time.monotonic() - t0 < 120
+    assert time.monotonic() - t0 < 600  # not a hang (set-up included)
     msg = ei.value.message
     assert "device b" in msg and "SIGKILL" in msg
     assert pids and not any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in pids)
@@ -346,7 +345,7 @@ def test_a_peer_with_another_protocol_version_is_refused(llama: Path) -> None:
     cl = cluster(["far"], addresses={"far": f"tcp://127.0.0.1:{port}"})
     try:
         with pytest.raises(WireError, match="same primasim version"):
-            run_plan(plan, ckpt, cl, [[1]], RunOptions(emulate=False, connect_timeout=10))
+            run_plan(plan, ckpt, cl, [[1]], RunOptions(emulate=False))
     finally:
         stop = True
         th.join()
@@ -363,11 +362,10 @@ def test_an_unreachable_device_times_out_with_its_name(llama: Path) -> None:
         with pytest.raises(WorkerError, match="device far") as ei:
             run_plan(ring_plan(ckpt.spec, {"far": 6}, k=1), ckpt, cl, [[1]], RunOptions(connect_timeout=1.5))
         assert "primasim worker" in ei.value.message
-        assert time.monotonic() - t0 < 30
+        assert time.monotonic() - t0 < 300  # not a hang
 
 
 # ------------------------------------------------------------------------------ file-backed weights
-@needs_root
 @pytest.mark.root
 @pytest.mark.slow
 def test_worker_with_half_its_window_in_memory_rereads_the_missing_bytes(tmp_path: Path) -> None:
@@ -429,9 +427,9 @@ def test_an_unreachable_ring_successor_is_an_error_at_setup(llama: Path) -> None
         t0 = time.monotonic()
         with pytest.raises(WorkerError, match="cannot reach the ring successor far") as ei:
             run_plan(ring_plan(ckpt.spec, {"a": 3, "far": 3}, k=1), ckpt, cl, [[1]],
-                     RunOptions(connect_timeout=3, setup_timeout=120))
+                     RunOptions(ring_timeout=3))  # the dead port is the test; starting workers may take long
         assert "device a" in ei.value.message
-        assert time.monotonic() - t0 < 100
+        assert time.monotonic() - t0 < 600  # not a hang
     finally:
         stop = True
         th.join()

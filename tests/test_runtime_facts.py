@@ -1,10 +1,15 @@
-"""The residency decision the worker and the simulator share (primasim.core.runtime_facts)."""
+"""primasim/core/runtime_facts.py states what the runtime does and the simulator models: the residency
+decision both share, and the KV caches, spans and buckets the runtime really uses."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from primasim import load_model
+from primasim.core import runtime_facts as facts
 from primasim.core.runtime_facts import (
     ACT_RESERVE,
     anon_reserve,
@@ -66,3 +71,39 @@ def test_names_and_formulas() -> None:
     assert anon_reserve(16, 1024, 4, 64, 3) == 3 * kv_bytes(16, 1024, 4, 64) + ACT_RESERVE
     assert attention_span(1, 4096) == 256 and attention_span(257, 4096) == 512 and attention_span(300, 280) == 280
     assert attention_span(1000, 1000, quantum=16) == 1008
+
+
+def test_the_kv_caches_the_runtime_allocates_are_the_stated_bytes() -> None:
+    from primasim.runtime._kvcache import PagedKVPool
+    from primasim.runtime.model import init_kv
+
+    spec = load_model("llama-tiny")
+    kv = init_kv(spec, [0, 1, 2], max_seq=100)
+    assert kv.nbytes == facts.kv_bytes(3, 101, spec.n_kv_heads, spec.head_dim)  # init_kv keeps one spare position
+    pool = PagedKVPool(spec, [0, 1], n_blocks=5)
+    assert pool.block_bytes == facts.kv_bytes(2, facts.BLOCK_TOKENS, spec.n_kv_heads, spec.head_dim)
+    assert sum(k.nbytes + v.nbytes for k, v in pool.layers.values()) == 5 * pool.block_bytes
+
+
+def test_the_runtime_model_accounts_what_a_worker_reserves() -> None:
+    spec = facts.runtime_model(load_model("llama-mini-300m"))
+    assert spec.kv_dtype == "f32" and spec.buffer_bytes == facts.ACT_RESERVE
+    assert facts.anon_reserve(4, 1024, spec.n_kv_heads, spec.head_dim) == 4 * 1024 * spec.kv_bytes_per_token() + facts.ACT_RESERVE
+
+
+def test_attention_spans_and_batch_buckets() -> None:
+    assert [facts.attention_span(n, 4096) for n in (1, 256, 257, 600)] == [256, 256, 512, 1024]
+    assert facts.attention_span(5000, 4096) == 4096
+    assert [facts.batch_bucket(n) for n in (1, 3, 64, 65, 200)] == [1, 4, 64, 128, 200]
+
+
+def test_planning_commands_load_neither_jax_nor_zmq(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom primasim.cli import main\n"
+            "main(['plan', '--cluster', 'prima-d1-d4', '--model', 'llama3-8b', '--json'])\n"
+            "main(['simulate', '--cluster', 'prima-d1-d4', '--model', 'llama3-8b', '--tokens', '2', '--json'])\n"
+            "print('LOADED', sorted(m for m in ('jax', 'zmq', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []", out.stdout[-500:]

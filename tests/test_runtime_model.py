@@ -42,9 +42,9 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def llama_dir(llama_tiny: Path) -> Path:
     """One model for the tests whose subject is not the architecture (KV stores, spans, errors)."""
-    return write_random_checkpoint(load_model("llama-tiny"), tmp_path_factory.mktemp("llama") / "st", seed=7)
+    return llama_tiny
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +301,7 @@ def test_paged_pool_allocator_invariants(ops: list[tuple[str, int, int]]) -> Non
 
 
 def test_attention_span_buckets() -> None:
-    from primasim.runtime.model import MIN_SPAN, attention_span
+    from primasim.core.runtime_facts import MIN_SPAN, attention_span
 
     assert attention_span(1, 4096) == MIN_SPAN
     assert attention_span(MIN_SPAN + 1, 4096) == 2 * MIN_SPAN

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from primasim import load_model
-from primasim.core.cluster import ClusterSpec, NetworkSpec, load_cluster
+from primasim import load_cluster, load_model
+from primasim.core.cluster import ClusterSpec, NetworkSpec
 from primasim.core.plan import DevicePlan, Plan
 from primasim.plan.cost import predict_tpot
 from primasim.plan.planners import make_plan
@@ -26,11 +26,6 @@ EXACT = SimConfig(tokens=6, jitter=False, prefetch=False, sample_cost_per_vocab=
 def _plan(model, devs, k, **kw) -> Plan:  # type: ignore[no-untyped-def]
     return Plan("prima", model.name, model.n_layers, k, tuple(DevicePlan(*d) for d in devs), quant=model.quant,
                 **kw)
-
-
-@pytest.fixture(scope="module")
-def d1d4() -> ClusterSpec:
-    return load_cluster("prima-d1-d4")
 
 
 @pytest.mark.parametrize("name,devs,k", [

@@ -5,18 +5,13 @@ from __future__ import annotations
 import pytest
 
 from primasim import load_model
-from primasim.core.cluster import ClusterSpec, load_cluster
+from primasim.core.cluster import ClusterSpec
 from primasim.core.plan import DevicePlan, Plan
 from primasim.plan.cost import CostModel
 from primasim.plan.halda import halda
 from primasim.sim import SimConfig, sim_corrections, simulate
 
 CFG = SimConfig(tokens=6, jitter=False)
-
-
-@pytest.fixture(scope="module")
-def d1d4() -> ClusterSpec:
-    return load_cluster("prima-d1-d4")
 
 
 def test_corrections_of_a_resident_plan_are_the_analytic_coefficients(d1d4: ClusterSpec) -> None:

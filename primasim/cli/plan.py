@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
+from rich.table import Table
+
+from primasim.core.cluster import load_cluster
 from primasim.core.errors import SpecError
 from primasim.core.io import atomic_write_text
+from primasim.core.model_sources import load_model
+from primasim.core.units import GiB
+from primasim.sim import make_plan
+
+from . import HELP
+from .options import add_option_arg, parse_options
+from .output import console, print_infeasible
+
+DESCRIPTION = """Plan MODEL on CLUSTER the way SYSTEM would and predict TPOT/TTFT with prima.cpp's cost model. Exit 0
+also when the system cannot run the case (feasible=false); exit 2 on bad input."""  # argparse re-wraps it
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="plan a model on a cluster (Halda or a baseline) and predict its latency",
-                       description="Plan MODEL on CLUSTER the way SYSTEM would and predict TPOT/TTFT with "
-                                   "prima.cpp's cost model. Exit 0 also when the system cannot run the case "
-                                   "(feasible=false); exit 2 on bad input.")
+    p = sub.add_parser("plan", help=HELP["plan"],
+                       description=DESCRIPTION)
     p.add_argument("--cluster", required=True, help="built-in cluster name (e.g. prima-d1-d4), `local`, or a TOML path")
     p.add_argument("--model", required=True, help="catalogue name (e.g. llama3-70b), a config.json, or a .gguf file")
     p.add_argument("--quant", help="quantisation: f32, f16, q8_0, q4k (default: the model's own)")
@@ -46,30 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--global", dest="global_opt", action="store_true",
                    help="with --variant/--comm: solve the global model instead of prima.cpp's loop (beyond prima.cpp)")
     g.add_argument("--no-select", action="store_true", help="keep devices that get only one layer")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="system option, repeatable (e.g. S=4 for mdi-llm, batch=100 for bud, include_android=true)")
+    add_option_arg(p, "system option, repeatable (e.g. S=4 for mdi-llm, batch=100 for bud, include_android=true)")
     p.set_defaults(func=run)
 
 
-def _parse_value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for item in args.option:
-        if "=" not in item:
-            raise SpecError(f"option {item!r} is not KEY=VALUE", where="--option", fix="write e.g. --option S=4")
-        key, val = item.split("=", 1)
-        opts[key.strip()] = _parse_value(val.strip())
+    opts = parse_options(args.option)
     halda_system = args.system in ("prima", "prima-no-prefetch")
     if args.k is not None and (halda_system or args.system == "even"):
         opts["k"] = args.k
@@ -102,12 +96,6 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from primasim.core.cluster import load_cluster
-    from primasim.core.model import load_model
-    from primasim.plan.planners import make_plan
-
     cluster = load_cluster(args.cluster)
     if args.head:
         if args.head not in cluster.names:
@@ -135,16 +123,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(out: Any, model: Any, cluster: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from primasim.core.units import GiB
-
-    con = Console()
+    con = console()
     title = f"{out.system}: {model.name} ({model.quant}, {model.n_layers} layers) on {cluster.name}"
     if not out.feasible:
-        con.print(f"[bold]{title}[/bold]\n[red]cannot run this case:[/red] {out.reason}")
-        return
+        return print_infeasible(con, title, out.reason)
     plan = out.plan
     halda = out.extra.get("halda", {})
     sets = dict(zip([d.name for d in plan.devices], halda.get("sets", []))) if halda else {}

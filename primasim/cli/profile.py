@@ -11,30 +11,39 @@ import json
 import shlex
 import sys
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from primasim.core.cluster import local_profile_path
+from primasim.core.units import GB, GFLOPS, MS, GiB
+from primasim.profile.profiler import (
+    Profile,
+    add_arguments,
+    check_writable,
+    config_from_args,
+    run_profile,
+)
+
+from . import HELP
+from .output import console
+
+DESCRIPTION = """Measure every DeviceSpec quantity of this machine (or of the emulated device whose cgroup limits it
+runs under) and write a cluster TOML with one device, plus a sidecar JSON with every sample. ~15 s
+(--quick: a few seconds)."""  # argparse re-wraps it
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from primasim.core.local import local_profile_path
-    from primasim.profile.profiler import add_arguments
-
-    p = sub.add_parser("profile", help="measure this device (compute, memory, disk, network) into a cluster file",
-                       description="Measure every DeviceSpec quantity of this machine (or of the emulated device "
-                       "whose cgroup limits it runs under) and write a cluster TOML with one device, plus a "
-                       "sidecar JSON with every sample. ~15 s (--quick: a few seconds).")
+    p = sub.add_parser("profile", help=HELP["profile"],
+                       description=DESCRIPTION)
     add_arguments(p, default_out=local_profile_path())
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from primasim.core.local import local_profile_path
-    from primasim.profile.profiler import check_writable, config_from_args, run_profile
-
     out = check_writable(args.out)  # fail before measuring, not after
     argv = sys.argv[1:] if sys.argv[1:2] == ["profile"] else ["profile"]
     cfg = config_from_args(args, "primasim " + " ".join(shlex.quote(a) for a in argv))
-    err = Console(stderr=True)
+    err = console(stderr=True)
     with Progress(TextColumn("[bold]profile[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), TextColumn("{task.description}"), console=err, transient=True) as bar:
         task = bar.add_task("starting", total=1.0)
@@ -48,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**prof.to_json(), "out": str(out), "sidecar": str(side)}, indent=2))
         return 0
-    Console().print(summary_table(prof))
-    Console().print(f"wrote [bold]{out}[/] (how each figure was measured: its \\[devices.sources]; "
+    console().print(summary_table(prof))
+    console().print(f"wrote [bold]{out}[/] (how each figure was measured: its \\[devices.sources]; "
                     f"every sample: {side.name})"
                     + ("  ->  `--cluster local` now uses these figures" if is_local else
                        f"  ->  use it with `--cluster {out}`"))
@@ -58,10 +67,6 @@ def run(args: argparse.Namespace) -> int:
 
 def summary_table(prof: object) -> object:
     """A rich Table of every figure with its spread and method."""
-    from rich.table import Table
-
-    from primasim.core.units import GB, GFLOPS, MS, GiB
-    from primasim.profile.profiler import Profile
 
     assert isinstance(prof, Profile)
     d = prof.device

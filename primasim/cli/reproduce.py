@@ -6,14 +6,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
+
+from rich.table import Table
+
+from primasim.core.errors import SpecError
+from primasim.core.io import atomic_csv, make_dir
+from primasim.loop.reproduce import TARGETS, TargetOptions, get_target, reproduce
+from primasim.loop.reproduce.framework import error_summary
+
+from . import HELP
+from .options import jsonable
+from .output import console
+
+DESCRIPTION = """Reproduce a table or figure of prima.cpp, MDI-LLM, Bud or PIPO with the simulator. Writes
+<out>/<name>.csv (predicted, paper value, ratio, tolerance), <name>.claims.csv and <name>.png,
+prints a short table, and exits 1 if a claim of the paper fails."""  # argparse re-wraps it
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="reproduce a paper table/figure (CSV + PNG, claims checked)",
-                       description="Reproduce a table or figure of prima.cpp, MDI-LLM, Bud or PIPO with the simulator. "
-                       "Writes <out>/<name>.csv (predicted, paper value, ratio, tolerance), <name>.claims.csv and "
-                       "<name>.png, prints a short table, and exits 1 if a claim of the paper fails.")
+    p = sub.add_parser("reproduce", help=HELP["reproduce"],
+                       description=DESCRIPTION)
     p.add_argument("name", nargs="?", help="target name, or `all` (see --list)")
     p.add_argument("--list", action="store_true", help="list the targets and exit")
     p.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
@@ -24,23 +39,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from primasim.core.errors import SpecError
-    from primasim.loop.reproduce.framework import TARGETS, RunOptions, get_target, reproduce
-
     if args.list:
         if args.json:
             print(json.dumps([{"name": t.name, "title": t.title, "source": t.source, "tolerance": t.tolerance}
                               for t in TARGETS.values()]))
         else:
-            from rich.console import Console
-            from rich.table import Table
 
             t = Table(title="primasim reproduce targets")
             for col in ("name", "what", "paper"):
                 t.add_column(col)
             for tg in TARGETS.values():
                 t.add_row(tg.name, tg.title, tg.source)
-            Console().print(t)
+            console().print(t)
         return 0
     if not args.name:
         raise SpecError("no target given", where="primasim reproduce", fix="name a target or `all` (see --list)")
@@ -48,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"--tokens must be >= 2, got {args.tokens}", where="--tokens",
                         fix="use at least 2 tokens (TPOT needs two)")
     names = list(TARGETS) if args.name == "all" else [get_target(args.name).name]
-    opts = RunOptions(tokens=args.tokens, seed=args.seed)
+    opts = TargetOptions(tokens=args.tokens, seed=args.seed)
     _check_out(args.out)
     results = []
     for name in names:
@@ -59,14 +69,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         objs = [r.to_json() for r in results]
         print(json.dumps(objs[0] if args.name != "all" else {"ok": all(r.ok for r in results), "targets": objs},
-                         default=_jsonable))
+                         default=jsonable))
     elif len(results) > 1:
         _summary(results)
     if len(results) > 1:
-        from pathlib import Path
 
-        from primasim.core.io import atomic_csv
-        from primasim.loop.reproduce.framework import error_summary
 
         atomic_csv(Path(args.out) / "summary.csv", error_summary(results), index=False)
     return 0 if all(r.ok for r in results) else 1
@@ -74,34 +81,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_out(out: str) -> None:
     """Fail early, with the fix, when the output directory cannot be created or written."""
-    import os
-    from pathlib import Path
 
-    from primasim.core.errors import SpecError
-
-    p = Path(out)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SpecError(f"cannot create the output directory ({exc.strerror})", where=str(p),
-                        fix="pass --out with a writable directory") from None
+    p = make_dir(out, what="output directory", fix="pass --out with a writable directory")
     if not os.access(p, os.W_OK):
         raise SpecError("the output directory is not writable", where=str(p), fix="pass --out with a writable directory")
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
-
-
 def _print(res: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
+    con = console()
     status = "[bold green]PASS[/]" if res.ok else "[bold red]FAIL[/]"
     con.print(f"{status} [bold]{res.target}[/]: {res.title} ({res.elapsed_s:.1f} s)")
     df = res.rows
@@ -141,11 +128,6 @@ def _f(x: Any, ratio: bool = False) -> str:
 
 
 def _summary(results: list[Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from primasim.loop.reproduce.framework import error_summary
-
     errs = error_summary(results)
     t = Table(title="reproduce all (errors: median |predicted / paper - 1| over the cells with a paper number; "
               "in-sample = cells a constant was fitted on)")
@@ -159,4 +141,4 @@ def _summary(results: list[Any]) -> None:
             cols.append("-" if e.empty else f"{int(e['cells'].iloc[0])}, {e['median_err_pct'].iloc[0]:.0f} %")
         t.add_row(r.target, "[green]PASS[/]" if r.ok else "[red]FAIL[/]", f"{held}/{len(r.claims)}", *cols,
                   f"{r.elapsed_s:.1f}")
-    Console().print(t)
+    console().print(t)

@@ -8,13 +8,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+
+from primasim.core.cluster import load_cluster
+from primasim.core.errors import CheckpointError, PlanError, SpecError
+from primasim.core.model_sources import load_model
+from primasim.core.plan import Plan
+from primasim.runtime.chat import chat_prompt_ids
+from primasim.runtime.emulate import cleanup_stale
+from primasim.runtime.head import RunOptions, cached_random_weights, open_weights, run_plan
+from primasim.runtime.tokenizer import load_tokenizer
+from primasim.sim import make_plan
+
+from . import HELP
+from .options import add_option_arg, parse_options
+from .output import console
+
+DESCRIPTION = """Plan MODEL on CLUSTER (or take --plan), start one worker per device (in cgroups and network
+namespaces when emulating, as root; `primasim worker` for devices with an address), generate tokens
+and report the measured TPOT, TTFT, throughput and memory pressure."""  # argparse re-wraps it
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "run", help="run a model on a cluster with real workers (emulated devices on one host, or real ones)",
-        description="Plan MODEL on CLUSTER (or take --plan), start one worker per device (in cgroups and network "
-                    "namespaces when emulating, as root; `primasim worker` for devices with an address), generate "
-                    "tokens and report the measured TPOT, TTFT, throughput and memory pressure.")
+        "run", help=HELP["run"],
+        description=DESCRIPTION)
     p.add_argument("--cluster", help="built-in cluster name (e.g. home-emu, local) or a cluster TOML path")
     p.add_argument("--model", help="weights: a GGUF file or a directory with config.json + *.safetensors")
     p.add_argument("--random-weights", action="store_true",
@@ -52,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "window, the kernel's LRU decides, as prima.cpp)")
     p.add_argument("--n-ctx", type=int, default=None, help="context the KV cache is sized for (default: the plan's)")
     p.add_argument("--k", type=int, default=None, help="plan with this many laps (prima)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="planner option (repeatable)")
+    add_option_arg(p, "planner option (repeatable)")
     p.add_argument("--no-emulate", action="store_true", help="run local devices as plain processes, without limits")
     p.add_argument("--keys", metavar="DIR", help="CurveZMQ key folder (the workers' --keys)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up (300)")
@@ -73,23 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    return v
-
-
 def _prompt_ids(args: argparse.Namespace, ckpt: Any, vocab: int) -> tuple[list[int], Any]:
-    from primasim.core.errors import SpecError
-    from primasim.runtime.chat import chat_prompt_ids
-    from primasim.runtime.tokenizer import load_tokenizer
-
     tok = load_tokenizer(ckpt.path)
     if args.prompt_ids is not None:
         if args.chat:
@@ -134,10 +136,7 @@ def _prompt_ids(args: argparse.Namespace, ckpt: Any, vocab: int) -> tuple[list[i
 
 
 def run(args: argparse.Namespace) -> int:
-    from primasim.core.errors import CheckpointError, PlanError, SpecError
-
     if args.cleanup:
-        from primasim.runtime.emulate import cleanup_stale
 
         removed = cleanup_stale()
         print("\n".join(removed) if removed else "nothing to clean up")
@@ -163,11 +162,6 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError("need temperature >= 0, 0 < top-p <= 1, top-k >= 0", where="sampling options",
                         fix="e.g. --temperature 0.8 --top-k 40 --top-p 0.95")
 
-    from primasim.core.cluster import load_cluster
-    from primasim.core.model import load_model
-    from primasim.core.plan import Plan
-    from primasim.runtime.head import RunOptions, cached_random_weights, open_weights, run_plan
-
     cluster = load_cluster(args.cluster)
     if args.random_weights:
         spec0 = load_model(args.model, args.quant)
@@ -188,12 +182,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ckpt.spec
     ids, tok = _prompt_ids(args, ckpt, spec.vocab)
 
-    opts: dict[str, Any] = {}
-    for item in args.option:
-        if "=" not in item:
-            raise SpecError(f"--option {item!r} is not KEY=VALUE", where="--option", fix="e.g. --option S=4")
-        k, v = item.split("=", 1)
-        opts[k.strip()] = _parse_value(v.strip())
+    opts = parse_options(args.option)
     if args.plan:
         plan = Plan.from_json(args.plan)
         if args.system and args.system != plan.system:
@@ -202,7 +191,6 @@ def run(args: argparse.Namespace) -> int:
         if args.n_ctx:
             plan = plan.replace(n_ctx=args.n_ctx)
     else:
-        from primasim.plan.planners import make_plan
 
         system = args.system or "prima"
         if args.k is not None:
@@ -271,13 +259,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_human(out: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     def ms(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f} ms"
 
-    con = Console(stderr=False)
+    con = console()
     tput = out.get("throughput_tok_s")
     con.print(f"measured: TPOT {ms(out['tpot_ms'])} (P50 {ms(out['tpot_p50_ms'])}, P90 {ms(out['tpot_p90_ms'])}), "
               f"TTFT {ms(out['ttft_ms'])}, throughput {tput:.2f} tok/s" if tput else "measured: no tokens")

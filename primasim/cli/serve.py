@@ -9,10 +9,12 @@ import signal
 import sys
 from typing import Any
 
+from . import HELP
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "serve", help="serve a model on a cluster over an OpenAI-compatible HTTP API (completions, chat, streaming)",
+        "serve", help=HELP["serve"],
         description="Plan MODEL on CLUSTER, start the workers once (weights loaded, steps compiled, kept warm) and "
                     "serve /v1/models, /v1/completions and /v1/chat/completions (SSE streaming) with concurrent "
                     "requests in flight on the plan's ring. A device that leaves is planned around: the survivors "
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import socket
 
     from primasim.core.cluster import load_cluster
-    from primasim.core.model import load_model
+    from primasim.core.model_sources import load_model
     from primasim.core.plan import Plan
     from primasim.runtime.head import RunOptions, cached_random_weights, open_weights
     from primasim.serve.engine import Engine, EngineOptions, plan_for_runtime

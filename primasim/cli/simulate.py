@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import Any
 
-from . import workload
+import pandas as pd
+from rich.table import Table
+
+from primasim.core.cluster import load_cluster
+from primasim.core.errors import SpecError
+from primasim.core.model_sources import load_model
+from primasim.core.plan import Plan
+from primasim.sim import SimConfig, sim_plan, simulate, system_names
+from primasim.sim._systems import get_system
+
+from . import HELP, workload
+from .options import add_option_arg, jsonable, parse_options
+from .output import console, print_infeasible
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="simulate a system serving a model on a cluster (SimPy)",
+    p = sub.add_parser("simulate", help=HELP["simulate"],
                        description="Simulate one system on a cluster: plan it (or take --plan), run its schedule "
                        "on simulated devices (compute, page cache, disk, Wi-Fi), report the metrics.")
     p.add_argument("--cluster", help="built-in cluster name or cluster TOML path (required)")
@@ -35,9 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--S", type=int, default=None, help="mdi-llm: sequences in flight (default: number of nodes)")
     p.add_argument("--batch", type=int, default=None, help="bud: max batch; pipo/flexgen: batch size")
     p.add_argument("--requests", type=int, default=100, help="bud/serial: number of requests (default 100)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="planner option (repeatable), e.g. kv=prealloc for bud, devices=D1,D2 for exo; "
-                        "see `primasim plan --help`")
+    add_option_arg(p, "planner option (repeatable), e.g. kv=prealloc for bud, devices=D1,D2 for exo; "
+                      "see `primasim plan --help`")
     p.add_argument("--no-jitter", action="store_true", help="use the mean link latency for every message")
     p.add_argument("--sim-planner", "--sim-halda", dest="sim_halda", action="store_true",
                    help="prima: plan with the simulator as the objective (local search from Halda's plan, "
@@ -50,13 +60,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from primasim.core.cluster import load_cluster
-    from primasim.core.errors import SpecError
-    from primasim.core.model import load_model
-    from primasim.core.plan import Plan
-    from primasim.sim import SimConfig, simulate, system_names
-    from primasim.sim._systems import get_system
-
     if args.list_systems:
         for name in system_names():
             print(f"{name:18s} {get_system(name).help}")
@@ -84,11 +87,7 @@ def run(args: argparse.Namespace) -> int:
         opts["S"] = args.S
     if args.batch is not None:
         opts["batch"] = args.batch
-    for item in args.option:
-        if "=" not in item:
-            raise SpecError(f"--option {item!r} is not KEY=VALUE", where="--option", fix="e.g. --option kv=prealloc")
-        key, val = item.split("=", 1)
-        opts[key.strip()] = _parse_value(val.strip())
+    opts.update(parse_options(args.option, example="kv=prealloc"))
     extra: dict[str, Any] = {}
     if args.sim_halda and args.workload:
         raise SpecError("--sim-planner and --workload together are not supported", where="--workload",
@@ -96,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
     if args.sim_halda:
         if plan is not None:
             raise SpecError("--sim-planner plans by itself", where="--plan", fix="drop --plan or --sim-planner")
-        from primasim.sim import sim_plan
 
         sp = sim_plan(model, cluster, config=cfg.replace(tokens=min(cfg.tokens, 8)), n_ctx=args.n_ctx, k=args.k,
                       system=system)
@@ -113,41 +111,17 @@ def run(args: argparse.Namespace) -> int:
     out["quant"] = model.quant
     out["cluster"] = cluster.name
     if args.json:
-        print(json.dumps(out, default=_jsonable))
+        print(json.dumps(out, default=jsonable))
         return 0
     _print_human(res, out, args)
     return 0
 
 
-def _parse_value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    return v
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
-
-
 def _print_human(res: Any, out: dict[str, Any], args: argparse.Namespace) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
+    con = console()
     head = f"{out['system']} | {out['model']} ({out['quant']}) on {out['cluster']}"
     if not res.feasible:
-        con.print(f"[bold red]{head}: infeasible[/] - {res.reason}")
-        return
+        return print_infeasible(con, head, res.reason)
     plan = res.plan
     if plan is not None:
         con.print(f"[bold]{head}[/]  plan: {plan.describe()}" + (" prefetch" if plan.prefetch else ""))
@@ -166,7 +140,6 @@ def _print_human(res: Any, out: dict[str, Any], args: argparse.Namespace) -> Non
     if args.trace:
         con.print(f"timeline written to {args.trace} (open in ui.perfetto.dev or chrome://tracing)")
     if args.table:
-        import pandas as pd
 
         with pd.option_context("display.width", 200, "display.max_columns", 30):
             print(df.to_string(index=False))

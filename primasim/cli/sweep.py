@@ -7,9 +7,20 @@ import json
 import sys
 from pathlib import Path
 
+from rich.table import Table
+
+from primasim.core.errors import SpecError
+from primasim.loop.sweep import default_out, knobs_table, load_spec, run_sweep
+from primasim.loop.sweep.dryrun import dry_run
+from primasim.loop.sweep.executors import make_executor
+from primasim.loop.sweep.figures import plot_sweep
+
+from . import HELP
+from .output import console as make_console
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="run a parameter sweep (TOML spec) locally or on Dask; resumable",
+    p = sub.add_parser("sweep", help=HELP["sweep"],
                        description="Evaluate every cell of a sweep spec (docs/sweeps.md). Results go to OUT/results/ "
                        "(a Parquet dataset, one file per batch) and OUT/results.csv; re-running the same command "
                        "resumes; Ctrl-C stops cleanly (exit 130).")
@@ -35,20 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _positive(name: str, v: int | float | None) -> None:
-    from primasim.core.errors import SpecError
-
     if v is not None and v < 1:
         raise SpecError(f"{name} must be >= 1, got {v}", where=name, fix=f"use {name} 1 or more")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from primasim.core.errors import SpecError
-    from primasim.loop.sweep import default_out, knobs_table, load_spec, run_sweep
-
-    console = Console()
+    console = make_console()
     if args.knobs:
         t = Table("knob", "values", "meaning", title="sweep knobs")
         for row in knobs_table():
@@ -83,19 +86,12 @@ def run(args: argparse.Namespace) -> int:
               f"run the same command again to resume", file=sys.stderr)
         return 130
     if args.plot:
-        from primasim.loop.sweep.figures import plot_sweep
-
         plot_sweep(res.results(), args.plot, out=out / "plot.png")
         console.print(f"plot: {out / 'plot.png'}")
     return 0
 
 
 def _dry(args: argparse.Namespace, spec: object, out: Path, console: object) -> int:
-    from rich.table import Table
-
-    from primasim.loop.sweep.dryrun import dry_run
-    from primasim.loop.sweep.executors import make_executor
-
     ex = make_executor(args.executor, args.workers)
     workers = ex.workers
     ex.close()

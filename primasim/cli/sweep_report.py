@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from primasim.loop.sweep.report import sweep_report
+
+from . import HELP
+from .output import console
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep-report", help="analyse a sweep: best system per cell, speed-ups, feasibility "
-                       "limits, heatmaps and crossover curves",
+    p = sub.add_parser("sweep-report", help=HELP["sweep-report"],
                        description="Reads DIR/results/ (the Parquet dataset `primasim sweep` writes) and writes "
                        "CSV tables, PNG figures and README.md to DIR/report/.")
     p.add_argument("dir", help="the sweep's --out folder")
@@ -28,10 +32,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from primasim.loop.sweep.report import sweep_report
-
     rep = sweep_report(args.dir, metric=args.metric, baseline=args.baseline, focus=args.focus, x=args.x, y=args.y,
                        facet=args.facet, report_dir=args.report_dir, figures=not args.no_figures, where=args.where)
     if args.json:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                           "tables": {k: str(rep.out / f"{k}.csv") for k in rep.tables},
                           "figures": {k: str(v) for k, v in rep.figures.items()}, "notes": rep.notes}, default=str))
         return 0
-    c = Console()
+    c = console()
     c.print(rep.tables["systems"].to_string(index=False))
     for n in rep.notes:
         c.print(n)

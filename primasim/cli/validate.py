@@ -7,16 +7,29 @@ import json
 import sys
 from typing import Any
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from primasim.core.errors import SpecError
+from primasim.loop.validate import ValidateConfig, default_out, validate
+from primasim.runtime.emulate import is_root
+
+from . import HELP
+from .options import add_option_arg, parse_options
+from .output import console
+
+DESCRIPTION = """On embedded defaults: random weights for llama-mini-300m (generated once, cached), the emulated
+four-device cluster home-emu (memory-short devices, shaped links). Profiles each device inside its
+limits, plans with Halda, simulates the plan as the runtime executes it, runs it, and prints
+predicted vs measured TPOT, TTFT, throughput and per-device disk and memory; writes a figure, both
+timelines (Chrome traces) and a JSON summary into --out. Without root it runs degraded (plain
+processes, no limits) and says so."""  # argparse re-wraps it
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "validate", help="the main job: profile emulated devices, plan, simulate, run, compare predicted vs measured",
-        description="On embedded defaults: random weights for llama-mini-300m (generated once, cached), the emulated "
-                    "four-device cluster home-emu (memory-short devices, shaped links). Profiles each device inside "
-                    "its limits, plans with Halda, simulates the plan as the runtime executes it, runs it, and prints "
-                    "predicted vs measured TPOT, TTFT, throughput and per-device disk and memory; writes a figure, "
-                    "both timelines (Chrome traces) and a JSON summary into --out. Without root it runs degraded "
-                    "(plain processes, no limits) and says so.")
+        "validate", help=HELP["validate"],
+        description=DESCRIPTION)
     p.add_argument("--out", metavar="DIR", default="", help="output directory (default runs/validate-<time>)")
     p.add_argument("--cluster", default="home-emu", help="emulated cluster: built-in name or TOML (default home-emu)")
     p.add_argument("--model", default="llama-mini-300m", help="catalogue model, run on random weights "
@@ -34,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     p.add_argument("--n-ctx", type=int, default=1024, help="KV cache length (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="prompt and jitter seed (default 0)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="planner option (repeatable)")
+    add_option_arg(p, "planner option (repeatable)")
     p.add_argument("--no-emulate", action="store_true", help="plain processes without limits (what non-root gets)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before a run gives up")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
@@ -42,17 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from primasim.core.errors import SpecError
-    from primasim.loop.validate import ValidateConfig, default_out, validate
-
-    from .run import _parse_value
-
-    opts: list[tuple[str, Any]] = []
-    for item in args.option:
-        if "=" not in item:
-            raise SpecError(f"--option {item!r} is not KEY=VALUE", where="--option", fix="e.g. --option k=2")
-        k, v = item.split("=", 1)
-        opts.append((k.strip(), _parse_value(v.strip())))
+    opts = list(parse_options(args.option, example="k=2").items())
     for flag, v in (("--tokens", args.tokens), ("--prompt-tokens", args.prompt_tokens), ("--n-ctx", args.n_ctx)):
         if v < 1:
             raise SpecError(f"{flag} must be >= 1, got {v}", where=flag, fix=f"give {flag} a positive value")
@@ -68,11 +71,8 @@ def run(args: argparse.Namespace) -> int:
         res = validate(cfg)
         print(json.dumps(res.summary(), default=str))
         return 0
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    con = Console(stderr=True)
-    from primasim.runtime.emulate import is_root
+    con = console(stderr=True)
 
     if not args.no_emulate and not is_root():
         con.print("[yellow]not root: running degraded -- the devices are plain processes without memory, CPU, "
@@ -90,10 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(res: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
+    con = console()
     plan = res.plan
     con.print(f"[bold]{res.config.model}[/] on [bold]{res.profile.cluster.name}[/]"
               f"{' (degraded: no limits)' if res.degraded else ''}: {plan.system} plan {plan.describe()}, "

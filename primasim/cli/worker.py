@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 
+from primasim.core.errors import SpecError
+from primasim.runtime.wire import make_keys, show_keys
+from primasim.runtime.worker import is_loopback, serve
+
+from . import HELP
+
 DEFAULT_LISTEN = "tcp://127.0.0.1:9000"
+
+
+DESCRIPTION = """Listen for a `primasim run` head on ADDR (control) and ADDR's port + 1 (ring data). Put ADDR in the
+cluster file as the device's `address`. By default the worker listens on loopback only; an address
+other machines can reach needs --keys (or an explicit --insecure)."""  # argparse re-wraps it
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "worker", help="serve one device of a real cluster (the head connects to it)",
-        description="Listen for a `primasim run` head on ADDR (control) and ADDR's port + 1 (ring data). "
-                    "Put ADDR in the cluster file as the device's `address`. By default the worker listens on "
-                    "loopback only; an address other machines can reach needs --keys (or an explicit --insecure).")
+        "worker", help=HELP["worker"],
+        description=DESCRIPTION)
     p.add_argument("--listen", metavar="ADDR", default=DEFAULT_LISTEN,
                    help=f"tcp://HOST:PORT to listen on (default {DEFAULT_LISTEN}; port 0: any free port). A "
                         "non-loopback HOST needs --keys or --insecure")
@@ -35,16 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from primasim.core.errors import SpecError
-
     if args.make_keys:
-        from .keys import fingerprint, make, show
-
-        print(make(args.make_keys))
-        print(f"fingerprint: {fingerprint(show(args.make_keys)['public_key'])}")
+        print(make_keys(args.make_keys))
+        print(f"fingerprint: {show_keys(args.make_keys)['fingerprint']}")
         return 0
-    from primasim.runtime.worker import is_loopback, serve
-
     if not args.keys and not args.insecure and not is_loopback(args.listen):
         raise SpecError(f"refusing to listen on {args.listen} without --keys: any machine that can reach it could "
                         "join the cluster, send this worker commands and read its activations",

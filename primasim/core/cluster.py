@@ -20,8 +20,10 @@ File layout (see data/clusters/prima-d1-d4.toml for a complete example):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import platform
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +34,17 @@ import tomli_w
 from .device import DeviceSpec, device_from_toml, device_to_toml
 from .errors import SpecError
 from .io import atomic_write_text
-from .paths import data_dir
-from .units import MBPS, MS
+from .paths import cache_dir, data_dir
+from .procfs import (
+    cpu_model,
+    device_os,
+    effective_cores,
+    library_versions,
+    meminfo,
+    memory_info,
+    read_limits,
+)
+from .units import GB, GFLOPS, MBPS, MS, GiB
 
 
 @dataclass(frozen=True)
@@ -286,8 +297,6 @@ def load_cluster(ref: str | Path, *, _chain: tuple[str, ...] = ()) -> ClusterSpe
     `_chain`: the files whose `base` led here (a cycle of `base` references is an error)."""
     s = str(ref)
     if s == "local":
-        from .local import local_cluster  # profiler-backed; imported lazily
-
         return local_cluster()
     p = Path(s)
     if not p.exists() and not s.endswith(".toml"):
@@ -318,3 +327,96 @@ def load_cluster(ref: str | Path, *, _chain: tuple[str, ...] = ()) -> ClusterSpe
                         fix="give the path of a TOML cluster file") from None
     where = os.path.relpath(p) if p.is_absolute() and str(p).startswith(os.getcwd()) else str(p)
     return cluster_from_toml(raw, where, (*_chain, key))
+
+
+# ==================================================================================== local
+# `local`: this machine as a one-device cluster, from the cached `primasim profile` result.
+#
+# `primasim profile` (default --out) writes the cache file; `local` reads it. The cached figures are
+# used only while they still describe this machine: the profile's sidecar records a key (host, CPU,
+# cores, memory, memory limit, JAX version). A different machine or limits -> nominal figures
+# again; a different JAX version -> the measured figures, marked stale. Available memory is always
+# re-read at load time, as prima.cpp measures it at every start-up (it changes minute to minute).
+# Without a usable profile the device gets nominal figures, marked as such in its sources.
+
+# Figures used for what was not measured (a device without a profile; parts a profile skipped).
+NOMINAL: dict[str, float] = {"ram_bw": 20 * GB, "cpu_f32": 50 * GFLOPS, "disk_seq": 1 * GB,
+                             "disk_rnd": 0.3 * GB, "kv_copy": 0.002 * MS}
+
+def profile_key() -> dict[str, Any]:
+    """What a cached profile must match to describe this machine as it is now."""
+    lim = read_limits()
+    return {"host": platform.node(), "cpu": cpu_model(), "cores": effective_cores(lim),
+            "mem_total": meminfo().get("MemTotal", 0), "mem_limit": lim.mem_limit or 0,
+            "jax": library_versions().get("jax", "")}
+
+
+def sidecar_path(toml_path: str | Path) -> Path:
+    p = Path(toml_path)
+    return p.with_name((p.name[:-5] if p.name.endswith(".toml") else p.name) + ".profile.json")
+
+
+# keys of the profile key that identify the hardware (and its limits); the rest is software
+_HARDWARE_KEYS = ("host", "cpu", "cores", "mem_total", "mem_limit")
+
+
+def local_profile_path() -> str:
+    return str(cache_dir() / "profiles" / "local.toml")
+
+
+def _cached_key(path: str) -> dict[str, Any] | None:
+    try:
+        with open(sidecar_path(path)) as fh:
+            key = json.load(fh)["provenance"]["key"]
+        return key if isinstance(key, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def local_cluster() -> ClusterSpec:
+    """This machine: the cached `primasim profile` result if it fits, else nominal figures."""
+    path = local_profile_path()
+    note = "no cached profile: run `primasim profile` to measure this machine"
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as fh:
+                cached = cluster_from_toml(tomllib.load(fh), path)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SpecError(f"cached profile is not valid TOML ({exc})", where=path,
+                            fix="rerun `primasim profile` (or delete the file)") from None
+        key, now = _cached_key(path), profile_key()
+        hw_diff = [k for k in _HARDWARE_KEYS if key is not None and key.get(k) != now.get(k)]
+        if not hw_diff:
+            dev = _refresh_memory(cached.devices[0])
+            if key is not None and key.get("jax") != now.get("jax"):
+                dev = dev.replace(sources={**dev.sources, "profile.stale": (
+                    f"measured with jax {key.get('jax')}, now {now.get('jax')}: rerun `primasim profile`")})
+            return ClusterSpec("local", (dev,), cached.network, description=cached.description, path=path)
+        note = (f"cached profile {path} is of another machine or limits ({', '.join(hw_diff)} differ): "
+                "run `primasim profile` here")
+    return ClusterSpec("local", (nominal_device(note),), NetworkSpec(kind="switched"), path="local")
+
+
+def _refresh_memory(dev: DeviceSpec) -> DeviceSpec:
+    mem = memory_info()
+    if mem.total <= 0:
+        return dev
+    avail = min(mem.available, dev.ram_total)
+    return dev.replace(ram_avail=avail, swap_avail=min(mem.swap_available, dev.swap_total),
+                       sources={**dev.sources, "ram_avail_gib": mem.how + " (re-read when `local` was loaded)"})
+
+
+def nominal_device(note: str) -> DeviceSpec:
+    """This machine with measured memory and cores but nominal speeds (no profile yet)."""
+    lim = read_limits()
+    mem = memory_info(lim)
+    if mem.total <= 0:  # no /proc/meminfo (or sysctl): the old nominal 8 GiB, half of it free
+        mem = dataclasses.replace(mem, total=8.0 * GiB, available=4.0 * GiB, how="nominal: memory not readable")
+    return DeviceSpec(
+        name=platform.node() or "local", os=device_os(), cores=effective_cores(lim),  # type: ignore[arg-type]
+        ram_total=mem.total, ram_avail=min(mem.available, mem.total), ram_bw=NOMINAL["ram_bw"],
+        cpu_flops={"f32": NOMINAL["cpu_f32"]}, disk_seq=NOMINAL["disk_seq"], disk_rnd=NOMINAL["disk_rnd"],
+        kv_copy=NOMINAL["kv_copy"], swap_total=mem.swap_total, swap_avail=min(mem.swap_available, mem.swap_total),
+        hardware=cpu_model(),
+        sources={"*": "nominal figures: " + note, "ram_avail_gib": mem.how, "cores": "CPU affinity / cgroup quota"},
+    )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class PrimasimError(Exception):
     """Base class of every error a user should see as one clear message (no traceback)."""
@@ -45,3 +50,11 @@ class WorkerError(PrimasimError):
 
 class EmulationError(PrimasimError):
     """The emulated cluster could not be set up (cgroups, namespaces, tc)."""
+
+
+def lookup(table: Mapping[str, T], name: str, *, what: str, where: str, fix: str) -> T:
+    """`table[name]`, or one SpecError saying which `what` is unknown and how to fix it."""
+    try:
+        return table[name]
+    except KeyError:
+        raise SpecError(f"unknown {what} {name!r}", where=where, fix=fix) from None

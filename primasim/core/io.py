@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import PrimasimError
+from .errors import PrimasimError, SpecError
 
 __all__ = ["Journal", "JournalBusyError", "atomic_csv", "atomic_csv_rows", "atomic_open", "atomic_savefig",
            "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_write_with", "json_default",
@@ -284,7 +285,6 @@ class Journal:
     def _lock(self) -> None:
         assert self._fh is not None
         try:
-            import fcntl
 
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # not POSIX: no lock
@@ -364,3 +364,12 @@ class Journal:
         with contextlib.suppress(Exception):
             self.close()
 
+
+def make_dir(path: str | Path, *, what: str, fix: str) -> Path:
+    """Create the folder `path` (and its parents) if needed; failing that, one SpecError with `fix`."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpecError(f"cannot create the {what} ({exc.strerror})", where=str(p), fix=fix) from None
+    return p

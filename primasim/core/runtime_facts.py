@@ -4,6 +4,11 @@
   sequence in flight) and `ACT_RESERVE` for activations and the allocator;
 - the attention span buckets (`attention_span`): attention reads the cache positions in use,
   rounded up to a power of two of at least `MIN_SPAN`;
+- batched decode (runtime/batch.py, runtime/_kvcache.py): batches padded to `BATCH_BUCKETS`, KV in
+  blocks of `BLOCK_TOKENS`, the pool sized to `KV_POOL_SHARE` of the room a memory limit leaves;
+- outside a memory cgroup a worker budgets prima.cpp's d_avail, MemAvailable x `HOST_AVAILABLE_SHARE`;
+- `runtime_model`: a ModelSpec as the runtime holds it (f32 KV, the activation reserve), for plans
+  and simulations compared with the runtime;
 - residency (`plan_residency`): how a worker with a memory budget holds its weights, in either
   mode a run can pick (`RESIDENCY_MODES`):
 
@@ -22,11 +27,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-MiB = 1 << 20
+from .model import ModelSpec
+from .units import MiB
+
 ACT_RESERVE = 8 * MiB  # activations and the allocator, on top of the KV caches
 MIN_SPAN = 256  # smallest attention span bucket (positions)
+HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # batched decode pads the running requests to one of these
+BLOCK_TOKENS = 16  # tokens per paged-KV block unless the plan sets Bud's `tile_tokens`
+KV_POOL_SHARE = 0.5  # a batch's KV pool takes this share of the room a memory limit leaves
 RESIDENCY_MODES = ("planned", "lru")
 _ALIASES = {"plan": "planned", "kernel": "lru"}
 
@@ -56,6 +68,20 @@ def kv_bytes(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequen
 def anon_reserve(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequences: int = 1) -> int:
     """Anonymous memory a worker allocates besides weights: KV caches + the activation reserve."""
     return kv_bytes(n_layers, max_seq, n_kv_heads, head_dim, sequences) + ACT_RESERVE
+
+
+def batch_bucket(n: int) -> int:
+    """The padded batch a step of `n` running requests computes."""
+    for b in BATCH_BUCKETS:
+        if n <= b:
+            return b
+    return n
+
+
+def runtime_model(model: ModelSpec) -> ModelSpec:
+    """`model` as the runtime holds it: f32 KV caches and, in place of llama.cpp's compute buffer,
+    the worker's activation reserve. Plans and simulations compared with the runtime use this."""
+    return dataclasses.replace(model, kv_dtype="f32", buffer_bytes=float(ACT_RESERVE))
 
 
 @dataclass(frozen=True)

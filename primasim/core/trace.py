@@ -19,13 +19,29 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from .io import atomic_write_text
 
 RESOURCES = ("cpu", "gpu", "disk", "net", "send", "recv", "wait", "pcie", "prefetch")
+
+
+@runtime_checkable
+class Recorder(Protocol):
+    """What records one device's run in this schema, simulated or measured: spans of work on its
+    resources (a Span without the device), samples of a quantity over time, counters. The
+    simulator's (`primasim.sim.Recorder.device(name)`, straight into a Trace) and the worker's
+    (`primasim.runtime.worker.Recorder`, spilled to disk, then filed by the head under the device
+    with `Trace.add_device`) both are one."""
+
+    def span(self, resource: str, start: float, end: float, name: str = "", seq: int = 0, token: int = -1,
+             nbytes: float = 0.0) -> None: ...
+
+    def sample(self, name: str, t: float, value: float) -> None: ...
+
+    def add(self, key: str, v: float) -> None: ...
 
 
 @dataclass
@@ -88,14 +104,24 @@ class Trace:
         d = self.device_stats.setdefault(device, {})
         d[key] = d.get(key, 0.0) + value
 
+    def add_device(self, device: str, spans: list[list[Any]], samples: list[list[Any]], offset: float) -> None:
+        """File one device's recorded spans [resource, start, end, name, seq, token, nbytes] and
+        samples [name, time, value] (a worker Recorder's `stats()`), times shifted by -offset;
+        spans that ended before the offset (the run's start) are left out."""
+        for res, a, b, name, seq, tok, nb in spans:
+            if b >= offset - 1e-3:
+                self.span(device, res, max(0.0, a - offset), b - offset, name, seq=seq, token=tok, nbytes=nb)
+        for name, t, v in samples:
+            self.samples.append(Sample(device, name, t - offset, float(v)))
+
     # -------------------------------------------------------------- views
     def tokens_frame(self) -> Any:
-        import pandas as pd
+        import pandas as pd  # frames only (pandas is slow to import)
 
         return pd.DataFrame([asdict(t) for t in self.tokens], columns=["seq", "index", "time", "token_id"])
 
     def spans_frame(self) -> Any:
-        import pandas as pd
+        import pandas as pd  # frames only (pandas is slow to import)
 
         cols = ["device", "resource", "start", "end", "name", "seq", "token", "nbytes"]
         df = pd.DataFrame([asdict(s) for s in self.spans], columns=cols)
@@ -103,7 +129,7 @@ class Trace:
         return df
 
     def samples_frame(self) -> Any:
-        import pandas as pd
+        import pandas as pd  # frames only (pandas is slow to import)
 
         return pd.DataFrame([asdict(s) for s in self.samples], columns=["device", "name", "time", "value"])
 

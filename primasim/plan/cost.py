@@ -21,6 +21,10 @@ to the next ring device) to xi in either variant; prima.cpp's code sets it to ze
 
 Conventions: arrays are indexed in the order of ``cluster.devices`` and the head is
 ``cluster.head``. l_m / lg_m are the total layers / GPU layers of device m over all laps.
+
+Longer than ~600 lines: the cost model is one set of formulas (prima.cpp's terms per device kind,
+its two variants, corrections, the other schedules' estimates) that Halda and the planners read in
+one place, so a term cannot drift between two files.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from primasim.core.cluster import ClusterSpec, NetworkSpec
 from primasim.core.device import DeviceSpec
 from primasim.core.errors import SpecError
 from primasim.core.model import ModelSpec
+from primasim.core.plan import device_memory
 from primasim.core.units import GB
 
 if TYPE_CHECKING:
@@ -581,7 +586,6 @@ def memory_pressure(plan: Plan, model: ModelSpec, cluster: ClusterSpec) -> dict[
     page cache, which the OS can reclaim, so they do not count (why prima.cpp stays < 10 %).
     Discrete-GPU VRAM is not system memory and does not count either.
     """
-    from primasim.core.plan import device_memory
 
     mem = device_memory(plan, model, cluster)
     out: dict[str, float] = {}

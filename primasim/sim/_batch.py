@@ -22,12 +22,16 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from primasim.core.device import rate
 from primasim.core.units import MiB
 
 from ._context import SimContext, SimResult, infeasible
 from ._engine import Proc
+
+if TYPE_CHECKING:  # the registry imports the schedules: the entry's type only, for annotations
+    from ._systems import SystemEntry
 
 TILE_TOKENS = 16
 
@@ -58,11 +62,9 @@ def draw_requests(ctx: SimContext) -> list[_Req]:
     return [_Req(i, int(p), int(g)) for i, (p, g) in enumerate(zip(prompts, gens))]
 
 
-def run_batch(ctx: SimContext, entry: object, requests: list[_Req] | None = None,
+def run_batch(ctx: SimContext, entry: SystemEntry, requests: list[_Req] | None = None,
               on_admit: Callable[[_Req], None] | None = None) -> SimResult:
-    from ._systems import SystemEntry
-
-    assert isinstance(entry, SystemEntry) and ctx.plan is not None
+    assert ctx.plan is not None
     plan, m, cfg, env = ctx.plan, ctx.model, ctx.cfg, ctx.env
     opts = plan.options
     kv_mode = str(opts.get("kv", "paged"))

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from primasim.core.errors import SpecError
+
 
 def _h(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -61,8 +63,6 @@ class SimConfig:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
-        from primasim.core.errors import SpecError
-
         if self.tokens < 1:
             raise SpecError(f"tokens must be >= 1, got {self.tokens}", where="--tokens", fix="generate at least one token")
         if self.prompt_tokens < 1:

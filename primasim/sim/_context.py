@@ -129,7 +129,7 @@ class SimResult:
 
     def table(self) -> Any:
         """One row per device: busy fractions, disk and network bytes, faults, memory pressure."""
-        import pandas as pd
+        import pandas as pd  # the table view only (`simulate --table`)
 
         if self.metrics is None or self.trace is None:
             return pd.DataFrame(columns=["device"])

@@ -54,6 +54,28 @@ class Recorder:
     def set(self, device: str, key: str, value: float) -> None:
         self.trace.device_stats.setdefault(device, {})[key] = value
 
+    def device(self, name: str) -> DeviceRecorder:
+        """This recorder as one device's (the `primasim.core.trace.Recorder` protocol, which the
+        runtime's workers implement too)."""
+        return DeviceRecorder(self, name)
+
+
+class DeviceRecorder:
+    """One device's view of a simulation's Recorder."""
+
+    def __init__(self, rec: Recorder, device: str) -> None:
+        self.rec, self.name = rec, device
+
+    def span(self, resource: str, start: float, end: float, name: str = "", seq: int = 0, token: int = -1,
+             nbytes: float = 0.0) -> None:
+        self.rec.span(self.name, resource, start, end, name, seq, token, nbytes)
+
+    def sample(self, name: str, t: float, value: float) -> None:
+        self.rec.sample(self.name, name, t, value)
+
+    def add(self, key: str, v: float) -> None:
+        self.rec.add(self.name, key, v)
+
 
 Proc = Generator[simpy.events.Event, Any, Any]
 

@@ -16,7 +16,7 @@ Metrics: GPU utilisation = GPU busy / makespan, throughput = batch x tokens / ma
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import simpy
 
@@ -25,6 +25,9 @@ from primasim.core.units import GiB, MiB
 
 from ._context import SimContext, SimResult, infeasible
 from ._engine import Proc, Server
+
+if TYPE_CHECKING:  # the registry imports the schedules: the entry's type only, for annotations
+    from ._systems import SystemEntry
 
 # FlexGen issues every per-layer task from Python and synchronises the CUDA streams after each
 # layer; 0.5 ms per (layer, step) is an assumed cost of that issue + cudaDeviceSynchronize.
@@ -58,10 +61,8 @@ def offload_layout(ctx: SimContext, batch: int, ctx_len: int) -> dict[str, Any]:
             "kv_on_gpu": kv_home == "gpu", "kv_bytes": kv_bytes, "gpu_buffers": int(opts.get("stream_buffers", 2))}
 
 
-def run_offload(ctx: SimContext, entry: object) -> SimResult:
-    from ._systems import SystemEntry
-
-    assert isinstance(entry, SystemEntry) and ctx.plan is not None
+def run_offload(ctx: SimContext, entry: SystemEntry) -> SimResult:
+    assert ctx.plan is not None
     barrier = bool(entry.params["barrier"])
     plan, m, cfg, env = ctx.plan, ctx.model, ctx.cfg, ctx.env
     B = int(plan.options.get("batch", cfg.batch or 1))

@@ -50,7 +50,7 @@ from primasim.plan.halda_global import halda_model
 from primasim.plan.halda_model import ModelData
 from primasim.plan.halda_relax import _tables
 
-from ._api import simulate
+from ._api import simulate_plan
 from ._config import SimConfig
 from ._feedback import sim_corrections
 
@@ -123,8 +123,7 @@ class _Search:
                 self.seen[key] = math.inf
             else:
                 self.evaluations += 1
-                res = simulate(self.system, self.model, self.cluster, plan=plan,
-                               config=self.cfg.replace(record_spans=False))
+                res = simulate_plan(self.system, self.model, self.cluster, plan, self.cfg.replace(record_spans=False))
                 self.seen[key] = res.tpot_ms if res.feasible else math.inf
         return self.seen[key]
 
@@ -132,7 +131,7 @@ class _Search:
         """Simulated coefficients of `plan` (one more simulation, with the trace's spans)."""
         key = _key(plan)
         if key not in self._corr:
-            res = simulate(self.system, self.model, self.cluster, plan=plan, config=self.cfg.replace(record_spans=True))
+            res = simulate_plan(self.system, self.model, self.cluster, plan, self.cfg.replace(record_spans=True))
             self.evaluations += 1
             self._corr[key] = sim_corrections(res, self.model, self.cluster) if res.feasible else {}
         return self._corr[key]

@@ -49,9 +49,13 @@ from primasim.core.model import ModelSpec
 from primasim.core.plan import Plan
 from primasim.core.runtime_facts import (
     ACT_RESERVE,
+    BLOCK_TOKENS,
+    KV_POOL_SHARE,
     MIN_SPAN,
     anon_reserve,
     attention_span,
+    batch_bucket,
+    kv_bytes,
     plan_residency,
 )
 from primasim.core.units import MiB
@@ -62,7 +66,6 @@ from ._engine import Proc
 from ._timing import DeviceTiming
 
 STREAM_CHUNK = 2 * MiB  # granularity of streamed reads (demand reads can pass a prefetch between chunks)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # runtime/batch.py
 
 
 @dataclass
@@ -440,13 +443,6 @@ def run_runtime_ring(ctx: SimContext) -> SimResult:
 
 
 # ------------------------------------------------------------------------------------ batch
-def _bucket(n: int) -> int:
-    for b in BATCH_BUCKETS:
-        if n <= b:
-            return b
-    return n
-
-
 def run_runtime_batch(ctx: SimContext) -> SimResult:
     """runtime/batch.py BatchServer: identical requests (the prompt repeated), admitted up to the
     batch size while the KV pool holds their whole length; each admitted request is prefilled
@@ -463,13 +459,13 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
     max_batch = int(cfg.batch or o.get("batch", 64))
     P, N = cfg.prompt_tokens, cfg.tokens
     need = P + N
-    block = int(o.get("tile_tokens", 16))
+    block = int(o.get("tile_tokens", BLOCK_TOKENS))
     per_req_blocks = math.ceil(need / block)
-    block_bytes = 2.0 * m.n_layers * block * m.n_kv_heads * m.head_dim * 4
+    block_bytes = float(kv_bytes(m.n_layers, block, m.n_kv_heads, m.head_dim))
     pinned = float(m.total_bytes)
     # runtime/batch.py kv_budget: half of the room the memory limit leaves; the emulator's limit is
     # the worker's footprint (pinned weights included) + the device's budget, i.e. ram_avail
-    pool_blocks = int(max(0.0, 0.5 * dev.spec.ram_avail) // block_bytes)
+    pool_blocks = int(max(0.0, KV_POOL_SHARE * dev.spec.ram_avail) // block_bytes)
     max_seq = need
     if o.get("kv_bytes"):  # the pool's size given: the run keeps the warm-up's shapes (setup's max_seq)
         pool_blocks = int(float(o["kv_bytes"]) // block_bytes)
@@ -489,8 +485,7 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
         """One call per window + embed + output for `seqs` sequences of `n_tok_per_seq` tokens."""
         rows = n_tok_per_seq * seqs
         tm = timing(dev, rows)
-        span = attention_span(pos + n_tok_per_seq, max_seq)
-        span = -(-span // block) * block
+        span = attention_span(pos + n_tok_per_seq, max_seq, block)
         flops = tm._flop_time(dev.spec.cpu_flops, min(span, MIN_SPAN), rows)
         kv_read = m.kv_bytes_per_token() * span * seqs
         per_layer = flops + dev.spec.kv_copy * rows + (m.layer_bytes + kv_read) / tm.dev.ram_bw
@@ -519,7 +514,7 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
                     running.append(r)
             if not running:
                 continue
-            b = _bucket(len(running))
+            b = batch_bucket(len(running))
             pos = P + made[running[0]] - 1
             yield from dev.cpu.serve(forward(1, b, pos), name=f"decode batch {len(running)} (padded {b})",
                                      seq=0, token=-1)

@@ -43,10 +43,13 @@ from primasim.core.serving import SLO, RequestRecord, summarize
 from primasim.core.trace import Request, Trace
 from primasim.core.workload import Workload
 
-from ._api import plan_for
+from ._batch import _Req, run_batch
 from ._config import SimConfig
 from ._context import SimContext
 from ._engine import Proc
+from ._planning import plan_for
+from ._ring import Ring, RingOptions, _shift
+from ._runtime import RuntimeRing
 from ._systems import SystemEntry, get_system
 
 MODES = ("slots", "continuous", "batch")
@@ -118,12 +121,10 @@ class _Walker:
         self.runtime = runtime
         self.buckets = sorted(buckets)
         if runtime:
-            from ._runtime import RuntimeRing
 
             self.rr = RuntimeRing(ctx)
             self.rr.setup_stats()
         else:
-            from ._ring import Ring, RingOptions
 
             self.ring = Ring(ctx, RingOptions())
 
@@ -321,8 +322,6 @@ def _run_phase(system: str, entry: SystemEntry, model: ModelSpec, cluster: Clust
 
 
 def _run_bud(ph: _Phase, entry: SystemEntry, jobs: list[_Job], until: float | None) -> _Phase:
-    from ._batch import _Req, run_batch
-
     by_rid = {j.rec.rid: j for j in jobs}
     reqs = [_Req(j.rec.rid, j.prompt, j.left, arrival=j.arrival) for j in jobs]
     ctx = ph.ctx
@@ -412,8 +411,6 @@ def serve_workload(system: str, model: ModelSpec, cluster: ClusterSpec, workload
 
 
 def _trace(ctx: SimContext, t0: float) -> Trace:
-    from ._ring import _shift
-
     _shift(ctx, t0)
     ctx.result()  # fills the trace's meta and cache statistics
     return ctx.trace

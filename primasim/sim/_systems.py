@@ -11,23 +11,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from primasim.core.errors import SpecError
+from primasim.core import systems
+from primasim.core.systems import System
 
+from ._batch import run_batch
 from ._context import SimContext, SimResult
 from ._fitted import value
+from ._offload import run_offload
 from ._ring import RingOptions, run_ring
+from ._tp import run_tp
 
 Runner = Callable[[SimContext, "SystemEntry"], SimResult]
 
 
 @dataclass(frozen=True)
 class SystemEntry:
+    """How the simulator runs one system of the registry (primasim.core.systems)."""
+
     name: str
-    help: str
-    schedule: str  # ring | tp | offload | batch
+    schedule: str  # the simulated engine: ring | tp | offload | batch (MDI-LLM's RPP runs on the ring engine)
     runner: Runner
     ring: RingOptions | None = None
     params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def system(self) -> System:
+        return systems.SYSTEMS[self.name]
+
+    @property
+    def help(self) -> str:
+        return self.system.help
 
 
 SYSTEMS: dict[str, SystemEntry] = {}
@@ -41,17 +54,13 @@ def register(entry: SystemEntry) -> SystemEntry:
 
 
 def get_system(name: str) -> SystemEntry:
+    systems.get_system(name)  # an unknown name fails here, with the list
     _load_all()
-    try:
-        return SYSTEMS[name]
-    except KeyError:
-        raise SpecError(f"unknown system {name!r}", where="--system",
-                        fix=f"use one of {', '.join(sorted(SYSTEMS))}") from None
+    return SYSTEMS[name]
 
 
 def system_names() -> list[str]:
-    _load_all()
-    return list(SYSTEMS)
+    return systems.system_names()
 
 
 def _ring_runner(ctx: SimContext, entry: SystemEntry) -> SimResult:
@@ -83,36 +92,16 @@ def _load_all() -> None:
         return
     _LOADED = True
     ring = RingOptions()
-    for name, help in (
-        ("prima", "prima.cpp: Halda plan, piped ring (k laps, windows, GPU/CPU split), mmap + prefetch"),
-        ("prima-no-prefetch", "prima.cpp without prefetching the next window (page faults not hidden)"),
-        ("prima-no-halda", "prima.cpp with the memory-ratio split instead of Halda (§2.5 fallback)"),
-        ("memsched", "MemSched heuristic (RAM/VRAM ratio split) run in prima.cpp's ring"),
-        ("perfsched", "PerfSched heuristic (compute-proportional split, OOM migration) in prima.cpp's ring"),
-        ("even", "even layer split with a fixed k in prima.cpp's ring (paper Fig. 2)"),
-        ("llama.cpp", "llama.cpp on one device: -ngl layers on the GPU, the rest mmap'd on the CPU"),
-    ):
-        register(SystemEntry(name, help, "ring", _ring_runner, ring))
-    register(SystemEntry("exo", "exo: memory-ratio ring, weights pinned (OOM when a slice does not fit), "
-                         "an RPC per hop and O(N) status/result broadcasts per token", "ring", _ring_runner,
+    for name in ("prima", "prima-no-prefetch", "prima-no-halda", "memsched", "perfsched", "even", "llama.cpp"):
+        register(SystemEntry(name, "ring", _ring_runner, ring))
+    register(SystemEntry("exo", "ring", _ring_runner,
                          RingOptions(msg_overhead=EXO_RPC_OVERHEAD, status_broadcasts=2, result_broadcast=True)))
-    from ._tp import run_tp
-
-    register(SystemEntry("dllama", "distributed-llama: tensor parallel on 2^n CPUs, two all-reduces per layer "
-                         "(all-to-all over the network), weights pinned", "tp", run_tp))
-    register(SystemEntry("mdi-llm", "MDI-LLM: recurrent pipeline, S sequences circulating the ring "
-                         "(S = 1: plain pipeline)", "ring", _mdi_runner,
+    register(SystemEntry("dllama", "tp", run_tp))
+    register(SystemEntry("mdi-llm", "ring", _mdi_runner,
                          RingOptions(overhead_on_compute=True)))
-    from ._offload import run_offload
-
-    register(SystemEntry("pipo", "PIPO: barrier-free offload pipeline (weight loads, KV loads/saves, "
-                         "compute) on one GPU device", "offload", run_offload, params={"barrier": False}))
-    register(SystemEntry("flexgen", "FlexGen: the same offload pipeline with a barrier after every layer",
-                         "offload", run_offload, params={"barrier": True}))
-    from ._batch import run_batch
-
-    register(SystemEntry("bud", "Bud: CPU request batching with a paged (tiled) KV pool and admission by memory; "
-                         "kv=prealloc reserves max_len per request, batch=1 is one request at a time", "batch",
+    register(SystemEntry("pipo", "offload", run_offload, params={"barrier": False}))
+    register(SystemEntry("flexgen", "offload", run_offload, params={"barrier": True}))
+    register(SystemEntry("bud", "batch",
                          run_batch))
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from primasim.core.cgroups import UNLIMITED, own_group
-from primasim.core.runtime_facts import ResidencyPlan, plan_residency
+from primasim.core.procfs import meminfo
+from primasim.core.runtime_facts import HOST_AVAILABLE_SHARE, ResidencyPlan, plan_residency
 
-from .._measure import meminfo
 from ..pages import Ranges, advise_random, mapped_spans, split_ranges, touch_pages
 from .stage import Stage
 
@@ -31,7 +31,8 @@ def memory_budget(reserve: float) -> tuple[float, str]:
             return float(limit - used - reserve), (f"memory cgroup v{g.version}: limit {limit} - usage {used} - "
                                                    f"reserve {reserve:.0f}")
     avail = meminfo().get("MemAvailable", 1 << 62)
-    return 0.8 * avail - reserve, f"MemAvailable {avail} x 0.8 - reserve {reserve:.0f}"
+    return (HOST_AVAILABLE_SHARE * avail - reserve,
+            f"MemAvailable {avail} x {HOST_AVAILABLE_SHARE} - reserve {reserve:.0f}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from primasim.core.errors import WorkerError
 
@@ -69,8 +70,6 @@ class Sender:
                                "reach only each other and the head's host")
 
     def _connect(self, timeout: float) -> zmq.Socket:
-        from zmq.utils.monitor import recv_monitor_message
-
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)

@@ -4,8 +4,10 @@ and runs the session's ring on the compute thread."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -283,8 +285,6 @@ def is_loopback(addr: str) -> bool:
     """Whether a listen address is reachable from this machine only (127.0.0.0/8, ::1, localhost).
     A name is resolved: loopback only if every address it resolves to is. Wildcards (*, 0.0.0.0,
     ::), interface names and names that do not resolve count as reachable from elsewhere."""
-    import ipaddress
-    import socket
 
     host = listen_host(addr)
     if host in ("localhost", "lo"):
@@ -305,8 +305,6 @@ def serve(listen: str, **kw: Any) -> int:
     w = Worker(listen, **kw)
     auth = "open to any peer that reaches it"
     if w.keys:
-        from primasim.cli.keys import fingerprint
-
-        auth = f"CurveZMQ, cluster key {fingerprint(w.keys['public'])}"
+        auth = f"CurveZMQ, cluster key {wire.fingerprint(w.keys['public'])}"
     print(f"primasim worker {w.name}: control {w.control_ep}, data {w.data_ep} ({auth})", file=sys.stderr, flush=True)
     return w.serve()

@@ -12,17 +12,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from primasim.core.errors import WorkerError
-from primasim.core.runtime_facts import ACT_RESERVE, anon_reserve, residency_mode
+from primasim.core.procfs import meminfo, thread_cpu, thread_cpu_since
+from primasim.core.runtime_facts import (
+    ACT_RESERVE,
+    HOST_AVAILABLE_SHARE,
+    anon_reserve,
+    residency_mode,
+)
 
 from .. import wire
-from .._measure import (
-    IoCounter,
-    MemorySampler,
-    meminfo,
-    process_memory,
-    thread_cpu,
-    thread_cpu_since,
-)
+from .._measure import IoCounter, MemorySampler, process_memory
 from ..pages import drop_pages, resident_bytes
 from ..wire import Message, MsgType
 from . import residency as rs
@@ -140,7 +139,7 @@ class Session:
         positions a sequence writes before it reads them."""
         run = kv is not None
         if self.cfg.get("schedule") == "batch":
-            from ..batch import BatchServer, block_tokens
+            from ..batch import BatchServer, block_tokens  # JAX: loaded at SETUP, not at start-up
 
             o = self.cfg.get("options", {})
             # with the pool's size given (options kv_bytes) the warm-up compiles the run's shapes
@@ -180,7 +179,7 @@ class Session:
         if self.mode != "planned" or self.pinned or not self.windows:
             return False
         hint = self.cfg.get("memory_hint")
-        room = float(hint) if hint else 0.8 * meminfo().get("MemAvailable", 1 << 62)
+        room = float(hint) if hint else HOST_AVAILABLE_SHARE * meminfo().get("MemAvailable", 1 << 62)
         return self.stage.weight_bytes() + self._anon_reserve() > room
 
     def _anon_reserve(self) -> int:
@@ -209,11 +208,13 @@ class Session:
         budget, how = rs.memory_budget(self._anon_reserve())
         opts = self.cfg.get("options", {}) or {}
         if self.cfg.get("schedule") == "batch":
-            from ..batch import BatchServer
+            from ..batch import (
+                BatchServer,  # JAX: loaded at SETUP, not when the worker starts listening
+            )
 
             self.batch_pool = BatchServer.preallocate(self.stage, opts, int(self.cfg["max_seq"]))
         else:
-            import jax
+            import jax  # loaded at SETUP, not when the worker starts listening
 
             n_seq = int(opts.get("S") or len(self.ring)) if self.cfg.get("schedule") == "rpp" else 1
             self.spare_kv = [self.stage.new_kv() for _ in range(max(1, n_seq))]
@@ -386,7 +387,9 @@ class Session:
         if self.serving is not None:
             return
         if obj.get("schedule") == "batch":
-            from ..batch import BatchServer
+            from ..batch import (
+                BatchServer,  # JAX: loaded at SETUP, not when the worker starts listening
+            )
 
             t0 = time.time()
             server = BatchServer(self.stage, {**obj, "setup_max_seq": int(self.cfg["max_seq"])}, self.rec,

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from primasim.core.runtime_facts import attention_span
+
 
 class Stage:
     """The model code one worker runs: its layer windows and, on the head, embedding + output.
@@ -43,7 +45,7 @@ class Stage:
         memory of ours. Warm-up runs every compiled shape once this way: XLA's first execution of an
         executable costs far more than the next ones (~0.1-0.5 s here), which would otherwise land
         in the first token and in the first token of every new attention-span bucket."""
-        import jax
+        import jax  # (JAX loads with the first session, see __init__)
 
         leaves = [a for a in jax.tree_util.tree_leaves(self.params) if hasattr(a, "nbytes")]
         zero = mmap.mmap(-1, max([int(a.nbytes) for a in leaves] + [mmap.PAGESIZE]), prot=mmap.PROT_READ)
@@ -95,9 +97,8 @@ class Stage:
         return self._md.init_kv(self.spec, self.layers, self.max_seq, abstract=abstract)
 
     def bucket_starts(self) -> list[int]:
-        """Decode positions where the attention span (primasim.runtime.model.attention_span) moves to a
-        new bucket, up to the KV length."""
-        span = self._md.attention_span
+        """Decode positions where the attention span moves to a new bucket, up to the KV length."""
+        span = attention_span
         return [p for p in (1 << i for i in range(self.max_seq.bit_length()))
                 if p < self.max_seq and span(p + 1, self.max_seq) != span(p, self.max_seq)]
 
