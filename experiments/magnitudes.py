@@ -27,12 +27,11 @@ import itertools
 import time
 from pathlib import Path
 
-from primasim import load_model
+from primasim import load_model, make_plan
 from primasim.core.cluster import load_cluster
 from primasim.core.io import atomic_csv_rows, atomic_write_text
 from primasim.core.units import GiB
 from primasim.plan.cost import predict_tpot
-from primasim.plan.planners import make_plan
 from primasim.sim import SimConfig, _offload, simulate
 from primasim.sim._testbeds import pipo_laptop
 

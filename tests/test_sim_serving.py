@@ -154,7 +154,7 @@ def test_survivors_that_cannot_hold_the_model_fail_clearly(d1d4) -> None:  # typ
 
 def test_runtime_model_serves_slots_and_recovers() -> None:
     """What `primasim serve` runs: the runtime model (residency, per-call costs), S slots."""
-    from primasim.loop.validate import runtime_model
+    from primasim import runtime_model
 
     m = runtime_model(load_model("llama-mini-300m"))
     cl = load_cluster("home-emu")

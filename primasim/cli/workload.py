@@ -10,6 +10,17 @@ import json
 import math
 from typing import Any
 
+from rich.table import Table
+
+from primasim.core.errors import SpecError
+from primasim.core.serving import SLO
+from primasim.core.trace import metrics
+from primasim.core.workload import parse_workload
+from primasim.sim import Departure, Recovery, serve_workload
+
+from .options import jsonable
+from .output import console
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("request streams (serving)")
@@ -33,9 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_departure(text: str) -> Any:
-    from primasim.core.errors import SpecError
-    from primasim.sim import Departure
-
     parts = text.split(":")
     if len(parts) not in (2, 3):
         raise SpecError(f"{text!r} is not TIME:DEVICE[:kill|stall]", where="--depart", fix="e.g. --depart 30:D2")
@@ -52,11 +60,6 @@ def parse_departure(text: str) -> Any:
 
 def run(args: argparse.Namespace, system: str, model: Any, cluster: Any, plan: Any, cfg: Any,
         opts: dict[str, Any]) -> int:
-    from primasim.core.errors import SpecError
-    from primasim.core.serving import SLO
-    from primasim.core.workload import parse_workload
-    from primasim.sim import Recovery, serve_workload
-
     wl = parse_workload(args.workload, prompt=args.prompt_tokens, output=args.tokens, seed=args.seed,
                         default_n=args.requests)
     slo = SLO.parse(args.slo) if args.slo else None
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace, system: str, model: Any, cluster: Any, plan: A
                 "workload": {"name": wl.name, "requests": len(wl), "rate_req_s": None if math.isinf(wl.rate) else wl.rate,
                              "duration_s": wl.duration, **{k: v for k, v in wl.meta.items() if k != "file"}}})
     if args.json:
-        print(json.dumps(out, default=_jsonable))
+        print(json.dumps(out, default=jsonable))
         return 0
     _print(res, out)
     return 0
@@ -88,24 +91,12 @@ def run(args: argparse.Namespace, system: str, model: Any, cluster: Any, plan: A
 def _pressure(res: Any) -> dict[str, float]:
     if res.trace is None:
         return {}
-    from primasim.core.trace import metrics
 
     return metrics(res.trace).memory_pressure
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
-
-
 def _print(res: Any, out: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
+    con = console()
     head = f"{out['system']} ({res.mode}) | {out['model']} ({out['quant']}) on {out['cluster']} | {out['workload']['name']}"
     if not res.feasible:
         con.print(f"[bold red]{head}: infeasible[/] - {res.reason}")

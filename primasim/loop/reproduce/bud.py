@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from primasim.core.model import load_model
+from primasim.core.model_sources import load_model
 from primasim.sim import SimConfig, SimResult, simulate
 from primasim.sim._testbeds import bud_xeon
 

@@ -8,9 +8,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from primasim.core.model import load_model
-from primasim.plan.planners import make_plan
-from primasim.sim import SimConfig, simulate
+from primasim.core.model_sources import load_model
+from primasim.sim import SimConfig, make_plan, simulate
 from primasim.sim._testbeds import pipo_laptop
 
 from . import framework as fw

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from primasim.core.cluster import ClusterSpec
-from primasim.core.model import load_model
+from primasim.core.model_sources import load_model
 from primasim.sim import SimResult, simulate
 from primasim.sim._fitted import value as fitted
 
