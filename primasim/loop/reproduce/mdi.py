@@ -8,7 +8,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from primasim.core.cluster import ClusterSpec
-from primasim.core.model import ModelSpec, load_model
+from primasim.core.model import ModelSpec
+from primasim.core.model_sources import load_model
 from primasim.core.plan import device_memory
 from primasim.sim import SimResult, simulate
 from primasim.sim._testbeds import mdi_jetsons
