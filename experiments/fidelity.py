@@ -95,7 +95,7 @@ STREAM_TOKENS = 10  # streamed tokens are slow at f32 (seconds each); TPOT over 
 # ----------------------------------------------------------------------------------- clusters
 def variant(name: str) -> ClusterSpec:
     """The emulated cluster of one regime, derived from home-emu (memory x MEMORY_SCALE)."""
-    from primasim.loop.validate import scale_memory
+    from primasim.loop.validate.driver import scale_memory
 
     if name == "stream":  # sized from the weight file itself (the KV caches do not shrink with it)
         return _with_memory(load_cluster("home-emu"), stream_memory_mib(), "home-emu-stream")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from primasim.core.io import atomic_csv, atomic_write_text
-from primasim.loop.reproduce.framework import RunOptions, reproduce
+from primasim.loop.reproduce import TargetOptions, reproduce
 from primasim.sim import _fitted as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,7 +56,7 @@ def evaluate(values: dict[str, float], fitted_cells: set[F.Cell], tokens: int) -
     rows = []
     with F.override(values):
         for t in TARGETS:
-            res = reproduce(t, None, options=RunOptions(tokens=tokens))
+            res = reproduce(t, None, options=TargetOptions(tokens=tokens))
             df = res.rows[res.rows["paper"].notna() & res.rows["ratio"].notna()]
             for split in ("fitted here", "predicted"):
                 keep = [(t, r.case, r.system, r.metric, r.device) in fitted_cells for r in df.itertuples()]

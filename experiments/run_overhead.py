@@ -111,7 +111,7 @@ def decompose(tr: dict[str, Any], n_tokens: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- files
 def weight_file(fmt: str) -> Path:
-    from primasim.core.model import load_model
+    from primasim.core.model_sources import load_model
     from primasim.runtime.head import cached_random_weights
 
     return cached_random_weights(load_model(MODEL, fmt), fmt="gguf")
@@ -134,7 +134,7 @@ def main() -> int:
         inproc_main(a.inproc, a.tokens)
         return 0
     from primasim.core.io import atomic_write_json, atomic_write_text
-    from primasim.loop.validate import HostLoad
+    from primasim.loop.validate.hostload import HostLoad
 
     files = {f: weight_file(f) for f in a.formats.split(",") if f} | {Path(f).name: Path(f) for f in a.file}
     rounds: list[dict[str, Any]] = []

@@ -86,7 +86,7 @@ def plan_for(spec: Any) -> Any:
 
 def one(cfg: str, a: argparse.Namespace) -> list[dict[str, Any]]:
     from primasim.core.errors import CheckpointError, PrimasimError
-    from primasim.core.model import load_model
+    from primasim.core.model_sources import load_model
     from primasim.core.units import MiB
     from primasim.runtime.head import RunOptions, cached_random_weights, open_weights, run_plan
 

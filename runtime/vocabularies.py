@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
-from primasim.core.model import load_model
+from primasim.core.model_sources import load_model
 from primasim.core.paths import cache_dir
 
 from .checkpoint import write_random_checkpoint
