@@ -1,5 +1,5 @@
 """THE reader of GGUF headers (metadata and tensor infos): fast and bounds-checked. Used by
-`core.model.from_gguf` / `check_gguf_layout`, the runtime's checkpoint and its tokenizer.
+`core.model_sources.from_gguf` / `check_gguf_layout`, the runtime's checkpoint and its tokenizer.
 
 `gguf.GGUFReader` builds numpy views per string: ~1 s per 10k strings on this machine, so a
 Llama 3 vocabulary (128k tokens + 280k merges) takes minutes, and every process that opens the
