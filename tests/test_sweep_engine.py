@@ -343,7 +343,7 @@ def test_ram_scale_shrinks_unified_memory_with_the_ram() -> None:
 
 def test_simulated_sweep_matches_primasim_simulate(tmp_path: Path) -> None:
     from primasim.core.cluster import load_cluster
-    from primasim.core.model import load_model
+    from primasim.core.model_sources import load_model
     from primasim.loop.sweep import apply_knobs
     from primasim.sim import SimConfig, simulate
 

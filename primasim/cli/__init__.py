@@ -1,7 +1,7 @@
-"""The `primasim` command. Each subcommand lives in its own module `primasim/cli/<name>.py`
-(`sweep-report` in sweep_report.py) exposing `add_parser(subparsers)` and `run(args) -> int`, with its imports at its top: only the
-command being run is imported (`primasim --help` lists them from HELP without importing any), so
-`primasim plan` never loads JAX or zmq and `primasim models` not even CVXPY.
+"""The `primasim` command. Each subcommand lives in its own module `primasim/cli/<name>.py` (`-` in
+a name is `_` in its module's) exposing `add_parser(subparsers)` and `run(args) -> int`, with its
+imports at its top: only the command being run is imported (`primasim --help` lists them from HELP
+without importing any), so `primasim plan` never loads JAX or zmq and `primasim models` not even CVXPY.
 """
 
 from __future__ import annotations

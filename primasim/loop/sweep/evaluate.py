@@ -23,10 +23,10 @@ import pyarrow as pa
 
 from primasim.core.cluster import ClusterSpec, builtin_clusters, load_cluster
 from primasim.core.errors import PrimasimError, SpecError
-from primasim.core.model import ModelSpec, catalogue, load_model
+from primasim.core.model import ModelSpec
+from primasim.core.model_sources import catalogue, load_model
 from primasim.core.units import MBPS, MS, GiB
-from primasim.plan.planners import make_plan
-from primasim.sim import SimConfig, simulate
+from primasim.sim import SimConfig, make_plan, simulate
 
 from .knobs import KNOBS
 from .spec import SweepSpec, cell_id

@@ -11,7 +11,7 @@ import pandas as pd
 
 from primasim.core import io as _io
 
-from .report import Report, _better, _fmt, _system_sort, binned
+from .tables import Report, _better, _fmt, _system_sort, binned
 
 NONE = "none feasible"
 MAX_PANELS = 6

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from primasim.core.errors import SpecError
-from primasim.plan.planners import SYSTEMS
+from primasim.plan.planners import PLANNERS
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,12 @@ def system_takes(system: str, k: Knob) -> bool:
     """Whether `system` accepts knob `k` (a planner option only the systems that have it take)."""
     if not k.option:
         return True
-    entry = SYSTEMS.get(system)
+    entry = PLANNERS.get(system)
     return entry is not None and k.option in entry.options
 
 
 def systems_taking(k: Knob) -> list[str]:
-    return [s for s, e in SYSTEMS.items() if not k.option or k.option in e.options]
+    return [s for s, e in PLANNERS.items() if not k.option or k.option in e.options]
 
 
 def knobs_table() -> list[tuple[str, str, str]]:

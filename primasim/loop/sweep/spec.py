@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from primasim.core.errors import SpecError
-from primasim.plan.planners import SYSTEMS
+from primasim.core.systems import SYSTEMS
 
 from .dist import Dist, parse_dist
 from .generate import Family, parse_classes, parse_family
