@@ -4,7 +4,7 @@ A `System` names what the three halves share: its help line, the schedule its pl
 whether primasim's runtime executes that schedule. Each half keys its implementation by these
 names: the planners (primasim/plan/planners.py `PLANNERS`: how the system splits a model), the
 simulator (primasim/sim/_systems.py: its schedule on simulated devices) and the runtime
-(`RUNTIME_SCHEDULES`, the schedules runtime/head.py executes). tests/test_systems.py checks that
+(`RUNTIME_SCHEDULES`, the schedules runtime/head.py executes). tests/test_planners.py checks that
 every half covers exactly this registry.
 """
 
