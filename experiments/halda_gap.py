@@ -44,7 +44,7 @@ import pandas as pd
 from primasim import load_model
 from primasim.core.errors import PlanError
 from primasim.core.io import Journal, atomic_csv, atomic_write_text
-from primasim.core.model import catalogue
+from primasim.core.model_sources import catalogue
 from primasim.core.synth import random_cluster
 from primasim.plan.cost import CostModel
 from primasim.plan.halda import halda

@@ -49,11 +49,11 @@ from primasim.core.io import (
     atomic_write_text,
     read_journal,
 )
-from primasim.core.model import load_model
+from primasim.core.model_sources import load_model
 from primasim.core.serving import RequestRecord, summarize
 from primasim.core.units import MiB
 from primasim.core.workload import RequestSpec, Workload, poisson
-from primasim.loop.validate import HostLoad
+from primasim.loop.validate.hostload import HostLoad
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -95,7 +95,8 @@ def profiled(resume: bool) -> ClusterSpec:
     path = RESULTS / "serve_cluster.toml"
     if resume and path.exists():
         return load_cluster(path)
-    from primasim.loop.validate import profile_cluster, runtime_model
+    from primasim.core.runtime_facts import runtime_model
+    from primasim.loop.validate.calibrate import profile_cluster
 
     print("profiling the emulated cluster (each device inside its limits)...", file=sys.stderr, flush=True)
     prof = profile_cluster(rich_cluster(), weights(), runtime_model(load_model(MODEL)),
@@ -115,7 +116,7 @@ def make_plan_(cl: ClusterSpec) -> Any:
 
 # ------------------------------------------------------------------------------------ prediction
 def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: Any = None, recovery: Any = None) -> Any:
-    from primasim.loop.validate import runtime_model
+    from primasim.core.runtime_facts import runtime_model
     from primasim.serve.engine import plan_for_runtime
     from primasim.sim import SimConfig, serve_workload
 

@@ -72,7 +72,7 @@ def loose(server: str):  # type: ignore[no-untyped-def]
 
 def _reference_text(prompt_ids: list[int], n: int) -> str:
     """What the model generates greedily, computed in this process (runtime.model.generate)."""
-    from primasim.core.model import load_model
+    from primasim.core.model_sources import load_model
     from primasim.runtime import generate, load_params, load_tokenizer, open_checkpoint
     from primasim.runtime.head import cached_random_weights
 

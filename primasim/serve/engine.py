@@ -423,7 +423,7 @@ class Engine:
 def plan_for_runtime(system: str, spec: Any, cluster: ClusterSpec, n_ctx: int, options: dict[str, Any]) -> Any:
     """Plan `spec` on `cluster` for primasim's runtime (its f32 KV cache and activation reserve in
     the memory accounting), as the server plans at its start and after a device left."""
-    from primasim.loop.validate import runtime_model
+    from primasim.core.runtime_facts import runtime_model
     from primasim.plan.planners import make_plan
 
     return make_plan(system, runtime_model(spec), cluster, n_ctx=n_ctx, **options)
