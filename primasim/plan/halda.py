@@ -24,6 +24,10 @@ It is solved in one of two ways:
 Options beyond prima.cpp (both default off, as in prima.cpp): ``comm=True`` adds the per-hop
 communication time to the cost, ``general=True`` drops L = k*W: a block is then (q, p), q full
 laps plus a partial lap that ends inside device p's window (reference Appendix A.3).
+
+Longer than ~600 lines: prima.cpp's loop is one algorithm (blocks, each block's LP stack or MILP,
+rounding, calibration, rounds, device selection) kept in one file so it reads side by side with
+prima.cpp's source; Halda as one optimisation model lives in halda_model/halda_relax/halda_global.
 """
 
 from __future__ import annotations
@@ -200,7 +204,7 @@ class _LPStack:
     a value for, and with one Parameter per role that alone took ~1.3 ms per solve."""
 
     def __init__(self, K: int, M: int) -> None:
-        import cvxpy as cp
+        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
 
         self.K, self.M = K, M
         w, n = cp.Variable((K, M), name="w"), cp.Variable((K, M), name="n")
@@ -240,7 +244,7 @@ class _LPStack:
         self.last_values = values
 
     def solve(self, values: dict[str, Any], solver: str = "HIGHS") -> None:
-        import cvxpy as cp
+        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
 
         self.load(values)
         self.prob.solve(solver=getattr(cp, solver))
@@ -253,7 +257,7 @@ class _MILPBlock:
     """One fixed-k (or (q, p)) block as a DPP integer program (HiGHS MIP via CVXPY)."""
 
     def __init__(self, M: int) -> None:
-        import cvxpy as cp
+        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
 
         self.M = M
         w, n = cp.Variable(M, integer=True, name="w"), cp.Variable(M, integer=True, name="n")
@@ -282,7 +286,7 @@ class _MILPBlock:
         self.P, self.w, self.n, self.r, self.g = P, w, n, r, g
 
     def solve(self, values: dict[str, Any]) -> bool:
-        import cvxpy as cp
+        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
 
         for k, v in values.items():
             self.P[k].value = v
