@@ -170,8 +170,8 @@ _BANNER_DONE = False
 
 def quiet_highs() -> None:
     """highspy prints its banner to stdout when the first Highs object of a process is made (CVXPY
-    makes one per solve); make that first one here with stdout pointed at stderr, so that
-    ``primasim plan --json`` prints only JSON."""
+    makes one per solve); make that first one here with stdout pointed at /dev/null, so that
+    ``primasim plan --json`` prints only JSON and a command's stderr carries only its own messages."""
     global _BANNER_DONE
     if _BANNER_DONE:
         return
@@ -180,9 +180,11 @@ def quiet_highs() -> None:
 
     sys.stdout.flush()
     saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(2, 1)
+        os.dup2(null, 1)
         highspy.Highs()
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+        os.close(null)
