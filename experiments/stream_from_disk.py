@@ -65,7 +65,7 @@ def predict(spec: Any, limit: float, mode: str, a: argparse.Namespace) -> dict[s
     """The simulator's runtime model of the same run: disk bytes per token and resident weights
     (decided by the policy, so comparable across hosts; its TPOT needs a profiled device, so
     it is not reported here -- `primasim validate` compares that)."""
-    from primasim.loop.validate import runtime_model
+    from primasim.core.runtime_facts import runtime_model
     from primasim.sim import SimConfig, simulate
 
     plan = plan_for(spec)

@@ -36,7 +36,7 @@ def test_stream_variant_leaves_every_device_short_of_a_quarter_of_the_weights(qu
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Beyond the KV caches and activations of a quarter of the layers, each device holds less than
     a quarter of the weight file, whatever the quantisation."""
-    from primasim.core.model import load_model
+    from primasim.core.model_sources import load_model
     from primasim.core.runtime_facts import anon_reserve
 
     monkeypatch.setattr(fidelity, "QUANT", quant)

@@ -115,7 +115,7 @@ def test_a_model_larger_than_memory_streams_inside_a_limit_smaller_than_its_file
 def _simulate(spec: ModelSpec, memory: float, mode: str, tokens: int) -> float:
     """Disk bytes per token the simulator predicts for `_plan(spec)` on one device with `memory`
     bytes for the model (the emulated device's limit on top of the runtime's footprint)."""
-    from primasim.loop.validate import runtime_model
+    from primasim.core.runtime_facts import runtime_model
     from primasim.sim import SimConfig, simulate
 
     cl = cluster_from_toml({"name": "mem", "network": {"kind": "switched"}, "devices": [
