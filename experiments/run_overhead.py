@@ -154,6 +154,10 @@ def main() -> int:
                        "load1_before": load0, "load1_after": load_avg(),
                        "other_processes_cpu_share": host.foreign_share, "command": rn["command"]}
                 row["overhead"] = row["run_tpot_ms"] / row["inproc_tpot_ms"] - 1
+                # the threads beside the compute (and the driver) as a share of one core over the run:
+                # what they can take from XLA's threads on a 2-core host, whatever the host's load
+                row["side_cpu_share"] = (sum(d["thread_cpu_ms_per_token"].values()) + d["driver_cpu_ms_per_token"]) \
+                    / row["run_tpot_mean_ms"]
                 row["inproc_cpu_ms_per_token"] = ip["cpu_ms_per_token"]
                 row["cpu_overhead"] = row["run_cpu_ms_per_token"] / ip["cpu_ms_per_token"] - 1
                 row["outside_share"] = row["outside_ms"] / row["run_tpot_ms"]
@@ -180,7 +184,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         out[name] = {k: statistics.median(r[k] for r in rs)
                      for k in ("inproc_tpot_ms", "run_tpot_ms", "overhead", "outside_ms", "outside_share",
                                "driver_cpu_ms_per_token", "model_ms", "inproc_cpu_ms_per_token",
-                               "run_cpu_ms_per_token", "cpu_overhead")}
+                               "run_cpu_ms_per_token", "cpu_overhead", "side_cpu_share")}
         out[name]["same_tokens"] = all(r["same_tokens"] for r in rs)
         threads: dict[str, list[float]] = {}
         for r in rs:
@@ -204,9 +208,11 @@ def report(rounds: list[dict[str, Any]], summary: dict[str, Any], a: argparse.Na
                      f"{s['inproc_cpu_ms_per_token']:.1f} -> {s['run_cpu_ms_per_token']:.1f} ms "
                      f"({100 * s['cpu_overhead']:+.1f} %) | "
                      f"{s['driver_cpu_ms_per_token']:.3f} ms | {s['same_tokens']} |")
-    lines += ["", "CPU per token of the threads that are not the compute (ms; they compete with XLA's threads):", ""]
+    lines += ["", "CPU per token of the threads that are not the compute (ms; they compete with XLA's threads), and "
+              "with the driver's, as a share of one core over the run:", ""]
     for name, s in summary.items():
-        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(s["thread_cpu_ms_per_token"].items())))
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(s["thread_cpu_ms_per_token"].items()))
+                     + f"; driver {s['driver_cpu_ms_per_token']:.3f}; together {100 * s['side_cpu_share']:.2f} % of a core")
     lines += ["", "Wall times (TPOT, run / in-process) are only comparable on a quiet host: see the rounds' load "
               "and the share of the host's CPU other processes took. The time outside the model call (from the "
               "run's own trace) and CPU per token (every thread, both sides) do not depend on what else runs.",
