@@ -215,7 +215,8 @@ def report(rounds: list[dict[str, Any]], summary: dict[str, Any], a: argparse.Na
                      + f"; driver {s['driver_cpu_ms_per_token']:.3f}; together {100 * s['side_cpu_share']:.2f} % of a core")
     lines += ["", "Wall times (TPOT, run / in-process) are only comparable on a quiet host: see the rounds' load "
               "and the share of the host's CPU other processes took. The time outside the model call (from the "
-              "run's own trace) and CPU per token (every thread, both sides) do not depend on what else runs.",
+              "run's own trace) does not depend on what else runs; CPU per token (every thread, both sides) "
+              "less, but contention (caches, context switches) inflates it too, unevenly.",
               "", "## Rounds", "", "| round | file | in-process | run | overhead | outside | CPU overhead "
               "| load1 before/after | other processes' CPU |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
