@@ -21,6 +21,8 @@ deleted once the CSV and the table are written.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,7 +44,7 @@ CASES = [("short", ("desktop", "laptop", "tablet", "phone")), ("short", ("deskto
          ("bw", ("desktop", "laptop", "tablet"))]
 
 
-def main(resume: bool = False) -> int:
+def main(resume: bool = False, repeats: int = 3) -> int:
     import pandas as pd
 
     from primasim.core.trace import metrics
@@ -69,14 +71,22 @@ def main(resume: bool = False) -> int:
         sim = make_plan("prima", model, prof, n_ctx=F.N_CTX, prompt_tokens=F.PROMPT, planner="sim", sim_runtime=True)
         plan_s = time.time() - t
         plans["planner=sim, sim_runtime"] = sim.plan
+        runs: dict[str, list[float]] = {label: [] for label in plans}
+        others: dict[str, list[float]] = {label: [] for label in plans}
+        for rep in range(repeats):  # the two plans alternate, so the host's load drifts over both alike
+            for label, plan in plans.items():
+                run, host = measure(plan, weights, emu, tokens=F.TOKENS, prompt=prompt_ids(F.PROMPT, base.vocab),
+                                    timeout=300)
+                runs[label].append(metrics(run.trace).tpot_ms)
+                others[label].append(host.foreign_share)
+                print(f"{case} run {rep + 1}/{repeats} {label}: {runs[label][-1]:.0f} ms", flush=True)
         for label, plan in plans.items():
             pred = predict(plan, base, prof, tokens=F.TOKENS, prompt_tokens=F.PROMPT).metrics.tpot_ms
-            run, host = measure(plan, weights, emu, tokens=F.TOKENS, prompt=prompt_ids(F.PROMPT, base.vocab),
-                                timeout=300)
-            meas = metrics(run.trace).tpot_ms
+            meas = statistics.median(runs[label])
             rows.append({"cluster": case, "planner": label, "plan": plan.describe(),
                          "prefetch": plan.prefetch, "predicted_tpot_ms": pred, "measured_tpot_ms": meas,
-                         "others_cpu": host.foreign_share,
+                         "measured_runs_ms": " ".join(f"{x:.1f}" for x in runs[label]),
+                         "others_cpu": statistics.median(others[label]), "load1": os.getloadavg()[0],
                          "planning_s": plan_s if label.startswith("planner=sim") else float("nan"),
                          "source": (f"{len(sim.extra['sim_planner']['moves'])} moves, "
                                     f"{sim.extra['sim_planner']['evaluations']} simulations"
@@ -101,17 +111,24 @@ def report(df: Any, how: str) -> None:
     lines = ["# Planning by simulating the runtime vs Halda (measured on the emulated cluster)", "",
              f"{how}. Model {F.MODEL}, prompt {F.PROMPT}, {F.TOKENS} tokens; clusters profiled by "
              "experiments/fidelity.py. Where both planners return the same plan, the two measurements "
-             "differ only by the host's run-to-run noise.", "",
+             "differ only by the host's run-to-run noise."
+             + (" Measured = the median of the runs in brackets (the two plans alternate); 1-minute load "
+                f"{df['load1'].min():.1f}-{df['load1'].max():.1f} on this shared 2-core host."
+                if "measured_runs_ms" in df else ""), "",
              "| cluster | Halda plan | predicted / measured ms | planner=sim, sim_runtime plan (source) | "
              "predicted / measured ms | measured speed-up |", "|---|---|---|---|---|---|"]
+    def ms(r: Any) -> str:
+        runs = r.get("measured_runs_ms")
+        return f"{r['measured_tpot_ms']:.0f}" + (f" ({', '.join(str(runs).split())})" if isinstance(runs, str) else "")
+
     for c, g in df.groupby("cluster", sort=False):
         h, s = g.iloc[0], g.iloc[1]
         same = h["plan"] == s["plan"] and bool(h["prefetch"]) == bool(s["prefetch"])
         lines.append(f"| {c} | {h['plan']} (prefetch {'on' if h['prefetch'] else 'off'}) | "
-                     f"{h['predicted_tpot_ms']:.0f} / {h['measured_tpot_ms']:.0f} | "
+                     f"{h['predicted_tpot_ms']:.0f} / {ms(h)} | "
                      + ("the same plan" if same else f"{s['plan']} (prefetch {'on' if s['prefetch'] else 'off'}; "
                         f"{s['source']})")
-                     + f" | {s['predicted_tpot_ms']:.0f} / {s['measured_tpot_ms']:.0f} | "
+                     + f" | {s['predicted_tpot_ms']:.0f} / {ms(s)} | "
                      + (f"(same plan: {h['measured_tpot_ms'] / s['measured_tpot_ms']:.2f}x is noise) |" if same else
                         f"**{h['measured_tpot_ms'] / s['measured_tpot_ms']:.2f}x** |"))
     atomic_write_text(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
@@ -122,6 +139,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", help="no runs: re-render the table from the committed CSV")
     ap.add_argument("--resume", action="store_true", help="keep the clusters of a killed run, run the rest")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each plan, alternating; the median is reported")
     args = ap.parse_args()
     if args.report:
         import pandas as pd
@@ -130,4 +148,6 @@ if __name__ == "__main__":
                "`python experiments/sim_planner_runtime.py` -- 2026-11-22 09:01, 4 min (table re-rendered "
                "with `--report`)")
         sys.exit(0)
-    sys.exit(main(resume=args.resume))
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    sys.exit(main(resume=args.resume, repeats=args.repeats))
