@@ -44,7 +44,7 @@ CASES = [("short", ("desktop", "laptop", "tablet", "phone")), ("short", ("deskto
          ("bw", ("desktop", "laptop", "tablet"))]
 
 
-def main(resume: bool = False, repeats: int = 3) -> int:
+def main(resume: bool = False, repeats: int = 3, clusters: list[str] | None = None) -> int:
     import pandas as pd
 
     from primasim.core.trace import metrics
@@ -57,7 +57,8 @@ def main(resume: bool = False, repeats: int = 3) -> int:
     journal = Journal(OUT.with_name(OUT.name + "_runs.jsonl"), "cluster", resume=resume)
     if resume:
         print(f"resuming: {len(journal)} clusters already in {journal.path}", flush=True)
-    for var, devs in CASES:
+    cases = [(v, d) for v, d in CASES if clusters is None or f"{v}-{len(d)}" in clusters]
+    for var, devs in cases:
         case = f"{var}-{len(devs)}"
         if case in journal:
             continue
@@ -87,6 +88,7 @@ def main(resume: bool = False, repeats: int = 3) -> int:
                          "prefetch": plan.prefetch, "predicted_tpot_ms": pred, "measured_tpot_ms": meas,
                          "measured_runs_ms": " ".join(f"{x:.1f}" for x in runs[label]),
                          "others_cpu": statistics.median(others[label]), "load1": os.getloadavg()[0],
+                         "nice": os.nice(0),
                          "planning_s": plan_s if label.startswith("planner=sim") else float("nan"),
                          "source": (f"{len(sim.extra['sim_planner']['moves'])} moves, "
                                     f"{sim.extra['sim_planner']['evaluations']} simulations"
@@ -95,7 +97,7 @@ def main(resume: bool = False, repeats: int = 3) -> int:
                   f"predicted {pred:.0f} ms, measured {meas:.0f} ms", flush=True)
         journal.add({"cluster": case, "minutes": (time.time() - t0) / 60, "rows": rows})
         t0 = time.time()
-    recs = [journal.records[f"{var}-{len(devs)}"] for var, devs in CASES]
+    recs = [journal.records[f"{var}-{len(devs)}"] for var, devs in cases]
     df = pd.DataFrame([r for rec in recs for r in rec["rows"]])
     atomic_csv(OUT.with_suffix(".csv"), df, float_format="%.4g")
     report(df, f"`python experiments/sim_planner_runtime.py` -- {time.strftime('%Y-%m-%d %H:%M')}, "
@@ -113,7 +115,9 @@ def report(df: Any, how: str) -> None:
              "experiments/fidelity.py. Where both planners return the same plan, the two measurements "
              "differ only by the host's run-to-run noise."
              + (" Measured = the median of the runs in brackets (the two plans alternate); 1-minute load "
-                f"{df['load1'].min():.1f}-{df['load1'].max():.1f} on this shared 2-core host."
+                f"{df['load1'].min():.1f}-{df['load1'].max():.1f} on this shared 2-core host"
+                + (f", run at niceness {int(df['nice'].iloc[0])} so the emulated devices get their CPU quota"
+                   if "nice" in df and df["nice"].iloc[0] else "") + "."
                 if "measured_runs_ms" in df else ""), "",
              "| cluster | Halda plan | predicted / measured ms | planner=sim, sim_runtime plan (source) | "
              "predicted / measured ms | measured speed-up |", "|---|---|---|---|---|---|"]
@@ -140,6 +144,11 @@ if __name__ == "__main__":
     ap.add_argument("--report", action="store_true", help="no runs: re-render the table from the committed CSV")
     ap.add_argument("--resume", action="store_true", help="keep the clusters of a killed run, run the rest")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each plan, alternating; the median is reported")
+    ap.add_argument("--clusters", help="comma-separated cases to run (default all: "
+                    + ", ".join(f"{v}-{len(d)}" for v, d in CASES) + ")")
+    ap.add_argument("--nice", type=int, default=-5,
+                    help="niceness of this process and the emulated devices it starts (-5, as root: on a shared host "
+                         "the emulated devices then get their CPU quota; 0 leaves it)")
     args = ap.parse_args()
     if args.report:
         import pandas as pd
@@ -150,4 +159,13 @@ if __name__ == "__main__":
         sys.exit(0)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
-    sys.exit(main(resume=args.resume, repeats=args.repeats))
+    if args.nice:
+        try:
+            os.nice(args.nice)
+        except PermissionError:
+            print(f"--nice {args.nice} needs root; running at niceness {os.nice(0)}", file=sys.stderr)
+    names = None if args.clusters is None else [c.strip() for c in args.clusters.split(",") if c.strip()]
+    known = [f"{v}-{len(d)}" for v, d in CASES]
+    if names is not None and (not names or any(n not in known for n in names)):
+        ap.error(f"--clusters: pick from {', '.join(known)}")
+    sys.exit(main(resume=args.resume, repeats=args.repeats, clusters=names))
