@@ -7,6 +7,9 @@ as the simulators of reference §2 do (Vidur, BLIS, LLMServingSim): per metric t
 absolute percentage error, per regime and per split (fitted vs held out), and whether the
 predicted ranking of the plans of one cluster matches the measured one (Kendall tau).
 
+Longer than ~600 lines: one study's whole pipeline (configurations, profiling, the fit on the
+training subset, runs, error tables, ranking) kept in one script so a run reads top to bottom.
+
 Regimes: memory-short (devices stream part of every layer from disk every token), memory-rich
 (everything resident), bandwidth-limited links, the recurrent pipeline (MDI-LLM, S = 1..4) and
 batched decode (Bud). Planners: Halda (prima, global and prima.cpp's loop), the memory-ratio split

@@ -1,6 +1,9 @@
 """Long runs (issue 7): 2,000 greedy tokens on the emulated cluster with worker memory measured,
 and the same tokens (and logits) as a single-device run of the same model.
 
+Longer than ~600 lines: one experiment end to end (model, cluster run, single-device reference,
+memory sampling, the report), kept in one script so a run reads top to bottom.
+
 Model: `llama-long-180m`, a random-weight f32 Llama (12 blocks, hidden 512, 8 heads = 8 KV heads
 of 64, SwiGLU 1536, vocab 4096, max_position_embeddings 4096; 173 MB) written once into the cache
 with `primasim.runtime.head.cached_random_weights`. llama-mini-300m's context is 2048 and its ring takes

@@ -272,25 +272,25 @@ def q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return d, q, bsums
 
 
-def q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp's x86 quantize_row_q8_0: per 32 elements d = amax / 127 stored as f16 (returned as
-    its f32 value) and q = round_half_even(x * 127 / amax)."""
+def _q8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per 32 elements: d = amax / 127 (f32, before its f16 rounding) and q = round_half_even(x * 127 / amax)."""
     x = np.asarray(x, np.float32)
     b = x.reshape(*x.shape[:-1], -1, 32)
     amax = np.abs(b).max(axis=-1)
     d = amax / np.float32(127)
     ids = np.where(amax != 0, np.float32(127) / np.where(amax != 0, amax, np.float32(1)), np.float32(0))
-    q = _rint(b * ids[..., None]).astype(np.int8)
+    return d, _rint(b * ids[..., None]).astype(np.int8)
+
+
+def q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's x86 quantize_row_q8_0: per 32 elements d = amax / 127 stored as f16 (returned as
+    its f32 value) and q = round_half_even(x * 127 / amax)."""
+    d, q = _q8_blocks(x)
     return _f16(d), q
 
 
 def q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """llama.cpp's x86 quantize_row_q8_1: as q8_0 plus s = f16(d * sum(q)) per block (f32 values)."""
-    x = np.asarray(x, np.float32)
-    b = x.reshape(*x.shape[:-1], -1, 32)
-    amax = np.abs(b).max(axis=-1)
-    d = amax / np.float32(127)
-    ids = np.where(amax != 0, np.float32(127) / np.where(amax != 0, amax, np.float32(1)), np.float32(0))
-    q = _rint(b * ids[..., None]).astype(np.int8)
+    d, q = _q8_blocks(x)
     s = d * q.astype(np.int32).sum(axis=-1).astype(np.float32)
     return _f16(d), q, _f16(s)

@@ -174,7 +174,7 @@ def test_a_remote_worker_serves_the_head(model: Path, tmp_path: Path) -> None:
         assert worker.poll() is None
     finally:
         worker.terminate()
-        worker.wait(timeout=10)
+        worker.wait(timeout=60)
 
 
 def test_curve_keys_between_head_and_workers(model: Path, cluster_file: Path, tmp_path: Path) -> None:
@@ -248,7 +248,7 @@ def test_a_device_with_another_model_file_is_refused(model: Path, tmp_path: Path
         assert "device b" in out.stderr and "fingerprint" in out.stderr and "same checkpoint" in out.stderr
     finally:
         worker.terminate()
-        worker.wait(timeout=10)
+        worker.wait(timeout=60)
 
 
 KILLED_HEAD = """
@@ -328,7 +328,7 @@ def test_worker_listens_on_loopback_unless_keyed_or_insecure(tmp_path: Path) -> 
             assert addr.startswith("tcp://0.0.0.0:")
         finally:
             w.terminate()
-            _, err = w.communicate(timeout=10)
+            _, err = w.communicate(timeout=60)
         assert ("CurveZMQ, cluster key SHA256:" if extra[0] == "--keys" else "open to any peer") in err
 
 

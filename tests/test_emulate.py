@@ -164,7 +164,7 @@ def test_sigkilled_driver_workers_exit_and_the_next_start_removes_leftovers() ->
     p, info = _start_driver()
     assert len(_mine(info["rid"])) > 0
     p.kill()
-    p.wait(timeout=10)
+    p.wait(timeout=60)
     # the workers die with their parent (PR_SET_PDEATHSIG) ...
     assert all(_gone(pid, 60) for pid in info["pids"])
     # ... the cgroups and namespaces stay until the next start (or `primasim run --cleanup`)

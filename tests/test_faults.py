@@ -207,7 +207,7 @@ def test_sigkilled_head_the_next_run_starts_clean(setup: tuple[Path, Path]) -> N
         st = _state_of(p.pid)
         assert st and st["resources"]["dirs"]
         p.kill()
-        p.wait(timeout=10)
+        p.wait(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()

@@ -1,5 +1,8 @@
 """Bad input, fuzzed: every input parser answers junk with a clear error, never a crash.
 
+Longer than ~600 lines: one property (junk in, one clear error out) over every parser, with the
+file writers that make each format's junk; split by format it would repeat the harness.
+
 Each target below takes one hypothesis-drawn input and feeds it to a parser. The only acceptable
 outcomes are acceptance or a PrimasimError subclass (SpecError, PlanError, CheckpointError,
 WireError) that says where and how to fix it; a KeyError, struct.error, UnicodeDecodeError,

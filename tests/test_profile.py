@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -199,12 +199,24 @@ def test_block_device_of_the_cache_dir() -> None:
 
 
 # =============================================================================== real measurements
+def _per_owned_core(probe: Callable[[], float], threads: int) -> float:
+    """The probe's rate divided by the share of `threads` cores this process had while it ran
+    (its CPU time over wall x threads, at most 1): on a quiet host the rate itself."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    rate = probe()
+    share = (time.process_time() - c0) / max((time.perf_counter() - t0) * threads, 1e-9)
+    return rate / min(max(share, 0.02), 1.0)
+
+
 @pytest.mark.slow
 def test_memory_bandwidth_plausible_and_gemv_consistent_with_it() -> None:
     """STREAM-like read in a plausible range for a server core pair, and a batch-1 GEMV over a
     working set >> LLC cannot stream weights faster than memory delivers them (beyond noise).
-    The machine is shared and its bandwidth moves second to second, so the two are sampled in
-    alternation and compared pair by pair."""
+    The two are sampled in alternation and compared pair by pair, each rate over the share of its
+    cores the process had while it ran: on a shared machine a descheduled probe measures its CPU
+    share, not memory (at a load of 15 on 2 cores the RAM probe's Python threads got less of it
+    than XLA's and the wall-clock ratio read 2.4; per owned core the same pairs agree within ~20 %,
+    and on a quiet host the correction is 1)."""
     import statistics
 
     avail = procfs.memory_info().available
@@ -214,15 +226,15 @@ def test_memory_bandwidth_plausible_and_gemv_consistent_with_it() -> None:
     try:
         with pmem.RamReader(ws, threads) as ram:
             pairs = []
-            for _ in range(7):
-                r = ram.sample(0.1)
-                g = gemv.rates(1, 0.1)[0] * gemv.wbytes / gemv.flops1
+            for _ in range(11):
+                r = _per_owned_core(lambda: ram.sample(0.1), threads)
+                g = _per_owned_core(lambda: gemv.rates(1, 0.1)[0] * gemv.wbytes / gemv.flops1, threads)
                 pairs.append((r, g))
     finally:
         gemv.close()
     ram_bw = statistics.median(r for r, _ in pairs)
     ratio = statistics.median(g / r for r, g in pairs)
-    assert 3 * GB <= ram_bw <= 200 * GB, ram_bw
+    assert 3 * GB <= ram_bw <= 200 * GB, pairs
     assert ratio <= 1.5, pairs  # the cache cannot hold more than 1/3 of the working set
     assert ratio >= 0.2, pairs  # XLA's GEMV is a streaming kernel, not a toy
 

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from . import HELP
+from .options import add_option_arg, parse_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", help="--random-weights: quantisation (default: the catalogue's)")
     p.add_argument("--plan", metavar="FILE", help="plan JSON (default: plan with --system)")
     p.add_argument("--system", default="prima", help="planner for the start and for re-planning (default prima)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="planner option (repeatable)")
+    add_option_arg(p, "planner option (repeatable)")
     p.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:8000, loopback only; port 0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("PRIMASIM_API_KEY"),
@@ -121,12 +122,7 @@ def run(args: argparse.Namespace) -> int:
         weights = args.model
     ckpt = open_weights(weights)
     spec = ckpt.spec
-    opts: dict[str, Any] = {}
-    for item in args.option:
-        if "=" not in item:
-            raise SpecError(f"--option {item!r} is not KEY=VALUE", where="--option", fix="e.g. --option k=2")
-        k, v = item.split("=", 1)
-        opts[k.strip()] = _value(v.strip())
+    opts = parse_options(args.option, example="k=2")
     n_ctx = args.n_ctx or 1024
     if args.plan:
         plan = Plan.from_json(args.plan).replace(n_ctx=n_ctx)
@@ -198,15 +194,3 @@ def _tokenizer(ckpt: Any) -> Any:
     from primasim.runtime.tokenizer import load_tokenizer
 
     return load_tokenizer(ckpt.path)
-
-
-def _value(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    return v
