@@ -23,7 +23,6 @@ Writes experiments/results/stream_from_disk.{md,json}.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -99,7 +98,7 @@ def one(cfg: str, a: argparse.Namespace) -> list[dict[str, Any]]:
         return [{"config": cfg, "skipped": exc.what}]
     ckpt = open_weights(path)
     size = Path(path).stat().st_size
-    f32 = dataclasses.replace(ckpt.spec, quant="f32").total_bytes
+    f32 = 4.0 * ckpt.spec.n_params  # the model at f32 (total_bytes is the file's)
     limit = a.fraction * size
     opts = {"max_new_tokens": a.tokens}
     ref = run_plan(plan_for(ckpt.spec), ckpt, device(None, 0), [PROMPT], RunOptions(emulate=False, **opts))
