@@ -14,9 +14,10 @@ from primasim.core.errors import SpecError
 from primasim.core.io import atomic_write_text
 from primasim.core.model_sources import load_model
 from primasim.core.units import GiB
+from primasim.plan.draft import plan_speculative
 from primasim.sim import make_plan
 
-from . import HELP
+from . import HELP, speculation
 from .options import add_option_arg, parse_options
 from .output import console, print_infeasible
 
@@ -59,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="with --variant/--comm: solve the global model instead of prima.cpp's loop (beyond prima.cpp)")
     g.add_argument("--no-select", action="store_true", help="keep devices that get only one layer")
     add_option_arg(p, "system option, repeatable (e.g. S=4 for mdi-llm, batch=100 for bud, include_android=true)")
+    speculation.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -103,9 +105,25 @@ def run(args: argparse.Namespace) -> int:
                             fix=f"use one of {cluster.names}")
         cluster = dataclasses.replace(cluster, head=args.head)
     model = load_model(args.model, args.quant)
-    out = make_plan(args.system, model, cluster, n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens, **_options(args))
+    draft = speculation.draft_spec(args, model)
+    dp = None
+    if draft is not None:
+        dp = plan_speculative(args.system, model, cluster, draft, n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens,
+                              fixed_k=args.draft_tokens, **_options(args))
+        out = dp.outcome
+        if out is None:  # no placement and K was feasible: report the attempt at K = 0 or the first reason
+            out = make_plan(args.system, model, cluster, n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens,
+                            **_options(args))
+    else:
+        out = make_plan(args.system, model, cluster, n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens, **_options(args))
     obj = out.to_json()
     obj.update(model=model.name, quant=model.quant, cluster=cluster.name)
+    if dp is not None:
+        obj["speculation"] = dp.to_json()
+        if out.plan is not None:
+            chosen = dp.draft_spec
+            obj["plan"]["options"] = {**obj["plan"].get("options", {}),
+                                      "draft": None if chosen is None else chosen.to_json()}
     if args.out:
         if out.plan is None:
             raise SpecError(f"{args.system} cannot run this case ({out.reason}), so there is no plan to write",
@@ -119,7 +137,38 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(obj, indent=2))
         return 0
     _print_table(out, model, cluster)
+    if dp is not None:
+        _print_draft(dp)
     return 0
+
+
+def _print_draft(dp: Any) -> None:
+    con = console()
+    best = {}
+    for c in dp.candidates:  # the best K per placement, and every K of the chosen placement
+        key = (c.device, c.where)
+        if c.feasible and (key not in best or c.tpot_s < best[key].tpot_s):
+            best[key] = c
+    t = Table(title="speculative decoding: expected TPOT = (K t_draft + t_pass) / tokens per pass")
+    for col in ("draft on", "K", "t_draft ms", "t_pass ms", "tokens/pass", "TPOT ms"):
+        t.add_column(col, justify="left" if col == "draft on" else "right", no_wrap=True)
+    b = dp.best
+    rows = [c for c in dp.candidates if c.feasible and ((c.device, c.where) == (b.device, b.where) or c.k == 0)]
+    rows += [c for c in best.values() if (c.device, c.where) != (b.device, b.where) and c.k > 0]
+    for c in rows:
+        mark = " *" if c is b else ""
+        t.add_row(("-" if c.k == 0 else f"{c.device}:{c.where}") + mark, str(c.k), f"{c.t_draft_s * 1e3:.2f}",
+                  f"{c.t_pass_s * 1e3:.1f}", f"{c.tokens_per_pass:.2f}", f"{c.tpot_s * 1e3:.1f}")
+    con.print(t)
+    bad = sorted({c.reason for c in dp.candidates if not c.feasible})
+    lines = ["* best: " + ("plain decoding (no draft pays here)" if b.k == 0 else
+                            f"draft on {b.device}:{b.where}, K = {b.k}: {b.tpot_s * 1e3:.1f} ms per token against "
+                            f"{dp.baseline.tpot_s * 1e3:.1f} without speculation "
+                            f"({100 * (1 - b.tpot_s / dp.baseline.tpot_s):.0f} % lower)"),
+             f"plan: {b.plan.describe() if b.plan is not None else '-'}",
+             f"acceptance: {dp.draft.acceptance.describe() if hasattr(dp.draft.acceptance, 'describe') else dp.draft.acceptance}"]
+    lines += [f"not feasible: {r}" for r in bad[:5]]
+    con.print("\n".join(lines))
 
 
 def _print_table(out: Any, model: Any, cluster: Any) -> None:

@@ -14,10 +14,11 @@ from primasim.core.cluster import load_cluster
 from primasim.core.errors import SpecError
 from primasim.core.model_sources import load_model
 from primasim.core.plan import Plan
+from primasim.plan.draft import plan_speculative
 from primasim.sim import SimConfig, sim_plan, simulate, system_names
 from primasim.sim._systems import get_system
 
-from . import HELP, workload
+from . import HELP, speculation, workload
 from .options import add_option_arg, jsonable, parse_options
 from .output import console, print_infeasible
 
@@ -56,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--table", action="store_true", help="print the per-device table (pandas) too")
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace JSON to FILE")
     workload.add_arguments(p)
+    speculation.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -92,6 +94,19 @@ def run(args: argparse.Namespace) -> int:
     if args.sim_halda and args.workload:
         raise SpecError("--sim-planner and --workload together are not supported", where="--workload",
                         fix="plan first (primasim plan --planner sim --out plan.json), then --plan plan.json")
+    draft = speculation.draft_spec(args, model)
+    if draft is not None:
+        if args.sim_halda or args.workload:
+            raise SpecError("--draft cannot be combined with --sim-planner or --workload", where="--draft",
+                            fix="plan with `primasim plan --draft ... --out plan.json`, then simulate --plan plan.json --draft ...")
+        if args.draft_tokens is None and plan is None:  # the planner's best placement and K
+            dp = plan_speculative(system, model, cluster, draft, n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens,
+                                  **{k: v for k, v in opts.items() if k != "n_ctx"})
+            extra["draft_plan"] = dp.to_json()
+            chosen = dp.draft_spec
+            plan = dp.best.plan
+            draft = chosen if chosen is not None else draft.replace(tokens=0)
+        cfg = cfg.replace(draft=draft)
     if args.sim_halda:
         if plan is not None:
             raise SpecError("--sim-planner plans by itself", where="--plan", fix="drop --plan or --sim-planner")
@@ -128,6 +143,12 @@ def _print_human(res: Any, out: dict[str, Any], args: argparse.Namespace) -> Non
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     con.print(f"TPOT {f(out['tpot_ms'])} ms (P50 {f(out['tpot_p50_ms'])}, P90 {f(out['tpot_p90_ms'])})  "
               f"TTFT {f(out['ttft_ms'])} ms  throughput {f(out['throughput_tok_s'], 2)} tok/s")
+    sp = out.get("speculation")
+    if sp and sp.get("passes"):
+        d = sp["draft"]
+        con.print(f"speculation: draft {d['model']} ({d['quant']}) on {d['device']}:{d['where']}, K = {d['tokens']}, "
+                  f"{sp['acceptance']}: {sp['tokens_per_pass']:.2f} tokens per pass over {sp['passes']} passes, "
+                  f"alpha-hat {sp['alpha_hat']:.3f}, accepted drafts per pass {sp['accepted_hist']}")
     t = Table(title="per device (busy = fraction of the run)")
     df = res.table()
     cols = [c for c in ("device", "layers", "gpu_layers", "busy_cpu", "busy_gpu", "busy_wait", "disk_read_gb",

@@ -9,6 +9,7 @@ from primasim.core.plan import Plan, violations
 from ._config import SimConfig
 from ._context import SimContext, SimResult, infeasible
 from ._runtime import run_runtime
+from ._speculative import simulate_speculative
 from ._systems import get_system
 
 
@@ -20,6 +21,8 @@ def simulate_plan(system: str, model: ModelSpec, cluster: ClusterSpec, plan: Pla
     with `feasible = False` and the reason, never as an exception.
     """
     cfg = config or SimConfig()
+    if cfg.draft is not None and cfg.draft.tokens > 0:  # speculative decoding (K = 0: plain, no draft loaded)
+        return simulate_speculative(system, model, cluster, plan, cfg)
     entry = get_system(system)
     if cfg.prefetch is not None and entry.schedule == "ring" and plan.weights == "mmap":
         plan = plan.replace(prefetch=cfg.prefetch)  # the result shows the plan as simulated

@@ -55,6 +55,8 @@ class SimConfig:
     batch: int | None = _h(None, "bud: max batch / pipo, flexgen: batch size (default per system)")
     requests: int = _h(100, "bud: number of requests in the workload")
     max_len: int = _h(2048, "bud: max sequence length a max-length KV preallocation reserves")
+    draft: Any = _h(None, "speculative decoding: a primasim.core.speculation.DraftSpec (draft model, tokens per "
+                    "pass K, device, acceptance model); None = plain decoding (primasim/sim/_speculative.py)")
     # --- output
     record_spans: bool = _h(True, "keep per-resource busy intervals in the trace (timeline)")
     max_sim_time: float = _h(1e6, "safety stop for the simulated clock, seconds")

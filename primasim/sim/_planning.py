@@ -19,6 +19,7 @@ from ._api import simulate_plan
 from ._config import SimConfig
 from ._context import SimResult, infeasible
 from ._planner import sim_plan
+from ._speculative import simulate_speculative
 from ._systems import get_system
 
 
@@ -37,6 +38,8 @@ def simulate(system: str, model: ModelSpec, cluster: ClusterSpec, *, plan: Plan 
     """
     cfg = config or SimConfig()
     get_system(system)  # an unknown system fails here, with the list
+    if cfg.draft is not None and cfg.draft.tokens > 0:  # speculative decoding plans with the draft loaded
+        return simulate_speculative(system, model, cluster, plan, cfg, **plan_options)
     if plan is None:
         outcome = plan_for(system, model, cluster, cfg, **plan_options)
         if not outcome.feasible or outcome.plan is None:

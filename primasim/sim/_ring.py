@@ -151,8 +151,9 @@ class Ring:
             yield from self.ctx.dev(a).cpu.serve(self.opts.msg_overhead, name="serialise", seq=seq, token=token)
         yield from self.ctx.net.send(a, b, nbytes, seq=seq, token=token, overhead=over)
 
-    def walk(self, n_tokens: int, kv: tuple[int, int], seq: int, token: int) -> Proc:
-        """One forward pass of `n_tokens` tokens of sequence `seq` around the ring."""
+    def walk(self, n_tokens: int, kv: tuple[int, int], seq: int, token: int, logits: int = 1) -> Proc:
+        """One forward pass of `n_tokens` tokens of sequence `seq` around the ring; the head computes
+        the logits of the last `logits` positions (a speculative verification needs all of them)."""
         ctx, m = self.ctx, self.model
         head: SimDevice = ctx.dev(self.head)
         if self.mmap:
@@ -169,8 +170,8 @@ class Ring:
             yield from self._hop(prev, self.head, hidden, seq, token)
         where = "gpu" if (self.opts.output_on_gpu and head.gpu is not None) else "cpu"
         # logits for the last token only (llama.cpp requests no others for a prompt)
-        t_out = self.opts.compute_scale * head.timing.output(1, where) + self.opts.layer_overhead
-        t_sample = self.cfg.sample_cost_per_vocab * m.vocab
+        t_out = self.opts.compute_scale * head.timing.output(logits, where) + self.opts.layer_overhead
+        t_sample = self.cfg.sample_cost_per_vocab * m.vocab * logits
         server = head.gpu if where == "gpu" and head.gpu is not None else head.cpu
         if self.output_chunks and where == "cpu":
             yield from head.run_chunks(server, self.output_chunks, t_out, name="output", seq=seq, token=token)

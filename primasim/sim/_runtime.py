@@ -383,11 +383,13 @@ class RuntimeRing:
         finally:
             dev.cpu.release(req)
 
-    def head_out(self, n_tokens: int, seq: int, token: int) -> Proc:
-        """Output layer + sampling on the head (the output layer is resident: it is kept)."""
+    def head_out(self, n_tokens: int, seq: int, token: int, logits: int = 1) -> Proc:
+        """Output layer + sampling on the head (the output layer is resident: it is kept), for the
+        last `logits` positions in one call (a speculative verification needs all of them)."""
         dev = self.ctx.dev(self.head)
         # a fused token pays one call overhead, for the whole model (charged here)
-        t = dev.timing.output(1) + dev.spec.call_overhead + self.cfg.sample_cost_per_vocab * self.model.vocab
+        t = (timing(dev, logits).output(logits) + dev.spec.call_overhead
+             + self.cfg.sample_cost_per_vocab * self.model.vocab * logits)
         if self.res[self.head].mode == "lru":
             yield from dev.run_chunks(dev.cpu, dev.weights.output_chunks, t, name="output", seq=seq, token=token)
             return
@@ -398,7 +400,7 @@ class RuntimeRing:
         if not self.fused:
             yield from dev.cpu.serve(dev.spec.call_overhead, name="embed", seq=seq, token=token)
 
-    def walk(self, n_tokens: int, pos: int, seq: int, token: int) -> Proc:
+    def walk(self, n_tokens: int, pos: int, seq: int, token: int, logits: int = 1) -> Proc:
         m = self.model
         hidden = m.hidden_bytes * n_tokens
         yield from self.embed(n_tokens, seq, token)
@@ -411,7 +413,7 @@ class RuntimeRing:
             prev = s.device
         if prev != self.head:
             yield from self.ctx.net.send(prev, self.head, hidden, seq=seq, token=token)
-        yield from self.head_out(n_tokens, seq, token)
+        yield from self.head_out(n_tokens, seq, token, logits)
 
     def sequence(self, seq: int) -> Proc:
         P, N = self.cfg.prompt_tokens, self.cfg.tokens
