@@ -36,12 +36,20 @@ from typing import Any
 import zmq
 
 from primasim.core.cluster import ClusterSpec
-from primasim.core.errors import CheckpointError, PlanError, PrimasimError, WireError, WorkerError
+from primasim.core.errors import (
+    CheckpointError,
+    PlanError,
+    PrimasimError,
+    SpecError,
+    WireError,
+    WorkerError,
+)
 from primasim.core.model import ModelSpec
 from primasim.core.model_sources import load_model
 from primasim.core.paths import cache_dir
 from primasim.core.plan import Plan, violations
 from primasim.core.runtime_facts import residency_mode
+from primasim.core.speculation import check_compatible, summarize
 from primasim.core.systems import RUNTIME_SCHEDULES
 from primasim.core.trace import Request, Trace, metrics, result_json
 
@@ -87,6 +95,9 @@ class RunOptions:
         "help": "s one window may compute (and at least 50x the device's median window) before the device counts "
                 "as hung while it still answers heartbeats; 0 = off"})
     worker_env: tuple[tuple[str, str], ...] = field(default=(), metadata={"help": "extra env for local workers"})
+    draft: str | None = field(default=None, metadata={
+        "help": "draft checkpoint for speculative decoding, run on the head (same vocabulary as the model)"})
+    draft_tokens: int = field(default=4, metadata={"help": "tokens the draft proposes per ring pass (K)"})
 
 
 @dataclass
@@ -109,6 +120,8 @@ class RunResult:
             out["token_ids_all"] = self.token_ids
         # how each device held its weights (fits, streams, lru, pinned), beside what it used
         out["residency"] = self.trace.meta.get("residency", "")
+        if "speculation" in self.trace.meta:  # tokens per pass, alpha-hat, accepted-length histogram
+            out["speculation"] = {k: v for k, v in self.trace.meta["speculation"].items() if k != "pass_log"}
         for n, dev in out.get("devices", {}).items():
             if "residency" in self.loads.get(n, {}):
                 dev["residency"] = self.loads[n]["residency"]
@@ -557,6 +570,10 @@ class Driver:
                        "memory_hint": self._memory_hint(n),
                        "in_flight": int(self.opt.in_flight or self.plan.options.get("S") or len(self.ring))
                        if self.plan.schedule == "rpp" else 1}
+            if self.opt.draft:  # every window verifies K + 1 positions per pass; the head runs the draft
+                objs[n]["decode_lengths"] = [1, self.opt.draft_tokens + 1]
+                if i == 0:
+                    objs[n]["draft"] = {"path": str(Path(self.opt.draft).resolve()), "tokens": self.opt.draft_tokens}
         # set-up compiles without reading weights or allocating model memory; then (a cold start)
         # the few pages the checkpoint's checks read are dropped, each emulated device's memory is
         # limited to the runtime's own footprint + the device's memory, and only then are weights
@@ -607,8 +624,16 @@ class Driver:
         t0 = time.time()
         cpu0 = time.process_time()
         wire.send(head.sock, MsgType.GENERATE, obj=obj)
-        self._pump(lambda n, m: m.type == MsgType.DONE and n == head.name, self.opt.token_timeout,
-                   "generate tokens", progress=True)
+        done: dict[str, Any] = {}
+
+        def finished(n: str, m: Message) -> bool:
+            if m.type == MsgType.DONE and n == head.name:
+                done.update(m.obj)
+                return True
+            return False
+
+        self._pump(finished, self.opt.token_timeout, "generate tokens", progress=True)
+        self.speculation = done.get("speculation")
         self.driver_cpu_s = time.process_time() - cpu0  # what the driver took from the devices' CPUs
         self.phase = "stats"
         stats = self._broadcast_and_wait(MsgType.STATS_REQ, MsgType.STATS, {n: {} for n in self.ring}, 60,
@@ -636,6 +661,11 @@ class Driver:
                    "emulation": self.emu.describe() if self.emu is not None else {"emulated": False},
                    "ring": self.ring, "driver_cpu_s": self.driver_cpu_s,
                    "residency": residency_mode(self.opt.residency)}
+        sp = getattr(self, "speculation", None)
+        if sp:
+            passes = [(int(d), int(a)) for d, a in sp["passes"]]
+            tr.meta["speculation"] = {"draft": sp["draft"], "k": sp["k"], "draft_s": sp["draft_s"],
+                                      **summarize(passes), "pass_log": [list(p) for p in passes]}
         return tr
 
     # ---------------------------------------------------------------------------- shutdown
@@ -689,7 +719,20 @@ def run_plan(plan: Plan, weights: str | Path | Any, cluster: ClusterSpec, prompt
     if bad:
         raise PlanError(f"token id(s) {sorted(set(bad))[:5]} outside the vocabulary (0..{spec.vocab - 1})",
                         where="--prompt-ids", fix="use ids below the vocabulary size")
-    need = max(len(p) for p in prompts) + options.max_new_tokens
+    k = 0
+    if options.draft:  # speculative decoding: checked here, before any worker starts
+        if plan.schedule != "ring":
+            raise PlanError(f"speculative decoding runs on ring plans, not {plan.schedule!r}", where="--draft",
+                            fix="plan with a prima or llama.cpp system")
+        if options.draft_tokens < 1:
+            raise PlanError(f"--draft-tokens must be >= 1, got {options.draft_tokens}", where="--draft-tokens",
+                            fix="e.g. --draft-tokens 4 (or drop --draft)")
+        try:
+            check_compatible(spec, open_weights(options.draft).spec)
+        except SpecError as exc:
+            raise PlanError(exc.what, where="--draft", fix=exc.fix) from None
+        k = options.draft_tokens
+    need = max(len(p) for p in prompts) + options.max_new_tokens + k  # a pass may write K positions past the end
     max_seq = options.max_seq or plan.n_ctx
     if need > max_seq:
         if options.max_seq is None and need <= spec.max_context:
@@ -700,8 +743,8 @@ def run_plan(plan: Plan, weights: str | Path | Any, cluster: ClusterSpec, prompt
                             fix="generate fewer tokens or shorten the prompt")
     if plan.schedule == "rpp" and options.in_flight is not None:
         plan = replace(plan, options={**plan.options, "S": options.in_flight})
-    drop_file_cache(checkpoint_files(ckpt))
-    lengths = sorted({len(p) for p in prompts} | {1})
+    drop_file_cache(checkpoint_files(ckpt) + (checkpoint_files(open_weights(options.draft)) if options.draft else []))
+    lengths = sorted({len(p) for p in prompts} | {1} | ({k + 1} if k else set()))
     max_batch = 1
     if plan.schedule == "batch":
         n_req = int(options.n_requests or plan.options.get("requested_batch") or len(prompts))

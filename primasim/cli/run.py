@@ -14,13 +14,16 @@ from primasim.core.cluster import load_cluster
 from primasim.core.errors import CheckpointError, PlanError, SpecError
 from primasim.core.model_sources import load_model
 from primasim.core.plan import Plan
+from primasim.core.speculation import DEFAULT_DRAFT_TOKENS, AcceptanceLog, DraftSpec
+from primasim.plan.draft import plan_speculative
 from primasim.runtime.chat import chat_prompt_ids
 from primasim.runtime.emulate import cleanup_stale
 from primasim.runtime.head import RunOptions, cached_random_weights, open_weights, run_plan
+from primasim.runtime.speculative import open_draft_ref
 from primasim.runtime.tokenizer import load_tokenizer
 from primasim.sim import make_plan
 
-from . import HELP
+from . import HELP, speculation
 from .options import add_option_arg, parse_options
 from .output import console
 
@@ -71,6 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-ctx", type=int, default=None, help="context the KV cache is sized for (default: the plan's)")
     p.add_argument("--k", type=int, default=None, help="plan with this many laps (prima)")
     add_option_arg(p, "planner option (repeatable)")
+    speculation.add_arguments(p, weights=True, acceptance=False)
+    p.add_argument("--acceptance-log", metavar="FILE", default=None,
+                   help="with --draft: write every pass's (drafted, accepted) as JSON, for `simulate --acceptance FILE`")
     p.add_argument("--no-emulate", action="store_true", help="run local devices as plain processes, without limits")
     p.add_argument("--keys", metavar="DIR", help="CurveZMQ key folder (the workers' --keys)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before giving up (300)")
@@ -183,6 +189,19 @@ def run(args: argparse.Namespace) -> int:
     ids, tok = _prompt_ids(args, ckpt, spec.vocab)
 
     opts = parse_options(args.option)
+    draft_path = None
+    if args.draft is None:
+        speculation.draft_spec(args, spec)  # flags that need --draft fail here
+        if args.acceptance_log:
+            raise SpecError("--acceptance-log needs a draft model", where="--acceptance-log", fix="add --draft MODEL")
+    else:
+        draft_path = open_draft_ref(args.draft, ckpt, seed=0)
+        _, side = speculation.placement(args.draft_on)
+        dev = (args.draft_on or "").partition(":")[0]
+        if side == "gpu" or (dev and dev != cluster.head):
+            raise SpecError("primasim's runtime runs the draft on the head's CPU (as prima.cpp, on the head)",
+                            where="--draft-on", fix=f"drop --draft-on or use {cluster.head}:cpu")
+    k = args.draft_tokens if args.draft_tokens is not None else DEFAULT_DRAFT_TOKENS
     if args.plan:
         plan = Plan.from_json(args.plan)
         if args.system and args.system != plan.system:
@@ -199,7 +218,15 @@ def run(args: argparse.Namespace) -> int:
             opts["S"] = args.S
         if args.batch is not None and system == "bud":
             opts["batch"] = args.batch
-        outcome = make_plan(system, spec, cluster, n_ctx=args.n_ctx or 1024, prompt_tokens=len(ids), **opts)
+        if draft_path is not None:  # plan the target with the draft's memory taken from the head
+            dspec = open_weights(draft_path).spec
+            dp = plan_speculative(system, spec, cluster, DraftSpec(dspec, k, cluster.head, "cpu"),
+                                  n_ctx=args.n_ctx or 1024, prompt_tokens=len(ids), ks=(k,), fixed_k=k,
+                                  where_options=[(cluster.head, "cpu")], **opts)
+            outcome = dp.outcome if dp.outcome is not None else make_plan(
+                system, spec, cluster, n_ctx=args.n_ctx or 1024, prompt_tokens=len(ids), **opts)
+        else:
+            outcome = make_plan(system, spec, cluster, n_ctx=args.n_ctx or 1024, prompt_tokens=len(ids), **opts)
         if not outcome.feasible or outcome.plan is None:
             if args.json:
                 out = outcome.to_json()
@@ -217,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
                          emulate=not args.no_emulate, keys=args.keys, token_timeout=args.timeout,
                          heartbeat_timeout=args.heartbeat_timeout, link_timeout=args.link_timeout,
                          compute_timeout=args.compute_timeout, residency=args.residency,
-                         stop_ids=() if tok is None or args.ignore_eos else tok.stop_ids())
+                         stop_ids=() if tok is None or args.ignore_eos else tok.stop_ids(),
+                         draft=None if draft_path is None else str(draft_path), draft_tokens=k)
     if plan.schedule == "batch" and args.batch is not None:
         plan = plan.replace(options={**plan.options, "batch": args.batch})
 
@@ -245,6 +273,11 @@ def run(args: argparse.Namespace) -> int:
         res.trace.save(args.save_trace)
     out = res.to_json()
     out.update(model=spec.name, quant=spec.quant, cluster=cluster.name, prompt_ids=ids)
+    sp = res.trace.meta.get("speculation")
+    if sp and args.acceptance_log:
+        AcceptanceLog([(int(d), int(a)) for d, a in sp["pass_log"]],
+                      {"target": spec.name, "draft": sp["draft"], "k": k, "temperature": args.temperature,
+                       "prompt_ids": ids}).save(args.acceptance_log)
     if res.token_ids:
         last = res.token_ids[0][-1] if res.token_ids[0] else None
         out["finish_reason"] = "stop" if last in options.stop_ids else "length"
@@ -266,6 +299,11 @@ def _print_human(out: dict[str, Any]) -> None:
     tput = out.get("throughput_tok_s")
     con.print(f"measured: TPOT {ms(out['tpot_ms'])} (P50 {ms(out['tpot_p50_ms'])}, P90 {ms(out['tpot_p90_ms'])}), "
               f"TTFT {ms(out['ttft_ms'])}, throughput {tput:.2f} tok/s" if tput else "measured: no tokens")
+    sp = out.get("speculation")
+    if sp and sp.get("passes"):
+        con.print(f"speculation: draft {sp['draft']}, K = {sp['k']}: {sp['tokens_per_pass']:.2f} tokens per pass over "
+                  f"{sp['passes']} passes, alpha-hat {sp['alpha_hat']:.3f}, accepted drafts per pass "
+                  f"{sp['accepted_hist']}")
     emu = out.get("emulation", {})
     t = Table(title="devices (measured)")
     for col in ("device", "mem pressure", "disk read MB", "major faults", "net tx KB", "cpu busy", "wait", "limits"):

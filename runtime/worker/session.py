@@ -29,6 +29,7 @@ from .prefetcher import Prefetcher
 from .recorder import MEM_SAMPLE, Recorder
 from .sender import Sender
 from .serving import ServeLoop
+from .speculation import HeadSpeculation
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -81,7 +82,10 @@ class Session:
         # a single-device ring runs each token as one call (embedding, blocks, head): no dispatches,
         # host copies or Python between them; not when it streams layer by layer (planned mode)
         self.single = (self.head and len(self.ring) == 1 and setup.get("schedule", "ring") in ("ring", "rpp")
-                       and not (setup.get("options") or {}).get("serving"))  # a server pads prompts: no fused step
+                       and not (setup.get("options") or {}).get("serving")  # a server pads prompts: no fused step
+                       and not setup.get("draft"))  # a verification needs every row's logits: no fused step
+        # speculative decoding: the draft runs here, on the head (runtime/worker/speculation.py)
+        self.speculation = HeadSpeculation(self, setup["draft"]) if self.head and setup.get("draft") else None
         self.fused = False
         t0 = time.time()
         self._compile(setup.get("warmup_lengths", [1]))
@@ -150,7 +154,10 @@ class Session:
         if kv is None:
             kv = self.stage.new_kv(abstract=True)
         steps = [(int(n), 0) for n in sorted(set(int(x) for x in lengths if int(x) > 0))]
-        steps += [(1, pos) for pos in self.stage.bucket_starts()]
+        decode = sorted({1, *(int(n) for n in self.cfg.get("decode_lengths", [1]))})  # K + 1 with a draft
+        steps += [(n, pos) for pos in self.stage.bucket_starts() for n in decode]
+        if self.speculation is not None and not run:
+            self.speculation.compile(lengths)
         may_stream = self._may_stream() if not run else bool(self.res and self.res.streams)
         only = not run
         for n, pos in steps:
@@ -170,6 +177,8 @@ class Session:
                 _, kv = self.stage.run(kv, x, pos, s, s + 1, compile_only=only)
             if self.head and pos == 0:
                 self.stage.output(x, compile_only=only)
+                if self.speculation is not None and n in decode and n > 1:  # a verification's K + 1 rows of logits
+                    self.stage.output_rows(x, compile_only=only)
         return kv if run else None
 
     def _may_stream(self) -> bool:
@@ -186,8 +195,9 @@ class Session:
         """Memory the run allocates besides weights: the KV caches of the sequences in flight plus
         the activation reserve (primasim.core.runtime_facts.anon_reserve)."""
         sp = self.stage.spec
-        return anon_reserve(len(self.stage.layers), int(self.cfg["max_seq"]), sp.n_kv_heads, sp.head_dim,
-                            max(1, int(self.cfg.get("in_flight", 1))))
+        draft = self.speculation.reserve_bytes() if self.speculation is not None else 0
+        return draft + anon_reserve(len(self.stage.layers), int(self.cfg["max_seq"]), sp.n_kv_heads, sp.head_dim,
+                                    max(1, int(self.cfg.get("in_flight", 1))))
 
     def release(self) -> dict[str, Any]:
         """Drop this worker's weight pages (a cold start; the checkpoint's checks read a few): what
@@ -202,6 +212,9 @@ class Session:
         memory budget (after the driver has limited the device's memory, so every byte the model
         takes is charged to it). Residency per the run's mode (primasim.core.runtime_facts)."""
         t0 = time.time()
+        # the draft first, pinned (prima.cpp loads it before the target): the target's residency
+        # budget then sees the head without it
+        draft_info = self.speculation.load() if self.speculation is not None else {}
         # weights are mapped again here: a tensor that cannot stay file-backed (a converted dtype,
         # an unaligned offset) is copied under the limit; pinned weights (exo) are copied here too
         self.stage.load_weights(pinned=self.pinned)
@@ -233,7 +246,7 @@ class Session:
         if self.res.plan.stream_prefetch or self.res.plan.window_prefetch:
             self.prefetcher = Prefetcher(self.stage, self.rec)
             self.prefetcher.start()
-        return self.res.info | {"fused": self.fused, "load_s": time.time() - t0, "warm_s": warm_s, "kv_bytes": float(
+        return self.res.info | draft_info | {"fused": self.fused, "load_s": time.time() - t0, "warm_s": warm_s, "kv_bytes": float(
             self._anon_reserve() - ACT_RESERVE), **process_memory()}
 
     # ---------------------------------------------------------------------------- compute
@@ -373,6 +386,8 @@ class Session:
         lap = int(self.segments[seg][1]) if seg < len(self.segments) else 0
         frames = wire.encode(MsgType.ACT, array=x, seq=seq, pos=pos, step=step, lap=lap, segment=seg)
         self.sender.post(frames, {"seq": seq, "step": step})
+        if self.speculation is not None and self.head:  # the draft's prompt while the ring computes
+            self.speculation.after_send(seq, step)
 
     # ---------------------------------------------------------------------------- head
     def generate(self, obj: dict[str, Any]) -> None:
@@ -383,6 +398,13 @@ class Session:
         self.stop_ids = {int(t) for t in obj.get("stop_ids", [])}
         self.reset_measurements()
         self.recycle_kv()
+        if self.speculation is not None:
+            if obj.get("schedule", "ring") != "ring" or int(obj.get("in_flight", 1)) != 1:
+                raise WorkerError("speculative decoding runs one sequence at a time on a ring", where="GENERATE",
+                                  fix="run a ring (prima/llama.cpp) plan without --in-flight")
+            if obj.get("serve"):
+                raise WorkerError("the server does not speculate yet", where="GENERATE", fix="serve without --draft")
+            self.speculation.reset()
         self.serving = ServeLoop(self, obj) if obj.get("serve") else None
         if self.serving is not None:
             return
@@ -410,6 +432,9 @@ class Session:
         self.work.append((seq, 0, list(self.seqs[seq].ids), 0, 0))
 
     def _finish(self, seq: int, x: np.ndarray, pos: int, step: int) -> None:
+        if self.speculation is not None:
+            self.speculation.finish(seq, x, pos, step)
+            return
         if self.serving is not None:
             x = self.serving.trim(seq, x)  # a padded prompt: the output at its last real position
         t0 = time.time()
@@ -434,18 +459,25 @@ class Session:
         self.w.emit(MsgType.TOKEN, payload)
         if len(st.generated) >= st.max_new or tok in self.stop_ids:
             st.done = True
-            kv = self.kv.pop(seq, None)
-            if kv is not None:
-                self.spare_kv.append(kv)
-            if self.pending:
-                self._start_seq(self.pending.popleft())
-            elif all(s.done for s in self.seqs.values()):
-                self._done()
+            self._seq_done(seq)
             return
         self.work.append((seq, 0, [tok], next_pos, step + 1))
 
+    def _seq_done(self, seq: int) -> None:
+        """A finished sequence: its KV cache goes back to the spares, the next one starts."""
+        kv = self.kv.pop(seq, None)
+        if kv is not None:
+            self.spare_kv.append(kv)
+        if self.pending:
+            self._start_seq(self.pending.popleft())
+        elif all(s.done for s in self.seqs.values()):
+            self._done()
+
     def _done(self) -> None:
-        self.w.emit(MsgType.DONE, {"tokens": {str(k): v.generated for k, v in self.seqs.items()}})
+        obj: dict[str, Any] = {"tokens": {str(k): v.generated for k, v in self.seqs.items()}}
+        if self.speculation is not None:
+            obj["speculation"] = self.speculation.report()
+        self.w.emit(MsgType.DONE, obj)
 
     # ---------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:

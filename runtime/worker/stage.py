@@ -114,6 +114,11 @@ class Stage:
         """Logits (1, 1, V) of the last position of x (1, T, E) and their argmax (1, 1), on the device."""
         return self._md.head(self.params, x[:, -1:], compile_only=compile_only)  # type: ignore[no-any-return]
 
+    def output_rows(self, x: np.ndarray, compile_only: bool = False) -> tuple[Any, Any]:
+        """Logits (1, T, V) of every position of x (1, T, E) and their argmax (1, T): a speculative
+        verification's K + 1 rows."""
+        return self._md.head(self.params, x, compile_only=compile_only)  # type: ignore[no-any-return]
+
     def step(self, kv: Any, ids: list[int], pos: int, compile_only: bool = False) -> tuple[Any, Any, Any]:
         """The whole model for one sequence's new tokens in one call (a single-device ring):
         logits (1, V) and argmax (1,) of the last position, on the device, and the KV store."""
