@@ -290,15 +290,23 @@ def _calibrated(cl: ClusterSpec, fit: dict[str, float]) -> ClusterSpec:
 
 
 def measure_config(cfg: Config, plan: Any, emu_cluster: ClusterSpec, weights: Any) -> dict[str, Any]:
+    from primasim.core.errors import WorkerError
     from primasim.core.trace import metrics
     from primasim.loop.validate import measure, prompt_ids
 
     model = load_model(MODEL, QUANT)
     cl = emu_cluster.subset(list(cfg.devices)) if len(cfg.devices) < len(emu_cluster.devices) else emu_cluster
     best = None
+    failure = None
     for attempt in range(2):
-        run, host = measure(plan, weights, cl, tokens=cfg.n_tokens, prompt=prompt_ids(PROMPT, model.vocab),
-                            requests=cfg.batch, timeout=300, residency=cfg.mode)
+        try:
+            run, host = measure(plan, weights, cl, tokens=cfg.n_tokens, prompt=prompt_ids(PROMPT, model.vocab),
+                                requests=cfg.batch, timeout=300, residency=cfg.mode)
+        except WorkerError as e:  # an overloaded host can starve a worker's heartbeats: try once more
+            failure = e
+            print(f"    attempt {attempt + 1} failed: {e}", flush=True)
+            time.sleep(20)
+            continue
         m = metrics(run.trace)
         rec = {"tpot_ms": m.tpot_ms, "ttft_ms": m.ttft_ms, "throughput": m.throughput_tok_s,
                "disk_mb_per_token": sum(run.trace.device_stats.get(d, {}).get("disk_read_bytes", 0.0)
@@ -310,7 +318,8 @@ def measure_config(cfg: Config, plan: Any, emu_cluster: ClusterSpec, weights: An
         if host.foreign_share <= FOREIGN_RETRY:
             break
         time.sleep(20)
-    assert best is not None
+    if best is None:
+        raise failure if failure is not None else RuntimeError(f"{cfg.name}: no measurement")
     return best
 
 
