@@ -90,6 +90,7 @@ FOREIGN_RETRY = 0.30  # re-run a configuration once if other processes used more
 
 # The training subset: the only configurations the fitted coefficients see.
 TRAIN_GROUPS = ("short-2", "rich-4")
+COMMITTED_FIT = {"call_scale": 2.0}  # what the committed study fitted on TRAIN_GROUPS (results/fidelity.md)
 # The streaming regime: the share of the weight file each device can hold (stream_memory_mib)
 STREAM_WEIGHTS = {"desktop": 0.16, "laptop": 0.13, "tablet": 0.08, "phone": 0.05}
 STREAM_TOKENS = 10  # streamed tokens are slow at f32 (seconds each); TPOT over 9 intervals
@@ -469,7 +470,9 @@ def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, se
                   "once after an idle spell (`LinkBucket`). See docs/validate.md.", ""]
     lines += ["## Fitted on the training subset", "",
               f"Training groups: {', '.join(TRAIN_GROUPS)}; everything else is held out. Fitted: "
-              + (", ".join(f"`{k}` = {v:g}" for k, v in fitted.items()) or "nothing") + ".", ""]
+              + (", ".join(f"`{k}` = {v:g}" for k, v in fitted.items()) or "nothing")
+              + (" (none of this study's configurations is in a training group: the committed study's fit, "
+                 "experiments/results/fidelity.md)" if not (df["split"] == "train").any() and fitted else "") + ".", ""]
     lines += ["## Every configuration", "",
               "| configuration | split | plan | TPOT pred / meas ms | err % | TTFT pred / meas ms | err % | "
               "disk MB/token pred / meas | devices streaming pred / meas | others' CPU |",
@@ -661,7 +664,8 @@ def main(argv: list[str] | None = None) -> int:
                      **{f"meas_{k}": m[k] for k in ("tpot_ms", "ttft_ms", "throughput", "disk_mb_per_token")},
                      "residency": c.mode, "meas_streaming": streaming_devices(plan, m.get("device_stats", {}), c.n_tokens),
                      "foreign_cpu": m["foreign_cpu"], "load1": m.get("load1", float("nan"))})
-    fitted = fit(rows, plans, profiled) if any(r["split"] == "train" for r in rows) else {}
+    # a study without training configurations (e.g. --only stream) applies the committed study's fit
+    fitted = fit(rows, plans, profiled) if any(r["split"] == "train" for r in rows) else dict(COMMITTED_FIT)
     for r in rows:
         p = simulate_config(CONFIGS[r["name"]], *plans[r["name"]], fitted)
         for k in ("tpot_ms", "ttft_ms", "throughput", "disk_mb_per_token", "streaming"):
