@@ -3,10 +3,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels
+KERNEL_SRC := setup.py $(wildcard runtime/kernels/*.cc runtime/kernels/*.h)
 
 .PHONY: validate test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch: the CPU build that lies on this machine's disk (a bare "torch" would pull a CUDA build)
@@ -14,12 +16,18 @@ $(STAMP): pyproject.toml
 	# an install from before the setuptools move left an empty primasim/ here that shadows the sources
 	rm -rf $(VENV)/lib/python*/site-packages/primasim
 	$(BIN)/pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $(STAMP) $(KERNELS)
 
-validate: $(STAMP)
+# the compiled kernels (runtime/kernels/*.cc): an editable install does not rebuild them when
+# their sources change, so this does, in place
+$(KERNELS): $(STAMP) $(KERNEL_SRC)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(KERNELS)
+
+validate: $(KERNELS)
 	$(BIN)/primasim validate
 
-test: $(STAMP)
+test: $(KERNELS)
 	$(BIN)/ruff check primasim runtime tests experiments
 	$(BIN)/pytest -q
 
@@ -27,4 +35,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check primasim runtime tests experiments
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build runtime/kernels/_qk*.so

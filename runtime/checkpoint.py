@@ -1,12 +1,11 @@
-"""Checkpoints: open Hugging Face safetensors and GGUF files as file-backed f32 arrays, write random ones.
+"""Checkpoints: open Hugging Face safetensors and GGUF files file-backed, write random ones.
 
-Weights stay in the page cache: a tensor is a read-only numpy view of the file's memory map, and
-`jax.device_put` of a 64-byte-aligned view aliases it (measured: no copy, also through `jax.jit`),
-so the model computes straight from the mapped file, as llama.cpp does. What cannot alias is copied
-once into anonymous memory and said so in `Checkpoint.notes`: tensors at unaligned offsets (foreign
-files), F16/BF16 tensors (converted) and quantised GGUF tensors (dequantised to f32 with the `gguf`
-package, ~4x the Q8_0 bytes). XLA:CPU's f16/bf16/int8 matmuls are 15-30x slower than f32
-here (experiments/results/runtime_decode_*.md), so f32 compute is the fast path.
+Weights stay in the page cache: the model computes straight from each file's read-only memory map
+(runtime/kernels: the whole file is one zero-copy uint8 jax.Array, tensors are byte offsets and
+types into it), whatever the tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+Q6_K) or alignment, as llama.cpp does. Only 1-D tensors (norms, biases) that are not f32 at a
+64-byte-aligned offset are copied, a few KB per layer, and `Checkpoint.notes` says so.
+`Checkpoint.tensor` reads any tensor as f32 (a view or a dequantised copy) for tests and tools.
 
 Names are GGUF's (`blk.{i}.attn_q.weight`, ...) whatever the format; shapes are PyTorch's (out, in).
 One difference is kept, not hidden: llama.cpp's converter permutes the rows of `attn_q`/`attn_k` of
@@ -45,10 +44,12 @@ if TYPE_CHECKING:
 
 Format = Literal["safetensors", "gguf"]
 ALIGN = 64  # bytes: what jax.device_put needs to alias a host buffer (measured: 32 copies, 64 aliases)
-GGUF_ALIGN = 64  # general.alignment of the GGUF files we write (llama.cpp's default is 32)
+# GGUF tensor alignment: llama.cpp's default, which our files use too (no general.alignment key:
+# llama-cpp-python 0.3.36's quantiser writes a corrupt file from a source that sets it to 64)
+GGUF_ALIGN = 32
 _SAMPLE = 4096  # bytes per sampled block in fingerprint()
-# GGUF tensor types `Checkpoint.tensor` reads: floats, and what gguf.quants can dequantize
-_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# GGUF tensor types the kernels compute (runtime/kernels: TYPE_IDS); anything else fails at open
+_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16 has no numpy dtype
 
 
@@ -102,7 +103,8 @@ class Checkpoint:
         """The tensor as f32 (out, in): a view of the mapped file when `aliases(name)`, else a copy.
 
         Copies (unaligned F32, F16/BF16, quantised GGUF types) are fresh, 64-byte-aligned arrays in
-        anonymous memory, made on every call: the caller keeps them (`load_params` does).
+        anonymous memory, made on every call. The model reads weight matrices through the kernels
+        instead (no copy); it calls this for 1-D tensors only (norms, biases, rope_freqs).
         """
         t = self._info(name)
         raw = self.raw(name)
@@ -123,18 +125,9 @@ class Checkpoint:
                 out[...] = gguf.quants.dequantize(raw.reshape(*t.shape[:-1], -1), qtype).reshape(t.shape)
         return out
 
-    def stacked(self, names: Sequence[str]) -> np.ndarray | None:
-        """The tensors' rows as one f32 (sum of rows, in) view of the file, when they are stored
-        back to back, aliasable and of equal width (q/k/v and gate/up in the files we write);
-        else None. One long GEMV streams faster than three short ones (1 MB ones run at half speed)."""
-        infos = [self._info(n) for n in names]
-        if (not all(self.aliases(n) for n in names) or len({t.shape[1:] for t in infos}) != 1
-                or any(len(t.shape) != 2 for t in infos)
-                or any(a.file != b.file or a.offset + a.nbytes != b.offset for a, b in zip(infos, infos[1:]))):
-            return None
-        raw = np.frombuffer(self._map(infos[0].file), dtype=np.uint8, count=sum(t.nbytes for t in infos),
-                            offset=infos[0].offset)
-        return raw.view(np.float32).reshape(-1, infos[0].shape[1])
+    def mapped(self, f: Path) -> np.ndarray:
+        """The whole file `f` as a read-only uint8 view of its (shared, page-aligned) mapping."""
+        return np.frombuffer(self._map(f), dtype=np.uint8)
 
     def tensor_ranges(self, names: Iterable[str]) -> list[tuple[str, int, int]]:
         """(file, offset, length) covering the given tensors, adjacent ones merged, in file order."""
@@ -499,8 +492,9 @@ def _open_gguf(p: Path) -> Checkpoint:
     for t in header.tensors:  # read_header checked that each lies inside the file
         kind = gguf.GGMLQuantizationType(t.ggml_type).name
         if kind not in _GGUF_TYPES:
-            raise CheckpointError(f"tensor {t.name[:60]} has type {kind}, which primasim cannot read",
-                                  where=str(p), fix=f"re-quantise to one of {', '.join(_GGUF_TYPES)}")
+            raise CheckpointError(f"tensor {t.name[:60]} has type {kind}, which primasim's kernels cannot compute",
+                                  where=str(p),
+                                  fix=f"re-quantise to one of {', '.join(_GGUF_TYPES)} (llama-quantize ... Q4_K_M)")
         infos[t.name] = TensorInfo(t.name, p, t.offset, t.n_bytes, tuple(reversed(t.shape)), kind)
     ckpt = Checkpoint(spec=spec, path=p, format="gguf", files=[p], infos=infos,
                       qk_interleaved=spec.family == "llama")
@@ -543,11 +537,12 @@ def _check_tensors(ckpt: Checkpoint) -> None:
             if not np.all(np.isfinite(v)):
                 raise CheckpointError(f"tensor {name} holds non-finite values (corrupted data)", where=str(info.file),
                                       fix="the file is corrupted: re-copy or re-create it")
-    for name, info in ckpt.infos.items():
-        if info.dtype == "F32" and info.offset % ALIGN:
-            ckpt.notes.append(f"{name}: at a {info.offset % ALIGN}-byte misaligned offset, copied (not file-backed)")
-        elif info.dtype != "F32":
-            ckpt.notes.append(f"{name}: {info.dtype} converted to f32 in anonymous memory (not file-backed)")
+    copied = [(n, i) for n, i in ckpt.infos.items() if len(i.shape) == 1 and not ckpt.aliases(n)]
+    if copied:  # the model copies these (norms, biases) as f32; matrices are computed in place
+        kinds = sorted({i.dtype if i.dtype != "F32" else "misaligned F32" for _, i in copied})
+        ckpt.notes.append(f"{len(copied)} small 1-D tensors ({', '.join(kinds)}; "
+                          f"{sum(math.prod(i.shape) * 4 for _, i in copied) / 1024:.0f} KB as f32) copied to "
+                          "anonymous memory; every weight matrix stays file-backed")
 
 
 def _shape_hint(name: str) -> str:
@@ -743,7 +738,6 @@ def _write_gguf(spec: ModelSpec, path: Path, seed: int, tok: Any, dtype: str | N
     arch = spec.family
     tmp = path.with_name(path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_custom_alignment(GGUF_ALIGN)
     w.add_name(spec.name)
     w.add_file_type(int(ftype))
     w.add_context_length(spec.max_context)

@@ -1,12 +1,14 @@
 """The transformer: Llama 3 and Qwen2 blocks in JAX, computed straight from memory-mapped weights.
 
-gpt-fast style: plain functions over a `ModelSpec` and a pytree of weights. f32 compute.
-- Weights keep the checkpoint's (out, in) layout and every matmul contracts their last axis
-  (`_mm`): XLA:CPU streams that at memory bandwidth, while `x @ w.T` hides a transpose and runs
-  ~9x slower (experiments/results/runtime_decode_*.md).
+gpt-fast style: plain functions over a `ModelSpec` and a pytree of weights. f32 activations.
+- Weight matrices are never arrays of their own: `Params.files` holds each checkpoint file as one
+  zero-copy uint8 jax.Array over its read-only mapping, and every matrix is a `QWeight` (offsets
+  and ggml types, a runtime array) computed by the compiled kernels (runtime/kernels) in whatever
+  format the file stores: F32, F16, BF16, Q8_0, Q4_0/Q4_1, Q5_0/Q5_1, Q4_K, Q5_K, Q6_K. q/k/v and
+  gate/up are one kernel call each (activations quantised once). The weights stay page cache.
 - `run_layers` runs one window of blocks as one jitted call; jax caches the compiled function by
   the window's shapes (and the attention span bucket), so every window of the same size, batch
-  and span reuses it.
+  and span reuses it, whatever the tensor types of its layers.
 - The KV cache is either contiguous (`init_kv`, one (B, H_kv, S + 1, D) array pair per layer) or
   the paged pool of runtime/_kvcache.py; both are "stores" with `caches(layers)`, `tables` and
   `replace(layers, caches)`, and their arrays are donated to the jitted step (updated in place).
@@ -31,81 +33,125 @@ from primasim.core.errors import CheckpointError, WorkerError
 from primasim.core.model import ModelSpec
 from primasim.core.runtime_facts import attention_span
 
+from . import kernels as K
 from .checkpoint import Checkpoint
+from .kernels import QWeight
 from .rope import rope_inv_freq
 
-Layer = dict[str, jax.Array]  # GGUF names without "blk.{i}.": "attn_q.weight", ... (+ FUSED views)
+# One block's weights: "attn_norm.weight", "ffn_norm.weight" (and Qwen2's "attn_{q,k,v}.bias") as
+# small f32 arrays; the matrices as QWeights: "attn_qkv" (q, k, v), "attn_output", "ffn_gate_up"
+# (gate, up), "ffn_down".
+Layer = dict[str, Any]
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v)
+Files = tuple[jax.Array, ...]
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["inv_freq", "layers", "embed", "norm", "output"],
+@partial(jax.tree_util.register_dataclass, data_fields=["files", "inv_freq", "layers", "embed", "norm", "output"],
          meta_fields=["spec", "qk_interleaved"])
 @dataclass(frozen=True)
 class Params:
-    """Weights of some blocks (+ embedding and/or head), as jax arrays aliasing the mapped file."""
+    """Weights of some blocks (+ embedding and/or head): the mapped files and where in them."""
 
     spec: ModelSpec
     qk_interleaved: bool  # GGUF Llama: Q/K rows in llama.cpp's order, undone on the activations
+    files: Files  # each checkpoint file as one zero-copy uint8 array (QWeight file index -> file)
     inv_freq: jax.Array  # RoPE inverse frequencies (D/2,), rope scaling applied
     layers: dict[int, Layer]
-    embed: jax.Array | None = None  # token_embd (V, E)
+    embed: QWeight | None = None  # token_embd (V, E)
     norm: jax.Array | None = None  # output_norm (E,)
-    output: jax.Array | None = None  # output (V, E); the embedding itself when tied
+    output: QWeight | None = None  # output (V, E); the embedding itself when tied
 
 
-FUSED = {"attn_qkv.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
-         "ffn_gate_up.weight": ("ffn_gate.weight", "ffn_up.weight")}
+GROUPS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
+          "ffn_gate_up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}  # matrices computed together
 
 
-def load_params(ckpt: Checkpoint, layers: Sequence[int], *, embed: bool, head: bool, fuse: bool = True) -> Params:
-    """Weights of `layers` (+ the embedding / head) as jax arrays; f32 tensors at 64-byte-aligned
-    offsets alias the checkpoint's mapping (no copy), the rest are copied once (ckpt.notes says which).
-    With `fuse`, q/k/v (and gate/up) stored back to back become one (rows, in) view: fewer, longer
-    GEMVs, same bytes (`Checkpoint.stacked`)."""
+def load_params(ckpt: Checkpoint, layers: Sequence[int], *, embed: bool, head: bool) -> Params:
+    """Weights of `layers` (+ the embedding / head). Reads no weight page: the files are mapped,
+    the matrices are descriptors into them (the kernels read them when the model runs); only 1-D
+    tensors (norms, biases) become small f32 arrays (views when f32 and 64-byte aligned)."""
     spec = ckpt.spec
     bad = [i for i in layers if not 0 <= i < spec.n_layers]
     if bad:
         raise CheckpointError(f"layers {bad} do not exist", where=str(ckpt.path),
                               fix=f"the model has blocks 0..{spec.n_layers - 1}")
-    put = lambda name: jax.device_put(ckpt.tensor(name))  # noqa: E731
+    index = {f: i for i, f in enumerate(ckpt.files)}
+
+    def matrix(names: Sequence[str]) -> QWeight:
+        infos = [ckpt.infos[n] for n in names]
+        return K.qweight([(t.offset, index[t.file], t.dtype, t.shape[0], t.shape[1]) for t in infos])
+
+    def small(name: str) -> jax.Array:
+        return jax.device_put(ckpt.tensor(name))
 
     def layer(i: int) -> Layer:
-        w: dict[str, Any] = {n.split(".", 2)[2]: n for n in ckpt.layer_names(i)}
-        for fused, parts in FUSED.items():
-            view = ckpt.stacked([f"blk.{i}.{p}" for p in parts]) if fuse else None
-            if view is not None:
-                w = {k: v for k, v in w.items() if k not in parts} | {fused: jax.device_put(view)}
-        return {k: put(v) if isinstance(v, str) else v for k, v in w.items()}
+        w: Layer = {n.split(".", 2)[2]: small(n) for n in ckpt.layer_names(i) if len(ckpt.infos[n].shape) == 1}
+        for key, parts in GROUPS.items():
+            w[key] = matrix([f"blk.{i}.{p}.weight" for p in parts])
+        return w
 
+    files = tuple(K.file_array(ckpt.mapped(f)) for f in ckpt.files)
     ws = {i: layer(i) for i in layers}
     if "rope_freqs.weight" in ckpt:  # GGUF Llama 3: the converter's frequency factors
         base = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float32) / np.float32(spec.head_dim))
         inv = base / ckpt.tensor("rope_freqs.weight")
     else:
         inv = rope_inv_freq(spec)
-    emb = put("token_embd.weight") if embed or (head and spec.tie_embeddings) else None
-    out = (emb if spec.tie_embeddings else put("output.weight")) if head else None
-    return Params(spec, ckpt.qk_interleaved, jnp.asarray(inv, jnp.float32), ws,
-                  emb if embed else None, put("output_norm.weight") if head else None, out)
+    emb = matrix(["token_embd.weight"]) if embed or (head and spec.tie_embeddings) else None
+    out = (emb if spec.tie_embeddings else matrix(["output.weight"])) if head else None
+    return Params(spec, ckpt.qk_interleaved, files, jnp.asarray(inv, jnp.float32), ws,
+                  emb if embed else None, small("output_norm.weight") if head else None, out)
+
+
+def _qweights(params: Params) -> list[QWeight]:
+    out = [w for layer in params.layers.values() for w in layer.values() if isinstance(w, QWeight)]
+    return out + [w for w in (params.embed, params.output) if w is not None]
 
 
 def pin_params(params: Params) -> Params:
     """The same weights copied into anonymous memory (exo-style pinned weights: nothing is re-read
-    from the file under memory pressure). Arrays shared by reference (a tied embedding) stay shared."""
-    memo: dict[int, jax.Array] = {}
+    from the file under memory pressure): the byte ranges the matrices use, packed into one new
+    buffer (64-byte aligned tensors), with the descriptors rewritten. A tied embedding stays shared."""
+    tables = {id(w): np.asarray(w.desc).copy() for w in _qweights(params)}
+    spans: dict[tuple[int, int], int] = {}  # (file, offset) -> bytes
+    for d in tables.values():
+        for off_lo, off_hi, t, fi, rows, cols in d.astype(np.int64):
+            qtype = K.TYPE_NAMES[int(t)]
+            spans[(int(fi), int(off_lo) | int(off_hi) << 32)] = int(rows) * K.row_bytes(qtype, int(cols))
+    where, size = {}, 0
+    for key, n in sorted(spans.items()):
+        where[key] = size
+        size += -(-n // 64) * 64
+    buf = np.empty(size + 64, np.uint8)
+    buf = buf[-buf.ctypes.data % 64:][:max(size, 1)]
+    hosts = [np.asarray(f) for f in params.files]  # views of the mappings (no copy)
+    for (fi, off), n in spans.items():
+        buf[where[(fi, off)]:where[(fi, off)] + n] = hosts[fi][off:off + n]
+    new: dict[int, QWeight] = {}
 
-    def copy(a: jax.Array) -> jax.Array:
-        if id(a) not in memo:
-            memo[id(a)] = jnp.array(a, copy=True)
-        return memo[id(a)]
+    def pin(w: QWeight) -> QWeight:
+        if id(w) not in new:
+            d = tables[id(w)]
+            for r in d:
+                o = where[(int(r[3]), int(r[0]) | int(r[1]) << 32)]
+                r[0], r[1], r[3] = o & 0xFFFFFFFF, o >> 32, 0
+            new[id(w)] = QWeight(jnp.asarray(d), w.rows, w.cols)
+        return new[id(w)]
 
-    return jax.tree_util.tree_map(copy, params)
+    def copy(a: Any) -> Any:
+        return pin(a) if isinstance(a, QWeight) else jnp.array(a, copy=True)
+
+    layers = {i: {k: copy(v) for k, v in layer.items()} for i, layer in params.layers.items()}
+    emb = pin(params.embed) if params.embed is not None else None
+    out = pin(params.output) if params.output is not None else None
+    norm = jnp.array(params.norm, copy=True) if params.norm is not None else None
+    return Params(params.spec, params.qk_interleaved, (jax.device_put(buf),), params.inv_freq, layers, emb, norm, out)
 
 
 # ---------------------------------------------------------------------------- the block
-def _mm(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., in) times w (out, in) -> (..., out), contracting w's last axis (no transpose)."""
-    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
+def _mm(files: Files, x: jax.Array, w: QWeight) -> tuple[jax.Array, ...]:
+    """x (..., in) times each matrix of w (out_i, in): the kernels, straight from the mapped files."""
+    return K.matmul(files, x, w)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -152,15 +198,12 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, pos: jax.Array) 
     return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H * D)
 
 
-def block(spec: ModelSpec, interleaved: bool, w: Layer, kv: LayerKV, x: jax.Array, pos: jax.Array,
-          inv_freq: jax.Array, tables: jax.Array | None, span: int) -> tuple[jax.Array, LayerKV]:
+def block(spec: ModelSpec, interleaved: bool, files: Files, w: Layer, kv: LayerKV, x: jax.Array,
+          pos: jax.Array, inv_freq: jax.Array, tables: jax.Array | None, span: int) -> tuple[jax.Array, LayerKV]:
     """One transformer block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
     B, T, _ = x.shape
     h = rms_norm(x, w["attn_norm.weight"], spec.norm_eps)
-    if "attn_qkv.weight" in w:
-        q, k, v = jnp.split(_mm(h, w["attn_qkv.weight"]), [spec.q_dim, spec.q_dim + spec.n_kv_embd], axis=-1)
-    else:
-        q, k, v = (_mm(h, w[f"{n}.weight"]) for n in ("attn_q", "attn_k", "attn_v"))
+    q, k, v = _mm(files, h, w["attn_qkv"])
     if spec.qkv_bias:
         q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
     q = q.reshape(B, T, spec.n_heads, spec.head_dim)
@@ -172,38 +215,35 @@ def block(spec: ModelSpec, interleaved: bool, w: Layer, kv: LayerKV, x: jax.Arra
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     kc, vc, keys, values = _kv_write(*kv, k, v, pos, tables, span)
-    x = x + _mm(attention(q, keys, values, pos), w["attn_output.weight"])
+    x = x + _mm(files, attention(q, keys, values, pos), w["attn_output"])[0]
     h = rms_norm(x, w["ffn_norm.weight"], spec.norm_eps)
-    if "ffn_gate_up.weight" in w:
-        gate, up = jnp.split(_mm(h, w["ffn_gate_up.weight"]), 2, axis=-1)
-    else:
-        gate, up = _mm(h, w["ffn_gate.weight"]), _mm(h, w["ffn_up.weight"])
-    x = x + _mm(jax.nn.silu(gate) * up, w["ffn_down.weight"])
+    gate, up = _mm(files, h, w["ffn_gate_up"])
+    x = x + _mm(files, jax.nn.silu(gate) * up, w["ffn_down"])[0]
     return x, (kc, vc)
 
 
-def _blocks(ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], x: jax.Array, pos: jax.Array,
+def _blocks(files: Files, ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], x: jax.Array, pos: jax.Array,
             inv_freq: jax.Array, tables: jax.Array | None, spec: ModelSpec, interleaved: bool,
             span: int) -> tuple[jax.Array, tuple[LayerKV, ...]]:
     out = []
     for w, kv in zip(ws, kvs):
-        x, kv = block(spec, interleaved, w, kv, x, pos, inv_freq, tables, span)
+        x, kv = block(spec, interleaved, files, w, kv, x, pos, inv_freq, tables, span)
         out.append(kv)
     return x, tuple(out)
 
 
-_window = jax.jit(_blocks, static_argnames=("spec", "interleaved", "span"), donate_argnums=(1,))
+_window = jax.jit(_blocks, static_argnames=("spec", "interleaved", "span"), donate_argnums=(2,))
 
 
-@partial(jax.jit, static_argnames=("spec", "interleaved", "span"), donate_argnums=(1,))
-def _forward(ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], ids: jax.Array, pos: jax.Array,
-             inv_freq: jax.Array, emb: jax.Array, norm: jax.Array, out: jax.Array, *, spec: ModelSpec,
-             interleaved: bool, span: int) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+@partial(jax.jit, static_argnames=("spec", "interleaved", "span"), donate_argnums=(2,))
+def _forward(files: Files, ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], ids: jax.Array, pos: jax.Array,
+             inv_freq: jax.Array, emb: QWeight, norm: jax.Array, out: QWeight, *, spec: ModelSpec,
+             interleaved: bool, span: int) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...]]:
     """Embedding, every block and the head in one call (single-device decode): the last
     position's logits (B, V) and their argmax (B,). Saves the dispatches and syncs between calls
     (a few % per token); greedy decoding copies only the token ids to the host."""
-    x, kvs = _blocks(ws, kvs, jnp.take(emb, ids, axis=0), pos, inv_freq, None, spec, interleaved, span)
-    lg = _mm(rms_norm(x[:, -1], norm, spec.norm_eps), out)
+    x, kvs = _blocks(files, ws, kvs, K.embed(files, emb, ids), pos, inv_freq, None, spec, interleaved, span)
+    lg = _mm(files, rms_norm(x[:, -1], norm, spec.norm_eps), out)[0]
     return lg, jnp.argmax(lg, axis=-1).astype(jnp.int32), kvs
 
 
@@ -277,7 +317,8 @@ def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int 
     if missing:
         raise WorkerError(f"no weights for layers {missing}", where="run_layers",
                           fix="load_params with every layer of the window")
-    args = (tuple(params.layers[i] for i in layers), kv.caches(layers), x, jnp.asarray(p), params.inv_freq, kv.tables)
+    args = (params.files, tuple(params.layers[i] for i in layers), kv.caches(layers), x, jnp.asarray(p),
+            params.inv_freq, kv.tables)
     kw = {"spec": params.spec, "interleaved": params.qk_interleaved,
           "span": attention_span(int(p.max()) + T, kv.max_seq, kv.block_size)}
     if compile_only:
@@ -306,8 +347,8 @@ def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[in
     if pos < 0 or pos + T > kv.max_seq:
         raise WorkerError(f"positions {pos}..{pos + T - 1} exceed the KV cache ({kv.max_seq})", where="forward",
                           fix="allocate the cache with a larger max_seq")
-    args = (tuple(params.layers[i] for i in layers), kv.caches(layers), jnp.asarray(ids), jnp.full((B,), pos, jnp.int32),
-            params.inv_freq, params.embed, params.norm, params.output)
+    args = (params.files, tuple(params.layers[i] for i in layers), kv.caches(layers), jnp.asarray(ids),
+            jnp.full((B,), pos, jnp.int32), params.inv_freq, params.embed, params.norm, params.output)
     kw = {"spec": params.spec, "interleaved": params.qk_interleaved, "span": attention_span(pos + T, kv.max_seq)}
     if compile_only:
         _forward.lower(*args, **kw).compile()
@@ -317,8 +358,8 @@ def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[in
 
 
 @jax.jit
-def _embed(table: jax.Array, ids: jax.Array) -> jax.Array:
-    return jnp.take(table, ids, axis=0)
+def _embed(files: Files, table: QWeight, ids: jax.Array) -> jax.Array:
+    return K.embed(files, table, ids)
 
 
 def embed(params: Params, ids: Any, *, compile_only: bool = False) -> jax.Array:
@@ -330,14 +371,14 @@ def embed(params: Params, ids: Any, *, compile_only: bool = False) -> jax.Array:
         raise WorkerError(f"token id out of range 0..{params.spec.vocab - 1}", where="embed",
                           fix="use ids from the model's tokenizer")
     if compile_only:
-        _embed.lower(params.embed, jnp.asarray(ids)).compile()
+        _embed.lower(params.files, params.embed, jnp.asarray(ids)).compile()
         return jnp.zeros((*ids.shape, params.spec.hidden), jnp.float32)
-    return _embed(params.embed, jnp.asarray(ids))
+    return _embed(params.files, params.embed, jnp.asarray(ids))
 
 
 @partial(jax.jit, static_argnames=("eps",))
-def _head(norm: jax.Array, out: jax.Array, x: jax.Array, *, eps: float) -> tuple[jax.Array, jax.Array]:
-    lg = _mm(rms_norm(x, norm, eps), out)
+def _head(files: Files, norm: jax.Array, out: QWeight, x: jax.Array, *, eps: float) -> tuple[jax.Array, jax.Array]:
+    lg = _mm(files, rms_norm(x, norm, eps), out)[0]
     return lg, jnp.argmax(lg, axis=-1).astype(jnp.int32)
 
 
@@ -347,10 +388,11 @@ def head(params: Params, x: jax.Array | np.ndarray, *,
     projection; `compile_only`: compile, return None, None)."""
     if params.output is None or params.norm is None:
         raise WorkerError("these params have no output layer", where="logits", fix="load_params(..., head=True)")
+    args = (params.files, params.norm, params.output, jnp.asarray(x))
     if compile_only:
-        _head.lower(params.norm, params.output, jnp.asarray(x), eps=params.spec.norm_eps).compile()
+        _head.lower(*args, eps=params.spec.norm_eps).compile()
         return None, None
-    return _head(params.norm, params.output, jnp.asarray(x), eps=params.spec.norm_eps)  # type: ignore[no-any-return]
+    return _head(*args, eps=params.spec.norm_eps)  # type: ignore[no-any-return]
 
 
 def logits(params: Params, x: jax.Array) -> jax.Array:

@@ -140,7 +140,8 @@ def test_gguf_f32_matches_transformers(model_dir: Path, reference: dict[str, np.
     """The same seed written as GGUF F32 (llama.cpp layout: permuted Q/K, rope_freqs) gives the same logits."""
     spec = open_checkpoint(model_dir).spec
     ckpt = open_checkpoint(write_random_checkpoint(spec.with_quant("f32"), tmp_path / "m.gguf", fmt="gguf", seed=7))
-    assert ckpt.format == "gguf" and ckpt.notes == []  # every tensor file-backed
+    # every matrix file-backed (1-D tensors at llama.cpp's 32-byte alignment may be copied, a few KB)
+    assert ckpt.format == "gguf" and all("every weight matrix stays file-backed" in n for n in ckpt.notes)
     L = spec.n_layers
     params = {"d0": load_params(ckpt, range(L), embed=True, head=True)}
     kvs = {"d0": init_kv(spec, range(L), max_seq=len(reference["ids"]) + N_DECODE)}
@@ -156,7 +157,8 @@ def test_gguf_quantised_within_tolerance(model_dir: Path, reference: dict[str, n
                                          quant: str, max_tol: float, rms_tol: float) -> None:
     spec = open_checkpoint(model_dir).spec
     ckpt = open_checkpoint(write_random_checkpoint(spec.with_quant(quant), tmp_path / "m.gguf", fmt="gguf", seed=7))
-    assert any("converted to f32" in n for n in ckpt.notes)
+    # the kernels compute F16 / Q8_0 in place: no matrix converted or copied
+    assert all("every weight matrix stays file-backed" in n for n in ckpt.notes)
     L = spec.n_layers
     params = load_params(ckpt, range(L), embed=True, head=True)
     kv = init_kv(spec, range(L), max_seq=len(reference["ids"]))

@@ -47,17 +47,20 @@ class Stage:
         in the first token and in the first token of every new attention-span bucket."""
         import jax  # (JAX loads with the first session, see __init__)
 
-        leaves = [a for a in jax.tree_util.tree_leaves(self.params) if hasattr(a, "nbytes")]
+        from ..kernels import QWeight
+
+        qw = lambda a: isinstance(a, QWeight)  # noqa: E731  (descriptors stay: the files become zeros)
+        leaves = [a for a in jax.tree_util.tree_leaves(self.params, is_leaf=qw) if hasattr(a, "nbytes")]
         zero = mmap.mmap(-1, max([int(a.nbytes) for a in leaves] + [mmap.PAGESIZE]), prot=mmap.PROT_READ)
         buf = np.frombuffer(zero, dtype=np.uint8)
 
         def view(a: Any) -> Any:
-            if not hasattr(a, "nbytes"):
+            if qw(a) or not hasattr(a, "nbytes"):
                 return a
             return jax.device_put(buf[:int(a.nbytes)].view(np.dtype(a.dtype)).reshape(a.shape))
 
         real = self.params
-        self.params = jax.tree_util.tree_map(view, real)
+        self.params = jax.tree_util.tree_map(view, real, is_leaf=qw)
         try:
             yield
         finally:

@@ -1,0 +1,273 @@
+// AVX2 + FMA + F16C kernels: x86-64 CPUs without AVX-512 (llama.cpp's recipes: the sign trick,
+// vpmaddubsw into int16 pairs, vpmaddwd by the block scales). Activations in natural order.
+#include "qk.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+namespace qk {
+namespace {
+
+inline float h2f(const uint8_t* p) { return _cvtsh_ss(load_u16(p)); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256i loadu(const void* p) { return _mm256_loadu_si256((const __m256i*)p); }
+
+// Sum of int8 x int8 products in pairs -> 8 int32 lanes (|x| never -128: Q8 activations are -127..127)
+inline __m256i dot_i8(__m256i w, __m256i x) {
+  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+// -1 bytes where bit j of the 32-bit word is set (llama.cpp's bytes_from_bits_32)
+inline __m256i bits_to_bytes(uint32_t x32) {
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+  b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+
+template <uint32_t T>
+inline __m256 load8(const uint8_t* p) {  // 8 weights (or bf16 activations) widened to f32
+  if (T == T_F32) return _mm256_loadu_ps((const float*)p);
+  if (T == T_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// Float weights: FMA chains have a 4-cycle latency, so each token keeps 4 / NT-scaled independent
+// accumulators (one chain would cap F16 at ~4 bytes a cycle).
+template <uint32_t T, int NT>
+void dot_float(const uint8_t* w, int64_t K, const uint8_t* const* act, float* out) {
+  constexpr int kItem = T == T_F32 ? 4 : 2, kA = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  __m256 acc[NT][kA];
+  for (int t = 0; t < NT; ++t)
+    for (int a = 0; a < kA; ++a) acc[t][a] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 * kA <= K; i += 8 * kA) {
+    for (int a = 0; a < kA; ++a) {
+      const __m256 wv = load8<T>(w + kItem * (i + 8 * a));
+      for (int t = 0; t < NT; ++t) {
+        const __m256 x = T == T_BF16 ? load8<T_BF16>(act[t] + 2 * (i + 8 * a)) : _mm256_loadu_ps((const float*)act[t] + i + 8 * a);
+        acc[t][a] = _mm256_fmadd_ps(wv, x, acc[t][a]);
+      }
+    }
+  }
+  for (; i + 8 <= K; i += 8) {
+    const __m256 wv = load8<T>(w + kItem * i);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 x = T == T_BF16 ? load8<T_BF16>(act[t] + 2 * i) : _mm256_loadu_ps((const float*)act[t] + i);
+      acc[t][0] = _mm256_fmadd_ps(wv, x, acc[t][0]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    for (int a = 1; a < kA; ++a) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][a]);
+    float s = hsum(acc[t][0]);
+    for (int64_t j = i; j < K; ++j) {  // tail, exact widenings
+      float wj, xj;
+      if (T == T_F32) memcpy(&wj, w + 4 * j, 4);
+      else if (T == T_F16) wj = _cvtsh_ss(load_u16(w + 2 * j));
+      else { uint32_t u = (uint32_t)load_u16(w + 2 * j) << 16; memcpy(&wj, &u, 4); }
+      if (T == T_BF16) { uint32_t u = (uint32_t)load_u16(act[t] + 2 * j) << 16; memcpy(&xj, &u, 4); }
+      else xj = ((const float*)act[t])[j];
+      s += wj * xj;
+    }
+    out[t] = s;
+  }
+}
+
+template <uint32_t T, int NT>
+void dot_b32(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* out) {
+  constexpr bool kMin = T == T_Q4_1 || T == T_Q5_1;
+  const int bytes = block_bytes(T);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[NT];
+  float accm[NT];
+  for (int t = 0; t < NT; ++t) { acc[t] = _mm256_setzero_ps(); accm[t] = 0.0f; }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    __m256i q;
+    if (T == T_Q8_0) {
+      q = loadu(blk + 2);
+    } else {
+      const int o = kMin ? 4 : 2, qo = (T == T_Q5_0 || T == T_Q5_1) ? o + 4 : o;
+      const __m128i n = _mm_loadu_si128((const __m128i*)(blk + qo));
+      q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(n, 4), n), m4);
+      if (T == T_Q5_0 || T == T_Q5_1)
+        q = _mm256_or_si256(q, _mm256_and_si256(bits_to_bytes(load_u32(blk + o)), _mm256_set1_epi8(0x10)));
+      if (T == T_Q4_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+      if (T == T_Q5_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+    }
+    const float dw = h2f(blk), mw = kMin ? h2f(blk + 2) : 0.0f;
+    for (int t = 0; t < NT; ++t) {
+      const uint8_t* a = act[t];
+      const __m256i x = loadu(a + 32 * b);
+      const __m256i s = kMin ? _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)) : dot_i8(q, x);
+      const float* dx = (const float*)(a + 32 * nb);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dw * dx[b]), acc[t]);
+      if (kMin) accm[t] += mw * dx[2 * nb + b];
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]) + accm[t];
+}
+
+// vpshufb masks broadcasting int16 lane pair i (Q4_K/Q5_K scales) / int8 byte pairs (Q6_K)
+alignas(32) const uint8_t kShufK4[8][32] = {
+#define R(a) {a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, \
+               a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1}
+    R(0), R(2), R(4), R(6), R(8), R(10), R(12), R(14)
+#undef R
+};
+alignas(16) const uint8_t kShuf6[8][16] = {
+#define R(a) {a, a, a, a, a, a, a, a, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1}
+    R(0), R(2), R(4), R(6), R(8), R(10), R(12), R(14)
+#undef R
+};
+
+template <uint32_t T, int NT>
+void dot_q45k(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* out) {
+  constexpr int kBytes = T == T_Q5_K ? 176 : 144, kQs = T == T_Q5_K ? 48 : 16;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[NT];
+  __m128 accm[NT];
+  for (int t = 0; t < NT; ++t) { acc[t] = _mm256_setzero_ps(); accm[t] = _mm_setzero_ps(); }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * kBytes;
+    const float d = _cvtsh_ss(load_u16(blk)), dmin = _cvtsh_ss(load_u16(blk + 2));
+    uint32_t u[4];  // get_scale_min_k4 for all 8 with llama.cpp's 32-bit masks: u[0..1] scales, u[2..3] mins
+    memcpy(u, blk + 4, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
+    u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    u[2] = mins_lo;
+    u[0] &= 0x3f3f3f3fu;
+    const __m256i ms = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+    const __m128i mins = _mm256_extracti128_si256(ms, 1);
+    const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
+    __m256i q[8];
+    const __m256i qh = T == T_Q5_K ? _mm256_loadu_si256((const __m256i*)(blk + 16)) : _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      const __m256i bits = _mm256_loadu_si256((const __m256i*)(blk + kQs + 32 * c));
+      q[2 * c] = _mm256_and_si256(bits, m4);
+      q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+      if (T == T_Q5_K)
+        for (int k = 2 * c; k < 2 * c + 2; ++k)  // bit k of qh[l] -> 16 (masked before the 16-bit shift)
+          q[k] = _mm256_or_si256(q[k], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, k), _mm256_set1_epi8(1)), 4));
+    }
+    for (int t = 0; t < NT; ++t) {
+      const ActK* a = (const ActK*)act[t] + b;
+      __m256i s = _mm256_setzero_si256();
+      for (int k = 0; k < 8; ++k) {
+        const __m256i p = _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i*)(a->qs + 32 * k)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_shuffle_epi8(scales, _mm256_load_si256((const __m256i*)kShufK4[k])), p));
+      }
+      const __m128i mi = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i*)a->bsum32));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * a->d), acc[t]);
+      accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(mi), _mm_set1_ps(dmin * a->d), accm[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    out[t] = hsum(acc[t]) - _mm_cvtss_f32(m);
+  }
+}
+
+template <int NT>
+void dot_q6k(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * 210;
+    const float d = _cvtsh_ss(load_u16(blk + 208));
+    const __m128i sc8 = _mm_loadu_si128((const __m128i*)(blk + 192));
+    const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+    __m256i q[8], s16[8];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h));
+      const __m256i l1 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32));
+      const __m256i hb = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
+      q[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+      q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                     _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(12)), 2));
+      q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                     _mm256_and_si256(hb, _mm256_set1_epi8(48)));
+      q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                     _mm256_srli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8((char)0xC0)), 2));
+      for (int k = 0; k < 4; ++k)  // groups 8h + 2k, 8h + 2k + 1: scale pair broadcast to 8 int16 lanes each
+        s16[4 * h + k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i*)kShuf6[4 * h + k])));
+    }
+    (void)m3;
+    for (int t = 0; t < NT; ++t) {
+      const ActK* a = (const ActK*)act[t] + b;
+      __m256i s = _mm256_setzero_si256();
+      for (int k = 0; k < 8; ++k)
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(s16[k], _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i*)(a->qs + 32 * k)))));
+      const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)a->bsums));
+      s = _mm256_sub_epi32(s, _mm256_slli_epi32(off, 5));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * a->d), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) out[t] = hsum(acc[t]);
+}
+
+template <uint32_t T, int NT>
+void run(const uint8_t* w, int64_t n, const uint8_t* const* a, float* o) {
+  if (T == T_F32 || T == T_F16 || T == T_BF16) dot_float<T, NT>(w, n, a, o);
+  else if (T == T_Q4_K || T == T_Q5_K) dot_q45k<T, NT>(w, n, a, o);
+  else if (T == T_Q6_K) dot_q6k<NT>(w, n, a, o);
+  else dot_b32<T, NT>(w, n, a, o);
+}
+
+template <uint32_t T>
+void by_nt(const uint8_t* w, int64_t n, const uint8_t* const* a, int nt, float* o) {
+  switch (nt) {
+    case 1: run<T, 1>(w, n, a, o); break;
+    case 2: run<T, 2>(w, n, a, o); break;
+    case 3: run<T, 3>(w, n, a, o); break;
+    case 4: run<T, 4>(w, n, a, o); break;
+    case 5: run<T, 5>(w, n, a, o); break;
+    case 6: run<T, 6>(w, n, a, o); break;
+    case 7: run<T, 7>(w, n, a, o); break;
+    default: run<T, 8>(w, n, a, o); break;
+  }
+}
+
+KernelSet make_avx2() {
+  KernelSet k;
+  k.name = "avx2";
+  for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.prep[t] = P_NONE; }
+  k.dot[T_F32] = by_nt<T_F32>;    k.prep[T_F32] = P_F32;
+  k.dot[T_F16] = by_nt<T_F16>;    k.prep[T_F16] = P_F16;
+  k.dot[T_BF16] = by_nt<T_BF16>;  k.prep[T_BF16] = P_BF16;
+  k.dot[T_Q8_0] = by_nt<T_Q8_0>;  k.prep[T_Q8_0] = P_Q8_0;
+  k.dot[T_Q4_0] = by_nt<T_Q4_0>;  k.prep[T_Q4_0] = P_Q8_0;
+  k.dot[T_Q4_1] = by_nt<T_Q4_1>;  k.prep[T_Q4_1] = P_Q8_0;
+  k.dot[T_Q5_0] = by_nt<T_Q5_0>;  k.prep[T_Q5_0] = P_Q8_0;
+  k.dot[T_Q5_1] = by_nt<T_Q5_1>;  k.prep[T_Q5_1] = P_Q8_0;
+  k.dot[T_Q4_K] = by_nt<T_Q4_K>;  k.prep[T_Q4_K] = P_Q8K;
+  k.dot[T_Q5_K] = by_nt<T_Q5_K>;  k.prep[T_Q5_K] = P_Q8K;
+  k.dot[T_Q6_K] = by_nt<T_Q6_K>;  k.prep[T_Q6_K] = P_Q8K;
+  return k;
+}
+
+}  // namespace
+
+const KernelSet* avx2_kernels() {
+  static const KernelSet k = make_avx2();
+  return &k;
+}
+
+}  // namespace qk
+
+#else
+namespace qk {
+const KernelSet* avx2_kernels() { return nullptr; }
+}  // namespace qk
+#endif

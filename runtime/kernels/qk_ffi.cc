@@ -1,0 +1,416 @@
+// XLA FFI handlers (jax.ffi) for products and embedding rows read straight from mapped GGUF /
+// safetensors files, plus the ISA dispatch. Built by the package's install (setup.py); loaded
+// with ctypes by runtime/kernels/__init__.py, which registers the handlers with jax.
+//
+// Weights arrive as whole files: zero-copy uint8 jax.Arrays over the read-only mappings, one
+// operand per file, and a descriptor table (n, 6) uint32 per call: [offset lo, offset hi, ggml
+// type, file index, rows, cols] per tensor. Offsets and types are runtime values, so one compiled
+// executable serves every layer whatever its tensor types; the handler checks every descriptor
+// against the operands before reading (a bad one is an INVALID_ARGUMENT naming the tensor).
+//
+// One call computes several tensors against the same activations (q/k/v, gate/up): the
+// activations are quantised once per layout, then rows are handed out in chunks from an atomic
+// counter to the calling thread and XLA's intra-op pool (Ctx<ThreadPool>): no OpenMP, no threads of
+// our own, and the caller never waits for a task that has not started.
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include <stdlib.h>
+
+#include "qk.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace qk {
+namespace {
+
+constexpr int kAbiVersion = 1;
+constexpr int kDescWords = 6;
+constexpr int kMaxTensors = 16;
+constexpr int kGroup = 8;  // tokens per kernel call (weights unpacked once, used for all of them)
+
+// ------------------------------------------------------------------ ISA dispatch
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// The sets this CPU can run, best first.
+int available(const KernelSet* out[3]) {
+  int n = 0;
+  if (cpu_has_avx512() && avx512_kernels()) out[n++] = avx512_kernels();
+  if (cpu_has_avx2() && avx2_kernels()) out[n++] = avx2_kernels();
+  out[n++] = scalar_kernels();
+  return n;
+}
+
+// The default is the best *validated* set. The AVX-512 kernels are compiled and selectable by name
+// (PRIMASIM_KERNEL_ISA=avx512), and the tests check them wherever CPUID reports AVX-512, but the
+// machines they were developed on expose no AVX-512 state (XCR0 = 7), so they never ran there.
+const KernelSet* choose(const char* want) {
+  const KernelSet* sets[3];
+  const int n = available(sets);
+  if (want && *want) {
+    for (int i = 0; i < n; ++i)
+      if (strncmp(sets[i]->name, want, strlen(want)) == 0) return sets[i];
+    return nullptr;
+  }
+  for (int i = 0; i < n; ++i)  // (avx512_kernels() itself runs AVX-512 code: call it only where available)
+    if (strncmp(sets[i]->name, "avx512", 6) != 0) return sets[i];
+  return sets[n - 1];
+}
+
+std::atomic<const KernelSet*> g_set{nullptr};
+
+const KernelSet* kernels() {
+  const KernelSet* k = g_set.load(std::memory_order_acquire);
+  if (!k) {
+    k = choose(getenv("PRIMASIM_KERNEL_ISA"));
+    if (!k) k = choose(nullptr);  // an unknown request falls back (Python reports it)
+    g_set.store(k, std::memory_order_release);
+  }
+  return k;
+}
+
+const char* type_name(uint32_t t) {
+  switch (t) {
+    case T_F32: return "F32"; case T_F16: return "F16"; case T_BF16: return "BF16";
+    case T_Q4_0: return "Q4_0"; case T_Q4_1: return "Q4_1"; case T_Q5_0: return "Q5_0";
+    case T_Q5_1: return "Q5_1"; case T_Q8_0: return "Q8_0"; case T_Q4_K: return "Q4_K";
+    case T_Q5_K: return "Q5_K"; case T_Q6_K: return "Q6_K";
+    default: return nullptr;
+  }
+}
+
+// ------------------------------------------------------------------ scratch + thread pool
+struct Scratch {  // per calling thread, grown as needed, 64-byte aligned
+  uint8_t* p = nullptr;
+  size_t cap = 0;
+  ~Scratch() { free(p); }
+  uint8_t* get(size_t n) {
+    if (n > cap) {
+      free(p);
+      cap = (n + 4095) & ~(size_t)4095;
+      p = (uint8_t*)aligned_alloc(64, cap);
+      if (!p) cap = 0;
+    }
+    return p;
+  }
+};
+thread_local Scratch tl_scratch;
+
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  void (*fn)(const void*, int64_t) = nullptr;
+  const void* ctx = nullptr;  // valid while chunks remain: the caller waits for all of them
+};
+
+void drain(Work* w) {
+  int64_t k;
+  while ((k = w->next.fetch_add(1, std::memory_order_relaxed)) < w->n) {
+    w->fn(w->ctx, k);
+    w->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
+void parallel_for(ffi::ThreadPool* pool, int64_t n, void (*fn)(const void*, int64_t), const void* ctx,
+                  bool threaded) {
+  const int64_t nt = threaded && pool ? pool->num_threads() : 0;
+  if (nt <= 1 || n <= 1) {
+    for (int64_t k = 0; k < n; ++k) fn(ctx, k);
+    return;
+  }
+  auto w = std::make_shared<Work>();  // outlives this call if a helper starts late
+  w->n = n;
+  w->fn = fn;
+  w->ctx = ctx;
+  const int64_t helpers = nt - 1 < n - 1 ? nt - 1 : n - 1;  // the caller is the other worker
+  for (int64_t i = 0; i < helpers; ++i) pool->Schedule([w] { drain(w.get()); });
+  drain(w.get());
+  for (int spins = 0; w->done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < 20000) cpu_relax();
+    else std::this_thread::yield();  // a descheduled helper (a busy machine): give it the core
+  }
+}
+
+// ------------------------------------------------------------------ descriptors
+struct Tensor {
+  const uint8_t* w;
+  int64_t rows, row_bytes, nblk;
+  uint32_t type;
+  DotFn dot;
+  int prep;
+  float* out;
+};
+
+std::string desc_error(int i, const std::string& what) {
+  return "primasim kernels: tensor " + std::to_string(i) + " of this call: " + what;
+}
+
+ffi::Error read_desc(const uint32_t* d, int i, const ffi::RemainingArgs& files, int64_t K, int64_t rows,
+                     const KernelSet* ks, Tensor* t) {
+  const uint64_t off = (uint64_t)d[0] | ((uint64_t)d[1] << 32);
+  const uint32_t type = d[2], file = d[3];
+  const char* name = type_name(type);
+  if (!name || !ks->dot[type])
+    return ffi::Error::InvalidArgument(desc_error(i, "ggml type id " + std::to_string(type) +
+        " has no kernel (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); "
+        "re-quantise the model to one of them"));
+  if ((int64_t)d[4] != rows || (int64_t)d[5] != K)
+    return ffi::Error::InvalidArgument(desc_error(i, "descriptor says " + std::to_string(d[4]) + "x" +
+        std::to_string(d[5]) + ", the operands are " + std::to_string(rows) + "x" + std::to_string(K)));
+  if (K % block_elems(type))
+    return ffi::Error::InvalidArgument(desc_error(i, std::string(name) + " rows need a multiple of " +
+        std::to_string(block_elems(type)) + " elements, got " + std::to_string(K)));
+  if (file >= files.size())
+    return ffi::Error::InvalidArgument(desc_error(i, "file index " + std::to_string(file) + " but " +
+        std::to_string(files.size()) + " file operands"));
+  auto buf = files.get<ffi::AnyBuffer>(file);
+  if (!buf.has_value()) return ffi::Error::InvalidArgument(desc_error(i, "file operand is not a buffer"));
+  const int64_t row_bytes = K / block_elems(type) * block_bytes(type);
+  const uint64_t size = buf->size_bytes();
+  if (off > size || (uint64_t)(rows * row_bytes) > size - off)
+    return ffi::Error::InvalidArgument(desc_error(i, "bytes " + std::to_string(off) + "+" +
+        std::to_string(rows * row_bytes) + " lie outside the file (" + std::to_string(size) + " bytes)"));
+  t->w = (const uint8_t*)buf->untyped_data() + off;
+  t->rows = rows;
+  t->row_bytes = row_bytes;
+  t->nblk = K / block_elems(type);
+  t->type = type;
+  t->dot = ks->dot[type];
+  t->prep = ks->prep[type];
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------ matmul
+struct MatmulCtx {
+  const Tensor* ts;
+  int nt;
+  int64_t B, chunk_rows;
+  const int64_t* chunk_start;     // first chunk index of each tensor (nt + 1 entries)
+  const uint8_t* const* act[P_COUNT];  // prepared token rows per layout
+};
+
+void matmul_chunk(const void* c, int64_t k) {
+  const MatmulCtx& m = *(const MatmulCtx*)c;
+  int i = 0;
+  while (k >= m.chunk_start[i + 1]) ++i;
+  const Tensor& t = m.ts[i];
+  const int64_t r0 = (k - m.chunk_start[i]) * m.chunk_rows;
+  const int64_t r1 = r0 + m.chunk_rows < t.rows ? r0 + m.chunk_rows : t.rows;
+  const uint8_t* const* act = m.act[t.prep];
+  float res[kGroup];
+  for (int64_t g = 0; g < m.B; g += kGroup) {  // token groups inside the chunk: its rows stay in cache
+    const int n = (int)(m.B - g < kGroup ? m.B - g : kGroup);
+    for (int64_t r = r0; r < r1; ++r) {
+      t.dot(t.w + r * t.row_bytes, t.nblk, act + g, n, res);
+      for (int j = 0; j < n; ++j) t.out[(g + j) * t.rows + r] = res[j];
+    }
+  }
+}
+
+ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> desc, ffi::RemainingArgs files,
+                  ffi::RemainingRets outs, ffi::ThreadPool pool) {
+  const KernelSet* ks = kernels();
+  const auto xd = x.dimensions();
+  if (xd.size() < 1) return ffi::Error::InvalidArgument("primasim kernels: activations need a last axis");
+  const int64_t K = xd.back();
+  const int64_t B = K ? (int64_t)x.element_count() / K : 0;
+  const auto dd = desc.dimensions();
+  const int nt = (int)outs.size();
+  if (dd.size() != 2 || dd[1] != kDescWords || dd[0] != nt || nt < 1 || nt > kMaxTensors)
+    return ffi::Error::InvalidArgument("primasim kernels: descriptor table must be (" + std::to_string(nt) +
+                                       ", 6) for " + std::to_string(nt) + " results");
+  Tensor ts[kMaxTensors];
+  int64_t chunk_start[kMaxTensors + 1];
+  bool need[P_COUNT] = {};
+  int64_t total_rows = 0, total_bytes = 0;
+  for (int i = 0; i < nt; ++i) {
+    auto o = outs.get<ffi::Buffer<ffi::F32>>(i);
+    if (!o.has_value()) return ffi::Error::InvalidArgument(desc_error(i, "result is not an f32 buffer"));
+    const auto od = (*o)->dimensions();
+    const int64_t rows = od.size() ? od.back() : 0;
+    if ((int64_t)(*o)->element_count() != B * rows)
+      return ffi::Error::InvalidArgument(desc_error(i, "result shape does not match the activations"));
+    ffi::Error e = read_desc(desc.typed_data() + kDescWords * i, i, files, K, rows, ks, &ts[i]);
+    if (e.failure()) return e;
+    ts[i].out = (*o)->typed_data();
+    need[ts[i].prep] = true;
+    total_rows += rows;
+    total_bytes += rows * ts[i].row_bytes;
+  }
+  if (B == 0 || total_rows == 0) return ffi::Error::Success();
+  // activations: one prepared row per token per needed layout, in the calling thread's scratch
+  size_t row_sz[P_COUNT] = {}, need_bytes = 0;
+  for (int p = 0; p < P_COUNT; ++p)
+    if (need[p]) {
+      row_sz[p] = (prep_bytes(p, K) + 63) & ~(size_t)63;
+      need_bytes += row_sz[p] * B + sizeof(void*) * B;
+    }
+  uint8_t* scratch = tl_scratch.get(need_bytes);
+  if (!scratch) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "primasim kernels: out of memory for activations");
+  MatmulCtx m;
+  uint8_t* cur = scratch;
+  const float* xp = x.typed_data();
+  for (int p = 0; p < P_COUNT; ++p) {
+    m.act[p] = nullptr;
+    if (!need[p]) continue;
+    const uint8_t** ptrs = (const uint8_t**)cur;
+    cur += sizeof(void*) * B;
+    cur = (uint8_t*)(((uintptr_t)cur + 63) & ~(uintptr_t)63);
+    for (int64_t b = 0; b < B; ++b) {
+      if (p == P_F32) {
+        ptrs[b] = (const uint8_t*)(xp + b * K);  // used as is
+      } else {
+        prepare(p, xp + b * K, K, cur);
+        ptrs[b] = cur;
+        cur += row_sz[p];
+      }
+    }
+    m.act[p] = ptrs;
+  }
+  // chunks of rows: multiples of 16 (no two threads write one cache line of a result row),
+  // about 8 per thread for balance, fewer and larger for small tensors
+  const int64_t threads = pool.num_threads() > 1 ? pool.num_threads() : 1;
+  int64_t chunk = total_rows / (threads * 8);
+  chunk = chunk < 16 ? 16 : chunk > 256 ? 256 : chunk;
+  chunk = (chunk + 15) & ~(int64_t)15;
+  chunk_start[0] = 0;
+  for (int i = 0; i < nt; ++i) chunk_start[i + 1] = chunk_start[i] + (ts[i].rows + chunk - 1) / chunk;
+  m.ts = ts;
+  m.nt = nt;
+  m.B = B;
+  m.chunk_rows = chunk;
+  m.chunk_start = chunk_start;
+  // below ~64 KB of weight traffic a second thread costs more to wake than it saves
+  parallel_for(&pool, chunk_start[nt], matmul_chunk, &m, total_bytes * ((B + kGroup - 1) / kGroup) > 65536);
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------ embedding rows
+ffi::Error Embed(ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::U32> desc, ffi::RemainingArgs files,
+                 ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  const auto od = out->dimensions();
+  const int64_t K = od.size() ? od.back() : 0;
+  const int64_t n = (int64_t)ids.element_count();
+  if ((int64_t)out->element_count() != n * K)
+    return ffi::Error::InvalidArgument("primasim kernels: embedding result shape does not match the ids");
+  const auto dd = desc.dimensions();
+  if (dd.size() != 2 || dd[0] != 1 || dd[1] != kDescWords)
+    return ffi::Error::InvalidArgument("primasim kernels: embedding descriptor must be (1, 6)");
+  const uint32_t* d = desc.typed_data();
+  Tensor t;
+  ffi::Error e = read_desc(d, 0, files, K, (int64_t)d[4], kernels(), &t);
+  if (e.failure()) return e;
+  const int32_t* id = ids.typed_data();
+  float* o = out->typed_data();
+  for (int64_t i = 0; i < n; ++i) {
+    if (id[i] < 0 || id[i] >= t.rows)
+      return ffi::Error::InvalidArgument("primasim kernels: token id " + std::to_string(id[i]) +
+                                         " outside the embedding's " + std::to_string(t.rows) + " rows");
+    dequant_row(t.type, t.w + (int64_t)id[i] * t.row_bytes, t.nblk, o + i * K);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace qk
+
+#pragma GCC visibility push(default)  // the handlers are looked up by name (ctypes)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimMatmul, qk::Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimEmbed, qk::Embed,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+#pragma GCC visibility pop
+
+// ------------------------------------------------------------------ plain C entry points (ctypes)
+extern "C" {
+__attribute__((visibility("default"))) int primasim_qk_abi_version() { return qk::kAbiVersion; }
+
+// Names of the kernel sets this CPU can run, best first, separated by commas.
+__attribute__((visibility("default"))) const char* primasim_qk_available() {
+  static std::string names = [] {
+    const qk::KernelSet* sets[3];
+    const int n = qk::available(sets);
+    std::string s;
+    for (int i = 0; i < n; ++i) s += (i ? "," : "") + std::string(sets[i]->name);
+    return s;
+  }();
+  return names.c_str();
+}
+
+__attribute__((visibility("default"))) const char* primasim_qk_current() { return qk::kernels()->name; }
+
+// For tests and benchmarks, outside XLA: one weight row (K elements of `type` at w) against nt
+// token rows x (nt, K) f32, prepared as the handler prepares them; `reps` > 1 repeats the dot
+// alone (activations prepared once) and returns the fastest repetition's seconds, else 0. -1: bad type.
+__attribute__((visibility("default"))) double primasim_qk_rowdot(uint32_t type, const uint8_t* w, int64_t K,
+                                                                 const float* x, int nt, int reps, float* out) {
+  const qk::KernelSet* ks = qk::kernels();
+  if (type >= qk::T_COUNT || !ks->dot[type] || nt < 1 || nt > qk::kGroup || K % qk::block_elems(type)) return -1;
+  const int p = ks->prep[type];
+  const size_t row = (qk::prep_bytes(p, K) + 63) & ~(size_t)63;
+  uint8_t* buf = (uint8_t*)aligned_alloc(64, row * nt + 64);
+  const uint8_t* act[qk::kGroup];
+  for (int t = 0; t < nt; ++t) {
+    qk::prepare(p, x + t * K, K, buf + t * row);
+    act[t] = p == qk::P_F32 ? (const uint8_t*)(x + t * K) : buf + t * row;
+  }
+  const int64_t nblk = K / qk::block_elems(type);
+  ks->dot[type](w, nblk, act, nt, out);
+  double per = 0;
+  for (int r = 1; r < reps; ++r) {  // the fastest repetition: a shared machine only ever slows one down
+    float sink[qk::kGroup];
+    const auto t0 = std::chrono::steady_clock::now();
+    ks->dot[type](w, nblk, act, nt, sink);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    per = r == 1 || dt < per ? dt : per;
+  }
+  free(buf);
+  return per;
+}
+
+// Select a kernel set by name prefix ("avx512", "avx2", "scalar"; "" = best). 0 on success, -1 if
+// this CPU cannot run it. Only between computations: running calls keep the set they started with.
+__attribute__((visibility("default"))) int primasim_qk_select(const char* name) {
+  const qk::KernelSet* k = qk::choose(name);
+  if (!k) return -1;
+  qk::g_set.store(k, std::memory_order_release);
+  return 0;
+}
+}

@@ -1,0 +1,195 @@
+"""The compiled GGUF kernels against their NumPy model and against gguf's dequantiser.
+
+Every kernel set this CPU runs (AVX-512, AVX2, scalar) and every weight type, through jax.jit as
+the model calls them (XLA's threads run with FTZ/DAZ on): random block contents with small,
+subnormal or zero f16 scales, weights at addresses 32 mod 64, odd row counts, B = 1..12 tokens
+(one kernel call handles 8), zero activation blocks.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from primasim.runtime import kernels as K
+from primasim.runtime.kernels import reference as R
+from primasim.runtime.quantize import BLOCK
+
+pytestmark = pytest.mark.skipif(not K.available(), reason="compiled kernels not built (pip install -e .)")
+
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+              "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_rows(rng: np.random.Generator, qtype: str, rows: int, cols: int, scales: str) -> np.ndarray:
+    """Stored bytes (rows, row_bytes) of random blocks: random level bits, f16 scale fields set to
+    small finite values ("normal"), f16 subnormals ("subnormal"), zero, or a mix."""
+    if qtype in ("F32", "F16", "BF16"):
+        x = rng.standard_normal((rows, cols)).astype(np.float32) * np.float32(rng.uniform(0.01, 3))
+        if qtype == "F32":
+            return x.view(np.uint8).reshape(rows, -1)
+        if qtype == "F16":
+            return x.astype(np.float16).view(np.uint8).reshape(rows, -1)
+        return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(rows, -1)
+    n, nbytes = BLOCK[qtype]
+    b = rng.integers(0, 256, (rows, cols // n, nbytes), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        shape = b.shape[:2]
+        normal = (rng.standard_normal(shape) * 0.01).astype(np.float16).view(np.uint16)
+        sub = (rng.integers(1, 0x400, shape) | (rng.integers(0, 2, shape) << 15)).astype(np.uint16)
+        pick = {"normal": normal, "subnormal": sub, "zero": np.zeros(shape, np.uint16),
+                "mixed": np.where(rng.random(shape) < 0.5, normal, np.where(rng.random(shape) < 0.5, sub, 0))}[scales]
+        b[..., off:off + 2] = pick.astype(np.uint16).view(np.uint8).reshape(*shape, 2)
+    return b.reshape(rows, -1)
+
+
+def activations(rng: np.random.Generator, B: int, cols: int, zero_blocks: bool) -> np.ndarray:
+    x = rng.standard_normal((B, cols)).astype(np.float32) * rng.uniform(0.1, 10, (B, 1)).astype(np.float32)
+    if zero_blocks:
+        blocks = x.reshape(B, -1, 32)
+        blocks[rng.random(blocks.shape[:2]) < 0.3] = 0.0
+    return x
+
+
+def place(raw: np.ndarray, at: int) -> jax.Array:
+    """A 'file' holding the tensor at byte `at` (the file array itself starts 64-byte aligned)."""
+    buf = np.zeros(at + raw.size + 64, np.uint8)
+    buf[at:at + raw.size] = raw.reshape(-1)
+    return jax.device_put(buf)
+
+
+@jax.jit
+def _mm(files: list[jax.Array], x: jax.Array, w: K.QWeight) -> tuple[jax.Array, ...]:
+    return K.matmul(files, x, w)
+
+
+def run(raw: np.ndarray, qtype: str, x: np.ndarray, at: int = 32) -> np.ndarray:
+    rows, cols = raw.shape[0], x.shape[1]
+    f = place(raw, at)
+    assert (f.unsafe_buffer_pointer() + at) % 64 == at % 64
+    w = K.qweight([(at, 0, qtype, rows, cols)])
+    return np.asarray(_mm([f], jnp.asarray(x), w)[0])
+
+
+def magnitude(raw: np.ndarray, qtype: str, x: np.ndarray) -> np.ndarray:
+    return np.abs(x.astype(np.float64)) @ np.abs(R.dequant(raw, qtype, x.shape[1])).T
+
+
+def test_isas_listed() -> None:
+    assert K.isa() in K.isas() and K.isas()[-1] == "scalar"
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 40), nblk=st.integers(1, 4), B=st.integers(1, 12),
+       scales=st.sampled_from(["normal", "subnormal", "zero", "mixed"]), zero_blocks=st.booleans(),
+       at=st.sampled_from([0, 32, 96]))
+def test_kernel_equals_integer_reference(qtype: str, seed: int, rows: int, nblk: int, B: int, scales: str,
+                                         zero_blocks: bool, at: int) -> None:
+    """Kernel == llama.cpp's integer arithmetic (NumPy, float64 scaling) up to f32 summation order."""
+    rng = np.random.default_rng(seed)
+    per = 256 if qtype.endswith("_K") else 32
+    cols = per * nblk * (1 if per == 256 else rng.integers(1, 5))
+    raw = random_rows(rng, qtype, rows, cols, scales)
+    x = activations(rng, B, cols, zero_blocks)
+    ref = R.matmul(raw, qtype, x)
+    tol = 2e-6 * np.sqrt(cols) * magnitude(raw, qtype, x) + 1e-35
+    for isa in K.isas():
+        with K.use_isa(isa):
+            y = run(raw, qtype, x, at)
+        bad = np.abs(y - ref) > tol
+        assert not bad.any(), f"{isa} {qtype}: max err {np.abs(y - ref).max():.3g}, tol {tol[bad].min():.3g}"
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 9))
+def test_kernel_close_to_dequantised_product(qtype: str, seed: int, B: int) -> None:
+    """Kernel vs gguf.quants.dequantize(W) @ x in float64: off by at most the activations' rounding."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    cols, rows = 512, 33
+    raw = random_rows(rng, qtype, rows, cols, "normal")
+    x = activations(rng, B, cols, False)
+    if qtype == "F32":
+        W = raw.view(np.float32).astype(np.float64)
+    elif qtype == "F16":
+        W = raw.view(np.float16).astype(np.float64)
+    else:
+        W = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float64).reshape(rows, cols)
+    exact = x.astype(np.float64) @ W.T
+    y = run(raw, qtype, x)
+    assert np.all(np.abs(y - exact) <= R.error_bound(raw, qtype, x))
+
+
+def test_parallel_rows_and_several_tensors() -> None:
+    """Enough rows for the thread pool; three tensors of different types in one call (q/k/v)."""
+    rng = np.random.default_rng(7)
+    cols = 1024
+    parts = [("Q4_K", 1000), ("Q6_K", 257), ("Q8_0", 130)]
+    raws = [random_rows(rng, t, r, cols, "normal") for t, r in parts]
+    offs, at = [], 32
+    for raw in raws:
+        offs.append(at)
+        at += raw.size + 32  # keeps every tensor at 32 mod 64
+    buf = np.zeros(at + 64, np.uint8)
+    for o, raw in zip(offs, raws):
+        buf[o:o + raw.size] = raw.reshape(-1)
+    x = activations(rng, 3, cols, True)
+    w = K.qweight([(o, 0, t, r, cols) for o, (t, r) in zip(offs, parts)])
+    ys = _mm([jax.device_put(buf)], jnp.asarray(x), w)
+    for y, raw, (t, _) in zip(ys, raws, parts):
+        ref = R.matmul(raw, t, x)
+        assert np.all(np.abs(np.asarray(y) - ref) <= 1e-4 * magnitude(raw, t, x) + 1e-30)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_embed_rows_equal_gguf_dequantize(qtype: str) -> None:
+    import gguf
+
+    rng = np.random.default_rng(3)
+    rows, cols = 37, 512
+    raw = random_rows(rng, qtype, rows, cols, "mixed")
+    ids = np.array([[0, 36, 5], [5, 1, 2]], np.int32)
+    f = place(raw, 32)
+    w = K.qweight([(32, 0, qtype, rows, cols)])
+    got = np.asarray(jax.jit(K.embed)([f], w, jnp.asarray(ids)))
+    if qtype in ("F32", "F16", "BF16"):
+        want = R.dequant(raw, qtype, cols).astype(np.float32)
+    else:
+        want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
+    np.testing.assert_array_equal(got, want[ids])
+
+
+def test_bad_descriptors_fail_with_one_clear_line() -> None:
+    raw = random_rows(np.random.default_rng(0), "Q8_0", 4, 64, "normal")
+    f = place(raw, 0)
+    x = jnp.ones((1, 64), jnp.float32)
+    bad_type = K.QWeight(jnp.asarray(np.array([[0, 0, 15, 0, 4, 64]], np.uint32)), (4,), 64)  # Q8_K: no kernel
+    with pytest.raises(Exception, match="ggml type id 15 has no kernel"):
+        np.asarray(_mm([f], x, bad_type)[0])
+    outside = K.qweight([(f.size, 0, "Q8_0", 4, 64)])
+    with pytest.raises(Exception, match="outside the file"):
+        np.asarray(_mm([f], x, outside)[0])
+    with pytest.raises(Exception, match="token id 9 outside"):
+        np.asarray(K.embed([f], K.qweight([(0, 0, "Q8_0", 4, 64)]), jnp.asarray([9], jnp.int32)))
+    with pytest.raises(Exception, match="has no kernel"):
+        K.describe([(0, 0, "Q2_K", 4, 256)])
+
+
+def test_file_array_is_zero_copy(tmp_path) -> None:
+    import mmap
+
+    p = tmp_path / "blob"
+    p.write_bytes(np.arange(1 << 20, dtype=np.uint32).tobytes())
+    with open(p, "rb") as fh:
+        m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(m, np.uint8)
+    arr = K.file_array(view)
+    assert arr.unsafe_buffer_pointer() == view.ctypes.data
+    assert np.asarray(arr[4:8]).view(np.uint32)[0] == 1
