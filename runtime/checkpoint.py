@@ -107,9 +107,11 @@ class Checkpoint:
         instead (no copy); it calls this for 1-D tensors only (norms, biases, rope_freqs).
         """
         t = self._info(name)
-        raw = self.raw(name)
         if self.aliases(name):
-            return raw.view(np.float32).reshape(t.shape)
+            return self.raw(name).view(np.float32).reshape(t.shape)
+        # copied: read with pread (no readahead) rather than through the mapping, whose fault
+        # readahead would bring up to 128 KiB of neighbouring weights into the page cache per tensor
+        raw = np.frombuffer(_pread_exact(t.file, [(t.offset, t.nbytes)])[0], np.uint8)
         out = _aligned_empty(t.shape)
         if t.dtype == "F32":
             out[...] = raw.view(np.float32).reshape(t.shape)
@@ -174,11 +176,9 @@ class Checkpoint:
             size = f.stat().st_size
             h.update(f"{f.name}:{size}".encode())
             first = min((t.offset for t in self.infos.values() if t.file == f), default=size)
-            with open(f, "rb") as fh:
-                h.update(os.pread(fh.fileno(), first, 0))
-                for i in range(16):
-                    off = max(0, (size - _SAMPLE) * i // 15)
-                    h.update(os.pread(fh.fileno(), _SAMPLE, off))
+            spans = [(0, first)] + [(max(0, (size - _SAMPLE) * i // 15), _SAMPLE) for i in range(16)]
+            for b in _pread_exact(f, spans):
+                h.update(b)
         return h.hexdigest()
 
     def _info(self, name: str) -> TensorInfo:
@@ -501,6 +501,26 @@ def _open_gguf(p: Path) -> Checkpoint:
     return ckpt
 
 
+def _pread_exact(f: Path, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes of each (offset, length) span of file f, read with readahead off: a worker's
+    set-up reads only the pages it asks for (its memory limit comes after; the weights must
+    still be on disk when it starts, not in a page cache it was charged for)."""
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        out = []
+        for off, n in spans:
+            b = os.pread(fd, n, off)
+            if len(b) != n:
+                raise CheckpointError(f"short read: {len(b)} of {n} bytes at offset {off}", where=str(f),
+                                      fix="the file is truncated: re-copy it")
+            out.append(b)
+        return out
+    finally:
+        os.close(fd)
+
+
 def _check_tensors(ckpt: Checkpoint) -> None:
     """Every tensor the spec implies is present with its shape; nothing unexpected; samples finite."""
     spec, where = ckpt.spec, str(ckpt.path)
@@ -525,12 +545,12 @@ def _check_tensors(ckpt: Checkpoint) -> None:
                               where=where, fix="the checkpoint does not match its config: use the model's own config.json")
     if "rope_freqs.weight" in ckpt.infos and ckpt.infos["rope_freqs.weight"].shape != (spec.head_dim // 2,):
         raise CheckpointError("rope_freqs.weight has the wrong length", where=where, fix="re-convert the model")
-    for name, info in ckpt.infos.items():
-        if info.dtype not in ("F32", "F16", "BF16"):
-            continue
-        raw = ckpt.raw(name)
+    floats = [(n, i) for n, i in ckpt.infos.items() if i.dtype in ("F32", "F16", "BF16")]
+    for name, info in floats:  # the first and last 256 bytes, read without readahead (a page each)
+        head, tail = _pread_exact(info.file, [(info.offset, min(256, info.nbytes)),
+                                              (info.offset + max(0, info.nbytes - 256), min(256, info.nbytes))])
         item = 4 if info.dtype == "F32" else 2
-        for chunk in (raw[:256], raw[max(0, len(raw) - 256):]):
+        for chunk in (np.frombuffer(head, np.uint8), np.frombuffer(tail, np.uint8)):
             vals = chunk[:len(chunk) - len(chunk) % item]
             v = vals.view(np.float32 if item == 4 else np.float16) if info.dtype != "BF16" else \
                 (vals.view(np.uint16).astype(np.uint32) << 16).view(np.float32)

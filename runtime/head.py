@@ -236,6 +236,7 @@ def drop_file_cache(files: list[str]) -> None:
         with contextlib.suppress(OSError):
             fd = os.open(f, os.O_RDONLY)
             try:
+                os.fdatasync(fd)  # dirty pages (a file just written) are not dropped until written back
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)

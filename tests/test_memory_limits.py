@@ -35,8 +35,6 @@ SPEC = ModelSpec(name="memtest", family="llama", n_layers=6, hidden=1024, n_head
                  ffn=4096, vocab=8192, quant="f32", max_context=512)
 N_CTX = 256
 PROMPT = [1, 5, 9, 200, 3000, 7]
-UNTIL_KERNELS = pytest.mark.xfail(strict=True, reason="dequantised into anonymous f32 at load until the file-backed "
-                                  "kernels land (issue 14 parts 1-3)")
 
 
 def _device(memory_mib: float | None) -> ClusterSpec:
@@ -64,8 +62,7 @@ def _weights(tmp: Path, quant: str, fmt: str, spec: ModelSpec = SPEC) -> Path:
 
 @pytest.mark.parametrize("quant,fmt", [
     ("f32", "gguf"), ("f32", "safetensors"),
-    pytest.param("f16", "gguf", marks=UNTIL_KERNELS), pytest.param("q8_0", "gguf", marks=UNTIL_KERNELS),
-    pytest.param("f16", "safetensors", marks=UNTIL_KERNELS), pytest.param("q4k", "gguf", marks=UNTIL_KERNELS)])
+    ("f16", "gguf"), ("q8_0", "gguf"), ("f16", "safetensors"), ("q4k", "gguf")])
 def test_anonymous_memory_is_kv_activations_and_buffers_only(tmp_path: Path, quant: str, fmt: str) -> None:
     path = _weights(tmp_path, quant, fmt)
     ckpt = open_checkpoint(path)
@@ -85,7 +82,7 @@ def test_anonymous_memory_is_kv_activations_and_buffers_only(tmp_path: Path, qua
 
 
 @pytest.mark.parametrize("mode", ["planned", "lru"])
-@pytest.mark.parametrize("quant", ["f32", pytest.param("q4k", marks=UNTIL_KERNELS)])
+@pytest.mark.parametrize("quant", ["f32", "q4k"])
 def test_a_model_larger_than_memory_streams_inside_a_limit_smaller_than_its_file(tmp_path: Path, quant: str,
                                                                                  mode: str) -> None:
     """The done-when of issue 14: the device's memory limit (for the model, on top of the runtime's
