@@ -51,7 +51,10 @@ class Stage:
 
         qw = lambda a: isinstance(a, QWeight)  # noqa: E731  (descriptors stay: the files become zeros)
         leaves = [a for a in jax.tree_util.tree_leaves(self.params, is_leaf=qw) if hasattr(a, "nbytes")]
-        zero = mmap.mmap(-1, max([int(a.nbytes) for a in leaves] + [mmap.PAGESIZE]), prot=mmap.PROT_READ)
+        # private: a read fault maps the kernel's zero page (a shared anonymous mapping is shmem,
+        # whose read faults allocate real, unreclaimable pages: the whole file's size here)
+        zero = mmap.mmap(-1, max([int(a.nbytes) for a in leaves] + [mmap.PAGESIZE]),
+                         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ)
         buf = np.frombuffer(zero, dtype=np.uint8)
 
         def view(a: Any) -> Any:
