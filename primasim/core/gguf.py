@@ -63,6 +63,9 @@ def read_header(path: str | Path, keep: Callable[[str], bool] = lambda k: True, 
             data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:
             raise ValueError("the file is empty") from None
+    # no readahead: a fault near the header's end would read the disk's readahead window of
+    # tensor data (8 MiB here) into the page cache, which a worker's set-up must not do
+    data.madvise(mmap.MADV_RANDOM)
     try:
         return _Walker(data).header(keep, tensors)
     finally:
