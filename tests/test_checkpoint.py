@@ -229,7 +229,9 @@ def test_weights_stay_file_backed(fmt: str, tmp_path: Path) -> None:
     assert w > 150e6 and r["alias"] and r["finite"]
     anon_growth = r["after"]["RssAnon"] - r["before"]["RssAnon"]
     file_growth = r["after"]["RssFile"] - r["before"]["RssFile"]
-    assert anon_growth < 0.1 * w, r  # only activations, KV cache and jit's buffers
+    # only activations, the KV cache, the kernels' per-thread scratch and the allocator's arenas
+    # (6-24 MB measured, run to run): issue 14's allowance, KV + 64 MiB, far below the weights
+    assert anon_growth < r["kv"] + 64 * 2**20 < 0.5 * w, r
     assert file_growth > 0.9 * (w - r["embedding"]), r  # every page read through the mapping (4 embedding rows)
     assert r["loaded"]["RssAnon"] - r["before"]["RssAnon"] < 0.05 * w, r  # loading copies nothing
 
