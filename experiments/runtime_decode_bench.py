@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from primasim.core.io import atomic_open, atomic_write_json, atomic_write_text
-from primasim.core.model import load_model
+from primasim.core.model_sources import load_model
 from primasim.runtime import (
     generate,
     kernels as K,
