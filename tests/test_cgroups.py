@@ -144,7 +144,6 @@ def test_a_process_finds_its_own_group_in_either_hierarchy(tmp_path: Path) -> No
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups)")
 def test_the_emulator_limits_a_device_through_v2_files(tmp_path: Path) -> None:
     """The emulator's own code path on a v2 hierarchy (a fake one: this host's controllers are
     bound to v1): the device's group, its CPU and disk limits at set-up and its memory limit
@@ -177,8 +176,8 @@ def test_the_emulator_limits_a_device_through_v2_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0 or not Path("/sys/fs/cgroup/unified/cgroup.procs").exists(),
-                    reason="needs root and a mounted cgroup2 (unified) hierarchy")
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/unified/cgroup.procs").exists(),
+                    reason="needs a mounted cgroup2 (unified) hierarchy")
 def test_a_real_v2_group_takes_a_process_kills_it_and_goes() -> None:
     """What this host's kernel allows on v2: a group under the real unified mount, a process moved
     in, cgroup.kill (Linux 5.14+) and rmdir; the limits themselves need controllers it does not have."""

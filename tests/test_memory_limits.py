@@ -25,10 +25,9 @@ from primasim.core.plan import DevicePlan, Plan
 from primasim.core.runtime_facts import ACT_RESERVE, kv_bytes
 from primasim.core.units import MiB
 from primasim.runtime import open_checkpoint, write_random_checkpoint
-from primasim.runtime.emulate import is_root
 from primasim.runtime.head import RunOptions, run_plan
 
-pytestmark = [pytest.mark.root, pytest.mark.skipif(not is_root(), reason="needs root (memory cgroups)")]
+pytestmark = pytest.mark.root  # memory cgroups
 
 # ~430 MB at f32: a copy of the weights in anonymous memory is far above the 64 MiB allowance
 SPEC = ModelSpec(name="memtest", family="llama", n_layers=6, hidden=1024, n_heads=16, n_kv_heads=4, head_dim=64,

@@ -6,8 +6,23 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 from typing import Any
+
+import uvicorn
+
+from primasim.core.cluster import load_cluster
+from primasim.core.errors import PlanError, SpecError
+from primasim.core.io import atomic_write_text
+from primasim.core.model_sources import load_model
+from primasim.core.plan import Plan
+from primasim.runtime.head import RunOptions, cached_random_weights, open_weights
+from primasim.runtime.tokenizer import load_tokenizer
+from primasim.runtime.worker import is_loopback
+from primasim.serve.app import Served, build_app
+from primasim.serve.engine import Engine, EngineOptions, plan_for_runtime
+from primasim.serve.protocol import Limits
 
 from . import HELP
 from .options import add_option_arg, parse_options
@@ -56,8 +71,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _listen(addr: str) -> tuple[str, int]:
-    from primasim.core.errors import SpecError
-
     a = addr[len("http://"):] if addr.startswith("http://") else addr
     host, sep, port = a.rpartition(":")
     if not sep or not port.isdigit() or not host:
@@ -66,9 +79,6 @@ def _listen(addr: str) -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from primasim.core.errors import PlanError, SpecError
-    from primasim.runtime.worker import is_loopback
-
     if not args.cluster or not args.model:
         raise SpecError("--cluster and --model are required", where="primasim serve",
                         fix="e.g. primasim serve --cluster local --model llama-tiny --random-weights")
@@ -103,14 +113,7 @@ def run(args: argparse.Namespace) -> int:
             raise SpecError(f"cannot read the chat template ({exc.strerror})", where=args.chat_template,
                             fix="give a readable Jinja file") from None
 
-    import socket
 
-    from primasim.core.cluster import load_cluster
-    from primasim.core.model_sources import load_model
-    from primasim.core.plan import Plan
-    from primasim.runtime.head import RunOptions, cached_random_weights, open_weights
-    from primasim.serve.engine import Engine, EngineOptions, plan_for_runtime
-    from primasim.serve.protocol import Limits
 
     cluster = load_cluster(args.cluster)
     if args.random_weights:
@@ -160,10 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve_http(args: argparse.Namespace, engine: Any, tok: Any, template: str | None, sock: Any, limits: Any,
                 spec: Any) -> int:
-    import uvicorn
 
-    from primasim.core.io import atomic_write_text
-    from primasim.serve.app import Served, build_app
 
     model_id = args.model_name or spec.name
     served = Served(engine, tok, model_id, limits, api_key=args.api_key, chat_template=template,
@@ -191,6 +191,4 @@ def _exit_quietly(_signum: int, _frame: Any) -> None:
 
 def _tokenizer(ckpt: Any) -> Any:
     """The model's tokenizer (primasim.runtime.tokenizer), or None: then prompts must be token ids."""
-    from primasim.runtime.tokenizer import load_tokenizer
-
     return load_tokenizer(ckpt.path)
