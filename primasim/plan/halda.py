@@ -55,6 +55,7 @@ from .halda_common import (
     _exchange,
     _partial_reach,
     _ring,
+    check_k_and_priority,
     quiet_highs,
 )
 from .halda_global import halda_model
@@ -766,15 +767,7 @@ def halda(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int = 1024, k: int |
     if solver not in ("relax", "exact", "dp") or (solver == "dp" and not global_opt):
         raise SpecError(f"unknown solver {solver!r}" + (" for prima.cpp's loop" if solver == "dp" else ""),
                         where="--solver", fix="use relax or exact (dp only with the global model)")
-    if k is not None and (not isinstance(k, int) or k < 1 or k > model.n_layers):
-        raise SpecError(f"k must be an integer in [1, {model.n_layers}], got {k!r}", where="--k",
-                        fix="pick a number of laps that divides the layer count (or use --general)")
-    if k is not None and not general and model.n_layers % k:
-        raise SpecError(f"k = {k} does not divide L = {model.n_layers}", where="--k",
-                        fix="pick a divisor of the layer count or add --general (partial last lap)")
-    if not (master_priority > 0 and math.isfinite(master_priority)):
-        raise SpecError(f"master_priority must be positive, got {master_priority}", where="master_priority",
-                        fix="use e.g. 1.01")
+    check_k_and_priority(k, model.n_layers, general, master_priority)
     ring = _ring(cluster)
     L = model.n_layers
     head = ring[0]

@@ -5,6 +5,7 @@ sum constraint; the partial lap's reachable totals); and keeping HiGHS's banner 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 
 from primasim.core.cluster import ClusterSpec
+from primasim.core.errors import SpecError
 from primasim.core.plan import Plan
 
 
@@ -188,3 +190,17 @@ def quiet_highs() -> None:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(null)
+
+
+def check_k_and_priority(k: int | None, L: int, general: bool, master_priority: float) -> None:
+    """Both Halda planners' argument checks: k a whole number of laps in [1, L] (dividing L unless
+    `general`), the head's priority a positive finite number."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > L):
+        raise SpecError(f"k must be an integer in [1, {L}], got {k!r}", where="--k",
+                        fix="pick a number of laps that divides the layer count (or use --general)")
+    if k is not None and not general and L % k:
+        raise SpecError(f"k = {k} does not divide L = {L}", where="--k",
+                        fix="pick a divisor of the layer count or add --general (partial last lap)")
+    if not (master_priority > 0 and math.isfinite(master_priority)):
+        raise SpecError(f"master_priority must be positive, got {master_priority}", where="master_priority",
+                        fix="use e.g. 1.01")

@@ -19,7 +19,7 @@ from primasim.core.model import ModelSpec
 from primasim.core.plan import DevicePlan, Plan, violations
 
 from .cost import Corrections, CostModel, totals_of
-from .halda_common import HaldaResult, _ring
+from .halda_common import HaldaResult, _ring, check_k_and_priority
 from .halda_model import ModelData, ModelSolution, solve_exact
 from .halda_relax import _tables, solve_relax
 
@@ -50,15 +50,7 @@ def halda_model(model: ModelSpec, cluster: ClusterSpec, *, n_ctx: int = 1024, k:
     if solver not in ("relax", "exact"):
         raise SpecError(f"unknown solver {solver!r}", where="--solver", fix="use relax or exact")
     L = model.n_layers
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > L):
-        raise SpecError(f"k must be an integer in [1, {L}], got {k!r}", where="--k",
-                        fix="pick a number of laps that divides the layer count (or use --general)")
-    if k is not None and not general and L % k:
-        raise SpecError(f"k = {k} does not divide L = {L}", where="--k",
-                        fix="pick a divisor of the layer count or add --general (partial last lap)")
-    if not (master_priority > 0 and math.isfinite(master_priority)):
-        raise SpecError(f"master_priority must be positive, got {master_priority}", where="master_priority",
-                        fix="use e.g. 1.01")
+    check_k_and_priority(k, L, general, master_priority)
     ring = _ring(cluster)
     cm = CostModel(model, [cluster.device(nm) for nm in ring], cluster.network, 0, n_ctx=n_ctx, variant=variant,
                    comm=comm, corrections={nm: c for nm, c in (corrections or {}).items() if nm in ring})

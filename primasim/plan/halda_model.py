@@ -307,20 +307,33 @@ class ModelSolution:
     rounding: str = ""  # which rounding candidate won
 
 
-def solve_exact(d: ModelData) -> ModelSolution | None:
-    """The MILP: global optimum of the cost model for this k (None: no plan exists)."""
-    t0 = time.perf_counter()
-    Mb = _bucket(d.M)
-    pr = _problem(Mb, True, d.general)
-    vals, sc = _rows(d, Mb)
-    t1 = time.perf_counter()
+def totals(d: ModelData) -> tuple[float, float, float]:
+    """The right-hand sides `_Problem.solve` takes besides the rows: full laps, L, the window cap."""
     q = d.k - 1 if d.general else d.k
-    ok = pr.solve(vals, float(q), float(d.L), float(math.ceil(d.L / max(q, 1))))
+    return float(q), float(d.L), float(math.ceil(d.L / max(q, 1)))
+
+
+def solve_model(d: ModelData, integer: bool) -> tuple[_Problem, np.ndarray, float, float, dict[str, float]] | None:
+    """The problem of d's shape (built once per shape), loaded with d's rows and solved: (problem,
+    rows, their scale, the objective's bound in s, times {build, milp|lp}); None if infeasible."""
+    t0 = time.perf_counter()
+    pr = _problem(_bucket(d.M), integer, d.general)
+    vals, sc = _rows(d, _bucket(d.M))
+    t1 = time.perf_counter()
+    ok = pr.solve(vals, *totals(d))
     t2 = time.perf_counter()
     if not ok:
         return None
+    bound = float(pr.prob.value) / sc + d.cm.head_time()
+    return pr, vals, sc, bound, {"build": t1 - t0, "milp" if integer else "lp": t2 - t1}
+
+
+def solve_exact(d: ModelData) -> ModelSolution | None:
+    """The MILP: global optimum of the cost model for this k (None: no plan exists)."""
+    solved = solve_model(d, integer=True)
+    if solved is None:
+        return None
+    pr, _, _, bound, times = solved
     w = np.rint(pr.w.value[:d.M]).astype(np.int64)
     n = np.rint(pr.n.value[:d.M]).astype(np.int64)
-    obj = d.objective(w, n)
-    bound = float(pr.prob.value) / sc + d.cm.head_time()
-    return ModelSolution(w, n, obj, bound, "exact", {"build": t1 - t0, "milp": t2 - t1})
+    return ModelSolution(w, n, d.objective(w, n), bound, "exact", times)

@@ -10,7 +10,6 @@ least-used fractional device fixed out ("diving"), the best plan met kept.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from .cost import totals_of
 from .halda_common import _Block, _class_alloc, _class_curve, _exchange, _partial_reach
-from .halda_model import _ROWS, ModelData, ModelSolution, _bucket, _Problem, _problem, _rows
+from .halda_model import _ROWS, ModelData, ModelSolution, _Problem, solve_model, totals
 
 MAX_ADD = 6  # devices the general form's rounding tries to add (see _add)
 MAX_DIVES = 4  # LP re-solves of the rounding (see solve_relax)
@@ -27,17 +26,11 @@ BOUND_TOL = 1e-6  # relative: a plan this close to an LP bound is taken as meeti
 
 def solve_relax(d: ModelData) -> ModelSolution | None:
     """LP relaxation + rounding (None: the relaxation, hence the model, is infeasible)."""
-    t0 = time.perf_counter()
-    Mb = _bucket(d.M)
-    pr = _problem(Mb, False, d.general)
-    vals, sc = _rows(d, Mb)
-    t1 = time.perf_counter()
-    q = d.k - 1 if d.general else d.k
-    ok = pr.solve(vals, float(q), float(d.L), float(math.ceil(d.L / max(q, 1))))
-    t2 = time.perf_counter()
-    if not ok:
+    solved = solve_model(d, integer=False)
+    if solved is None:
         return None
-    bound = float(pr.prob.value) / sc + d.cm.head_time()
+    pr, vals, sc, bound, times = solved
+    t2 = time.perf_counter()
     root = lp = _lp_values(pr, d)
     best = _round(d, lp)
     # diving: the least-used device whose selection binary the LP left fractional is fixed to 0
@@ -55,7 +48,7 @@ def solve_relax(d: ModelData) -> ModelSolution | None:
         if not frac:
             break
         v2[row, frac[0]] = 0.0
-        if not pr.solve(v2, float(q), float(d.L), float(math.ceil(d.L / max(q, 1)))):
+        if not pr.solve(v2, *totals(d)):
             break
         dives += 1
         path_bound = float(pr.prob.value) / sc + d.cm.head_time()
@@ -67,8 +60,7 @@ def solve_relax(d: ModelData) -> ModelSolution | None:
     if best is None:
         return None
     w, n, obj, how = best
-    return ModelSolution(w, n, obj, bound, "relax", {"build": t1 - t0, "lp": t2 - t1, "round": t3 - t2,
-                                                       "dives": dives}, root, how)
+    return ModelSolution(w, n, obj, bound, "relax", {**times, "round": t3 - t2, "dives": dives}, root, how)
 
 
 def _lp_values(pr: _Problem, d: ModelData) -> dict[str, np.ndarray]:
@@ -189,22 +181,9 @@ def _round(d: ModelData, lp: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndar
             return None
         return w, N[np.arange(M), w], float(T[np.arange(M), w].sum()) + d.cm.head_time()
 
-    best: tuple[np.ndarray, np.ndarray, float, str] | None = None
-    for name, act, over in _structures(d, lp):
-        r = attempt(act, over)
-        if r is None:
-            continue
-        cand = (*r, name)
-        if d.select:
-            cand = _polish(d, lp, cand, over, attempt)
-        if best is None or cand[2] < best[2] - 1e-15:
-            best = cand
-    if best is None:  # last resort: every device that can hold a window, either Metal regime
-        anyr = np.full(M, -1)
-        r = attempt(np.isfinite(_tables(d, k, anyr)[0][:, 1:]).any(axis=1), anyr)
-        if r is None:
-            return None
-        best = (*r, "fallback")
+    best = _best_structure(d, lp, attempt, lambda cand, over: _polish(d, lp, cand, over, attempt), k)
+    if best is None:
+        return None
     w, n, _, name = best
     return w, n, d.objective(w, n), name
 
@@ -214,16 +193,26 @@ def _polish(d: ModelData, lp: dict[str, np.ndarray], cand: tuple[np.ndarray, np.
     """Device selection the LP cannot see (a hop is a fixed charge; the relaxation pays it in
     proportion to the layers): drop the device of the rounded ring whose removal lowers the
     objective most, completed exactly, and repeat while a drop helps."""
-    cm = d.cm
     w, n, obj, name = cand
+    frac = [int(m) for m in np.flatnonzero(w > 0) if m != d.cm.head]
+    w, n, obj, dropped = _flip_while_better((w, n, obj), frac, False, over, attempt)
+    return (w, n, obj, name + (f",dropped {dropped}" if dropped else ""))
+
+
+def _flip_while_better(sol: tuple[np.ndarray, np.ndarray, float], pool: list[int], to: bool, over: np.ndarray,
+                       attempt: Any) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """Greedy device selection: set the device of `pool` whose flip (into the ring: to=True, out
+    of it: False) lowers the objective most, completed exactly by `attempt`, while one does;
+    returns the plan and how many devices flipped."""
+    w, n, obj = sol
     act = w > 0
-    frac = {int(m) for m in np.flatnonzero(act) if m != cm.head}
-    dropped = 0
-    while frac:
+    pool = list(pool)
+    flipped = 0
+    while pool:
         trials = []
-        for m in sorted(frac):
+        for m in pool:
             trial = act.copy()
-            trial[m] = False
+            trial[m] = to
             r = attempt(trial, over)
             if r is not None:
                 trials.append((r[2], m, r))
@@ -233,10 +222,10 @@ def _polish(d: ModelData, lp: dict[str, np.ndarray], cand: tuple[np.ndarray, np.
         if val >= obj - 1e-12 * max(1.0, abs(obj)):
             break
         w, n, obj = r
-        act[m] = False
-        frac.discard(m)
-        dropped += 1
-    return (w, n, obj, name + (f",dropped {dropped}" if dropped else ""))
+        act[m] = to
+        pool.remove(m)
+        flipped += 1
+    return w, n, obj, flipped
 
 
 def _round_general(d: ModelData, lp: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, float, str] | None:
@@ -258,6 +247,15 @@ def _round_general(d: ModelData, lp: dict[str, np.ndarray]) -> tuple[np.ndarray,
                 best_p = (sol[0], sol[1], obj)
         return best_p
 
+    return _best_structure(d, lp, attempt, lambda cand, over: _polish(d, lp, _add(d, cand, over, attempt), over,
+                                                                     attempt), q)
+
+
+def _best_structure(d: ModelData, lp: dict[str, np.ndarray], attempt: Any, select: Any,
+                    mult: int) -> tuple[np.ndarray, np.ndarray, float, str] | None:
+    """The best plan over the rounded structures (active set, Metal regimes) of the relaxation,
+    each completed exactly by `attempt` and, with device selection on, improved by `select`; as a
+    last resort every device that can hold a window (`mult` windows), either Metal regime."""
     best: tuple[np.ndarray, np.ndarray, float, str] | None = None
     for name, act, over in _structures(d, lp):
         r = attempt(act, over)
@@ -265,15 +263,14 @@ def _round_general(d: ModelData, lp: dict[str, np.ndarray]) -> tuple[np.ndarray,
             continue
         cand = (*r, name)
         if d.select:
-            cand = _polish(d, lp, _add(d, cand, over, attempt), over, attempt)
+            cand = select(cand, over)
         if best is None or cand[2] < best[2] - 1e-15:
             best = cand
-    if best is None:  # last resort: every device that can hold a window, either Metal regime
-        anyr = np.full(M, -1)
-        r = attempt(np.isfinite(_tables(d, q, anyr)[0][:, 1:]).any(axis=1), anyr)
-        if r is None:
-            return None
-        best = (*r, "fallback")
+    if best is None:
+        anyr = np.full(d.M, -1)
+        r = attempt(np.isfinite(_tables(d, mult, anyr)[0][:, 1:]).any(axis=1), anyr)
+        if r is not None:
+            best = (*r, "fallback")
     return best
 
 
@@ -287,24 +284,7 @@ def _add(d: ModelData, cand: tuple[np.ndarray, np.ndarray, float, str], over: np
     act = w > 0
     per_layer = cm.alpha + np.minimum(cm.beta, 0.0)
     pool = [int(m) for m in np.argsort(per_layer) if not act[m] and d.hostable[m]][:MAX_ADD]
-    added = 0
-    while pool:
-        trials = []
-        for m in pool:
-            trial = act.copy()
-            trial[m] = True
-            r = attempt(trial, over)
-            if r is not None:
-                trials.append((r[2], m, r))
-        if not trials:
-            break
-        val, m, r = min(trials, key=lambda x: x[0])
-        if val >= obj - 1e-12 * max(1.0, abs(obj)):
-            break
-        w, n, obj = r
-        act[m] = True
-        pool.remove(m)
-        added += 1
+    w, n, obj, added = _flip_while_better((w, n, obj), pool, True, over, attempt)
     return (w, n, obj, name + (f",added {added}" if added else ""))
 
 
