@@ -50,11 +50,11 @@ from .cost import Corrections, CostModel, totals_of
 from .halda_common import (
     HaldaResult,
     _Block,
-    _class_alloc,
-    _class_curve,
     _exchange,
     _partial_reach,
+    _placed,
     _ring,
+    _split_partial,
     check_k_and_priority,
     quiet_highs,
 )
@@ -386,33 +386,12 @@ def _round_block(d: _Data, blk: _Block, w_lp: np.ndarray | None) -> _Sol | None:
         B = [m for m in range(M) if m > p]
         tabA = [_device_table(q + 1, d.a[m], d.b[m], d.g_lo[m], d.D_lo[m], d.g_up[m], d.D_up[m], d.G[m], L) for m in A]
         tabB = [_device_table(q, d.a[m], d.b[m], d.g_lo[m], d.D_lo[m], d.g_up[m], d.D_up[m], d.G[m], L) for m in B]
-        a0, FA, metaA = _class_curve([t for t, _ in tabA])
-        b0, FB, metaB = _class_curve([t for t, _ in tabB])
-        lp = np.flatnonzero(np.isfinite(cp_))
-        if lp.size == 0 or not np.isfinite(FA).any() or not np.isfinite(FB).any():
+        split = _split_partial(cp_, [t for t, _ in tabA], [t for t, _ in tabB], L, q)
+        if split is None:
             return None
-        At = a0 + np.arange(FA.size)
-        rem = L - lp[:, None] - (q + 1) * At[None, :]
-        if B:
-            okB = (rem >= q * b0) & (rem % q == 0) & (rem // q - b0 < FB.size)
-            idxB = np.where(okB, rem // q - b0, 0)
-            tot = np.where(okB, cp_[lp][:, None] + FA[None, :] + FB[idxB], np.inf)
-        else:
-            tot = np.where(rem == 0, cp_[lp][:, None] + FA[None, :], np.inf)
-        if not np.isfinite(tot).any():
-            return None
-        i, j = np.unravel_index(int(np.argmin(tot)), tot.shape)
-        lsel = int(lp[i])
-        w = np.zeros(M, np.int64)
-        n = np.zeros(M, np.int64)
-        if A:
-            wa = _class_alloc(metaA, int(j))
-            w[A] = wa
-            n[A] = [tabA[x][1][wa[x]] for x in range(len(A))]
-        if B:
-            wb = _class_alloc(metaB, int(rem[i, j] // q - b0))
-            w[B] = wb
-            n[B] = [tabB[x][1][wb[x]] for x in range(len(B))]
+        lsel, wa, wb = split
+        w, n = _placed(M, [(A, wa, [tabA[x][1][wa[x]] for x in range(len(A))]),
+                           (B, wb, [tabB[x][1][wb[x]] for x in range(len(B))])])
         w[p], n[p] = bw[lsel], bn[lsel]
         sol = _Sol(blk, w, n, int(br[lsel]))
     lt, lg, win = sol.totals(L)

@@ -204,3 +204,39 @@ def check_k_and_priority(k: int | None, L: int, general: bool, master_priority: 
     if not (master_priority > 0 and math.isfinite(master_priority)):
         raise SpecError(f"master_priority must be positive, got {master_priority}", where="master_priority",
                         fix="use e.g. 1.01")
+
+
+def _split_partial(cp_: np.ndarray, tabA: list[np.ndarray], tabB: list[np.ndarray], L: int,
+                   q: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """The exact split of a general block (q full laps and a partial one ending inside device p's
+    window) given p's cost per total (`cp_`, inf where unreachable) and the cost tables of the
+    devices before p (q + 1 windows each) and after it (q windows): p's total and both classes'
+    windows, cheapest in sum (class curves); None when no split reaches L."""
+    a0, FA, metaA = _class_curve(tabA)
+    b0, FB, metaB = _class_curve(tabB)
+    lp = np.flatnonzero(np.isfinite(cp_))
+    if lp.size == 0 or not np.isfinite(FA).any() or not np.isfinite(FB).any():
+        return None
+    At = a0 + np.arange(FA.size)
+    rem = L - lp[:, None] - (q + 1) * At[None, :]
+    if tabB:
+        okB = (rem >= q * b0) & (rem % q == 0) & (rem // q - b0 < FB.size)
+        idxB = np.where(okB, rem // q - b0, 0)
+        tot = np.where(okB, cp_[lp][:, None] + FA[None, :] + FB[idxB], np.inf)
+    else:
+        tot = np.where(rem == 0, cp_[lp][:, None] + FA[None, :], np.inf)
+    if not np.isfinite(tot).any():
+        return None
+    i, j = np.unravel_index(int(np.argmin(tot)), tot.shape)
+    wa = _class_alloc(metaA, int(j)) if tabA else np.zeros(0, np.int64)
+    wb = _class_alloc(metaB, int(rem[i, j] // q - b0)) if tabB else np.zeros(0, np.int64)
+    return int(lp[i]), wa, wb
+
+
+def _placed(M: int, classes: list[tuple[list[int], np.ndarray, list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Windows and GPU layers of M devices from (devices, their windows, their GPU layers) per class."""
+    w = np.zeros(M, np.int64)
+    n = np.zeros(M, np.int64)
+    for devs, wins, gpu in classes:
+        w[devs], n[devs] = wins, gpu
+    return w, n

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from .cost import totals_of
-from .halda_common import _Block, _class_alloc, _class_curve, _exchange, _partial_reach
+from .halda_common import (
+    _Block,
+    _class_alloc,
+    _class_curve,
+    _exchange,
+    _partial_reach,
+    _placed,
+    _split_partial,
+)
 from .halda_model import _ROWS, ModelData, ModelSolution, _Problem, solve_model, totals
 
 MAX_ADD = 6  # devices the general form's rounding tries to add (see _add)
@@ -308,33 +316,11 @@ def _complete_general(d: ModelData, blk: Any, act: np.ndarray, over: np.ndarray)
     TB, NB = _tables(d, q, over)
     tabA = [np.where(np.arange(TA.shape[1]) == 0, np.inf, TA[m]) for m in A]
     tabB = [np.where(np.arange(TB.shape[1]) == 0, np.inf, TB[m]) for m in B]
-    a0, FA, metaA = _class_curve(tabA)
-    b0, FB, metaB = _class_curve(tabB)
-    lp_ = np.flatnonzero(np.isfinite(cp_))
-    if lp_.size == 0 or not np.isfinite(FA).any() or not np.isfinite(FB).any():
+    split = _split_partial(cp_, tabA, tabB, L, q)
+    if split is None:
         return None
-    At = a0 + np.arange(FA.size)
-    rem = L - lp_[:, None] - k * At[None, :]
-    if B:
-        okB = (rem >= q * b0) & (rem % q == 0) & (rem // q - b0 < FB.size)
-        iB = np.where(okB, rem // q - b0, 0)
-        tot = np.where(okB, cp_[lp_][:, None] + FA[None, :] + FB[iB], np.inf)
-    else:
-        tot = np.where(rem == 0, cp_[lp_][:, None] + FA[None, :], np.inf)
-    if not np.isfinite(tot).any():
-        return None
-    i, j = np.unravel_index(int(np.argmin(tot)), tot.shape)
-    lsel = int(lp_[i])
-    w = np.zeros(M, np.int64)
-    n = np.zeros(M, np.int64)
-    if A:
-        wa = _class_alloc(metaA, int(j))
-        w[A] = wa
-        n[A] = [NA[m, x] for m, x in zip(A, wa)]
-    if B:
-        wb = _class_alloc(metaB, int(rem[i, j] // q - b0))
-        w[B] = wb
-        n[B] = [NB[m, x] for m, x in zip(B, wb)]
+    lsel, wa, wb = split
+    w, n = _placed(M, [(A, wa, [NA[m, x] for m, x in zip(A, wa)]), (B, wb, [NB[m, x] for m, x in zip(B, wb)])])
     w[p] = W_[lsel, blg[lsel]]
     n[p] = N_[lsel, blg[lsel]]
     lt, _, _ = totals_of(w, n, L)
