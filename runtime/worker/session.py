@@ -21,8 +21,8 @@ from primasim.core.runtime_facts import (
 )
 
 from .. import wire
-from .._measure import IoCounter, MemorySampler, process_memory
-from ..pages import drop_pages, resident_bytes
+from .._measure import IoCounter, MemorySampler, device_cgroup, process_memory
+from ..pages import drop_pages, lock_code, resident_bytes
 from ..wire import Message, MsgType
 from . import residency as rs
 from .prefetcher import Prefetcher
@@ -66,6 +66,7 @@ class Session:
         self.mode = residency_mode(str(setup.get("residency", "planned")))
         self.pinned = setup.get("weights", "mmap") == "pinned"
         self.res: rs.Residency | None = None  # decided at LOAD
+        self.code_locked = 0
         t0 = time.time()
         path = worker.model_override or setup["model_path"]
         if not os.path.exists(path):
@@ -93,6 +94,8 @@ class Session:
         # set-up touched no weight page and allocated no model memory: what the process holds now is
         # the runtime's own (Python, JAX, compiled code), the baseline of memory pressure and of
         # the device's anonymous memory; the driver limits the device's memory from here on
+        if device_cgroup() is not None:  # an emulated device: its code is its own (pages.lock_code)
+            self.code_locked = lock_code()
         self.mem.set_before()
         self.footprint = process_memory()
         self.setup_resident = float(resident_bytes(self.stage.all_ranges()))  # ~ the checks' samples
@@ -246,7 +249,7 @@ class Session:
         if self.res.plan.stream_prefetch or self.res.plan.window_prefetch:
             self.prefetcher = Prefetcher(self.stage, self.rec)
             self.prefetcher.start()
-        return self.res.info | draft_info | {"fused": self.fused, "load_s": time.time() - t0, "warm_s": warm_s, "kv_bytes": float(
+        return self.res.info | draft_info | {"fused": self.fused, "code_locked": float(self.code_locked), "load_s": time.time() - t0, "warm_s": warm_s, "kv_bytes": float(
             self._anon_reserve() - ACT_RESERVE), **process_memory()}
 
     # ---------------------------------------------------------------------------- compute
