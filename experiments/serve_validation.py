@@ -235,7 +235,8 @@ def run(resume: bool) -> None:
             recs = measure_level(srv, wl, model_id)  # type: ignore[arg-type]
             foreign = hl.stop()
             rec = {"level": f"{f:g}", "fraction": f, "rate": rate, "capacity_pred": cap, "load1_before": l0,
-                   "load1_after": _load1(), "foreign_cpu": foreign, "nice": os.nice(0), "wall_s": time.time() - t0,
+                   "load1_after": _load1(), "foreign_cpu": foreign, "nice": os.nice(0),
+                   "cpu_shares": int(os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", "0") or 0), "wall_s": time.time() - t0,
                    "records": records_to_json(recs), "server_start": starts[0] if starts else None}
             jr.add(rec)
             s = summarize(recs)
@@ -343,7 +344,8 @@ def analyze() -> None:
         sm, sp = summarize(meas), summarize(sim.records)
         row = {"fraction": r["fraction"], "rate_req_s": r["rate"], "requests": len(meas), "completed": len(ok),
                "meas_throughput_req_s": sm["throughput_req_s"], "pred_throughput_req_s": sp["throughput_req_s"],
-               "load1": r["load1_before"], "foreign_cpu": r.get("foreign_cpu"), "nice": r.get("nice", 0)}
+               "load1": r["load1_before"], "foreign_cpu": r.get("foreign_cpu"), "nice": r.get("nice", 0),
+               "cpu_shares": r.get("cpu_shares", 0)}
         for m in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
             for p in ("p50", "p90"):
                 mv, pv = sm[m][p], sp[m][p]
@@ -436,7 +438,8 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
         f"emulation (`serve_cluster.toml`); plan {plan.describe()} (Halda on the profiled cluster), "
         f"{len(plan.active)} slots, prompts {PROMPT} tokens, {OUTPUT} generated (ignore_eos), Poisson arrivals, "
         f"{N_REQUESTS} requests per level, replayed with the openai client (open loop; profile, server and workers at "
-        f"nice {table[0]['nice'] if table else 0}, so that the emulated devices get their CPU quota on the shared "
+        f"nice {table[0]['nice'] if table else 0}, the devices' cgroups at cpu.shares "
+        f"{table[0]['cpu_shares'] if table else 0}, so that the emulated devices get their CPU quota on the shared "
         f"host: the others' CPU share is in the last column). The simulator serves the "
         f"same arrivals (as sent) with the runtime model; nothing is fitted to these runs "
         f"(call_scale {CALL_SCALE:g} from experiments/fidelity.py).", "",
@@ -506,6 +509,9 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=-5,
                     help="niceness of the profile, server and workers (-5: on a shared host the emulated devices get "
                          "their CPU quota; the others' CPU share is recorded per level)")
+    ap.add_argument("--cpu-shares", type=int, default=8192,
+                    help="CPU weight of the emulated devices' cgroups ($PRIMASIM_EMULATE_CPU_SHARES; 0 = the default "
+                         "1024): on an oversubscribed host a device then gets its quota, still capped by it")
     a = ap.parse_args()
     if a.results:
         RESULTS = Path(a.results)
@@ -518,6 +524,8 @@ def main() -> None:
     else:
         if a.nice:
             os.nice(a.nice)
+        if a.cpu_shares:
+            os.environ["PRIMASIM_EMULATE_CPU_SHARES"] = str(a.cpu_shares)
         run(a.resume)
 
 

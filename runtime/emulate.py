@@ -11,7 +11,9 @@ tree, or v1's per-controller mounts; neither = one clear error):
   compiles without reading weights, and applied before the worker maps any weight, allocates its
   KV caches or reads a page (`set_memory_budget`);
 - **cpu** (v1 ``cpu.cfs_quota_us`` / ``cfs_period_us``, v2 ``cpu.max``) = cpu_quota x the period,
-  plus a CPU affinity of `threads` cores so XLA sizes its thread pool to the device;
+  plus a CPU affinity of `threads` cores so XLA sizes its thread pool to the device; with
+  ``$PRIMASIM_EMULATE_CPU_SHARES`` set, that CPU weight (v1 ``cpu.shares``, v2 ``cpu.weight``) so a
+  device still gets its quota on an oversubscribed host (measurements on a shared machine);
 - **io** (v1 ``blkio.throttle.read_bps_device``, v2 ``io.max rbps=``) = disk_read_bw on the disk(s)
   that hold the checkpoint (page-fault reads are throttled too);
 - its own **network namespace** ``primasim-e<rid>-<i>``, joined by a veth pair to a bridge
@@ -417,6 +419,11 @@ class EmulatedCluster:
             # evenly, so the device is a slower CPU rather than a fast one that pauses
             g.set_cpu_cores(em.cpu_quota, getattr(em, "cpu_period", CPU_PERIOD_US / 1e6))
             ed.applied.append(f"cpu quota {em.cpu_quota:g} cores")
+            if shares := int(os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", "0") or 0):
+                # on a shared, oversubscribed host a group competes as one task: a high weight gives the
+                # device its quota (still capped by it), as a real device has its CPUs to itself
+                g.set_cpu_shares(shares)
+                ed.applied.append(f"cpu shares {shares}")
         if em.disk_read_bw > 0:
             devs = sorted({d for f in self.checkpoint_files if (d := _block_device(f))})
             if not devs:

@@ -90,6 +90,10 @@ def test_a_v2_group_is_limited_and_read_through_the_v2_files(tmp_path: Path) -> 
     assert (d / "memory.max").read_text() == str(300 * MiB)
     assert g.set_cpu_cores(0.4, 0.010) == (4000, 10000) and (d / "cpu.max").read_text() == "4000 10000"
     assert g.cpu_max() == (4000, 10000)
+    g.set_cpu_shares(1024)
+    assert (d / "cpu.weight").read_text() == "39"  # systemd's mapping of the v1 default
+    g.set_cpu_shares(10**9)
+    assert (d / "cpu.weight").read_text() == "10000"
     g.set_read_bps("259:0", 80_000_000)
     assert (d / "io.max").read_text() == "259:0 rbps=80000000" and g.read_bps() == {"259:0": 80_000_000}
     (d / "memory.current").write_text("123456789\n")
@@ -113,6 +117,8 @@ def test_a_v1_group_is_limited_and_read_through_the_v1_files(tmp_path: Path) -> 
     assert g.paths() == [dm, dc, di]
     g.set_memory_max(64 * MiB)
     g.set_cpu_cores(0.6, 0.010)
+    g.set_cpu_shares(8192)
+    assert (dc / "cpu.shares").read_text() == "8192"
     g.set_read_bps("8:0", 200_000_000)
     assert (dm / "memory.limit_in_bytes").read_text() == str(64 * MiB)
     assert ((dc / "cpu.cfs_quota_us").read_text(), (dc / "cpu.cfs_period_us").read_text()) == ("6000", "10000")

@@ -276,6 +276,18 @@ class Group:
         self.set_cpu_max(quota, period)
         return quota, period
 
+    def set_cpu_shares(self, shares: int) -> None:
+        """The group's CPU weight against its siblings when the host is oversubscribed (v1 cpu.shares,
+        default 1024; v2 cpu.weight, default 100, mapped as systemd maps shares)."""
+        d = self._d("cpu")
+        if d is None:
+            return
+        shares = min(262144, max(2, int(shares)))
+        if self.version == 2:
+            (d / "cpu.weight").write_text(str(1 + (shares - 2) * 9999 // 262142))
+        else:
+            (d / "cpu.shares").write_text(str(shares))
+
     def cpu_max(self) -> tuple[int, int] | None:
         """(quota, period) in microseconds, or None when unlimited."""
         d = self._d("cpu")
