@@ -151,7 +151,7 @@ class Server:
             [sys.executable, "-m", "primasim", "serve", "--cluster", str(cl_path), "--model", str(weights()),
              "--plan", str(plan_path), "--slots", str(slots), "--n-ctx", str(N_CTX), "--prefill-buckets",
              ",".join(map(str, BUCKETS)), "--listen", "127.0.0.1:0", "--ready-file", str(self.ready),
-             "--heartbeat-timeout", "5", "--link-timeout", "10"], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+             "--heartbeat-timeout", "30", "--link-timeout", "30"], stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         t0 = time.monotonic()
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() - t0 > 1800:
@@ -443,6 +443,8 @@ def _figure(table: list[dict[str, Any]]) -> None:
     for ax, m, title in ((axes[0], "ttft", "P90 TTFT"), (axes[1], "e2e", "P90 end-to-end latency")):
         ax.plot(x, [t[f"pred_{m}_p90"] / 1e3 for t in table], "-", color="C0", label="predicted (simulator)")
         ax.plot(x, [t[f"meas_{m}_p90"] / 1e3 for t in table], "o", color="C1", label="measured (primasim serve)")
+        ax.plot(x, [t[f"cal_pred_{m}_p90"] / 1e3 for t in table], ":", color="C2",
+                label="predicted, host load as one factor (fitted on the lowest level)")
         ax.plot(x, [t[f"pred_{m}_p50"] / 1e3 for t in table], "--", color="C0", alpha=0.5, label="P50 predicted")
         ax.plot(x, [t[f"meas_{m}_p50"] / 1e3 for t in table], "x", color="C1", alpha=0.6, label="P50 measured")
         ax.set_xlabel("offered load (requests/s)")
@@ -450,7 +452,8 @@ def _figure(table: list[dict[str, Any]]) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{MODEL} on the emulated home cluster: load vs latency ({PROMPT}+{OUTPUT} tokens per request)")
+    fig.suptitle(f"{MODEL} on the emulated home cluster: load vs latency ({PROMPT}+{OUTPUT} tokens per request, "
+                 f"{table[0]['requests'] if table else 0} Poisson requests per level)")
     fig.tight_layout()
     atomic_savefig(fig, RESULTS / "serve_saturation.png", dpi=120)
 
@@ -525,7 +528,7 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
         sm = leave["setup_model"]
         lines += ["## A device leaves", "",
                   f"At 60 % of capacity, the worker of {leave['victim']} is SIGKILLed mid-stream. "
-                  f"{leave['completed']}/{leave['requests']} requests completed ({leave['restarted']} re-prefilled); "
+                  f"{leave['completed']}/{leave['requests']} requests completed ({leave['restarted']} re-prefilled). "
                   f"Plan after: measured {leave['plan_after_measured']}, predicted {leave['plan_after_predicted']}.", "",
                   "| | recovery (kill -> first token of the new ring) s | detect s | re-plan s | "
                   "survivors' start-up (slowest) s |", "|---|---|---|---|---|",
