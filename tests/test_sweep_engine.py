@@ -262,6 +262,33 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path: Path) -> None:
     _check_folder(out, 120)
 
 
+def test_ctrl_c_while_the_pool_starts_stops_before_any_cell(tmp_path: Path) -> None:
+    """A Ctrl-C while the pool's processes are still starting (importing) is the client's: the
+    sweep stops before its first batch (exit 130, no traceback, no worker left) and resumes."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "primasim", "sweep", str(_spec_file(tmp_path)), "--out", str(out), "--workers", "2",
+           "--batch", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    kids: list[psutil.Process] = []
+    while time.time() < deadline and proc.poll() is None:  # the pool's processes exist, none has a batch yet
+        kids = [k for k in _children(proc.pid) if "resource_tracker" not in " ".join(k.cmdline())]
+        if len(kids) >= 2:
+            break
+        time.sleep(0.005)
+    journal = out / "journal.jsonl"
+    assert len(kids) >= 2 and not (journal.exists() and read_journal(journal)), "the pool started too late"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted after 0 of 120" in err.decode() and "Traceback" not in err.decode(), err.decode()
+    time.sleep(0.5)
+    assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    res = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and json.loads(res.stdout)["evaluated"] == 120, res.stderr
+    _check_folder(out, 120)
+
+
 def test_ctrl_c_stops_an_in_process_sweep_too(tmp_path: Path) -> None:
     """--workers 1 evaluates in the client itself: Ctrl-C stops it after the batch in hand."""
     out = tmp_path / "out"

@@ -285,25 +285,27 @@ def run_sweep(spec: SweepSpec | str | Path, out: str | Path | None = None, *, ex
     prog: _Progress | None = None
     finished = False
     try:
-        done, run.foreign_rows = store.done_mask()
-        run.removed_orphans = store.removed_orphans
-        run.done_before = int(done.sum())
-        todo = todo_ranges(done)
-        if limit is not None:
-            todo = _cut(todo, limit)
-        n_todo = sum(b - a for a, b in todo)
-        ctx = build_context(spec)
-        _check_context(store, ctx, run.done_before)
-        _save_spec(store, spec, ctx)
-        if n_todo:
-            _save_clusters(store.out, ctx)
-            ex = make_executor(executor, workers)
-            ex.start(ctx)
-            run.workers = ex.workers
-            run.executor = f"{executor} ({ex.name}, {ex.workers} worker{'s' * (ex.workers > 1)})"
-            prog = _Progress(spec.name, n_todo, run.done_before, progress, log_every)
-            with _Interrupt() as intr:
+        with _Interrupt() as intr:  # from here: a Ctrl-C during set-up (parsing, the pool's start) stops too
+            done, run.foreign_rows = store.done_mask()
+            run.removed_orphans = store.removed_orphans
+            run.done_before = int(done.sum())
+            todo = todo_ranges(done)
+            if limit is not None:
+                todo = _cut(todo, limit)
+            n_todo = sum(b - a for a, b in todo)
+            ctx = build_context(spec)
+            _check_context(store, ctx, run.done_before)
+            _save_spec(store, spec, ctx)
+            if n_todo and not intr.requested:
+                _save_clusters(store.out, ctx)
+                ex = make_executor(executor, workers)
+                ex.start(ctx)
+                run.workers = ex.workers
+                run.executor = f"{executor} ({ex.name}, {ex.workers} worker{'s' * (ex.workers > 1)})"
+            if n_todo and not intr.requested:
+                prog = _Progress(spec.name, n_todo, run.done_before, progress, log_every)
                 _drive(run, store, ctx, ex, todo, n_todo, prog, batch_size, in_flight, target_batch_s, on_batch, intr)
+            run.interrupted = run.interrupted or intr.requested
         finished = not run.interrupted
     except KeyboardInterrupt:  # before or after the batches (set-up, CSV): nothing half-written either
         run.interrupted = True

@@ -285,7 +285,8 @@ def init_worker(ctx: Context, client_pid: int | None = None) -> None:
     import threading
 
     global _CTX
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # discards a Ctrl-C that arrived while we imported
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the client at spawn
     _CTX = ctx
     # the client's pid comes from the client: a worker still starting when the client dies is
     # already re-parented when this runs, so its own getppid() would not tell

@@ -81,16 +81,20 @@ class SerialExecutor:
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while it spawns processes (CPython's resource tracker does the
+    same): a child inherits the blocked mask, so a Ctrl-C while it imports stays pending there until
+    its initializer ignores SIGINT (which discards it); here, a Ctrl-C in the window is delivered to
+    the client's handler as soon as the mask is lifted, not lost."""
     try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals go to the main thread anyway
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask (Windows)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 class LocalExecutor:
@@ -107,14 +111,15 @@ class LocalExecutor:
         self._pool: ProcessPoolExecutor | None = None
 
     def start(self, ctx: Context) -> None:
-        """Start every worker now, with SIGINT ignored: a process inherits an ignored signal, so a
-        Ctrl-C while a worker is still importing reaches only the client (the pool would otherwise
-        start workers lazily, at a submit, when the client's own handler is in place)."""
+        """Start every worker now (the pool would otherwise spawn them lazily, at later submits),
+        each with SIGINT blocked until it ignores it: a terminal's Ctrl-C, sent to the whole process
+        group, is the client's alone, also while a worker is still importing."""
         self._ctx = ctx
-        with _sigint_ignored():
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=init_worker, initargs=(ctx, os.getpid()))
-            wait([self._pool.submit(os.getpid) for _ in range(self.workers)])  # one per process, all started
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                         initializer=init_worker, initargs=(ctx, os.getpid()))
+        with _sigint_blocked():  # a submit spawns a process in this thread (Python >= 3.9, spawn)
+            started = [self._pool.submit(os.getpid) for _ in range(self.workers)]
+        wait(started)  # one per process: all have imported and run the initializer
 
     def submit(self, batch: int, ranges: list[tuple[int, int]]) -> Future[BatchResult]:
         assert self._pool is not None
