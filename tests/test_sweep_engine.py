@@ -390,3 +390,19 @@ def _alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["rich-bar", "log-lines"])
+def test_progress_shows_cells_per_second_and_eta(tmp_path: Path, terminal: bool) -> None:
+    """On a terminal a rich bar (cells, cells/s, ETA); in a log a plain line every --log-every s."""
+    cmd = [sys.executable, "-m", "primasim", "sweep", str(_spec_file(tmp_path, bandwidths=2)), "--out", str(tmp_path / "o"),
+           "--workers", "1", "--batch", "4", "--log-every", "0"]
+    env = {**os.environ, "TTY_COMPATIBLE": "1" if terminal else "0", "COLUMNS": "160"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    if terminal:
+        assert "48/48" in res.stderr and "cells/s" in res.stderr and "ETA" in res.stderr, res.stderr
+    else:
+        lines = [ln for ln in res.stderr.splitlines() if "cells/s" in ln]
+        assert len(lines) >= 12, res.stderr  # one per batch of 4 at --log-every 0
+        assert lines[-1].startswith("kill: 48/48 cells,") and "ETA 0:00:00" in lines[-1], lines[-1]
