@@ -2,8 +2,11 @@
 client and the workers over the run, cells/s, on the local process pool and on Dask (a scheduler
 and two workers started as separate processes), with a 1,000,000-cell extrapolation.
 
-    python experiments/sweep_bench.py                    # 100,000 cells, local then Dask (~1-2 h here)
+    python experiments/sweep_bench.py                    # 100,000 planner-evaluated cells, local then Dask
+    python experiments/sweep_bench.py --spec experiments/sweeps/bench_100k.toml   # the same cells simulated
     python experiments/sweep_bench.py --n 10 --out /tmp/b   # 1,000 cells: a smoke run
+
+Results: experiments/results/sweep_bench_<spec>.{md,json,png} (+ _<cells> when not 100,000).
 
 Overhead is measured within each run, so it holds on a shared machine: wall x workers over the sum
 of the cells' own wall time (measured inside the workers), minus 1; and in CPU seconds, what the
@@ -35,7 +38,7 @@ from primasim.loop.sweep.report import sweep_report
 from primasim.loop.sweep.store import Store
 
 HERE = Path(__file__).parent
-SPEC = HERE / "sweeps" / "bench_100k.toml"
+SPEC = HERE / "sweeps" / "bench_100k_plan.toml"
 DASK = str(Path(sys.executable).parent / "dask")
 MiB = 2**20
 
@@ -242,18 +245,23 @@ def figure(samples: dict[str, pd.DataFrame], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", type=Path, default=SPEC, help="the benchmark's spec (default: %(default)s)")
     ap.add_argument("--n", type=int, help="sample points per grid cell (default: the spec's 1,000 -> 100,000 cells)")
     ap.add_argument("--executors", default="local,dask")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(HERE / "results"), help="where sweep_bench.{json,md,png} go")
     ap.add_argument("--keep", help="keep the sweeps' folders here (default: a temporary folder)")
     args = ap.parse_args()
-    raw = tomllib.loads(SPEC.read_text())
+    spec_path = args.spec.resolve()
+    raw = tomllib.loads(spec_path.read_text())
     if args.n:
         raw["sample"]["n"] = args.n
-    spec = spec_from_dict(raw, where=str(SPEC.relative_to(HERE.parent)), source=SPEC.read_text())
-    report: dict[str, Any] = {"cells": len(spec), "spec": str(SPEC.relative_to(HERE.parent)), "cpus": os.cpu_count(),
-                              "workers": args.workers, "runs": {}}
+    rel = str(spec_path.relative_to(HERE.parent)) if spec_path.is_relative_to(HERE.parent) else str(spec_path)
+    spec = spec_from_dict(raw, where=rel, source=spec_path.read_text())
+    cmd = "python experiments/sweep_bench.py" + ("" if spec_path == SPEC else f" --spec {rel}") + (
+        f" --n {args.n}" if args.n else "")
+    report: dict[str, Any] = {"cells": len(spec), "spec": rel, "evaluate": spec.evaluate, "command": cmd,
+                              "cpus": os.cpu_count(), "workers": args.workers, "runs": {}}
     samples = {}
     with tempfile.TemporaryDirectory() as tmpd:
         base = Path(args.keep) if args.keep else Path(tmpd)
@@ -286,7 +294,8 @@ def main() -> None:
         report["feasible_cells"], report["error_cells"] = feas, first["errors"]
     report["extrapolation_1M"] = extrapolate(report)
     out = Path(args.out)
-    suffix = "" if len(spec) == 100_000 else f"_{len(spec)}"
+    suffix = "_" + spec_path.stem.replace("bench_100k", "").strip("_") if spec_path.stem != "bench_100k" else ""
+    suffix = suffix.rstrip("_") + ("" if len(spec) == 100_000 else f"_{len(spec)}")
     atomic_write_json(out / f"sweep_bench{suffix}.json", report, indent=2)
     figure(samples, out / f"sweep_bench{suffix}.png")
     md = markdown(report, suffix)
@@ -324,8 +333,8 @@ def markdown(rep: dict[str, Any], suffix: str) -> str:
     runs = rep["runs"]
     names = list(runs)
     lines = [f"# Sweep engine at {rep['cells']:,} cells: overhead, memory, cells/s", "",
-             f"`python experiments/sweep_bench.py{'' if not suffix else ' --n ' + str(rep['cells'] // 100)}` over "
-             f"`{rep['spec']}` ({rep['cells']:,} simulated cells, {rep['workers']} workers on {rep['cpus']} CPUs "
+             f"`{rep['command']}` over `{rep['spec']}` ({rep['cells']:,} cells, evaluate = {rep['evaluate']}; "
+             f"{rep['workers']} workers on {rep['cpus']} CPUs "
              "shared with other users; load averages beside each run).", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
 

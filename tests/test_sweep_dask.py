@@ -75,15 +75,19 @@ def dask_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]
             c.wait_for_workers(2, timeout=120)
         yield address, workers
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        _stop(procs)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def _spec_file(tmp_path: Path) -> Path:
@@ -182,3 +186,47 @@ def test_unreachable_scheduler_is_one_line_and_exit_2(tmp_path: Path, capsys: py
     assert len(err.splitlines()) == 1 and "cannot reach the Dask scheduler" in err and "dask worker" in err
     assert main(["sweep", str(spec), "--out", str(tmp_path / "o"), "--executor", "ray://x"]) == 2
     assert "unknown executor" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_documented_recipe_with_nannies_restarted_worker_gets_the_context(tmp_path: Path) -> None:
+    """The recipe of docs/sweeps.md as written (`dask worker ADDRESS --nworkers 2 --nthreads 1`, with
+    its nannies): a worker SIGKILLed mid-sweep is restarted by its nanny, the new process receives
+    the sweep's context (the worker plugin) and evaluates batches; every cell is there once."""
+    from distributed import Client
+
+    sched_file = tmp_path / "scheduler.json"
+    procs = [_start([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
+                     "--scheduler-file", str(sched_file)], tmp_path / "scheduler.log")]
+    proc = None
+    try:
+        deadline = time.time() + 60
+        while not sched_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        procs.append(_start([DASK, "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard"],
+                            tmp_path / "workers.log"))
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(2, timeout=120)
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "primasim", "sweep", str(_spec_file(tmp_path)), "--out", str(out), "--executor",
+               str(sched_file), "--batch", "2", "--no-progress", "--json"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_batches(out / "journal.jsonl", 4, proc)
+        with Client(address, timeout="30s") as c:
+            before = set(c.run(os.getpid).values())
+            os.kill(min(before), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        assert json.loads(stdout)["evaluated"] == 80
+        df = _check(out, 80)
+        pids = {int(w.rsplit(":", 1)[1]) for w in df["worker"]}
+        with Client(address, timeout="30s") as c:
+            now = set(c.run(os.getpid).values())
+        assert len(now) == 2 and now - before, "the nanny did not restart the killed worker"
+        assert pids & (now - before), "the restarted worker evaluated nothing (no context?)"
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        _stop(procs)
