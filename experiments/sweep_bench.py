@@ -251,7 +251,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(HERE / "results"), help="where sweep_bench.{json,md,png} go")
     ap.add_argument("--keep", help="keep the sweeps' folders here (default: a temporary folder)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="combine the reports of runs made side by side (each with --keep) into one, in --out")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
     spec_path = args.spec.resolve()
     raw = tomllib.loads(spec_path.read_text())
     if args.n:
@@ -259,7 +264,7 @@ def main() -> None:
     rel = str(spec_path.relative_to(HERE.parent)) if spec_path.is_relative_to(HERE.parent) else str(spec_path)
     spec = spec_from_dict(raw, where=rel, source=spec_path.read_text())
     cmd = "python experiments/sweep_bench.py" + ("" if spec_path == SPEC else f" --spec {rel}") + (
-        f" --n {args.n}" if args.n else "")
+        f" --n {args.n}" if args.n else "") + (f" --executors {args.executors}" if args.executors != "local,dask" else "")
     report: dict[str, Any] = {"cells": len(spec), "spec": rel, "evaluate": spec.evaluate, "command": cmd,
                               "cpus": os.cpu_count(), "workers": args.workers, "runs": {}}
     samples = {}
@@ -283,19 +288,27 @@ def main() -> None:
             r = report["runs"][ex]
             print(f"{ex}: {r['evaluated']:,} cells in {r['wall_s']:.0f} s, {r['cells_per_s']:.1f} cells/s, overhead "
                   f"{100 * r['overhead_wall']:.1f} % (wall), {100 * r['overhead_cpu']:.1f} % (CPU)", flush=True)
-        if {"local", "dask"} <= set(report["runs"]):
-            cols = ["cell_id", "feasible", "tpot_ms", "ttft_ms", "plan", "error"]
-            a = load_results(base / "local", columns=cols).set_index("cell_id").sort_index()
-            b = load_results(base / "dask", columns=cols).set_index("cell_id").sort_index()
-            report["local_equals_dask"] = bool(a.equals(b))
-            report["unique_cells"] = bool(a.index.is_unique and b.index.is_unique and len(a) == len(b) == len(spec))
-        first = next(iter(report["runs"].values()))
-        feas = first["feasible"]
-        report["feasible_cells"], report["error_cells"] = feas, first["errors"]
+        compare(report, {ex: base / ex for ex in report["runs"]})
+    report["suffix"] = ("" if spec_path.stem == "bench_100k" else "_" + spec_path.stem.replace("bench_100k", "").strip("_")
+                        ) + ("" if len(spec) == 100_000 else f"_{len(spec)}")
+    write(report, samples, Path(args.out))
+
+
+def compare(report: dict[str, Any], folders: dict[str, Path]) -> None:
+    """The executors' results must be identical, cell by cell, and every cell there once."""
+    if {"local", "dask"} <= set(folders):
+        cols = ["cell_id", "feasible", "tpot_ms", "ttft_ms", "plan", "error"]
+        a = load_results(folders["local"], columns=cols).set_index("cell_id").sort_index()
+        b = load_results(folders["dask"], columns=cols).set_index("cell_id").sort_index()
+        report["local_equals_dask"] = bool(a.equals(b))
+        report["unique_cells"] = bool(a.index.is_unique and b.index.is_unique and len(a) == len(b) == report["cells"])
+    first = next(iter(report["runs"].values()))
+    report["feasible_cells"], report["error_cells"] = first["feasible"], first["errors"]
+
+
+def write(report: dict[str, Any], samples: dict[str, pd.DataFrame], out: Path) -> None:
+    suffix = report["suffix"]
     report["extrapolation_1M"] = extrapolate(report)
-    out = Path(args.out)
-    suffix = "_" + spec_path.stem.replace("bench_100k", "").strip("_") if spec_path.stem != "bench_100k" else ""
-    suffix = suffix.rstrip("_") + ("" if len(spec) == 100_000 else f"_{len(spec)}")
     atomic_write_json(out / f"sweep_bench{suffix}.json", report, indent=2)
     figure(samples, out / f"sweep_bench{suffix}.png")
     md = markdown(report, suffix)
@@ -304,6 +317,26 @@ def main() -> None:
         [{"executor": k, **{kk: vv for kk, vv in v.items() if not isinstance(vv, dict | list)}}
          for k, v in report["runs"].items()]))
     print(md)
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One report from runs made by separate invocations at the same time (`--executors local` and
+    `--executors dask` side by side, with --keep): they saw the same load."""
+    reps = [json.loads(p.read_text()) for p in paths]
+    cmds = [r["command"] + "".join((f" --executors {ex}" if "--executors" not in r["command"] else "")
+                                   + f" --keep K/{ex}/runs --out K/{ex}" for ex in r["runs"]) for r in reps]
+    report = {**reps[0], "runs": {}, "side_by_side": True,
+              "command": " & ".join(cmds) + "; python experiments/sweep_bench.py --merge "
+              + " ".join(f"K/{ex}/{p.name}" for r, p in zip(reps, paths) for ex in r["runs"])}
+    if "suffix" not in report:
+        stem = Path(report["spec"]).stem
+        report["suffix"] = ("" if stem == "bench_100k" else "_" + stem.replace("bench_100k", "").strip("_")) + (
+            "" if report["cells"] == 100_000 else f"_{report['cells']}")
+    for r in reps:
+        report["runs"].update(r["runs"])
+    folders = {ex: Path(r["out"]) for ex, r in report["runs"].items()}
+    compare(report, folders)
+    write(report, {ex: pd.read_csv(f / "samples.csv") for ex, f in folders.items()}, out)
 
 
 def extrapolate(report: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +368,9 @@ def markdown(rep: dict[str, Any], suffix: str) -> str:
     lines = [f"# Sweep engine at {rep['cells']:,} cells: overhead, memory, cells/s", "",
              f"`{rep['command']}` over `{rep['spec']}` ({rep['cells']:,} cells, evaluate = {rep['evaluate']}; "
              f"{rep['workers']} workers on {rep['cpus']} CPUs "
-             "shared with other users; load averages beside each run).", "",
+             "shared with other users; load averages beside each run)."
+             + (" The executors ran side by side (two processes, K a scratch folder), so they saw the same "
+                "load; each measures its overhead within its own run." if rep.get("side_by_side") else ""), "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
 
     def row(label: str, f: Any) -> None:
