@@ -85,7 +85,9 @@ def _fmt(v: Any) -> str:
 
 def best_table(rep: Report) -> pd.DataFrame:
     m, scen = rep.metric, rep.scenario_keys
-    wide = rep.per_system.pivot_table(index=scen, columns="system", values=m, aggfunc="first", dropna=False)
+    # not pivot_table(dropna=False): it builds the product of the index levels' values, which for a
+    # sampled design (1,000 distinct bandwidths x latencies x ...) is billions of rows, not the scenarios
+    wide = rep.per_system.groupby(scen + ["system"], dropna=False, sort=True)[m].first().unstack("system")
     wide = wide.reindex(columns=_system_sort(list(wide.columns)))
     vals = wide.to_numpy(dtype=float)
     sign = 1.0 if _better(m) == "min" else -1.0
