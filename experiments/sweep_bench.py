@@ -32,7 +32,13 @@ from typing import Any
 import pandas as pd
 import psutil
 
-from primasim.core.io import atomic_csv, atomic_savefig, atomic_write_json, atomic_write_text
+from primasim.core.io import (
+    atomic_csv,
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    read_journal,
+)
 from primasim.loop.sweep import load_results, run_sweep, spec_from_dict
 from primasim.loop.sweep.report import sweep_report
 from primasim.loop.sweep.store import Store
@@ -114,7 +120,7 @@ def _workers_cpu_delta(samples: pd.DataFrame) -> float:
     return tot
 
 
-def _memory(samples: pd.DataFrame, cells: int) -> dict[str, Any]:
+def _memory(samples: pd.DataFrame, cells: int, first: bool = True) -> dict[str, Any]:
     """RSS at fractions of the run, and its growth per cell: median RSS over the last fifth of the
     run minus the median over 10-30 %, divided by the cells in between (robust to sampling noise)."""
     out: dict[str, Any] = {}
@@ -122,13 +128,16 @@ def _memory(samples: pd.DataFrame, cells: int) -> dict[str, Any]:
         s = samples[(samples["cells"] > 0) & ((samples["n_workers"] > 0) if who == "workers_rss" else True)]
         at = {}
         for frac in (0.1, 0.25, 0.5, 0.75, 1.0):
+            if not first and len(s) and frac * cells < s["cells"].min() - 1000:
+                continue  # before the samples began
             row = s[s["cells"] >= frac * cells].head(1)
             if not len(row) and frac == 1.0:
                 row = s.tail(1)
             if len(row):
                 at[f"{int(frac * 100)}%"] = round(float(row[who].iloc[0]) / MiB, 1)
-        early = s[(s["cells"] >= 0.1 * cells) & (s["cells"] <= 0.3 * cells)]
-        late = s[s["cells"] >= 0.8 * cells]
+        lo = 0 if first or not len(s) else int(s["cells"].min())  # samples from outside may start mid-run
+        early = s[(s["cells"] >= lo + 0.1 * (cells - lo)) & (s["cells"] <= lo + 0.3 * (cells - lo))]
+        late = s[s["cells"] >= lo + 0.8 * (cells - lo)]
         slope = 0.0
         if len(early) and len(late) and late["cells"].median() > early["cells"].median():
             slope = float((late[who].median() - early[who].median()) / (late["cells"].median() - early["cells"].median()))
@@ -163,7 +172,13 @@ def run_one(spec: Any, out: Path, executor: str, worker_pids: Any, workers: int)
                memory=_memory(samples, run.evaluated), results_bytes=_dir_bytes(out / "results"),
                journal_bytes=(out / "journal.jsonl").stat().st_size, parts=len(list((out / "results").iterdir())),
                csv_bytes=(out / "results.csv").stat().st_size if (out / "results.csv").exists() else 0)
-    # what a 1M-cell folder would cost to resume, read and report: measured here, linear in cells
+    measure_folder(rec, spec, out)
+    samples.to_csv(out / "samples.csv", index=False)
+    return rec
+
+
+def measure_folder(rec: dict[str, Any], spec: Any, out: Path) -> None:
+    """What a folder of this size costs to resume, read and report: measured here, linear in cells."""
     t = time.perf_counter()
     st = Store(out, spec)
     st.done_mask()
@@ -183,7 +198,36 @@ def run_one(spec: Any, out: Path, executor: str, worker_pids: Any, workers: int)
     sweep_report(out, report_dir=out / "report")
     rec["report_s"] = time.perf_counter() - t
     rec["report_figures_s"] = max(0.0, rec["report_s"] - rec["report_tables_s"])  # fixed-size figures
-    samples.to_csv(out / "samples.csv", index=False)
+
+
+def analyse(spec: Any, folder: Path, executor: str, samples_csv: Path | None, loads: tuple[str, str]) -> dict[str, Any]:
+    """A run's figures after the fact, from its folder (the run record in runs.jsonl, the journal) and
+    memory samples taken from outside (/tmp-style `t,cells,client_rss,workers_rss,n_workers,...` CSV),
+    for runs whose benchmark process did not live to write them."""
+    rec = next(r for r in reversed(read_journal(folder / "runs.jsonl")) if "evaluated" in r and r["run"] == 0)
+    rec.pop("batch_size", None)
+    cells_cpu = rec["cpu_s"]
+    samples = pd.read_csv(samples_csv) if samples_csv else None
+    if samples is not None:  # up to the end of the sweep (not the benchmark's measurements after it)
+        samples = samples[(samples["t"] <= rec["t"]) & (samples["n_workers"] > 0)]  # the sweep, not the CSV
+    nan_mem = {"MiB_at": {}, "peak_MiB": float("nan"), "slope_bytes_per_cell": float("nan")}
+    rec.update(load_before=loads[0], load_after=loads[1], cells_per_s=rec["evaluated"] / rec["wall_s"],
+               overhead_wall=rec["wall_s"] * rec["workers"] / rec["eval_s"] - 1,
+               overhead_dispatch=rec["dispatch_s"] * rec["workers"] / rec["eval_s"] - 1,
+               in_task_wall=rec["task_s"] / rec["eval_s"] - 1,
+               overhead_cpu=(rec["client_cpu_s"] + rec["task_cpu_s"] - cells_cpu) / cells_cpu,
+               overhead_cpu_note="client + whole tasks (not the pool's traffic outside tasks)",
+               client_cpu_share=rec["client_cpu_s"] / cells_cpu,
+               memory=_memory(samples, rec["evaluated"], first=False) if samples is not None else
+               {"client_rss": nan_mem, "workers_rss": nan_mem},
+               memory_sampled_from_cells=int(samples["cells"].min()) if samples is not None else None,
+               results_bytes=_dir_bytes(folder / "results"), journal_bytes=(folder / "journal.jsonl").stat().st_size,
+               parts=len(list((folder / "results").iterdir())),
+               csv_bytes=(folder / "results.csv").stat().st_size if (folder / "results.csv").exists() else 0)
+    rec["executor"] = rec["executor"].replace("dask://", "dask at ")
+    measure_folder(rec, spec, folder)
+    if samples is not None:
+        samples.to_csv(folder / "samples.csv", index=False)
     return rec
 
 
@@ -251,11 +295,31 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(HERE / "results"), help="where sweep_bench.{json,md,png} go")
     ap.add_argument("--keep", help="keep the sweeps' folders here (default: a temporary folder)")
+    ap.add_argument("--analyse", metavar="K", help="figures after the fact from K/{local,dask}/runs/* (run records, "
+                    "journals), K/<executor>_ext_samples.csv (memory sampled from outside) and K/loads.json")
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                     help="combine the reports of runs made side by side (each with --keep) into one, in --out")
     args = ap.parse_args()
     if args.merge:
         merge(args.merge, Path(args.out))
+        return
+    if args.analyse:
+        spec_path = args.spec.resolve()
+        rel = str(spec_path.relative_to(HERE.parent))
+        spec = spec_from_dict(tomllib.loads(spec_path.read_text()), where=rel, source=spec_path.read_text())
+        k = Path(args.analyse)
+        loads = json.loads((k / "loads.json").read_text())
+        report = {"cells": len(spec), "spec": rel, "evaluate": spec.evaluate, "cpus": os.cpu_count(),
+                  "workers": args.workers, "runs": {}, "side_by_side": True, "analysed_after": True,
+                  "command": loads["command"], "notes": loads.get("notes", []), "suffix": "_" + spec_path.stem.replace("bench_100k", "").strip("_")}
+        folders = {}
+        for ex in ("local", "dask"):
+            folders[ex] = k / ex / "runs" / ex
+            csv = k / f"{ex}_ext_samples.csv"
+            report["runs"][ex] = analyse(spec, folders[ex], ex, csv if csv.exists() else None, tuple(loads[ex]))
+        compare(report, folders)
+        samples = {ex: pd.read_csv(f / "samples.csv") for ex, f in folders.items() if (f / "samples.csv").exists()}
+        write(report, samples, Path(args.out))
         return
     spec_path = args.spec.resolve()
     raw = tomllib.loads(spec_path.read_text())
@@ -399,6 +463,8 @@ def markdown(rep: dict[str, Any], suffix: str) -> str:
         lines += ["", f"Local and Dask results identical (feasible, TPOT, TTFT, plan, error per cell id): "
                   f"**{rep['local_equals_dask']}**; every cell exactly once: {rep['unique_cells']}. "
                   f"Feasible cells {rep['feasible_cells']:,}, cell errors {rep['error_cells']:,}."]
+    for note in rep.get("notes", []):
+        lines += ["", note]
     lines += ["", "## 1,000,000 cells, extrapolated from these rates", "",
               "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     ext = rep["extrapolation_1M"]
