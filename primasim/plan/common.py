@@ -58,7 +58,8 @@ def ring_order(cluster: ClusterSpec) -> list[str]:
 
 
 def gib(x: float) -> str:
-    return f"{x / GiB:.1f} GiB"
+    """A memory size for a message: GiB, or MiB below 1 GiB (small test devices read "0.0 GiB" otherwise)."""
+    return f"{x / GiB:.1f} GiB" if x >= GiB else f"{x / 2**20:.1f} MiB"
 
 
 def _bp(model: ModelSpec, n_ctx: int) -> float:
