@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from primasim.core.errors import CheckpointError, WorkerError
@@ -37,6 +38,7 @@ from primasim.core.speculation import check_compatible, prefix_draft, summarize
 
 from . import model as md
 from .checkpoint import Checkpoint, open_checkpoint, write_random_checkpoint
+from .pages import drop_pages
 
 
 # ---------------------------------------------------------------------------- the acceptance rule
@@ -137,15 +139,18 @@ class Draft:
         (prima.cpp mlocks the draft), and allocate the KV cache."""
         self.params = md.load_params(self.ckpt, self.layers, embed=True, head=True)
         if pinned:
-            self.params = md.pin_params(self.params)
+            self.params = jax.block_until_ready(md.pin_params(self.params))
+            # the copy is what the draft holds: the file's pages it read would otherwise stay in the
+            # page cache, charged to the device's memory cgroup, and count against the target's budget
+            path = Path(self.ckpt.path)
+            files = [path] if path.is_file() else [f for f in path.iterdir() if f.suffix in (".safetensors", ".gguf")]
+            drop_pages([(str(f), 0, f.stat().st_size) for f in files])
         self.kv = md.init_kv(self.spec, self.layers, self.max_seq)
         self.fed = []
 
     @property
     def nbytes(self) -> int:
         """Weights + KV cache the draft holds."""
-        import jax
-
         w = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(self.params) if hasattr(a, "nbytes"))
         return w + (self.kv.nbytes if self.kv is not None else 0)
 
@@ -289,14 +294,16 @@ def write_prefix_draft(target: ModelSpec, n_layers: int, out: str | Path, *, see
     return write_random_checkpoint(spec, out, fmt=fmt, seed=seed, dtype=dtype)  # type: ignore[arg-type]
 
 
-def scale_block_outputs(path: str | Path, factor: float) -> None:
-    """Multiply every block's attn_output and ffn_down (f32 safetensors) by `factor`, in place: each
-    block then changes the residual stream less, so a prefix of the model agrees more often with
-    the whole (trained LLMs' early layers agree with their last often enough for self-speculative
-    drafts, LayerSkip; random weights scramble the stream at every block). Write the target and
-    its prefix draft, then scale both by the same factor: the draft stays the target's prefix."""
+def scale_block_outputs(path: str | Path, factor: float, *, first: int = 0) -> None:
+    """Multiply the attn_output and ffn_down (f32 safetensors) of every block from `first` on by
+    `factor`, in place: those blocks then change the residual stream less, so a prefix of the model
+    agrees more often with the whole (trained LLMs' early layers agree with their last often enough
+    for self-speculative drafts, LayerSkip; random weights scramble the stream at every block).
+    Write the target and its prefix draft, then scale both the same way: the draft stays the
+    target's prefix. Blocks below `first` keep their weights, so a draft of them is unchanged."""
     ck = open_checkpoint(path)
-    names = [n for n in ck.names() if n.startswith("blk.") and n.endswith(("attn_output.weight", "ffn_down.weight"))]
+    names = [n for n in ck.names() if n.startswith("blk.") and n.endswith(("attn_output.weight", "ffn_down.weight"))
+             and int(n.split(".")[1]) >= first]
     for n in names:
         info = ck.infos[n]
         if info.dtype != "F32" or Path(info.file).suffix != ".safetensors":

@@ -115,3 +115,23 @@ def test_runtime_model_speculates_on_the_head() -> None:
     away = simulate("prima", m, cl, plan=plan, config=SimConfig(runtime=True, warmup=False, tokens=16,
                                                                  draft=DraftSpec(d, 3, device=plan.devices[1].name)))
     assert not away.feasible and "head" in away.reason
+
+
+def test_runtime_draft_takes_the_workers_reserve_from_the_head() -> None:
+    """The runtime's head pins the draft (weights + f32 KV cache, `runtime_facts.draft_reserve`):
+    the simulated worker's residency budget is the plain one less exactly that, once."""
+    from primasim.core.runtime_facts import draft_reserve
+
+    m = runtime_model(load_model("llama-mini-300m"))
+    cl = load_cluster("home-emu")
+    head = cl.head
+    cl = cl.replace_device(cl.device(head).replace(ram_avail=cl.device(head).ram_avail + 600 * 2**20))
+    plan = make_plan("prima", m, cl).plan
+    d = prefix_draft(m, 2)
+    cfg = dict(runtime=True, warmup=False, tokens=8)
+    plain = simulate("prima", m, cl, plan=plan, config=SimConfig(**cfg))
+    spec = simulate("prima", m, cl, plan=plan, config=SimConfig(**cfg, draft=DraftSpec(d, 2)))
+    assert spec.feasible, spec.reason
+    lost = plain.extra["residency"][head]["budget"] - spec.extra["residency"][head]["budget"]
+    assert lost == pytest.approx(draft_reserve(d, plan.n_ctx), abs=1.0)
+    assert spec.extra["speculation"]["draft"]["bytes"] == pytest.approx(draft_reserve(d, plan.n_ctx))

@@ -412,6 +412,10 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     assert nowrite.returncode == 2 and "writable" in nowrite.stderr and "Traceback" not in nowrite.stderr
     cl = _cli("--cluster", "prima-d1-d4", "--out", str(tmp_path / "y"), timeout=300)
     assert cl.returncode == 2 and "no emulated devices" in cl.stderr
+    k = _cli("--draft-tokens", "3", "--out", str(tmp_path / "z"), timeout=300)
+    assert k.returncode == 2 and "need a draft model" in k.stderr and "Traceback" not in k.stderr
+    k0 = _cli("--draft", "first:2", "--draft-tokens", "0", "--out", str(tmp_path / "z"), timeout=300)
+    assert k0.returncode == 2 and "--draft-tokens must be >= 1" in k0.stderr
 
 
 SMALL_CLUSTER = """
@@ -497,6 +501,31 @@ def test_validate_end_to_end_on_a_small_model(tmp_path: Path) -> None:
         assert not any(summ["measured"]["emulation"]["run_id"] in x for v in find_leftovers().values() for x in v)
     else:
         assert any("degraded" in n for n in summ["notes"])
+
+
+@pytest.mark.slow
+def test_validate_with_a_draft_model(tmp_path: Path) -> None:
+    """`validate --draft first:2`: speculative decoding predicted and measured. The prediction's
+    acceptance is the log of a separate run of the runtime's speculative loop (acceptance.json);
+    greedy, so the ring accepts the same drafts: tokens per pass agree exactly."""
+    ctoml = tmp_path / "small.toml"
+    ctoml.write_text(SMALL_CLUSTER)
+    out = tmp_path / "out"
+    res = _cli("--cluster", str(ctoml), "--model", "llama-tiny", "--tokens", "16", "--prompt-tokens", "8",
+               "--n-ctx", "128", "--option", "select_devices=false", "--out", str(out), "--json",
+               "--draft", "first:2", "--draft-tokens", "3", timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summ = json.loads(res.stdout)
+    log = json.loads((out / "acceptance.json").read_text())
+    assert log["meta"]["k"] == 3 and log["passes"] and all(d == 3 for d, _ in log["passes"])
+    sp = summ["speculation"]
+    assert sp["measured"]["k"] == 3 and sp["predicted"]["draft"]["device"] == "a"
+    assert sp["measured"]["passes"] == len(log["passes"])  # the ring made as many passes as the separate run
+    rows = {(r["metric"], r["device"]): r for r in summ["comparison"]}
+    assert rows[("tokens per pass", "")]["predicted"] == pytest.approx(rows[("tokens per pass", "")]["measured"])
+    assert rows[("TPOT", "")]["predicted"] > 0 and abs(rows[("TPOT", "")]["error_pct"]) < 50, rows[("TPOT", "")]
+    assert len(summ["measured"]["token_ids"]) == 16
+    assert any("speculative decoding" in n for n in summ["notes"])
 
 
 def test_committed_fidelity_report_is_what_the_code_predicts(tmp_path: Path) -> None:

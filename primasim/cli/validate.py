@@ -51,6 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-emulate", action="store_true", help="plain processes without limits (what non-root gets)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds without progress before a run gives up")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", metavar="MODEL", default="",
+                   help="draft model, run on the head: first:N (the random-weight target's first N blocks) or a "
+                        "checkpoint with the target's vocabulary")
+    g.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per ring pass (default 4)")
+    g.add_argument("--acceptance", default="", metavar="A",
+                   help="the prediction's acceptance model: a rate (0.7), rates per position (0.9,0.8) or an "
+                        "acceptance log (`primasim run --acceptance-log`); default: measured by a separate run of the "
+                        "runtime's speculative loop on the prompt, written to acceptance.json")
     p.set_defaults(func=run)
 
 
@@ -62,11 +71,18 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt_tokens + args.tokens > args.n_ctx:
         raise SpecError(f"prompt + tokens ({args.prompt_tokens + args.tokens}) exceed --n-ctx {args.n_ctx}",
                         where="--tokens", fix="generate fewer tokens or raise --n-ctx")
+    if not args.draft and (args.acceptance or args.draft_tokens != 4):
+        raise SpecError("--draft-tokens and --acceptance need a draft model", where="--draft-tokens",
+                        fix="add --draft first:2 (or a draft checkpoint)")
+    if args.draft and args.draft_tokens < 1:
+        raise SpecError(f"--draft-tokens must be >= 1, got {args.draft_tokens}", where="--draft-tokens",
+                        fix="e.g. --draft-tokens 4")
     out = args.out or str(default_out())
     cfg = ValidateConfig(cluster=args.cluster, model=args.model, quant=args.quant, system=args.system,
                          tokens=args.tokens, prompt_tokens=args.prompt_tokens, n_ctx=args.n_ctx, seed=args.seed,
                          emulate=not args.no_emulate, plan_options=tuple(opts), out=out, timeout=args.timeout,
-                         residency=args.residency, memory_scale=args.memory_scale)
+                         residency=args.residency, memory_scale=args.memory_scale, draft=args.draft,
+                         draft_tokens=args.draft_tokens, acceptance=args.acceptance)
     if args.json:
         res = validate(cfg)
         print(json.dumps(res.summary(), default=str))

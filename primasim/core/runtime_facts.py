@@ -1,7 +1,8 @@
 """What primasim's runtime does that the simulator models: one place for both to import.
 
 - the memory a worker reserves besides weights: its KV caches (f32, `max_seq` positions per
-  sequence in flight) and `ACT_RESERVE` for activations and the allocator;
+  sequence in flight) and `ACT_RESERVE` for activations and the allocator; with a draft model
+  (speculative decoding) the head also pins the draft (`draft_reserve`);
 - the attention span buckets (`attention_span`): attention reads the cache positions in use,
   rounded up to a power of two of at least `MIN_SPAN`;
 - batched decode (runtime/batch.py, runtime/_kvcache.py): batches padded to `BATCH_BUCKETS`, KV in
@@ -68,6 +69,13 @@ def kv_bytes(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequen
 def anon_reserve(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequences: int = 1) -> int:
     """Anonymous memory a worker allocates besides weights: KV caches + the activation reserve."""
     return kv_bytes(n_layers, max_seq, n_kv_heads, head_dim, sequences) + ACT_RESERVE
+
+
+def draft_reserve(draft: ModelSpec, max_seq: int) -> int:
+    """What a speculative run's draft holds on the head worker (runtime/worker/speculation.py): its
+    weights copied into anonymous memory (pinned, as prima.cpp mlocks the draft) and its f32 KV
+    cache of `max_seq` + 1 positions. Its activations share the worker's ACT_RESERVE."""
+    return int(draft.total_bytes) + kv_bytes(draft.n_layers, max_seq + 1, draft.n_kv_heads, draft.head_dim)
 
 
 def batch_bucket(n: int) -> int:

@@ -33,6 +33,7 @@ from .cluster import ClusterSpec
 from .errors import SpecError
 from .io import atomic_write_text
 from .model import ModelSpec
+from .runtime_facts import draft_reserve
 
 Where = Literal["cpu", "gpu"]
 
@@ -333,14 +334,15 @@ def draft_placement(draft: DraftSpec, cluster: ClusterSpec, head: str, n_ctx: in
     return name, "cpu"
 
 
-def with_draft(cluster: ClusterSpec, draft: DraftSpec, head: str, n_ctx: int) -> ClusterSpec:
+def with_draft(cluster: ClusterSpec, draft: DraftSpec, head: str, n_ctx: int, *, runtime: bool = False) -> ClusterSpec:
     """The cluster as the target sees it once the draft is loaded on its device: the draft's bytes
     taken from that device's VRAM (on its GPU) or RAM. prima.cpp's profiler reports a fraction of
     what the OS has available (`avail_reported_fraction`), so pinning D bytes lowers the reported
-    figure by that fraction of D and the OS's own figure by D. Raises SpecError if it does not fit."""
+    figure by that fraction of D and the OS's own figure by D. Raises SpecError if it does not fit.
+    `runtime`: the draft as primasim's runtime holds it (`runtime_facts.draft_reserve`)."""
     name, where = draft_placement(draft, cluster, head, n_ctx)
     dev = cluster.device(name)
-    need = draft_bytes(draft.model, n_ctx)
+    need = float(draft_reserve(draft.model, n_ctx)) if runtime else draft_bytes(draft.model, n_ctx)
     if where == "gpu" and dev.gpu is not None and not dev.uma:
         left = dev.gpu.vram_avail - need
         if left < 0:

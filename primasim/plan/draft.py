@@ -166,11 +166,13 @@ def placements(draft: DraftSpec, cluster: ClusterSpec) -> list[tuple[str, Where]
 
 def plan_speculative(system: str, model: ModelSpec, cluster: ClusterSpec, draft: DraftSpec, *, n_ctx: int = 1024,
                      prompt_tokens: int = 16, ks: Iterable[int] | None = None, fixed_k: int | None = None,
-                     where_options: Sequence[tuple[str, Where]] | None = None, **options: Any) -> DraftPlan:
+                     where_options: Sequence[tuple[str, Where]] | None = None, runtime: bool = False,
+                     **options: Any) -> DraftPlan:
     """Plan `model` with `draft` on `cluster` for `system` (a prima/llama.cpp-style ring): for every
     placement and K, Halda (or the system's planner) on the cluster with the draft loaded, told the
     verification batch K + 1; the expected TPOT picks the best. `fixed_k` plans for that K only
-    (the table still lists the others); K = 0 is plain decoding on the cluster without the draft."""
+    (the table still lists the others); K = 0 is plain decoding on the cluster without the draft.
+    `runtime`: the draft's memory as primasim's runtime holds it (plans run by the runtime)."""
     check_compatible(model, draft.model)
     acc = parse_acceptance(draft.acceptance)
     kset = sorted({0, *(ks if ks is not None else DEFAULT_KS), *(() if fixed_k is None else (fixed_k,))})
@@ -205,7 +207,7 @@ def plan_speculative(system: str, model: ModelSpec, cluster: ClusterSpec, draft:
     for dev, where in (where_options or placements(draft, cluster)):
         spec = draft.replace(device=dev, where=where)
         try:
-            cl = with_draft(cluster, spec, cluster.head, n_ctx)
+            cl = with_draft(cluster, spec, cluster.head, n_ctx, runtime=runtime)
         except SpecError as exc:
             for k in kset:
                 if k > 0:

@@ -32,6 +32,7 @@ import numpy as np
 from primasim.core.errors import SpecError
 from primasim.core.model import ModelSpec
 from primasim.core.plan import violations
+from primasim.core.runtime_facts import draft_reserve
 from primasim.core.speculation import (
     DraftSpec,
     check_compatible,
@@ -189,8 +190,8 @@ def _result(ctx: SimContext, drafter: Drafter, draft: DraftSpec, original_avail:
     if "mem_avail_before" in st:
         st["mem_avail_before"] = original_avail
     n_ctx = ctx.plan.n_ctx if ctx.plan is not None else 1024
-    spec = {"draft": draft.to_json() | {"device": drafter.name, "where": drafter.where,
-                                         "bytes": draft_bytes(draft.model, n_ctx)},
+    need = draft_reserve(draft.model, n_ctx) if ctx.cfg.runtime else draft_bytes(draft.model, n_ctx)
+    spec = {"draft": draft.to_json() | {"device": drafter.name, "where": drafter.where, "bytes": float(need)},
             "acceptance": drafter.acceptance.describe(), **summarize(drafter.passes),
             "pass_log": [list(p) for p in drafter.passes]}
     ctx.trace.meta["speculation"] = spec
@@ -256,7 +257,8 @@ def simulate_speculative(system: str, model: ModelSpec, cluster: Any, plan: Any,
     if plan is None:
         opts = {k: v for k, v in plan_options.items() if k != "n_ctx"}
         dp = plan_speculative(system, model, cluster, draft, n_ctx=n_ctx, prompt_tokens=cfg.prompt_tokens,
-                              ks=(draft.tokens,), fixed_k=draft.tokens, where_options=[(dev, where)], **opts)
+                              ks=(draft.tokens,), fixed_k=draft.tokens, where_options=[(dev, where)],
+                              runtime=bool(cfg.runtime), **opts)
         if not dp.best.feasible or dp.best.plan is None:
             return infeasible(system, dp.best.reason or "no feasible plan with the draft loaded", None, cfg)
         plan = dp.best.plan
@@ -264,7 +266,7 @@ def simulate_speculative(system: str, model: ModelSpec, cluster: Any, plan: Any,
         plan = plan.replace(prefetch=cfg.prefetch)
     head = plan.devices[0].name if cfg.runtime else ring_head(plan)
     try:
-        cl = with_draft(cluster, draft, head, n_ctx)
+        cl = with_draft(cluster, draft, head, n_ctx, runtime=bool(cfg.runtime))
     except SpecError as exc:
         return infeasible(system, exc.what, plan, cfg)
     vs = violations(plan, model, cl)

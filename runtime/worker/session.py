@@ -194,11 +194,12 @@ class Session:
         room = float(hint) if hint else HOST_AVAILABLE_SHARE * meminfo().get("MemAvailable", 1 << 62)
         return self.stage.weight_bytes() + self._anon_reserve() > room
 
-    def _anon_reserve(self) -> int:
+    def _anon_reserve(self, *, draft_loaded: bool = False) -> int:
         """Memory the run allocates besides weights: the KV caches of the sequences in flight plus
-        the activation reserve (primasim.core.runtime_facts.anon_reserve)."""
+        the activation reserve (primasim.core.runtime_facts.anon_reserve), and a draft's weights and
+        KV cache unless it is loaded already (then its memory is in the cgroup's usage)."""
         sp = self.stage.spec
-        draft = self.speculation.reserve_bytes() if self.speculation is not None else 0
+        draft = self.speculation.reserve_bytes() if (self.speculation is not None and not draft_loaded) else 0
         return draft + anon_reserve(len(self.stage.layers), int(self.cfg["max_seq"]), sp.n_kv_heads, sp.head_dim,
                                     max(1, int(self.cfg.get("in_flight", 1))))
 
@@ -221,7 +222,8 @@ class Session:
         # weights are mapped again here: a tensor that cannot stay file-backed (a converted dtype,
         # an unaligned offset) is copied under the limit; pinned weights (exo) are copied here too
         self.stage.load_weights(pinned=self.pinned)
-        budget, how = rs.memory_budget(self._anon_reserve())
+        # the draft is loaded: its bytes are in the usage the budget subtracts (count them once)
+        budget, how = rs.memory_budget(self._anon_reserve(draft_loaded=True))
         opts = self.cfg.get("options", {}) or {}
         if self.cfg.get("schedule") == "batch":
             from ..batch import (

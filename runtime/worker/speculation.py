@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from primasim.core.runtime_facts import draft_reserve
+
 from ..speculative import Draft, processed_probs, verify
 from ..wire import MsgType
 
@@ -41,8 +43,7 @@ class HeadSpeculation:
 
     def reserve_bytes(self) -> int:
         """What the draft will hold at LOAD (weights + KV cache), for the residency budget."""
-        sp = self.draft.spec
-        return int(sp.total_bytes + 2 * sp.n_layers * (self.draft.max_seq + 1) * sp.n_kv_heads * sp.head_dim * 4)
+        return draft_reserve(self.draft.spec, self.draft.max_seq)
 
     def load(self) -> dict[str, Any]:
         t0 = time.time()

@@ -28,22 +28,25 @@ def prompt_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 def predict(plan: Any, model: ModelSpec, cluster: ClusterSpec, *, tokens: int, prompt_tokens: int,
-            seed: int = 0, requests: int | None = None, batch: int | None = None, **fidelity: Any) -> Any:
+            seed: int = 0, requests: int | None = None, batch: int | None = None, draft: Any = None,
+            **fidelity: Any) -> Any:
     """The simulator's prediction of `plan` as primasim's runtime executes it (`fidelity`: SimConfig
-    switches such as cpu_quota_bursts=False, for ablations)."""
+    switches such as cpu_quota_bursts=False, for ablations; `draft`: a DraftSpec, speculative
+    decoding with the draft on the head)."""
 
     cfg = SimConfig(runtime=True, tokens=tokens, prompt_tokens=prompt_tokens, seed=seed, warmup=False,
-                    requests=requests or 100, batch=batch, **fidelity)
+                    requests=requests or 100, batch=batch, draft=draft, **fidelity)
     return simulate(plan.system, runtime_model(model), cluster, plan=plan, config=cfg)
 
 
 def measure(plan: Any, weights: Any, cluster: ClusterSpec, *, tokens: int, prompt: list[int], seed: int = 0,
             emulate: bool = True, requests: int | None = None, timeout: float = 300.0,
-            residency: str = "planned") -> tuple[Any, HostLoad]:
-    """Run `plan` with the runtime on the (emulated) cluster; the result and the host's load."""
+            residency: str = "planned", draft: str | None = None, draft_tokens: int = 4) -> tuple[Any, HostLoad]:
+    """Run `plan` with the runtime on the (emulated) cluster; the result and the host's load
+    (`draft`: a draft checkpoint, run on the head, `draft_tokens` per pass)."""
 
     opts = RunOptions(max_new_tokens=tokens, seed=seed, emulate=emulate, n_requests=requests,
-                      token_timeout=timeout, residency=residency)
+                      token_timeout=timeout, residency=residency, draft=draft, draft_tokens=draft_tokens)
     load = HostLoad().start()
     res = run_plan(plan, weights, cluster, [prompt], opts)
     load.stop()

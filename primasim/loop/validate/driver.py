@@ -54,6 +54,7 @@ from primasim.runtime.head import cached_random_weights
 from primasim.sim import make_plan
 
 from ..row import Row
+from . import speculation as spv
 from .calibrate import ClusterProfile, Progress, profile_cluster
 from .compare import compare, measure, predict, prompt_ids
 from .hostload import HostLoad
@@ -85,6 +86,12 @@ class ValidateConfig:
     plan_options: tuple[tuple[str, Any], ...] = field(default=(), metadata={"help": "planner options"})
     out: str = field(default="", metadata={"help": "output directory (default runs/validate-<time>)"})
     timeout: float = field(default=300.0, metadata={"help": "s without progress before a run gives up"})
+    draft: str = field(default="", metadata={"help": "speculative decoding: a draft checkpoint, or first:N (the "
+                                                     "random-weight target's first N blocks); empty = none"})
+    draft_tokens: int = field(default=4, metadata={"help": "tokens the draft proposes per pass (K)"})
+    acceptance: str = field(default="", metadata={
+        "help": "the prediction's acceptance model: a rate, rates per position or an acceptance log; empty = "
+                "the log of a separate run of the runtime's speculative loop on the prompt (loop/validate/speculation.py)"})
 
 
 @dataclass
@@ -121,6 +128,9 @@ class ValidateResult:
             "measured": {k: mj.get(k) for k in ("tpot_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
                                                 "throughput_tok_s", "memory_pressure", "disk_read_bytes",
                                                 "token_ids", "emulation")},
+            "speculation": {"predicted": self.predicted.extra.get("speculation"),
+                            "measured": {k: v for k, v in self.measured.trace.meta.get("speculation", {}).items()
+                                         if k != "pass_log"} or None},
             "host": {"other_processes_cpu_share": self.host.foreign_share, "load1": self.host.load1,
                      "cpus": len(os.sched_getaffinity(0))},
             "seconds": self.seconds,
@@ -188,6 +198,12 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
     except CheckpointError as exc:
         raise SpecError(f"cannot write {model.quant} random weights: {exc.what}", where="--quant",
                         fix="use --quant f32, f16 or q8_0") from None
+    draft_path, draft_model = (None, None)
+    if cfg.draft:
+        if cfg.draft_tokens < 1:
+            raise SpecError(f"--draft-tokens must be >= 1, got {cfg.draft_tokens}", where="--draft-tokens",
+                            fix="e.g. --draft-tokens 4")
+        draft_path, draft_model = spv.draft_weights(cfg.draft, weights)
     secs["weights"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -198,27 +214,39 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
     t = time.perf_counter()
     say("plan: Halda on the profiled cluster", 0.62)
     rmodel = runtime_model(model)
-    outcome = make_plan(cfg.system, rmodel, prof.cluster, n_ctx=cfg.n_ctx, prompt_tokens=cfg.prompt_tokens,
-                        **dict(cfg.plan_options))
-    if not outcome.feasible or outcome.plan is None:
-        raise PlanError(f"{cfg.system} cannot run {model.name} on the profiled {cluster.name}: {outcome.reason}",
-                        where="validate", fix="give the emulated devices more memory or use a smaller model")
-    plan = outcome.plan
+    prompt = prompt_ids(cfg.prompt_tokens, model.vocab, cfg.seed)
+    draft = None
+    if draft_path is not None and draft_model is not None:  # acceptance from a separate run, then the plan
+        log = None
+        if not cfg.acceptance:
+            say("acceptance: a separate run of the runtime's speculative loop", 0.61)
+            log = spv.measure_acceptance(weights, draft_path, prompt, cfg.tokens, cfg.draft_tokens, cfg.n_ctx)
+            log.save(out / "acceptance.json")
+        draft = spv.draft_spec(draft_model, cfg.draft_tokens, prof.cluster.head, spv.acceptance_model(cfg.acceptance, log))
+        plan = spv.plan_with_draft(cfg.system, rmodel, prof.cluster, draft, n_ctx=cfg.n_ctx,
+                                   prompt_tokens=cfg.prompt_tokens, options=dict(cfg.plan_options))
+    else:
+        outcome = make_plan(cfg.system, rmodel, prof.cluster, n_ctx=cfg.n_ctx, prompt_tokens=cfg.prompt_tokens,
+                            **dict(cfg.plan_options))
+        if not outcome.feasible or outcome.plan is None:
+            raise PlanError(f"{cfg.system} cannot run {model.name} on the profiled {cluster.name}: {outcome.reason}",
+                            where="validate", fix="give the emulated devices more memory or use a smaller model")
+        plan = outcome.plan
     secs["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say("simulate: the plan as the runtime executes it", 0.64)
     sim = predict(plan, model, prof.cluster, tokens=cfg.tokens, prompt_tokens=cfg.prompt_tokens, seed=cfg.seed,
-                  residency=cfg.residency)
+                  residency=cfg.residency, draft=draft)
     if not sim.feasible:
         raise PlanError(f"the simulator cannot run the plan: {sim.reason}", where="validate", fix="see the reason")
     secs["simulate"] = time.perf_counter() - t
 
     t = time.perf_counter()
     say(f"run: {cfg.tokens} tokens on the emulated {cluster.name}", 0.66)
-    run, host = measure(plan, weights, cluster, tokens=cfg.tokens,
-                        prompt=prompt_ids(cfg.prompt_tokens, model.vocab, cfg.seed), seed=cfg.seed,
-                        emulate=cfg.emulate, timeout=cfg.timeout, residency=cfg.residency)
+    run, host = measure(plan, weights, cluster, tokens=cfg.tokens, prompt=prompt, seed=cfg.seed,
+                        emulate=cfg.emulate, timeout=cfg.timeout, residency=cfg.residency,
+                        draft=None if draft_path is None else str(draft_path), draft_tokens=cfg.draft_tokens)
     secs["run"] = time.perf_counter() - t
     if not prof.emulated:
         notes.append("degraded: not root, so the devices ran as plain processes without memory, CPU, disk or "
@@ -230,6 +258,11 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
     t = time.perf_counter()
     say("compare: tables, figure, timelines", 0.95)
     rows = compare(sim, run, plan, cluster)
+    if draft is not None:
+        rows[1:1] = spv.speculation_rows(sim, run)
+        notes.append(f"speculative decoding: draft {draft_model.name if draft_model else cfg.draft} on the head, "
+                     f"K = {cfg.draft_tokens}; the prediction's acceptance: {draft.acceptance.describe()}"
+                     + ("" if cfg.acceptance else " (measured by a separate run, acceptance.json)"))
     res = ValidateResult(cfg, prof, plan, sim, run, rows, out, host, secs, notes)
     write_outputs(res)
     secs["compare"] = time.perf_counter() - t
