@@ -403,16 +403,14 @@ def logits(params: Params, x: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- sampling, generation
-def sample(logits: np.ndarray, rng: np.random.Generator | None = None, *, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0) -> int:
-    """Next token from a logit vector: greedy at temperature 0, else softmax(logits / T) restricted
-    to the top_k most likely (0 = all) and the smallest set holding top_p of the mass, drawn with
-    `rng` (seeded by the caller, so a run is reproducible)."""
+def processed_probs(logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The distribution `sample` draws from (temperature, then top-k, then top-p) as float64
+    probabilities; temperature 0 is a point mass on the argmax (speculative sampling needs it whole)."""
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
     if temperature <= 0:
-        return int(np.argmax(z))
-    if rng is None:
-        raise ValueError("sampling at temperature > 0 needs a seeded numpy Generator")
+        p = np.zeros_like(z)
+        p[int(np.argmax(z))] = 1.0
+        return p
     z = z / temperature
     if 0 < top_k < z.size:
         z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
@@ -421,9 +419,20 @@ def sample(logits: np.ndarray, rng: np.random.Generator | None = None, *, temper
     if top_p < 1.0:
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        drop = order[cum - p[order] >= top_p]  # keep the smallest prefix reaching top_p
-        p[drop] = 0.0
+        p[order[cum - p[order] >= top_p]] = 0.0  # keep the smallest prefix reaching top_p
         p /= p.sum()
+    return p
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator | None = None, *, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0) -> int:
+    """Next token from a logit vector: greedy at temperature 0, else drawn from `processed_probs` with
+    `rng` (seeded by the caller, so a run is reproducible)."""
+    if temperature <= 0:
+        return int(np.argmax(np.asarray(logits).reshape(-1)))
+    if rng is None:
+        raise ValueError("sampling at temperature > 0 needs a seeded numpy Generator")
+    p = processed_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return int(rng.choice(p.size, p=p))
 
 

@@ -38,31 +38,11 @@ from primasim.core.speculation import check_compatible, prefix_draft, summarize
 
 from . import model as md
 from .checkpoint import Checkpoint, open_checkpoint, write_random_checkpoint
+from .model import processed_probs
 from .pages import drop_pages
 
 
 # ---------------------------------------------------------------------------- the acceptance rule
-def processed_probs(logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """The distribution `primasim.runtime.model.sample` draws from (temperature, then top-k, then
-    top-p), as float64 probabilities; temperature 0 is a point mass on the argmax."""
-    z = np.asarray(logits, dtype=np.float64).reshape(-1)
-    if temperature <= 0:
-        p = np.zeros_like(z)
-        p[int(np.argmax(z))] = 1.0
-        return p
-    z = z / temperature
-    if 0 < top_k < z.size:
-        z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        p[order[cum - p[order] >= top_p]] = 0.0
-        p /= p.sum()
-    return p
-
-
 def verify(drafts: Sequence[int], q: Sequence[np.ndarray] | None, p: Sequence[np.ndarray],
            rng: np.random.Generator | None) -> tuple[int, int]:
     """(accepted drafts n, the token the target emits after them) for one verification pass.
