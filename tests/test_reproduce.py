@@ -25,6 +25,7 @@ from primasim.loop.reproduce.framework import (
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ("prima-table4", "prima-memory", "prima-k-sweep", "prima-device-selection", "prima-halda-vs-heuristics",
+            "prima-speculative",
             "mdi-llm-nodes", "bud-batching", "pipo-offload")
 # Claims the simulator does not reproduce, each explained in the README ("Where the simulator and
 # the papers disagree"); every other claim must hold. Each is an xfail(strict=True) below: when one
@@ -100,6 +101,20 @@ def test_table4_tolerances_and_headline_orderings(results: dict) -> None:
     assert r[("llama3-70b", "llama.cpp")] / r[("llama3-70b", "prima")] > 10
     assert r[("llama3-70b", "prima")] < r[("llama3-70b", "llama.cpp")] < r[("llama3-70b", "prima-no-halda")]
     assert math.isnan(r[("llama3-70b", "exo")]) and math.isnan(r[("llama3-70b", "dllama")])  # OOM
+
+
+def test_speculative_target_runs_the_draft_on_the_head(results: dict) -> None:
+    """prima.cpp's placement (the draft on the head, D3), K from the planner (never 0: it pays), the
+    70B cell against the paper's 442 ms/token, and more acceptance never predicts a smaller gain."""
+    df = results["prima-speculative"].rows
+    spec = df[(df.system == "prima+spec") & (df.metric == "tpot")]
+    assert len(spec) == 6 and all("on D3:" in n and "K = 0" not in n for n in spec.note)
+    r70 = spec[spec.case == "llama3-70b"].iloc[0]
+    assert r70.paper == 442 and r70.within
+    red = df[df.metric.str.startswith("tpot reduction")]
+    for case in red.case.unique():
+        g = {m: float(p) for m, p in zip(red[red.case == case].metric, red[red.case == case].predicted)}
+        assert g["tpot reduction (alpha 0.6)"] <= g["tpot reduction"] + 1 <= g["tpot reduction (alpha 0.8)"] + 2, (case, g)
 
 
 def test_csv_matches_the_papers_data(results: dict) -> None:

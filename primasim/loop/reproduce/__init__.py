@@ -1,13 +1,13 @@
 """Reproduce the papers' figures and tables from the simulator (`primasim reproduce NAME`).
 
 framework.py: the registry of targets, rows, claims, `reproduce()`; one module per paper registers
-its targets (prima.py: prima.cpp's Table 4, Table 5, Fig. 2, 8, 10; mdi.py; bud.py; pipo.py);
+its targets (prima.py: prima.cpp's Table 4, Table 5, Fig. 2, 8, 10; prima_spec.py: its speculative decoding; mdi.py; bud.py; pipo.py);
 timeline.py: a trace's timeline plot.
 """
 
 # each module registers its targets; the import order is the targets' order (`--list`, `all`)
 # isort: off
-from . import prima, mdi, bud, pipo  # noqa: F401
+from . import prima, prima_spec, mdi, bud, pipo  # noqa: F401
 # isort: on
 from .framework import (
     TARGETS as TARGETS,
