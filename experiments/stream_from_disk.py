@@ -3,6 +3,7 @@ done-when; root).
 
     sudo .venv/bin/python experiments/stream_from_disk.py                 # every model/format below
     sudo .venv/bin/python experiments/stream_from_disk.py --only llama-mini-300m:q4k --tokens 32
+    sudo .venv/bin/python experiments/stream_from_disk.py --only tinyllama-1.1b:q4k --merge   # keep the other rows
 
 For each random-weight GGUF file (the papers run Q4_K_M; f32 and Q8_0 beside it), one emulated device
 (a memory cgroup: the runtime's own footprint + `--fraction` of the file for the model, which is a
@@ -23,6 +24,7 @@ Writes experiments/results/stream_from_disk.{md,json}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -125,7 +127,7 @@ def one(cfg: str, a: argparse.Namespace) -> list[dict[str, Any]]:
                     "cg_limit_bytes": st.get("cg_mem_limit"), "cg_peak_bytes": st.get("cg_mem_max_usage"),
                     "footprint_bytes": st.get("cg_mem_limit", 0.0) - limit,
                     "residency": res.loads["dev"].get("residency"), "keep_fraction": res.loads["dev"].get("keep_fraction"),
-                    "seconds": time.time() - t0, "load1": os.getloadavg()[0]})
+                    "seconds": time.time() - t0, "load1": round(os.getloadavg()[0], 1)})
         rows.append(row)
         print(f"  {mode}: same tokens {row['same_tokens']}, TPOT {row['tpot_ms']:.1f} ms, disk "
               f"{row['disk_read_mb_per_token']:.1f} MB/token (simulated {row['sim_disk_read_mb_per_token']:.1f}), anon {row['anon_mb']:.1f} MB, file {row['file_mb']:.1f} MB "
@@ -134,15 +136,19 @@ def one(cfg: str, a: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
+def report(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
     lines = ["# A model larger than memory, inside a limit smaller than its file (issue 14)", "",
-             f"`sudo .venv/bin/python experiments/stream_from_disk.py {' '.join(sys.argv[1:])}` -- "
-             f"{time.strftime('%Y-%m-%d %H:%M')}; one emulated device, 2 cores, the model's memory = "
-             f"{a.fraction:.0%} of the file on top of the runtime's footprint"
-             + (f", disk throttled to {a.disk_mbs:.0f} MB/s" if a.disk_mbs else ", disk not throttled")
-             + f"; {a.tokens} greedy tokens; load1 {os.getloadavg()[0]:.1f}.", "",
-             "| model:format | file | f32 size | limit | residency | same tokens as unlimited | TPOT | disk MB/token "
-             "(simulated) | anon MB | file MB | cgroup peak / limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "One emulated device, 2 cores; the model's memory = a fraction of the file on top of the runtime's "
+             "footprint; greedy tokens; `load1` = the host's load average when the run ended. Commands:", ""]
+    for run in runs:
+        a = run["args"]
+        lines.append(f"- `sudo .venv/bin/python experiments/stream_from_disk.py {' '.join(run['argv'])}` -- "
+                     f"{run['time']}: {', '.join(run['configs'])}; memory {a['fraction']:.0%} of the file, "
+                     + (f"disk throttled to {a['disk_mbs']:.0f} MB/s" if a["disk_mbs"] else "disk not throttled")
+                     + f", {a['tokens']} tokens; uptime: {run.get('uptime', '-')}")
+    lines += ["", "| model:format | file | f32 size | limit | residency | same tokens as unlimited | TPOT | disk MB/token "
+              "(simulated) | anon MB | file MB | cgroup peak / limit | load1 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['config']} | skipped: {r['skipped']} |||||||||| ")
@@ -156,9 +162,10 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> str:
               else "-")
         mode = r["mode"] + (f" ({r['residency']})" if r.get("residency") else "")
         sim = f"{r['sim_disk_read_mb_per_token']:.1f}" if "sim_disk_read_mb_per_token" in r else "-"
+        load = f"{r['load1']:.1f}" if "load1" in r else "-"
         lines.append(f"| {r['config']} | {r['file_bytes'] / 1e6:.0f} MB | {r['f32_bytes'] / 1e9:.2f} GB | {lim} | {mode} "
                      f"| {r['same_tokens']} | {r['tpot_ms']:.1f} ms | {r['disk_read_mb_per_token']:.1f} ({sim}) | "
-                     f"{r['anon_mb']:.1f} | {r['file_mb']:.1f} | {cg} |")
+                     f"{r['anon_mb']:.1f} | {r['file_mb']:.1f} | {cg} | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +176,8 @@ def main() -> int:
     ap.add_argument("--disk-mbs", type=float, default=0.0, help="throttle the device's disk (MB/s; 0 = not)")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows (and commands) of other configurations already in --out's results")
     a = ap.parse_args()
     from primasim.core.io import atomic_write_json, atomic_write_text
     from primasim.runtime.emulate import is_root
@@ -176,14 +185,29 @@ def main() -> int:
     if not is_root():
         print("needs root (a memory cgroup per device)", file=sys.stderr)
         return 2
+    configs = a.only.split(",")
     rows: list[dict[str, Any]] = []
-    for cfg in a.only.split(","):
+    for cfg in configs:
         rows += one(cfg, a)
     out = Path(a.out)
-    atomic_write_json(out / "stream_from_disk.json", {"rows": rows, "argv": sys.argv[1:],
-                                                       "time": time.strftime("%Y-%m-%d %H:%M")})
-    atomic_write_text(out / "stream_from_disk.md", report(rows, a))
-    print(report(rows, a))
+    this = {"argv": sys.argv[1:], "time": time.strftime("%Y-%m-%d %H:%M"), "configs": configs,
+            "uptime": os.popen("uptime").read().strip(),
+            "args": {"fraction": a.fraction, "disk_mbs": a.disk_mbs, "tokens": a.tokens}}
+    runs = [this]
+    old_path = out / "stream_from_disk.json"
+    if a.merge and old_path.exists():
+        old = json.loads(old_path.read_text())
+        old_runs = old.get("runs") or [{"argv": old.get("argv", []), "time": old.get("time", "?"),
+                                        "configs": sorted({r["config"] for r in old["rows"]}),
+                                        "args": {"fraction": 0.6, "disk_mbs": 0.0, "tokens": 24}}]
+        kept = [r for r in old["rows"] if r["config"] not in configs]
+        runs = [dict(r, configs=[c for c in r["configs"] if c not in configs]) for r in old_runs]
+        runs = [r for r in runs if r["configs"]] + [this]
+        order = {c: i for i, c in enumerate(CONFIGS)}
+        rows = sorted(kept + rows, key=lambda r: order.get(r["config"], len(order)))  # stable: mode order kept
+    atomic_write_json(old_path, {"rows": rows, "runs": runs})
+    atomic_write_text(out / "stream_from_disk.md", report(rows, runs))
+    print(report(rows, runs))
     return 0
 
 
