@@ -23,6 +23,7 @@ from primasim.core.cluster import ClusterSpec, LinkSpec, NetworkSpec
 from primasim.core.device import DeviceSpec, device_from_toml
 from primasim.core.errors import EmulationError
 from primasim.core.model import ModelSpec
+from primasim.core.model_sources import catalogue
 from primasim.core.runtime_facts import runtime_model
 from primasim.core.units import GB, MB, GiB, MiB
 from primasim.runtime.emulate import EmulatedCluster, tbf_burst
@@ -129,9 +130,11 @@ def profile_cluster(cluster: ClusterSpec, checkpoint: str | Path, model: ModelSp
                     progress(f"profiling {n} inside its limits", i / len(names))
                 dev = cluster.device(n)
                 budget = dev.emulate.memory_limit if (dev.emulate and emu.active) else 0.0
+                # a model from a config.json is not in the catalogue: the probe reads its shapes from the weights
+                model_ref = model.name if model.name in catalogue() else str(Path(ckpt.path).resolve())
                 out = wd / f"probe-{n}.json"
                 cmd = [sys.executable, "-m", "primasim.loop.validate", "probe", "--out", str(out), "--name", n,
-                       "--checkpoint", str(Path(ckpt.path).resolve()), "--model", model.name,
+                       "--checkpoint", str(Path(ckpt.path).resolve()), "--model", model_ref,
                        "--budget", str(budget), "--max-seq", str(max_seq),
                        "--tokens", ",".join(str(t) for t in sorted({*PROBE_ROWS, max(2, prompt_tokens)}))]
                 for m in names[i + 1:]:

@@ -48,7 +48,7 @@ from typing import Any
 from primasim.core.cluster import ClusterSpec, load_cluster
 from primasim.core.errors import CheckpointError, PlanError, PrimasimError, SpecError
 from primasim.core.io import atomic_write_text
-from primasim.core.model_sources import load_model
+from primasim.core.model_sources import catalogue, load_model
 from primasim.core.runtime_facts import residency_mode, runtime_model
 from primasim.runtime.head import cached_random_weights
 from primasim.sim import make_plan
@@ -124,10 +124,11 @@ class ValidateResult:
             "plan": self.plan.to_json(),
             "comparison": [r.to_json() for r in self.rows],
             "predicted": {k: pj.get(k) for k in ("tpot_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
-                                                 "throughput_tok_s", "memory_pressure", "disk_read_bytes")},
+                                                 "throughput_tok_s", "memory_pressure", "disk_read_bytes",
+                                                 "devices")},
             "measured": {k: mj.get(k) for k in ("tpot_ms", "tpot_p50_ms", "tpot_p90_ms", "ttft_ms",
                                                 "throughput_tok_s", "memory_pressure", "disk_read_bytes",
-                                                "token_ids", "emulation")},
+                                                "token_ids", "emulation", "devices")},
             "speculation": {"predicted": self.predicted.extra.get("speculation"),
                             "measured": {k: v for k, v in self.measured.trace.meta.get("speculation", {}).items()
                                          if k != "pass_log"} or None},
@@ -244,7 +245,10 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
 
     t = time.perf_counter()
     say(f"run: {cfg.tokens} tokens on the emulated {cluster.name}", 0.66)
-    run, host = measure(plan, weights, cluster, tokens=cfg.tokens, prompt=prompt, seed=cfg.seed,
+    # a model given as a config.json is not in the catalogue, so the runtime cannot compare the plan's
+    # model with the weights by name (a GGUF file's is its stem): they were written from this very spec
+    run_plan_ = plan if model.name in catalogue() else plan.replace(model=load_model(weights).name)
+    run, host = measure(run_plan_, weights, cluster, tokens=cfg.tokens, prompt=prompt, seed=cfg.seed,
                         emulate=cfg.emulate, timeout=cfg.timeout, residency=cfg.residency,
                         draft=None if draft_path is None else str(draft_path), draft_tokens=cfg.draft_tokens)
     secs["run"] = time.perf_counter() - t
