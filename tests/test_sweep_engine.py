@@ -406,3 +406,27 @@ def test_progress_shows_cells_per_second_and_eta(tmp_path: Path, terminal: bool)
         lines = [ln for ln in res.stderr.splitlines() if "cells/s" in ln]
         assert len(lines) >= 12, res.stderr  # one per batch of 4 at --log-every 0
         assert lines[-1].startswith("kill: 48/48 cells,") and "ETA 0:00:00" in lines[-1], lines[-1]
+
+
+def test_draft_knobs_sweep_speculative_decoding(tmp_path: Path) -> None:
+    """`draft`, `draft_tokens` and `acceptance` cells: K = 0 is plain decoding, a draft that accepts
+    everything beats one that accepts nothing, and the plan says where the draft ran; the planner
+    (evaluate = "plan") gives its expected TPOT for the same cells."""
+    grid = {"model": "llama3-70b", "cluster": "prima-d1-d4", "system": "prima", "quant": "q4k",
+            "draft": "llama3.2-1b", "draft_tokens": [0, 3], "acceptance": [0.0, 1.0]}
+    for evaluate in ("simulate", "plan"):
+        g = grid | ({"tokens": 24} if evaluate == "simulate" else {})
+        run = run_sweep(_spec(g, evaluate=evaluate), tmp_path / evaluate, workers=1, progress=False)
+        assert run.errors == 0
+        df = load_results(tmp_path / evaluate)
+        t = {(int(r.draft_tokens), float(r.acceptance)): r.tpot_ms for r in df.itertuples()}
+        assert t[(0, 0.0)] == pytest.approx(t[(0, 1.0)])  # no draft: acceptance means nothing
+        assert t[(3, 1.0)] < t[(0, 1.0)] < t[(3, 0.0)]
+        assert all("draft@" in p for p, k in zip(df["plan"], df["draft_tokens"]) if k > 0)
+    bad = spec_from_dict({"grid": {"model": "llama3-8b", "cluster": "prima-d1-d4", "system": "prima",
+                                   "draft_tokens": 2}})
+    run = run_sweep(bad, tmp_path / "bad", workers=1, progress=False)
+    assert run.errors == 1 and "needs a draft model" in load_results(tmp_path / "bad")["error"].iloc[0]
+    with pytest.raises(Exception, match="acceptance"):
+        spec_from_dict({"grid": {"model": "llama3-8b", "cluster": "prima-d1-d4", "system": "prima",
+                                 "draft": "llama3.2-1b", "acceptance": 1.5}})

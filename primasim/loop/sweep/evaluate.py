@@ -25,7 +25,9 @@ from primasim.core.cluster import ClusterSpec, builtin_clusters, load_cluster
 from primasim.core.errors import PrimasimError, SpecError
 from primasim.core.model import ModelSpec
 from primasim.core.model_sources import catalogue, load_model
+from primasim.core.speculation import DEFAULT_DRAFT_TOKENS, DraftSpec, FixedRate, check_compatible
 from primasim.core.units import MBPS, MS, GiB
+from primasim.plan.draft import plan_speculative
 from primasim.sim import SimConfig, make_plan, simulate
 
 from .knobs import KNOBS
@@ -160,13 +162,31 @@ def _options(cell: dict[str, Any]) -> dict[str, Any]:
     return {k: cell[k] for k in ("k", "planner", "solver", "general", "comm", "variant", "S", "batch") if k in cell}
 
 
-def _plan_fields(plan: Any) -> dict[str, Any]:
+def _plan_fields(plan: Any, draft_at: str = "") -> dict[str, Any]:
     if plan is None:
         return {}
-    return {"plan_k": plan.k, "plan": plan.describe(), "devices_used": sum(1 for d in plan.devices if d.layers > 0)}
+    return {"plan_k": plan.k, "plan": plan.describe() + (f" draft@{draft_at}" if draft_at else ""),
+            "devices_used": sum(1 for d in plan.devices if d.layers > 0)}
+
+
+def draft_of(cell: dict[str, Any], model: ModelSpec) -> DraftSpec | None:
+    """The cell's draft (speculative decoding), or None without one."""
+    if not cell.get("draft"):
+        for k in ("draft_tokens", "acceptance", "draft_on"):
+            if k in cell:
+                raise SpecError(f"{k} needs a draft model", where=k, fix="set draft = \"MODEL\" in the same cell")
+        return None
+    d = load_model(str(cell["draft"]), cell.get("quant"))
+    check_compatible(model, d)
+    dev, _, side = str(cell.get("draft_on", "")).partition(":")
+    return DraftSpec(d, int(cell.get("draft_tokens", DEFAULT_DRAFT_TOKENS)), dev or None, side or None,  # type: ignore[arg-type]
+                     FixedRate(float(cell.get("acceptance", 0.7))))
 
 
 def evaluate_plan(model: ModelSpec, cluster: ClusterSpec, cell: dict[str, Any]) -> dict[str, Any]:
+    draft = draft_of(cell, model)
+    if draft is not None and draft.tokens > 0:
+        return evaluate_plan_draft(model, cluster, cell, draft)
     out = make_plan(cell["system"], model, cluster, n_ctx=int(cell.get("n_ctx", 1024)),
                     prompt_tokens=int(cell.get("prompt_tokens", 16)), **_options(cell))
     row: dict[str, Any] = {"feasible": out.feasible, "reason": out.reason,
@@ -178,11 +198,24 @@ def evaluate_plan(model: ModelSpec, cluster: ClusterSpec, cell: dict[str, Any]) 
     return row
 
 
+def evaluate_plan_draft(model: ModelSpec, cluster: ClusterSpec, cell: dict[str, Any], draft: DraftSpec) -> dict[str, Any]:
+    """The planner's expected TPOT with a draft of K tokens (its placement: the cell's, or the best)."""
+    dp = plan_speculative(cell["system"], model, cluster, draft, n_ctx=int(cell.get("n_ctx", 1024)),
+                          prompt_tokens=int(cell.get("prompt_tokens", 16)), ks=(draft.tokens,), fixed_k=draft.tokens,
+                          **_options(cell))
+    b = dp.best
+    row: dict[str, Any] = {"feasible": b.feasible, "reason": b.reason,
+                           "tpot_ms": b.tpot_s * 1e3 if b.feasible else None,
+                           "throughput_tok_s": 1.0 / b.tpot_s if b.feasible and b.tpot_s > 0 else None}
+    row.update(_plan_fields(b.plan, f"{b.device}:{b.where}"))
+    return row
+
+
 def evaluate_simulate(model: ModelSpec, cluster: ClusterSpec, cell: dict[str, Any]) -> dict[str, Any]:
     opts = _options(cell)
     cfg = SimConfig(tokens=int(cell.get("tokens", 16)), prompt_tokens=int(cell.get("prompt_tokens", 16)),
                     seed=int(cell.get("seed", 0)), prefetch=cell.get("prefetch"),
-                    S=opts.pop("S", None), batch=opts.pop("batch", None))
+                    S=opts.pop("S", None), batch=opts.pop("batch", None), draft=draft_of(cell, model))
     res = simulate(cell["system"], model, cluster, config=cfg, n_ctx=int(cell.get("n_ctx", 1024)), **opts)
     m = res.metrics
     row: dict[str, Any] = {"feasible": res.feasible, "reason": res.reason}
@@ -190,7 +223,8 @@ def evaluate_simulate(model: ModelSpec, cluster: ClusterSpec, cell: dict[str, An
         row.update(tpot_ms=m.tpot_ms, tpot_p50_ms=m.tpot_p50_ms, tpot_p90_ms=m.tpot_p90_ms, ttft_ms=m.ttft_ms,
                    throughput_tok_s=m.throughput_tok_s,
                    max_memory_pressure=max(m.memory_pressure.values(), default=None))
-    row.update(_plan_fields(res.plan))
+    sp = res.extra.get("speculation", {}).get("draft") if res.feasible else None
+    row.update(_plan_fields(res.plan, f"{sp['device']}:{sp['where']}" if sp else ""))
     return row
 
 

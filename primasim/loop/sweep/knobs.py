@@ -19,10 +19,11 @@ class Knob:
     name: str
     help: str
     kind: str  # str | int | float | bool | choice
-    target: str  # cell (model/cluster/system) | cluster (edits the cluster) | sim (SimConfig) | plan | common
+    target: str  # cell (model/cluster/system) | cluster (edits the cluster) | sim (SimConfig) | plan | common | draft
     low: float | None = None  # smallest allowed value
     above: bool = False  # the value must be strictly above `low`
     choices: tuple[str, ...] = ()
+    high: float | None = None  # largest allowed value
     option: str = ""  # planner option this knob becomes; only the systems that take it accept it
     evaluate: tuple[str, ...] = ("plan", "simulate")  # evaluators the knob means something to
 
@@ -42,6 +43,8 @@ class Knob:
             return f"{value!r} is not a whole number"
         if self.low is not None and (value <= self.low if self.above else value < self.low):
             return f"{value!r} must be {'>' if self.above else '>='} {self.low:g}"
+        if self.high is not None and value > self.high:
+            return f"{value!r} must be <= {self.high:g}"
         return None
 
     def coerce(self, value: Any) -> Any:
@@ -81,6 +84,13 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("general", "Halda: allow a partial last lap", "bool", "plan", option="general"),
     Knob("comm", "Halda: add per-hop communication to its cost", "bool", "plan", option="comm"),
     Knob("variant", "the cost model Halda optimises", "choice", "plan", choices=("code", "paper"), option="variant"),
+    Knob("draft", "speculative decoding: the draft model (a built-in name, config.json or GGUF; the target's "
+         "vocabulary); planned with the draft loaded and K + 1 positions per pass", "str", "draft"),
+    Knob("draft_tokens", "tokens the draft proposes per pass (K; 0 = no draft)", "int", "draft", low=0),
+    Knob("acceptance", "per-token acceptance of the draft's tokens (i.i.d.; default 0.7)", "float", "draft", low=0,
+         high=1),
+    Knob("draft_on", "device (and side) running the draft, DEV[:cpu|gpu]; default the head, GPU if it fits", "str",
+         "draft"),
 )}
 REQUIRED = ("model", "cluster", "system")
 
@@ -114,7 +124,8 @@ def knobs_table() -> list[tuple[str, str, str]]:
         if k.choices:
             values = ", ".join(k.choices)
         elif k.kind in ("int", "float"):
-            values = k.kind + ("" if k.low is None else f" {'>' if k.above else '>='} {k.low:g}")
+            values = k.kind + ("" if k.low is None else f" {'>' if k.above else '>='} {k.low:g}") + (
+                "" if k.high is None else f", <= {k.high:g}")
         else:
             values = k.kind
         extra = f" (systems: {', '.join(systems_taking(k))})" if k.option else ""
