@@ -54,6 +54,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from primasim.core import runtime_facts
 from primasim.core.cluster import ClusterSpec, LinkSpec, NetworkSpec, load_cluster
 from primasim.core.io import (
     Journal,
@@ -641,8 +643,16 @@ def main(argv: list[str] | None = None) -> int:
         runs.close()
         atomic_write_json(out / "fidelity_run.json", {
             "command": cmd, "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t_start) / 60,
-            "configurations": len(done)}, indent=None)
+            "configurations": len(done), "act_reserve_mib": runtime_facts.ACT_RESERVE / MiB,
+            "cpu_shares": os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", "")}, indent=None)
     else:
+        # simulate the runtime that was measured: its workers reserved ACT_RESERVE besides the KV
+        # caches when they took their weights' budget (8 MiB before 2026-12-07, not recorded then)
+        meta0 = out / "fidelity_run.json"
+        reserve = json.loads(meta0.read_text()).get("act_reserve_mib", 8.0) if meta0.exists() else None
+        if reserve is not None and reserve * MiB != runtime_facts.ACT_RESERVE:
+            print(f"(the journal's runtime reserved {reserve:g} MiB for activations: simulated so)", flush=True)
+            runtime_facts.ACT_RESERVE = int(reserve * MiB)
         for v in variants:
             profiled[v] = load_cluster(out / f"fidelity_cluster_{v}.toml")
     # predictions (cheap): every configuration re-simulated from its plan and the profiled cluster

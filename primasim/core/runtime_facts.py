@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 from .model import ModelSpec
 from .units import MiB
 
-ACT_RESERVE = 8 * MiB  # activations and the allocator, on top of the KV caches
+# activations, the allocator and the warm-up: the worker measures its budget at LOAD before it runs
+# every compiled shape once (XLA's first executions allocate), and those allocations then come out of
+# the weights' room. Measured 2026-12-07 on llama-mini-300m (fidelity study, home-emu): 7.3-10.8 MB of
+# anonymous memory beyond the KV caches after the budget was taken; with 8 MiB reserved, devices
+# without prefetch sat at their cgroup's limit and the kernel's LRU evicted resident weights on a
+# cyclic scan (desktop re-read 617 MB/token where the plan streams 379). 16 MiB keeps ~5 MB of margin.
+ACT_RESERVE = 16 * MiB
 MIN_SPAN = 256  # smallest attention span bucket (positions)
 HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # batched decode pads the running requests to one of these
