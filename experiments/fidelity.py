@@ -88,6 +88,7 @@ MEMORY_SCALE = 1.0
 TOKENS = 20
 PROMPT = 16
 N_CTX = 1024
+HOST = {"cpus": 0}  # the measuring host's CPUs the emulated devices are pinned to (SimConfig.host_cpus)
 FOREIGN_RETRY = 0.30  # re-run a configuration once if other processes used more of the host's CPUs
 
 # The training subset: the only configurations the fitted coefficients see.
@@ -261,7 +262,8 @@ def simulate_config(cfg: Config, plan: Any, cl: ClusterSpec, fit: dict[str, floa
     model = load_model(MODEL, QUANT)
     requests = cfg.batch if cfg.batch else None
     sim = predict(plan, model, _calibrated(cl, fit or {}), tokens=cfg.n_tokens, prompt_tokens=PROMPT,
-                  requests=requests, batch=cfg.batch, residency=cfg.mode, **(switches or {}))
+                  requests=requests, batch=cfg.batch, residency=cfg.mode,
+                  **({"host_cpus": HOST["cpus"]} | (switches or {})))
     if not sim.feasible:
         raise RuntimeError(f"{cfg.name}: simulator: {sim.reason}")
     m = sim.metrics
@@ -355,6 +357,7 @@ CONFIGS = {c.name: c for c in configs()}
 # What each modelled mechanism of the emulated devices buys: the same journal and fit, simulated
 # with the mechanism switched off (SimConfig switches).
 ABLATIONS = {"no CPU-quota bursts": {"cpu_quota_bursts": False},
+             "devices on CPUs of their own": {"host_cpus": 0},
              "plain-rate disk": {"disk_slices": False},
              "plain-rate links": {"link_buckets": False},
              "none of the three": {"cpu_quota_bursts": False, "disk_slices": False, "link_buckets": False}}
@@ -644,7 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out / "fidelity_run.json", {
             "command": cmd, "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t_start) / 60,
             "configurations": len(done), "act_reserve_mib": runtime_facts.ACT_RESERVE / MiB,
-            "cpu_shares": os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", "")}, indent=None)
+            "cpu_shares": os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", ""),
+            "host_cpus": len(os.sched_getaffinity(0))}, indent=None)
+        host_cpus = len(os.sched_getaffinity(0))
     else:
         # simulate the runtime that was measured: its workers reserved ACT_RESERVE besides the KV
         # caches when they took their weights' budget (8 MiB before 2026-12-07, not recorded then)
@@ -653,8 +658,12 @@ def main(argv: list[str] | None = None) -> int:
         if reserve is not None and reserve * MiB != runtime_facts.ACT_RESERVE:
             print(f"(the journal's runtime reserved {reserve:g} MiB for activations: simulated so)", flush=True)
             runtime_facts.ACT_RESERVE = int(reserve * MiB)
+        # the host CPUs the emulated devices were pinned to (not recorded before 2026-12-07: each
+        # device simulated on CPUs of its own, as the simulator did then)
+        host_cpus = int(json.loads(meta0.read_text()).get("host_cpus", 0)) if meta0.exists() else 0
         for v in variants:
             profiled[v] = load_cluster(out / f"fidelity_cluster_{v}.toml")
+    HOST["cpus"] = host_cpus
     # predictions (cheap): every configuration re-simulated from its plan and the profiled cluster
     from primasim.core.plan import Plan
 

@@ -59,6 +59,7 @@ from primasim.core import cgroups
 from primasim.core.cluster import ClusterSpec
 from primasim.core.errors import EmulationError, WorkerError
 from primasim.core.procfs import block_device_of
+from primasim.core.runtime_facts import emulated_cpus
 from primasim.core.units import MBPS, MiB
 
 PREFIX = "primasim-e"
@@ -435,10 +436,7 @@ class EmulatedCluster:
         ed.memory_limit = float(em.memory_limit)
 
     def _cpus_for(self, i: int, threads: int, quota: float) -> list[int]:
-        avail = sorted(os.sched_getaffinity(0))
-        n = threads or max(1, int(-(-quota // 1)) if quota > 0 else len(avail))
-        n = min(n, len(avail))
-        return [avail[(i * n + j) % len(avail)] for j in range(n)]
+        return emulated_cpus(i, threads, quota, sorted(os.sched_getaffinity(0)))  # the simulator's rule too
 
     # -------------------------------------------------------------------------------- workers
     def spawn(self, name: str, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> EmulatedDevice:

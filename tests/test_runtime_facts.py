@@ -107,3 +107,40 @@ def test_planning_commands_load_neither_jax_nor_zmq(tmp_path: Path) -> None:
             "print('LOADED', sorted(m for m in ('jax', 'zmq', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.strip().splitlines()[-1] == "LOADED []", out.stdout[-500:]
+
+
+def test_devices_pinned_to_one_host_cpu_share_it_while_they_compute_at_once() -> None:
+    """runtime/emulate.py pins single-thread devices to host CPUs by runtime_facts.emulated_cpus;
+    a job that starts while another device's runs on the same CPU gets half of it until that ends."""
+    from primasim.core.device import DeviceSpec, EmulationSpec
+    from primasim.core.runtime_facts import emulated_cpus
+    from primasim.sim._runtime import CpuQuota, HostCpu
+
+    MS = 1e-3
+    dev = DeviceSpec(name="q", os="linux", cores=1, ram_total=2**30, ram_avail=2**30, ram_bw=1e10,
+                     cpu_flops={"f32": 4e10}, disk_seq=3e8)
+
+    def _quota(cores: float) -> CpuQuota:
+        return CpuQuota(type("D", (), {"spec": dev.replace(emulate=EmulationSpec(cpu_quota=cores, cpu_period=10 * MS,
+                                                                                 threads=1))})())
+
+    assert [emulated_cpus(i, 1, 0.6, [0, 1]) for i in range(4)] == [[0], [1], [0], [1]]
+    assert emulated_cpus(1, 2, 1.5, [0, 1, 2, 3]) == [2, 3]
+    host = HostCpu()
+
+    def pinned(cores: float) -> CpuQuota:
+        q = _quota(cores)
+        q.host = host
+        return q
+
+    a, b = pinned(0.5), pinned(0.5)
+    assert a.duration(0.0, 4 * MS) == pytest.approx(2 * MS)  # alone: a burst at full speed
+    # b starts at 1 ms while a runs until 2 ms: 1 ms at half speed (0.5 ms of work), then 1.5 ms alone
+    assert b.duration(1 * MS, 4 * MS) == pytest.approx(2.5 * MS)
+    # later, alone again: full speed (budget of the new period)
+    assert a.duration(20 * MS, 4 * MS) == pytest.approx(2 * MS)
+    # without a quota the shared CPU alone slows it
+    free = CpuQuota(type("D", (), {"spec": dev})())
+    free.host = host
+    host.add(0.105)
+    assert free.duration(0.1, 10 * MS) == pytest.approx(12.5 * MS)  # 5 ms shared (2.5 of work), 7.5 alone

@@ -50,6 +50,15 @@ RESIDENCY_MODES = ("planned", "lru")
 _ALIASES = {"plan": "planned", "kernel": "lru"}
 
 
+def emulated_cpus(index: int, threads: int, quota: float, avail: list[int]) -> list[int]:
+    """The host CPUs runtime/emulate.py pins emulated device `index` of a cluster to: `threads`
+    of them (0: ceil(quota), at least one), consecutive from index x threads, wrapping around the
+    host's CPUs `avail`. Devices whose CPUs overlap share them when they compute at once."""
+    n = threads or max(1, int(-(-quota // 1)) if quota > 0 else len(avail))
+    n = min(n, len(avail))
+    return [avail[(index * n + j) % len(avail)] for j in range(n)]
+
+
 def residency_mode(name: str) -> str:
     """A residency mode by name (`planned`, `lru`; the older `plan` and `kernel` are aliases)."""
     mode = _ALIASES.get(name, name)

@@ -48,6 +48,9 @@ class SimConfig:
                                 "after a wait run at full speed (False: every call at the profiled average rate)")
     disk_slices: bool = _h(True, "runtime: a throttled disk grants bytes per blk-throttle slice (False: a plain "
                            "rate at the sustained throughput)")
+    host_cpus: int = _h(0, "runtime on an emulated cluster: the host CPUs its single-thread devices are pinned to "
+                        "(device i of the cluster on CPU i mod host_cpus, runtime_facts.emulated_cpu); devices on "
+                        "one CPU share it while they compute at once (0: every device has its own CPUs)")
     link_buckets: bool = _h(True, "a link with a shaper's bucket (`burst_kb`, tc tbf) lets that much through at once "
                             "after an idle spell (False: every message at the link's rate)")
     # --- schedule-specific workload knobs

@@ -55,6 +55,7 @@ from primasim.core.runtime_facts import (
     anon_reserve,
     attention_span,
     batch_bucket,
+    emulated_cpus,
     kv_bytes,
     plan_residency,
 )
@@ -186,7 +187,7 @@ class CpuQuota:
     period's budget is spent, then waits for the next period. Without an emulated quota (or one of
     at least the worker's threads) time is the profiled time."""
 
-    def __init__(self, dev: SimDevice, enabled: bool = True) -> None:
+    def __init__(self, dev: SimDevice, enabled: bool = True, host: HostCpu | None = None) -> None:
         em = dev.spec.emulate if enabled else None
         q = em.cpu_quota if em is not None else 0.0
         n = max(1, int(em.threads or math.ceil(q))) if em is not None else 1
@@ -195,24 +196,74 @@ class CpuQuota:
         self.budget = self.frac * self.period  # wall-seconds at full speed per period
         self.index = -1
         self.used = 0.0
+        self.host = host  # the host CPU this device is pinned to, shared with others (or None)
 
     def duration(self, now: float, profiled: float) -> float:
-        """Wall seconds of work that takes `profiled` seconds at the quota's average rate."""
-        if self.frac >= 1.0 or profiled <= 0:
+        """Wall seconds of work that takes `profiled` seconds at the quota's average rate (on a
+        shared host CPU: at 1 / (1 + others computing) of its speed while they do)."""
+        if profiled <= 0:
             return profiled
+        if self.frac >= 1.0 and self.host is None:
+            return profiled
+        ends = self.host.busy_until(now) if self.host is not None else []
         P, t, left = self.period, now, profiled * self.frac  # full-speed seconds to run
         while left > 1e-15:
+            share = 1.0 / (1 + sum(1 for e in ends if e > t + 1e-12))
+            nxt = min((e for e in ends if e > t + 1e-12), default=math.inf)
+            if self.frac >= 1.0:  # no quota: only the shared CPU slows it
+                run = min(left, (nxt - t) * share)
+                left -= run
+                t += run / share
+                continue
             k = math.floor(t / P + 1e-12)
             if k != self.index:
                 self.index, self.used = k, 0.0
-            run = min(left, self.budget - self.used, (k + 1) * P - t)
-            if run <= 1e-15:  # throttled until the period's refill
+            run = min(left, self.budget - self.used, (min((k + 1) * P, nxt) - t) * share)
+            if run <= 1e-15 and self.budget - self.used <= 1e-15:  # throttled until the period's refill
                 t = (k + 1) * P
                 continue
             self.used += run
             left -= run
-            t += run
+            t += run / share
+        if self.host is not None:
+            self.host.add(t)
         return t - now
+
+
+class HostCpu:
+    """One CPU of the host an emulated cluster runs on, and when the jobs of the devices pinned
+    to it end. A job that starts while others run there gets 1 / (1 + running) of the CPU until
+    they end (CFS shares it evenly among the devices' groups: equal cpu.shares); a job already
+    running is not slowed by one that starts later -- an approximation that charges the overlap
+    to the later job only."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def busy_until(self, now: float) -> list[float]:
+        self.ends = [e for e in self.ends if e > now + 1e-12]
+        return list(self.ends)
+
+    def add(self, end: float) -> None:
+        self.ends.append(end)
+
+
+def host_cpus(ctx: SimContext) -> dict[str, HostCpu]:
+    """Per emulated single-CPU device, the host CPU it is pinned to (`SimConfig.host_cpus`, the
+    emulation's rule `emulated_cpus`); devices on several CPUs or not emulated get none."""
+    n = int(ctx.cfg.host_cpus or 0)
+    if n <= 0:
+        return {}
+    cpus: dict[int, HostCpu] = {}
+    out = {}
+    for i, (name, d) in enumerate(ctx.devices.items()):
+        em = d.spec.emulate
+        if em is None:
+            continue
+        pinned = emulated_cpus(i, em.threads, em.cpu_quota, list(range(n)))
+        if len(pinned) == 1:
+            out[name] = cpus.setdefault(pinned[0], HostCpu())
+    return out
 
 
 class RuntimeRing:
@@ -241,8 +292,9 @@ class RuntimeRing:
         self.buckets = {n: DiskBucket(d, ctx.cfg.disk_slices) for n, d in ctx.devices.items()}
         self._setup_lru()
         self.prefetch_queue = {n: simpy.Resource(ctx.env, 1) for n in ctx.devices}
+        hosts = host_cpus(ctx)
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
-            d.cpu.throttle = CpuQuota(d, ctx.cfg.cpu_quota_bursts).duration
+            d.cpu.throttle = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name)).duration
         # streamed part of each layer: absent (None), being read (an event) or resident (True)
         self.state: dict[tuple[str, int], Any] = {}
         self.next_layer: dict[tuple[str, int], int] = {}
