@@ -632,6 +632,13 @@ def main(argv: list[str] | None = None) -> int:
             prof = profile_cluster(vc, weights, model, prompt_tokens=PROMPT, max_seq=N_CTX)
             profiled[v] = prof.cluster
             atomic_write_with(path, prof.cluster.save)
+        # what the runtime and the host were (also for a run stopped before its end, then --analyze)
+        run_meta = {"command": cmd, "finished": "(running)", "minutes": 0.0, "configurations": len(done),
+                    "act_reserve_mib": runtime_facts.ACT_RESERVE / MiB,
+                    "cpu_shares": os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", ""),
+                    "host_cpus": len(os.sched_getaffinity(0))}
+        if not (out / "fidelity_run.json").exists():
+            atomic_write_json(out / "fidelity_run.json", run_meta, indent=None)
         for i, c in enumerate(cfgs):
             if c.name in done:
                 continue
@@ -644,11 +651,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    measured TPOT {meas['tpot_ms']:.1f} ms, TTFT {meas['ttft_ms']:.0f} ms, "
                   f"others' CPU {100 * meas['foreign_cpu']:.0f} %", flush=True)
         runs.close()
-        atomic_write_json(out / "fidelity_run.json", {
-            "command": cmd, "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t_start) / 60,
-            "configurations": len(done), "act_reserve_mib": runtime_facts.ACT_RESERVE / MiB,
-            "cpu_shares": os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", ""),
-            "host_cpus": len(os.sched_getaffinity(0))}, indent=None)
+        atomic_write_json(out / "fidelity_run.json", run_meta | {
+            "finished": time.strftime("%Y-%m-%d %H:%M"), "minutes": (time.time() - t_start) / 60,
+            "configurations": len(done)}, indent=None)
         host_cpus = len(os.sched_getaffinity(0))
     else:
         # simulate the runtime that was measured: its workers reserved ACT_RESERVE besides the KV
