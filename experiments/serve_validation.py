@@ -55,6 +55,9 @@ from primasim.core.units import MiB
 from primasim.core.workload import RequestSpec, Workload, poisson
 from primasim.loop.validate.hostload import HostLoad
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_diagnostics as diag  # noqa: E402  (next to this script)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 MODEL = "llama-mini-300m"
@@ -203,7 +206,7 @@ def as_sent(recs: list[RequestRecord]) -> Workload:
 
 
 # ------------------------------------------------------------------------------------ main
-def run(resume: bool) -> None:
+def run(resume: bool, skip_leave: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cl = profiled(resume)
     cl_path = RESULTS / "serve_cluster.toml"
@@ -216,7 +219,18 @@ def run(resume: bool) -> None:
     jr = Journal(JOURNAL, key="level", resume=resume)
     srv = None
     try:
-        todo = [f for f in LEVELS if f"{f:g}" not in jr.records] + (["leave"] if "leave" not in jr.records else [])
+        if "run" not in jr.records:
+            print("reference: the same plan as one `primasim run` request...", file=sys.stderr, flush=True)
+            try:  # a diagnostic: its failure must not cost the levels
+                ref = diag.measure_run(plan, load_cluster(cl_path), weights(), load_model(MODEL), PROMPT)
+                jr.add(ref)
+                print(f"  run: TPOT {ref['tpot_ms']:.1f} ms (P50 {ref['tpot_p50_ms']:.1f}), TTFT {ref['ttft_ms']:.0f} "
+                      f"ms, load {ref['load1_before']:.1f}", file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"  run reference failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        todo = [f for f in LEVELS if f"{f:g}" not in jr.records]
+        if "leave" not in jr.records and not skip_leave:
+            todo.append("leave")
         if todo:
             srv = Server(cl_path, plan_path, slots, RESULTS / "serve_server.log")
             st = srv.status()
@@ -232,12 +246,14 @@ def run(resume: bool) -> None:
             l0 = _load1()
             t0 = time.time()
             hl = HostLoad().start()
+            c0 = diag.cpu_snapshot(srv.status()["devices"], srv.proc.pid)  # type: ignore[union-attr]
             recs = measure_level(srv, wl, model_id)  # type: ignore[arg-type]
+            cpu = diag.cpu_delta(c0, diag.cpu_snapshot(srv.status()["devices"], srv.proc.pid))  # type: ignore[union-attr]
             foreign = hl.stop()
             rec = {"level": f"{f:g}", "fraction": f, "rate": rate, "capacity_pred": cap, "load1_before": l0,
                    "load1_after": _load1(), "foreign_cpu": foreign, "nice": os.nice(0),
                    "cpu_shares": int(os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", "0") or 0), "wall_s": time.time() - t0,
-                   "records": records_to_json(recs), "server_start": starts[0] if starts else None}
+                   "records": records_to_json(recs), "server_start": starts[0] if starts else None, "cpu": cpu}
             jr.add(rec)
             s = summarize(recs)
             print(f"level {f:g} ({rate:.3f} req/s): {s['completed']}/{s['requests']} ok, P50 TTFT "
@@ -371,7 +387,7 @@ def analyze() -> None:
 
     plan = Plan.from_json(str(RESULTS / "serve_plan.json"))
     slots = len(plan.active)
-    levels = sorted((r for k, r in rows.items() if k != "leave"), key=lambda r: r["fraction"])
+    levels = sorted((r for k, r in rows.items() if k not in ("leave", "run")), key=lambda r: r["fraction"])
     factor = host_factor(plan, cl, levels[0], slots)  # in sample: the quietest level; the others out of sample
     table = []
     for r in levels:
@@ -393,8 +409,11 @@ def analyze() -> None:
     leave = _leave_report(rows.get("leave"), plan, cl, slots)
     atomic_write_json(RESULTS / "serve_validation.json", {"levels": table, "leave": leave, "host_factor": factor,
                                                            "capacity_measured_req_s": cap_meas})
+    pred_run = diag.predict_run(plan, calibrated(cl), load_model(MODEL), PROMPT) if "run" in rows else None
+    diag_lines = diag.report(rows, levels, pred_run, lambda r: next(
+        (t["pred_tpot_p50"], t["meas_tpot_p50"]) for t in table if t["fraction"] == r["fraction"]))
     _figure(table)
-    _report(table, leave, plan, cap_meas, rows, factor)
+    _report(table, leave, plan, cap_meas, rows, factor, diag_lines)
 
 
 def _leave_report(r: dict[str, Any] | None, plan: Any, cl: ClusterSpec, slots: int) -> dict[str, Any] | None:
@@ -463,7 +482,7 @@ def _fmt(v: Any, d: int = 0) -> str:
 
 
 def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any, cap: float,
-            rows: dict[str, Any], factor: float) -> None:
+            rows: dict[str, Any], factor: float, diag_lines: list[str]) -> None:
     below = [t for t in table if t["below_saturation"]]
     lines = [
         "# Serving: predicted vs measured (`primasim serve` on the emulated home cluster)", "",
@@ -522,7 +541,7 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
         lines += ["", f"Out of sample below saturation ({len(out)} levels), largest absolute errors: TTFT P50 "
                       f"{worst_cal('cal_err_ttft_p50'):.1f} %, P90 {worst_cal('cal_err_ttft_p90'):.1f} %; TPOT P50 "
                       f"{worst_cal('cal_err_tpot_p50'):.1f} %, P90 {worst_cal('cal_err_tpot_p90'):.1f} %."]
-    lines += ["", "![saturation](serve_saturation.png)", ""]
+    lines += ["", *diag_lines, "![saturation](serve_saturation.png)", ""]
     if leave:
         m, p = leave["measured"], leave["predicted"]
         sm = leave["setup_model"]
@@ -561,7 +580,9 @@ def main() -> None:
     ap.add_argument("--analyze", action="store_true", help="only re-simulate and report from the journal")
     ap.add_argument("--results", default=None, help="write here instead of experiments/results (a trial run)")
     ap.add_argument("--requests", type=int, default=N_REQUESTS, help=f"requests per level ({N_REQUESTS})")
-    ap.add_argument("--levels", default=None, help="offered load / predicted capacity, comma-separated")
+    ap.add_argument("--levels", default=None, help="offered load / predicted capacity, comma-separated (split a run "
+                    "into parts: the first without --resume, the others with it)")
+    ap.add_argument("--skip-leave", action="store_true", help="do not measure the device-leave run (yet)")
     ap.add_argument("--nice", type=int, default=-5,
                     help="niceness of the profile, server and workers (-5: on a shared host the emulated devices get "
                          "their CPU quota; the others' CPU share is recorded per level)")
@@ -582,7 +603,7 @@ def main() -> None:
             os.nice(a.nice)
         if a.cpu_shares:
             os.environ["PRIMASIM_EMULATE_CPU_SHARES"] = str(a.cpu_shares)
-        run(a.resume)
+        run(a.resume, a.skip_leave)
 
 
 if __name__ == "__main__":

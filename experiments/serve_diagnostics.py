@@ -1,0 +1,135 @@
+"""Diagnostics of experiments/serve_validation.py: where a served token's time goes.
+
+- `cpu_snapshot` / `cpu_delta`: every emulated device's CPU seconds (its worker process, all threads)
+  and its cgroup's CFS bandwidth counters (periods, throttled periods, throttled time), the server
+  process's and the load generator's CPU seconds, read before and after a load level: per token,
+  how much CPU each device, the server and the client used and how long the quota held a device back.
+- `measure_run` / `predict_run`: the same plan as one `primasim run` request (no server, no HTTP)
+  on the same emulated cluster, before the server starts, and the simulator's prediction of it: the
+  run against the simulator is the device model's error, the server's lone requests against the run
+  are what serving adds.
+
+None of this feeds a prediction: it is reported beside the results (in-sample diagnostics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RUN_TOKENS = 48  # the reference run's generated tokens (more gaps than a 16-token request: a steadier TPOT)
+
+
+def _load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds a process used so far (all its threads: utime + stime)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_stat(pid: int) -> dict[str, float]:
+    """The CFS bandwidth counters of the cgroup v1 `cpu` group a process runs in."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrl, path = line.split(":", 2)
+        if "cpu" in ctrl.split(","):
+            st = Path(f"/sys/fs/cgroup/{ctrl}{path}/cpu.stat")
+            if path != "/" and st.exists():
+                kv = dict(x.split() for x in st.read_text().splitlines())
+                return {"nr_periods": float(kv["nr_periods"]), "nr_throttled": float(kv["nr_throttled"]),
+                        "throttled_s": float(kv["throttled_time"]) / 1e9}
+    return {}
+
+
+def cpu_snapshot(devices: dict[str, Any], server_pid: int) -> dict[str, Any]:
+    """`devices`: the server's status()["devices"] (name -> {"pid": ...})."""
+    out: dict[str, Any] = {"t": time.monotonic(), "server_cpu_s": _proc_cpu_s(server_pid),
+                           "loadgen_cpu_s": sum(os.times()[:2]), "devices": {}}
+    for name, d in devices.items():
+        pid = d.get("pid")
+        if pid:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                out["devices"][name] = {"cpu_s": _proc_cpu_s(int(pid)), **_cpu_stat(int(pid))}
+    return out
+
+
+def cpu_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: b[k] - a[k] for k in ("t", "server_cpu_s", "loadgen_cpu_s")}
+    out["devices"] = {n: {k: v - a["devices"][n].get(k, 0.0) for k, v in d.items()}
+                      for n, d in b["devices"].items() if n in a["devices"]}
+    return out
+
+
+def _token_times(trace: Any) -> list[list[float]]:
+    by: dict[int, list[float]] = {}
+    for t in trace.tokens:
+        by.setdefault(int(t.seq), []).append(float(t.time))
+    return [sorted(v) for _, v in sorted(by.items())]
+
+
+def measure_run(plan: Any, cluster: Any, weights: Any, model: Any, prompt_tokens: int) -> dict[str, Any]:
+    from primasim.core.trace import metrics
+    from primasim.loop.validate import measure, prompt_ids
+
+    l0 = _load1()
+    res, host = measure(plan, weights, cluster, tokens=RUN_TOKENS, prompt=prompt_ids(prompt_tokens, model.vocab),
+                        timeout=600)
+    m = metrics(res.trace)
+    return {"level": "run", "tokens": RUN_TOKENS, "load1_before": l0, "load1_after": _load1(),
+            "foreign_cpu": host.foreign_share, "tpot_ms": m.tpot_ms, "tpot_p50_ms": m.tpot_p50_ms,
+            "tpot_p90_ms": m.tpot_p90_ms, "ttft_ms": m.ttft_ms, "busy": m.busy, "times": _token_times(res.trace),
+            "device_stats": {n: {k: v for k, v in d.items() if isinstance(v, int | float)}
+                             for n, d in res.trace.device_stats.items()},
+            "driver_cpu_s": res.trace.meta.get("driver_cpu_s")}
+
+
+def predict_run(plan: Any, cluster: Any, model: Any, prompt_tokens: int) -> dict[str, Any]:
+    from primasim.loop.validate import predict
+
+    sim = predict(plan, model, cluster, tokens=RUN_TOKENS, prompt_tokens=prompt_tokens)
+    m = sim.metrics
+    return {"tpot_ms": m.tpot_ms, "tpot_p50_ms": m.tpot_p50_ms, "tpot_p90_ms": m.tpot_p90_ms, "ttft_ms": m.ttft_ms,
+            "busy": m.busy}
+
+
+def report(rows: dict[str, Any], levels: list[dict[str, Any]], pred_run: dict[str, Any] | None,
+           tpot_p50: Callable[[dict[str, Any]], tuple[float | None, float | None]]) -> list[str]:
+    """Markdown lines: the reference run against the simulator and the server, and per level the CPU
+    per token of each device, the server and the load generator, and the quota's throttling.
+    `tpot_p50(level)` -> (predicted, measured) P50 TPOT in ms."""
+    lines = ["### Diagnostics (in sample: what the measurements say, nothing here feeds a prediction)", ""]
+    ref = rows.get("run")
+    if ref is not None and pred_run is not None and levels:
+        p0, m0 = tpot_p50(levels[0])
+        lines += [f"**One request without the server** (`primasim run`, the same plan and emulated cluster, "
+                  f"{ref['tokens']} tokens, just before the server started; load {ref['load1_before']:.1f}): TPOT mean "
+                  f"predicted {pred_run['tpot_ms']:.1f} / measured {ref['tpot_ms']:.1f} ms "
+                  f"({(pred_run['tpot_ms'] - ref['tpot_ms']) / ref['tpot_ms'] * 100:+.1f} %), P50 "
+                  f"{pred_run['tpot_p50_ms']:.1f} / {ref['tpot_p50_ms']:.1f} ms; TTFT {pred_run['ttft_ms']:.0f} / "
+                  f"{ref['ttft_ms']:.0f} ms. The server's quietest level: P50 TPOT predicted {p0:.1f} / measured "
+                  f"{m0:.1f} ms.", ""]
+    have = [r for r in levels if r.get("cpu")]
+    if have:
+        names = sorted({n for r in have for n in r["cpu"]["devices"]})
+        lines += ["CPU per generated token (ms) over each level, from the worker processes' CPU time and their "
+                  "cgroups' `cpu.stat` (throttled: time the CFS quota held the device back):", "",
+                  "| offered req/s | tokens | " + " | ".join(f"{n} CPU / throttled" for n in names)
+                  + " | server CPU | load generator CPU |", "|---" * (4 + len(names)) + "|"]
+        for r in have:
+            c = r["cpu"]
+            tok = sum(len(x["times"]) for x in r["records"])
+            cells = [f"{r['rate']:.3f}", str(tok)]
+            for n in names:
+                d = c["devices"].get(n, {})
+                cells.append(f"{1e3 * d.get('cpu_s', 0) / tok:.1f} / {1e3 * d.get('throttled_s', 0) / tok:.1f}"
+                             if tok else "-")
+            cells += [f"{1e3 * c['server_cpu_s'] / tok:.1f}", f"{1e3 * c['loadgen_cpu_s'] / tok:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
