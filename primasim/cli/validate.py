@@ -37,8 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", default="f32", help="weights of the random checkpoint: f32 (default), f16, or a GGUF "
                    "quantisation such as q8_0 or q4k (Q4_K_M)")
     p.add_argument("--memory-scale", type=float, default=0.0, metavar="X",
-                   help="multiply every device's memory by X (default: the weight file's size over the f32 model's, "
-                        "so a quantised model streams on the same devices as the f32 one)")
+                   help="multiply every device's memory for weights (beyond its KV caches and activation reserve) by X "
+                        "(default: the weight file's size over the f32 model's, so a quantised model streams on the "
+                        "same devices as the f32 one)")
     p.add_argument("--residency", default="planned", choices=("planned", "lru"),
                    help="how a device short of memory holds its weights, in the run and the simulation: planned (keep "
                         "part of every layer, stream the rest) or lru (mmap + prefetch, the kernel decides; prima.cpp)")

@@ -48,8 +48,9 @@ from typing import Any
 from primasim.core.cluster import ClusterSpec, load_cluster
 from primasim.core.errors import CheckpointError, PlanError, PrimasimError, SpecError
 from primasim.core.io import atomic_write_text
+from primasim.core.model import ModelSpec
 from primasim.core.model_sources import catalogue, load_model
-from primasim.core.runtime_facts import residency_mode, runtime_model
+from primasim.core.runtime_facts import ACT_RESERVE, kv_bytes, residency_mode, runtime_model
 from primasim.runtime.head import cached_random_weights
 from primasim.sim import make_plan
 
@@ -72,8 +73,9 @@ class ValidateConfig:
     quant: str = field(default="f32", metadata={"help": "random weights: f32, f16 (safetensors) or a GGUF "
                                                     "quantisation the writer has (q8_0, q4k = Q4_K_M)"})
     memory_scale: float = field(default=0.0, metadata={
-        "help": "multiply every emulated device's memory by this (0 = the weight file's size over the f32 "
-                "model's: a quantised model keeps the regime -- which devices stream -- of the f32 one)"})
+        "help": "multiply every emulated device's memory for weights (beyond its KV caches and activation reserve) "
+                "by this (0 = the weight file's size over the f32 model's: a quantised model keeps the regime -- "
+                "which devices stream -- of the f32 one)"})
     residency: str = field(default="planned", metadata={
         "help": "how a device short of memory holds its weights, run and simulated alike: planned (the worker "
                 "keeps part of every layer, streams the rest) or lru (mmap + prefetch, the kernel's LRU decides)"})
@@ -149,16 +151,30 @@ def default_out() -> Path:
     return Path("runs") / f"validate-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def scale_memory(cluster: ClusterSpec, factor: float) -> ClusterSpec:
-    """`cluster` with every emulated device's memory for the model (and its ram_avail) x `factor`."""
+def scale_memory(cluster: ClusterSpec, factor: float, reserves: dict[str, float] | None = None) -> ClusterSpec:
+    """`cluster` with every emulated device's memory for the model (and its ram_avail) x `factor`,
+    except `reserves[name]` bytes of it (the runtime's anonymous memory, which does not shrink with
+    the weights), which stay as they are."""
     devs = []
     for d in cluster.devices:
         if d.emulate is None:
             devs.append(d)
             continue
-        em = dataclasses.replace(d.emulate, memory_limit=d.emulate.memory_limit * factor)
-        devs.append(d.replace(emulate=em, ram_avail=d.ram_avail * factor))
+        r = min((reserves or {}).get(d.name, 0.0), d.emulate.memory_limit)
+        em = dataclasses.replace(d.emulate, memory_limit=r + (d.emulate.memory_limit - r) * factor)
+        devs.append(d.replace(emulate=em, ram_avail=r + max(0.0, d.ram_avail - r) * factor))
     return dataclasses.replace(cluster, devices=tuple(devs), name=f"{cluster.name}-x{factor:.3g}")
+
+
+def weight_share_reserves(cluster: ClusterSpec, model: ModelSpec, n_ctx: int) -> dict[str, float]:
+    """Per emulated device, the runtime's anonymous memory that a smaller weight file does not shrink:
+    the activation reserve and the f32 KV caches of the model's layers, shared by memory (as a plan
+    shares the layers). Scaling only the rest keeps each device's share of the weights -- which
+    devices stream -- as at f32; scaling all of it left a Q4_K_M home-emu 38 % reserves."""
+    em = [d for d in cluster.devices if d.emulate is not None]
+    total = sum(d.emulate.memory_limit for d in em) or 1.0  # type: ignore[union-attr]
+    kv = kv_bytes(model.n_layers, n_ctx, model.n_kv_heads, model.head_dim)
+    return {d.name: ACT_RESERVE + kv * d.emulate.memory_limit / total for d in em}  # type: ignore[union-attr]
 
 
 def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None = None) -> ValidateResult:
@@ -188,9 +204,10 @@ def validate(cfg: ValidateConfig = ValidateConfig(), progress: Progress | None =
     if not 0 < scale <= 64:
         raise SpecError(f"memory scale {scale:g} out of range", where="--memory-scale", fix="use e.g. 0.2 or 1")
     if scale != 1.0:
-        cluster = scale_memory(cluster, scale)
-        notes.append(f"every device's memory scaled by {scale:.3g} (the {model.quant} file over the f32 model), so "
-                     "each keeps the share of the model it has at f32")
+        cluster = scale_memory(cluster, scale, weight_share_reserves(cluster, model, cfg.n_ctx))
+        notes.append(f"every device's memory for weights scaled by {scale:.3g} (the {model.quant} file over the f32 "
+                     "model; KV caches and the activation reserve kept), so each keeps the share of the model it "
+                     "has at f32")
 
     t = time.perf_counter()
     say("weights: random checkpoint (generated once, then cached)", 0.0)
