@@ -170,7 +170,7 @@ def weight_share_reserves(cluster: ClusterSpec, model: ModelSpec, n_ctx: int) ->
     """Per emulated device, the runtime's anonymous memory that a smaller weight file does not shrink:
     the activation reserve and the f32 KV caches of the model's layers, shared by memory (as a plan
     shares the layers). Scaling only the rest keeps each device's share of the weights -- which
-    devices stream -- as at f32; scaling all of it left a Q4_K_M home-emu 38 % reserves."""
+    devices stream -- as at f32; scaling all of it left most of a Q4_K_M home-emu's memory to the reserves."""
     em = [d for d in cluster.devices if d.emulate is not None]
     total = sum(d.emulate.memory_limit for d in em) or 1.0  # type: ignore[union-attr]
     kv = kv_bytes(model.n_layers, n_ctx, model.n_kv_heads, model.head_dim)
