@@ -575,13 +575,13 @@ def test_validate_runs_the_papers_format_in_either_residency_mode(tmp_path: Path
     env = {**os.environ, "PRIMASIM_CACHE": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-m", "primasim", "validate", "--cluster", str(ctoml), "--model",
                           str(cfg_dir / "config.json"), "--quant", "q4k", "--residency", residency, "--tokens", "10",
-                          "--memory-scale", "0.02",  # device a's room for weights: ~1 MiB of the 1.5 MB file
+                          "--memory-scale", "0.005",  # each device's room for weights: ~0.2 MiB of the 1.5 MB file
                           "--prompt-tokens", "6", "--n-ctx", "128", "--option", "select_devices=false", "--out",
                           str(out), "--json"], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     summ = json.loads(res.stdout)
     assert summ["config"]["quant"] == "q4k" and summ["config"]["residency"] == residency
-    assert any("scaled by 0.02" in n for n in summ["notes"]), summ["notes"]
+    assert any("scaled by 0.005" in n for n in summ["notes"]), summ["notes"]
     (gguf,) = (tmp_path / "cache").rglob("model.gguf")
     types = {t.dtype for t in open_checkpoint(gguf).infos.values()}
     assert {"Q4_K", "Q6_K"} <= types, types
@@ -589,10 +589,11 @@ def test_validate_runs_the_papers_format_in_either_residency_mode(tmp_path: Path
     rows = {(r["metric"], r["device"]): r for r in summ["comparison"]}
     tpot = rows[("TPOT", "")]
     assert tpot["predicted"] > 0 and tpot["measured"] > 0  # times of so small a model are noise on a shared host
-    # the head (~1 MiB for 1.3 MB of weights) held them the run's way: part of every layer, or the page cache
-    head = summ["plan"]["devices"][0]["name"]
-    assert summ["measured"]["devices"][head]["residency"] == {"planned": "streams", "lru": "lru"}[residency]
-    assert ("disk read per token", head) in rows and ("resident weights", head) in rows
+    # every device (~0.2 MiB for weights) held its layers the run's way: part of every layer, or the page cache
+    working = [d["name"] for d in summ["plan"]["devices"] if d["layers"]]
+    assert working and all(summ["measured"]["devices"][n]["residency"] == {"planned": "streams", "lru": "lru"}[residency]
+                           for n in working), summ["measured"]["devices"]
+    assert all(("disk read per token", n) in rows and ("resident weights", n) in rows for n in working)
     spec = load_model(cfg_dir / "config.json", "q4k")
     for name, dev in summ["measured"]["devices"].items():  # anon_mb, file_mb, disk_read_mb_per_token
         layers = next(d["layers"] for d in summ["plan"]["devices"] if d["name"] == name)
