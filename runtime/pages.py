@@ -141,3 +141,10 @@ def resident_bytes(ranges: Ranges) -> int:
             raise OSError(ctypes.get_errno(), "mincore failed")
         n += int(np.count_nonzero(vec & 1)) * PAGE
     return n
+
+
+def trim_heap() -> None:
+    """Return the C heap's free memory to the OS (glibc malloc_trim): what a burst of temporary
+    buffers left behind stops counting in the process's (and its memory cgroup's) usage."""
+    with contextlib.suppress(AttributeError, OSError):
+        _libc.malloc_trim(0)
