@@ -41,6 +41,7 @@ from .units import MiB
 # without prefetch sat at their cgroup's limit and the kernel's LRU evicted resident weights on a
 # cyclic scan (desktop re-read 617 MB/token where the plan streams 379). 16 MiB keeps ~5 MB of margin.
 ACT_RESERVE = 16 * MiB
+DRAFT_ACT_RESERVE = 8 * MiB  # a speculative run's draft: its activations and the allocator, beside its weights + KV
 MIN_SPAN = 256  # smallest attention span bucket (positions)
 HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # batched decode pads the running requests to one of these
@@ -89,9 +90,10 @@ def anon_reserve(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, se
 def draft_reserve(draft: ModelSpec, max_seq: int) -> int:
     """What a speculative run's draft holds on the head worker (runtime/worker/speculation.py): its
     weights copied into anonymous memory (pinned, as prima.cpp mlocks the draft), its f32 KV cache
-    of `max_seq` + 1 positions and an activation reserve of its own (measured: a 2-block draft of
-    llama-mini-300m holds its weights + KV + 10 MiB after its warm-up and a heap trim)."""
-    return int(draft.total_bytes) + kv_bytes(draft.n_layers, max_seq + 1, draft.n_kv_heads, draft.head_dim) + ACT_RESERVE
+    of `max_seq` + 1 positions and `DRAFT_ACT_RESERVE` (measured: a 2-block draft of llama-mini-300m
+    holds its weights + KV + 6 MiB after its warm-up and a heap trim)."""
+    return int(draft.total_bytes) + kv_bytes(draft.n_layers, max_seq + 1, draft.n_kv_heads,
+                                             draft.head_dim) + DRAFT_ACT_RESERVE
 
 
 def batch_bucket(n: int) -> int:
