@@ -30,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +198,7 @@ class LlamaCpp:
 def cluster_run(path: Path, prompt: list[int], n: int) -> dict[str, Any]:
     """`primasim run --cluster local` in a subprocess, as a user runs it."""
     cmd = [sys.executable, "-m", "primasim", "run", "--cluster", "local", "--model", str(path),
-           "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(n), "--json"]
+           "--prompt-ids", ",".join(map(str, prompt)), "--tokens", str(n), "--ignore-eos", "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise SystemExit(f"primasim run failed: {r.stderr[-2000:]}")
@@ -214,9 +216,19 @@ def agree(a: list[int], b: list[int]) -> int:
 
 
 # ---------------------------------------------------------------------------- kernels alone
-def kernel_rates(cols: int = 1 << 20) -> dict[str, dict[str, float]]:
-    """One core, one long weight row (2**20 elements, L2/L3-resident): bytes/s of our kernel (B=1, 4,
-    8 tokens) and of llama.cpp's ggml_vec_dot for the same row; activations prepared once."""
+def kernel_rates(isa: str, cols: int = 1 << 20) -> dict[str, dict[str, float]]:
+    """One core, one long weight row (2**20 elements, L2/L3-resident): bytes/s of our kernel set `isa`
+    (B=1, 4, 8 tokens) and of llama.cpp's ggml_vec_dot for the same row; activations prepared once."""
+    with K.use_isa(isa):
+        return _kernel_rates(cols)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _kernel_rates(cols: int) -> dict[str, dict[str, float]]:
     lib = K.library()
     lib.primasim_qk_rowdot.restype = ctypes.c_double
     lib.primasim_qk_rowdot.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -256,7 +268,13 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--agree-tokens", type=int, default=64, help="greedy tokens compared with llama.cpp's")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads")
+    ap.add_argument("--threads", default=f"{os.cpu_count() or 2},1",
+                    help="llama.cpp thread counts, comma-separated: each is an engine; the first is `llama_cpp`, the "
+                         "ratios are also taken against the fastest of them in each round (on a loaded host one "
+                         "thread beats two: its OpenMP barriers wait for a descheduled thread)")
+    ap.add_argument("--isas", default=None,
+                    help="kernel sets also timed in-process, as engines ours_<isa> (default: every set this CPU "
+                         "has but scalar and the default)")
     ap.add_argument("--skip-cluster", action="store_true", help="skip `primasim run --cluster local`")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PRIMASIM_CACHE", "/tmp/primasim-bench")))
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -280,15 +298,22 @@ def main() -> int:
     for f in formats:
         print(f"  {f}: {files[f].stat().st_size / GB:.3f} GB file, {streamed[f] / GB:.3f} GB read per token", flush=True)
 
+    threads = [int(t) for t in str(args.threads).split(",")]
+    isas = ([i for i in K.isas() if i not in ("scalar", K.isa())] if args.isas is None
+            else [i for i in args.isas.split(",") if i])
     print("kernels alone (one core):", flush=True)
-    rates = kernel_rates()
+    rates = {isa: kernel_rates(isa) for isa in [K.isa(), *isas]}
     ours = {f: Ours(files[f]) for f in formats}
-    llama = {f: LlamaCpp(files[f], n_ctx, args.prompt_tokens, args.threads) for f in formats}
+    llama = {f: {t: LlamaCpp(files[f], n_ctx, args.prompt_tokens, t) for t in threads} for f in formats}
     numerics: dict[str, Any] = {}
     for f in formats:  # compile, and the numerics (once: they do not depend on timing)
         o = ours[f].run(prompt, args.agree_tokens)
-        theirs = llama[f].greedy(prompt, args.agree_tokens)
-        lc = llama[f].run(prompt, o["tokens"][:2])["logits0"]
+        ref = llama[f][threads[0]]
+        theirs = ref.greedy(prompt, args.agree_tokens)
+        lc = ref.run(prompt, o["tokens"][:2])["logits0"]
+        for isa in isas:  # compile (the executable is shared; the kernel set is chosen per call)
+            with K.use_isa(isa):
+                ours[f].run(prompt, 4)
         numerics[f] = {"greedy_agree": agree(o["tokens"], theirs), "compared": args.agree_tokens,
                        "logits_corr": float(np.corrcoef(o["logits0"], lc)[0, 1]),
                        "logits_max_abs_diff": float(np.abs(o["logits0"] - lc).max()),
@@ -305,16 +330,25 @@ def main() -> int:
         segs.append({"round": r, "format": "-", "engine": "read_bw", "foreign": fr.share, "value": bw})
         line = [f"round {r} (others {quiet:.0%} before): read {bw / GB:.1f} GB/s"]
         for f in formats:
-            with Foreign() as fr:
-                o = ours[f].run(prompt, args.tokens)
-            segs.append({"round": r, "format": f, "engine": "ours", "foreign": fr.share,
-                         "step_s": float(np.median(o["steps"])), "prefill_s": o["prefill_s"], "samples": o["steps"]})
-            with Foreign() as fr:
-                lc = llama[f].run(prompt, o["tokens"])
-            segs.append({"round": r, "format": f, "engine": "llama_cpp", "foreign": fr.share,
-                         "step_s": float(np.median(lc["steps"])), "prefill_s": lc["prefill_s"], "samples": lc["steps"]})
-            msg = (f"{f}: ours {1 / segs[-2]['step_s']:.1f} tok/s [{segs[-2]['foreign']:.0%}] llama.cpp "
-                   f"{1 / segs[-1]['step_s']:.1f} [{segs[-1]['foreign']:.0%}]")
+            order = ["ours", *(f"ours_{i}" for i in isas)]
+            order = order if r % 2 == 0 else order[::-1]  # which kernel set runs first alternates
+            msg = f"{f}:"
+            for e in order:
+                with Foreign() as fr, (K.use_isa(e[5:]) if e != "ours" else _nothing()):
+                    res = ours[f].run(prompt, args.tokens)
+                if e == "ours":
+                    o = res
+                segs.append({"round": r, "format": f, "engine": e, "foreign": fr.share, "step_s": float(np.median(
+                    res["steps"])), "prefill_s": res["prefill_s"], "samples": res["steps"]})
+                msg += f" {e} {1 / segs[-1]['step_s']:.1f} tok/s [{fr.share:.0%}]"
+            for t in threads:
+                e = "llama_cpp" if t == threads[0] else f"llama_cpp_t{t}"
+                with Foreign() as fr:
+                    lc = llama[f][t].run(prompt, o["tokens"])
+                segs.append({"round": r, "format": f, "engine": e, "foreign": fr.share, "threads": t,
+                             "step_s": float(np.median(lc["steps"])), "prefill_s": lc["prefill_s"],
+                             "samples": lc["steps"]})
+                msg += f" {e} {1 / segs[-1]['step_s']:.1f} [{fr.share:.0%}]"
             if not args.skip_cluster:
                 with Foreign() as fr:
                     c = cluster_run(files[f], prompt, args.tokens)
@@ -329,6 +363,19 @@ def main() -> int:
     return 0
 
 
+def best_llama(segs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round and format, the fastest llama.cpp thread count (decode and prefill separately)."""
+    out: dict[tuple[int, str], dict[str, Any]] = {}
+    for g in segs:
+        if g["engine"].startswith("llama_cpp"):
+            b = out.setdefault((g["round"], g["format"]), {"round": g["round"], "format": g["format"],
+                                                          "engine": "llama_best", "foreign": g["foreign"],
+                                                          "step_s": g["step_s"], "prefill_s": g["prefill_s"]})
+            b["step_s"], b["prefill_s"] = min(b["step_s"], g["step_s"]), min(b["prefill_s"], g["prefill_s"])
+            b["foreign"] = max(b["foreign"], g["foreign"])
+    return list(out.values())
+
+
 def summarise(args: Any, spec: Any, formats: list[str], files: dict[str, Path], streamed: dict[str, int],
               segs: list[dict[str, Any]], numerics: dict[str, Any], rates: dict[str, Any],
               load_before: tuple[float, float, float]) -> dict[str, Any]:
@@ -338,9 +385,10 @@ def summarise(args: Any, spec: Any, formats: list[str], files: dict[str, Path], 
 
     per: dict[str, Any] = {}
     bw_rounds = {g["round"]: g["value"] for g in segs if g["engine"] == "read_bw"}
+    segs = segs + best_llama(segs)
     for f in formats:
         d: dict[str, Any] = {"file_bytes": files[f].stat().st_size, "streamed_bytes": streamed[f]}
-        engines = ["ours", "llama_cpp"] + ([] if args.skip_cluster else ["cluster"])
+        engines = list(dict.fromkeys(g["engine"] for g in segs if g["format"] == f))
         for e in engines:
             rows = clean([g for g in segs if g["format"] == f and g["engine"] == e])
             d[e] = {"step_s": float(np.median([g["step_s"] for g in rows])),
@@ -351,13 +399,21 @@ def summarise(args: Any, spec: Any, formats: list[str], files: dict[str, Path], 
             # bandwidth fraction within each round, then the median over rounds
             d[e]["bw_fraction"] = float(np.median([streamed[f] / g["step_s"] / bw_rounds[g["round"]] for g in rows]))
             d[e]["prefill_tok_s"] = args.prompt_tokens / d[e]["prefill_s"]
-        for e in engines[:1] + engines[2:]:  # ratios vs llama.cpp within a round, then the median
-            pairs = [(a["step_s"], b["step_s"]) for a in segs for b in segs if a["format"] == f == b["format"]
-                     and a["engine"] == e and b["engine"] == "llama_cpp" and a["round"] == b["round"]]
-            d[f"{e}_vs_llama_cpp"] = float(np.median([lb / la for la, lb in pairs]))
-        prs = [(a["prefill_s"], b["prefill_s"]) for a in segs for b in segs if a["format"] == f == b["format"]
-               and a["engine"] == "ours" and b["engine"] == "llama_cpp" and a["round"] == b["round"]]
-        d["prefill_vs_llama_cpp"] = float(np.median([lb / la for la, lb in prs]))
+
+        def ratio(a_eng: str, b_eng: str, key: str = "step_s", f: str = f) -> float:
+            """b / a within each round (a faster -> > 1), the median over rounds."""
+            pairs = [(a[key], b[key]) for a in segs for b in segs if a["format"] == f == b["format"]
+                     and a["engine"] == a_eng and b["engine"] == b_eng and a["round"] == b["round"]]
+            return float(np.median([lb / la for la, lb in pairs])) if pairs else float("nan")
+
+        for e in engines:
+            if e.startswith("ours") or e == "cluster":
+                d[f"{e}_vs_llama_cpp"] = ratio(e, "llama_cpp")
+                d[f"{e}_vs_llama_best"] = ratio(e, "llama_best")
+            if e.startswith("ours_"):
+                d[f"{e}_vs_ours"] = ratio(e, "ours")
+        d["prefill_vs_llama_cpp"] = ratio("ours", "llama_cpp", "prefill_s")
+        d["prefill_vs_llama_best"] = ratio("ours", "llama_best", "prefill_s")
         if not args.skip_cluster:  # what the head <-> worker hop costs per token beyond the in-process step
             d["cluster_overhead_fraction"] = 1 - d["ours"]["step_s"] / d["cluster"]["step_s"]
             d["cluster_same_tokens"] = all(g.get("same_tokens") for g in segs if g["format"] == f and g["engine"] == "cluster")
@@ -395,18 +451,37 @@ def write_results(s: dict[str, Any], out: Path) -> None:
         f"weights), prompt {s['prompt_tokens']} tokens, {s['decode_tokens']} decode steps per engine per round, "
         f"{s['rounds']} rounds, engines interleaved; ratios are taken within a round (median over rounds); "
         f"memory read bandwidth of the same rounds: {g(s['read_bw'])} GB/s (median).", "",
-        "| format | file GB | read/token GB | ours tok/s | llama.cpp tok/s | **ours / llama.cpp** | ours GB/s "
-        "(% of read bw) | cluster tok/s | **cluster / llama.cpp** | cluster overhead | prefill ours / llama.cpp tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Decode (tokens/s; ratios > 1: ours faster). `cluster` is `primasim run --cluster local` (head + one "
+        "worker process, what users run; TPOT from its JSON), `ours` the in-process engine, `llama.cpp` "
+        "llama-cpp-python on the same file with the first thread count, `best` the faster of its thread counts in "
+        "each round. Bandwidth = file bytes read per token / step time, as a share of the read bandwidth "
+        "measured in the same round.", "",
+        "| format | file GB | read/token GB | cluster tok/s | ours tok/s | llama.cpp tok/s (threads) | "
+        "**cluster / best llama.cpp** | cluster / llama.cpp | ours / best llama.cpp | cluster GB/s (% of read bw) | "
+        "ours % of read bw | prefill tok/s ours / best llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f, d in s["formats"].items():
-        o, lc, c = d["ours"], d["llama_cpp"], d.get("cluster")
+        o, c = d["ours"], d.get("cluster")
+        lcs = ", ".join(f"{d[e]['tok_s']:.1f} ({e[10:] or 't' + str(s['llama_cpp_threads']).split(',')[0]})" for e in d if e.startswith("llama_cpp") and
+                        isinstance(d[e], dict))
+        best = d["llama_best"]
         lines.append(
-            f"| {f} | {d['file_bytes'] / GB:.3f} | {d['streamed_bytes'] / GB:.3f} | {o['tok_s']:.1f} | {lc['tok_s']:.1f} | "
-            f"**{d['ours_vs_llama_cpp']:.2f}** | {g(o['bw'])} ({o['bw_fraction']:.0%}) | "
-            + (f"{c['tok_s']:.1f} | **{d['cluster_vs_llama_cpp']:.2f}** | {d['cluster_overhead_fraction']:.0%} | "
-               if c else "- | - | - | ")
-            + f"{o['prefill_tok_s']:.0f} / {lc['prefill_tok_s']:.0f} ({d['prefill_vs_llama_cpp']:.2f}) |")
+            f"| {f} | {d['file_bytes'] / GB:.3f} | {d['streamed_bytes'] / GB:.3f} | "
+            + (f"{c['tok_s']:.1f} | " if c else "- | ")
+            + f"{o['tok_s']:.1f} | {lcs} | "
+            + (f"**{d['cluster_vs_llama_best']:.2f}** | {d['cluster_vs_llama_cpp']:.2f} | " if c else "- | - | ")
+            + f"{d['ours_vs_llama_best']:.2f} | "
+            + (f"{g(c['bw'])} ({c['bw_fraction']:.0%}) | " if c else "- | ")
+            + f"{o['bw_fraction']:.0%} | {o['prefill_tok_s']:.0f} / {best['prefill_tok_s']:.0f} "
+              f"({d['prefill_vs_llama_best']:.2f}) |")
+    isa_rows = [(f, e, d[e]["tok_s"], d[f"{e}_vs_ours"], d[e]["prefill_tok_s"] / o["prefill_tok_s"])
+                for f, d in s["formats"].items() for e in d if e.startswith("ours_") and isinstance(d[e], dict)
+                for o in [d["ours"]]]
+    if isa_rows:
+        lines += ["", f"Kernel sets in-process (the default is `{s['kernels']}`; same rounds, order alternating):", "",
+                  "| format | kernel set | decode tok/s | decode vs default | prefill vs default |", "|---|---|---|---|---|"]
+        lines += [f"| {f} | {e[5:]} | {t:.1f} | {r:.2f} | {p:.2f} |" for f, e, t, r, p in isa_rows]
     lines += ["", "llama.cpp's own bandwidth: " + ", ".join(
         f"{f} {g(d['llama_cpp']['bw'])} GB/s ({d['llama_cpp']['bw_fraction']:.0%})" for f, d in s["formats"].items()) + ".",
         "", "Numerics against llama.cpp on the same file (greedy decoding from the same prompt; our kernels quantise "
@@ -419,10 +494,11 @@ def write_results(s: dict[str, Any], out: Path) -> None:
                      f"{n['logits_max_abs_diff']:.2e} ({n['logits_std']:.2f}) |")
     lines += ["", "Kernels alone, one core, one weight row of 2^20 elements (L2/L3-resident), bytes of weights per "
               "second; B = tokens per call (token-GB/s = tokens x bytes / s):", "",
-              "| type | ours B=1 | ours B=4 | ours B=8 | llama.cpp ggml_vec_dot |", "|---|---|---|---|---|"]
-    for t, r in s["kernel_rates"].items():
-        lines.append(f"| {t} | {g(r['ours_B1'])} | {g(r['ours_B4'])} | {g(r['ours_B8'])} | "
-                     f"{g(r['llama_cpp_B1']) if 'llama_cpp_B1' in r else '-'} |")
+              "| kernel set | type | ours B=1 | ours B=4 | ours B=8 | llama.cpp ggml_vec_dot |", "|---|---|---|---|---|---|"]
+    for isa, rates in s["kernel_rates"].items():
+        for t, r in rates.items():
+            lines.append(f"| {isa} | {t} | {g(r['ours_B1'])} | {g(r['ours_B4'])} | {g(r['ours_B8'])} | "
+                         f"{g(r['llama_cpp_B1']) if 'llama_cpp_B1' in r else '-'} |")
     atomic_write_text(out / "runtime_decode_bench.md", "\n".join(lines) + "\n")
 
 

@@ -61,9 +61,10 @@ int available(const KernelSet* out[3]) {
   return n;
 }
 
-// The default is the best *validated* set. The AVX-512 kernels are compiled and selectable by name
-// (PRIMASIM_KERNEL_ISA=avx512), and the tests check them wherever CPUID reports AVX-512, but the
-// machines they were developed on expose no AVX-512 state (XCR0 = 7), so they never ran there.
+// The default is the best set this CPU runs (AVX-512 where CPUID and XCR0 allow it): on a Zen 4
+// host with AVX-512 it decodes no slower than AVX2 and its kernels are up to 1.4x faster on
+// cache-resident rows (experiments/results/runtime_decode_bench.md). PRIMASIM_KERNEL_ISA=avx2|scalar
+// forces another.
 const KernelSet* choose(const char* want) {
   const KernelSet* sets[3];
   const int n = available(sets);
@@ -72,9 +73,7 @@ const KernelSet* choose(const char* want) {
       if (strncmp(sets[i]->name, want, strlen(want)) == 0) return sets[i];
     return nullptr;
   }
-  for (int i = 0; i < n; ++i)  // (avx512_kernels() itself runs AVX-512 code: call it only where available)
-    if (strncmp(sets[i]->name, "avx512", 6) != 0) return sets[i];
-  return sets[n - 1];
+  return sets[0];
 }
 
 std::atomic<const KernelSet*> g_set{nullptr};
