@@ -637,16 +637,33 @@ def test_parser_gives_a_clear_error_or_accepts(target: str) -> None:
 
 
 # Inputs fuzzing found (each crashed or hung before the fix), kept as plain regressions.
+def _key_field(name: str) -> tuple[int, int]:
+    """(index in `_gguf_field_list` of the metadata entry `name`'s type field, offset of its key's length)."""
+    data, fields = _valid_gguf(), _gguf_field_list()
+    for off, _, what in fields:
+        n = struct.unpack_from("<Q", data, off)[0] if what.startswith("key ") and what.endswith(" length") else -1
+        if data[off + 8:off + 8 + n] == name.encode():
+            i = what.split()[1]
+            return next(j for j, f in enumerate(fields) if f[2] == f"kv {i} type"), off
+    raise AssertionError(f"{name} is not in the test file")
+
+
 def test_tokenizer_error_shows_a_corrupted_value_briefly() -> None:
-    """A corrupted string length made tokenizer.ggml.add_bos_token's value 9 KB of the header; the
-    message quoted all of it (and an over-long metadata key likewise)."""
-    assert outcome("gguf_tokenizer", ("field", (65537, 8))) == "CheckpointError"
-    assert outcome("gguf_tokenizer", ("flip", [(407, 6)])) == "CheckpointError"
+    """tokenizer.ggml.add_bos_token's type corrupted to string made its value 9 KB of the header; the
+    message quoted all of it (and an over-long metadata key likewise). Located by name, not offset:
+    the writer's layout changes."""
+    t, _ = _key_field("tokenizer.ggml.add_bos_token")
+    assert outcome("gguf_tokenizer", ("field", (t, 8))) == "CheckpointError"
+    _, key = _key_field("tokenizer.ggml.model")
+    assert outcome("gguf_tokenizer", ("flip", [(key + 1, 6)])) == "CheckpointError"  # length + 1536
 
 
 def test_tokenizer_string_array_cut_inside_a_length_is_refused() -> None:
     """The file ends inside a string's 8-byte length, in the middle of the token list."""
-    assert outcome("gguf_tokenizer", ("truncate", 3126)) == "CheckpointError"
+    t, _ = _key_field("tokenizer.ggml.tokens")
+    i = _gguf_field_list()[t][2].split()[1]
+    third = [off for off, _, what in _gguf_field_list() if what == f"kv {i} length"][2]
+    assert outcome("gguf_tokenizer", ("truncate", third + 3)) == "CheckpointError"
 
 
 def test_gguf_array_length_past_the_end_is_refused_not_looped() -> None:

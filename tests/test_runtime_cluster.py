@@ -385,8 +385,9 @@ def test_worker_with_half_its_window_in_memory_rereads_the_missing_bytes(tmp_pat
     missing = window - limit
     load = res.loads["w"]
     assert load["streamed_bytes"] > 0 and load["resident_bytes"] > 0.3 * window
-    # a token re-reads what was planned to stream (the kernel does not thrash the kept part) ...
-    assert abs(per_token - load["streamed_bytes"]) < 0.05 * load["streamed_bytes"]
+    # a token re-reads what was planned to stream (the kernel does not thrash the kept part; the page
+    # cache's slack may keep a few MB of the streamed part: 0.93-0.96 x measured at 16 MiB reserve) ...
+    assert 0.9 * load["streamed_bytes"] < per_token < 1.05 * load["streamed_bytes"]
     # ... which is the missing bytes plus the room one streamed layer part needs (1/(n-1) for n layers)
     assert 0.95 * missing < per_token < 1.3 * missing
     # the cgroup's view agrees: block reads happened, the limit held

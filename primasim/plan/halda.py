@@ -56,6 +56,7 @@ from .halda_common import (
     _ring,
     _split_partial,
     check_k_and_priority,
+    cvxpy,
     quiet_highs,
 )
 from .halda_global import halda_model
@@ -205,7 +206,7 @@ class _LPStack:
     a value for, and with one Parameter per role that alone took ~1.3 ms per solve."""
 
     def __init__(self, K: int, M: int) -> None:
-        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
+        cp = cvxpy()
 
         self.K, self.M = K, M
         w, n = cp.Variable((K, M), name="w"), cp.Variable((K, M), name="n")
@@ -245,7 +246,7 @@ class _LPStack:
         self.last_values = values
 
     def solve(self, values: dict[str, Any], solver: str = "HIGHS") -> None:
-        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
+        cp = cvxpy()
 
         self.load(values)
         self.prob.solve(solver=getattr(cp, solver))
@@ -258,7 +259,7 @@ class _MILPBlock:
     """One fixed-k (or (q, p)) block as a DPP integer program (HiGHS MIP via CVXPY)."""
 
     def __init__(self, M: int) -> None:
-        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
+        cp = cvxpy()
 
         self.M = M
         w, n = cp.Variable(M, integer=True, name="w"), cp.Variable(M, integer=True, name="n")
@@ -287,7 +288,7 @@ class _MILPBlock:
         self.P, self.w, self.n, self.r, self.g = P, w, n, r, g
 
     def solve(self, values: dict[str, Any]) -> bool:
-        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
+        cp = cvxpy()
 
         for k, v in values.items():
             self.P[k].value = v

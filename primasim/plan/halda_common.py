@@ -10,6 +10,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -168,6 +169,31 @@ def _ring(cluster: ClusterSpec) -> list[str]:
 
 
 _BANNER_DONE = False
+
+
+class _NoJax:
+    """A meta-path finder that hides jax while cvxpy is first imported (see `cvxpy`)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "jax" or name.startswith("jax."):
+            raise ModuleNotFoundError("jax is hidden from cvxpy's solver probe", name=name)
+
+
+def cvxpy() -> Any:
+    """cvxpy, imported lazily (~1 s: only when a problem is built; a baseline's plan never is) and
+    without jax: cvxpy probes every solver interface at import and its MPAX probe imports jax
+    (~1-2 s, ~200 MB) for a solver Halda never uses, so planning-only commands would load jax."""
+    if "cvxpy" not in sys.modules and "jax" not in sys.modules:
+        hide = _NoJax()
+        sys.meta_path.insert(0, hide)
+        try:
+            import cvxpy as cp
+        finally:
+            sys.meta_path.remove(hide)
+        return cp
+    import cvxpy as cp
+
+    return cp
 
 
 def quiet_highs() -> None:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .cost import CostModel, totals_of
-from .halda_common import quiet_highs
+from .halda_common import cvxpy, quiet_highs
 
 BIG_NEG = -1e3  # "no row" constant for the generic disk rows (a plan's scaled objective is O(10))
 
@@ -142,7 +142,7 @@ class _Problem:
     """
 
     def __init__(self, Mb: int, integer: bool, general: bool) -> None:
-        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
+        cp = cvxpy()
 
         self.Mb, self.integer, self.general = Mb, integer, general
         P = cp.Parameter((len(_ROWS), Mb), name="rows")
@@ -203,7 +203,7 @@ class _Problem:
         assert self.prob.is_dpp()
 
     def solve(self, vals: np.ndarray, k: float, L: float, Wb: float) -> bool:
-        import cvxpy as cp  # ~1 s to import: only when a problem is built (a baseline's plan never is)
+        cp = cvxpy()
 
         self.P.value, self.k.value, self.Lp.value, self.Wb.value = vals, k, L, Wb
         opts: dict[str, Any] = {"mip_rel_gap": 0.0, "mip_abs_gap": 0.0} if self.integer else {}
