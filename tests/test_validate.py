@@ -473,7 +473,7 @@ def test_validate_end_to_end_on_a_small_model(tmp_path: Path) -> None:
     ctoml = tmp_path / "small.toml"
     ctoml.write_text(SMALL_CLUSTER)
     out = tmp_path / "out"
-    res = _cli("--cluster", str(ctoml), "--model", "llama-tiny", "--tokens", "12", "--prompt-tokens", "8",
+    res = _cli("--cluster", str(ctoml), "--model", "llama-tiny", "--quant", "f32", "--tokens", "12", "--prompt-tokens", "8",
                "--n-ctx", "128", "--option", "select_devices=false", "--out", str(out), "--json", timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     summ = json.loads(res.stdout)
@@ -511,7 +511,7 @@ def test_validate_with_a_draft_model(tmp_path: Path) -> None:
     ctoml = tmp_path / "small.toml"
     ctoml.write_text(SMALL_CLUSTER)
     out = tmp_path / "out"
-    res = _cli("--cluster", str(ctoml), "--model", "llama-tiny", "--tokens", "16", "--prompt-tokens", "8",
+    res = _cli("--cluster", str(ctoml), "--model", "llama-tiny", "--quant", "f32", "--tokens", "16", "--prompt-tokens", "8",
                "--n-ctx", "128", "--option", "select_devices=false", "--out", str(out), "--json",
                "--draft", "first:2", "--draft-tokens", "3", timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

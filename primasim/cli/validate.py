@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster", default="home-emu", help="emulated cluster: built-in name or TOML (default home-emu)")
     p.add_argument("--model", default="llama-mini-300m", help="catalogue model, run on random weights "
                    "(default llama-mini-300m, 1.24 GB at f32)")
-    p.add_argument("--quant", default="f32", help="weights of the random checkpoint: f32 (default), f16, or a GGUF "
-                   "quantisation such as q8_0 or q4k (Q4_K_M)")
+    p.add_argument("--quant", default="q4k", help="weights of the random checkpoint: q4k (Q4_K_M GGUF, the papers' "
+                   "format; default), f32, f16, or another GGUF quantisation such as q8_0")
     p.add_argument("--memory-scale", type=float, default=0.0, metavar="X",
                    help="multiply every device's memory for weights (beyond its KV caches and activation reserve) by X "
                         "(default: the weight file's size over the f32 model's, so a quantised model streams on the "
