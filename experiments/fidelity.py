@@ -101,13 +101,17 @@ STREAM_TOKENS = 10  # streamed tokens are slow at f32 (seconds each); TPOT over 
 
 # ----------------------------------------------------------------------------------- clusters
 def variant(name: str) -> ClusterSpec:
-    """The emulated cluster of one regime, derived from home-emu (memory x MEMORY_SCALE)."""
-    from primasim.loop.validate.driver import scale_memory
+    """The emulated cluster of one regime, derived from home-emu (memory for weights x MEMORY_SCALE,
+    the KV caches and the activation reserve kept, as `primasim validate --quant` scales it)."""
+    from primasim.core.model_sources import load_model
+    from primasim.loop.validate.driver import scale_memory, weight_share_reserves
 
     if name == "stream":  # sized from the weight file itself (the KV caches do not shrink with it)
         return _with_memory(load_cluster("home-emu"), stream_memory_mib(), "home-emu-stream")
     c = _variant(name)
-    return c if MEMORY_SCALE == 1.0 else scale_memory(c, MEMORY_SCALE)
+    if MEMORY_SCALE == 1.0:
+        return c
+    return scale_memory(c, MEMORY_SCALE, weight_share_reserves(c, load_model(MODEL, QUANT), N_CTX))
 
 
 def stream_memory_mib() -> dict[str, int]:
@@ -566,8 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", default="f32", help="random weights: f32 (the committed study), q8_0, q4k (Q4_K_M, "
                     "GGUF)")
     ap.add_argument("--residency", default="planned", choices=("planned", "lru"), help="run and simulate with it")
-    ap.add_argument("--memory-scale", type=float, default=0.0, help="scale every device's memory (default: the "
-                    "weight file's size over the f32 model's, so each regime keeps its share of the model)")
+    ap.add_argument("--memory-scale", type=float, default=0.0,
+                    help="scale every device's memory for weights, its KV caches and activation reserve kept "
+                    "(default: the weight file's size over the f32 model's, so each regime keeps its share of the model)")
     ap.add_argument("--dry-run", action="store_true", help="no runs, no root: plan and simulate the selected "
                     "configurations on the emulated clusters' nominal figures (checks a configuration set)")
     ap.add_argument("--retry-above", type=float, default=FOREIGN_RETRY, help="re-run a configuration once (after "
