@@ -89,10 +89,10 @@ def measure_run(plan: Any, cluster: Any, weights: Any, model: Any, prompt_tokens
             "driver_cpu_s": res.trace.meta.get("driver_cpu_s")}
 
 
-def predict_run(plan: Any, cluster: Any, model: Any, prompt_tokens: int) -> dict[str, Any]:
+def predict_run(plan: Any, cluster: Any, model: Any, prompt_tokens: int, host_cpus: int = 0) -> dict[str, Any]:
     from primasim.loop.validate import predict
 
-    sim = predict(plan, model, cluster, tokens=RUN_TOKENS, prompt_tokens=prompt_tokens)
+    sim = predict(plan, model, cluster, tokens=RUN_TOKENS, prompt_tokens=prompt_tokens, host_cpus=host_cpus)
     m = sim.metrics
     return {"tpot_ms": m.tpot_ms, "tpot_p50_ms": m.tpot_p50_ms, "tpot_p90_ms": m.tpot_p90_ms, "ttft_ms": m.ttft_ms,
             "busy": m.busy}

@@ -68,6 +68,7 @@ LEVELS = (0.15, 0.3, 0.45, 0.55, 0.65, 0.75, 0.9, 1.1, 1.3)  # offered load / pr
 N_REQUESTS = 32
 SEED = 11
 JOURNAL = RESULTS / "serve_runs.jsonl"
+HOST_CPUS = len(os.sched_getaffinity(0))  # the emulated devices are pinned to these (SimConfig.host_cpus)
 
 
 # ------------------------------------------------------------------------------------ cluster and plan
@@ -123,7 +124,7 @@ def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: An
     from primasim.serve.engine import plan_for_runtime
     from primasim.sim import SimConfig, serve_workload
 
-    cfg = SimConfig(runtime=True, warmup=False, tokens=OUTPUT, prompt_tokens=PROMPT, seed=SEED)
+    cfg = SimConfig(runtime=True, warmup=False, tokens=OUTPUT, prompt_tokens=PROMPT, seed=SEED, host_cpus=HOST_CPUS)
     model = runtime_model(load_model(MODEL))
     cal = calibrated(cl)
 
@@ -409,7 +410,7 @@ def analyze() -> None:
     leave = _leave_report(rows.get("leave"), plan, cl, slots)
     atomic_write_json(RESULTS / "serve_validation.json", {"levels": table, "leave": leave, "host_factor": factor,
                                                            "capacity_measured_req_s": cap_meas})
-    pred_run = diag.predict_run(plan, calibrated(cl), load_model(MODEL), PROMPT) if "run" in rows else None
+    pred_run = diag.predict_run(plan, calibrated(cl), load_model(MODEL), PROMPT, HOST_CPUS) if "run" in rows else None
     diag_lines = diag.report(rows, levels, pred_run, lambda r: next(
         (t["pred_tpot_p50"], t["meas_tpot_p50"]) for t in table if t["fraction"] == r["fraction"]))
     _figure(table)
