@@ -113,7 +113,14 @@ def report(rows: dict[str, Any], levels: list[dict[str, Any]], pred_run: dict[st
                   f"({(pred_run['tpot_ms'] - ref['tpot_ms']) / ref['tpot_ms'] * 100:+.1f} %), P50 "
                   f"{pred_run['tpot_p50_ms']:.1f} / {ref['tpot_p50_ms']:.1f} ms; TTFT {pred_run['ttft_ms']:.0f} / "
                   f"{ref['ttft_ms']:.0f} ms. The server's quietest level: P50 TPOT predicted {p0:.1f} / measured "
-                  f"{m0:.1f} ms.", ""]
+                  f"{m0:.1f} ms."]
+
+        def per_token(x: dict[str, Any], dev: str) -> float:  # CPU-busy ms per pass, makespan ~ TTFT + (n-1) TPOT
+            span = x["ttft_ms"] + (ref["tokens"] - 1) * x["tpot_ms"]
+            return float(x["busy"].get(dev, {}).get("cpu", 0.0)) * span / ref["tokens"]
+        devs = [n for n in ref["busy"] if ref["busy"][n].get("cpu")]
+        lines += ["Per pass (prefill included), the run's compute time on each device, predicted / measured: "
+                  + ", ".join(f"{n} {per_token(pred_run, n):.1f} / {per_token(ref, n):.1f} ms" for n in devs) + ".", ""]
     have = [r for r in levels if r.get("cpu")]
     if have:
         names = sorted({n for r in have for n in r["cpu"]["devices"]})

@@ -487,12 +487,12 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
     below = [t for t in table if t["below_saturation"]]
     lines = [
         "# Serving: predicted vs measured (`primasim serve` on the emulated home cluster)", "",
-        f"Measured by `sudo .venv/bin/python experiments/serve_validation.py`, reported by "
+        f"Measured by `sudo .venv/bin/python experiments/serve_validation.py` (the options: docs/serving.md), reported by "
         f"`python experiments/serve_validation.py --analyze` ({time.strftime('%Y-%m-%d %H:%M')}). "
         f"{MODEL} (f32 random weights) on home-emu with every window fitting its device, profiled inside the "
         f"emulation (`serve_cluster.toml`); plan {plan.describe()} (Halda on the profiled cluster), "
         f"{len(plan.active)} slots, prompts {PROMPT} tokens, {OUTPUT} generated (ignore_eos), Poisson arrivals, "
-        f"{N_REQUESTS} requests per level, replayed with the openai client (open loop; profile, server and workers at "
+        f"{table[0]['requests'] if table else N_REQUESTS} requests per level, replayed with the openai client (open loop; profile, server and workers at "
         f"nice {table[0]['nice'] if table else 0}, the devices' cgroups at cpu.shares "
         f"{table[0]['cpu_shares'] if table else 0}, so that the emulated devices get their CPU quota on the shared "
         f"host: the others' CPU share is in the last column). The simulator serves the "
