@@ -38,6 +38,22 @@ def cluster_file(tmp: Path, names: str, ram: float = 0.5, latency_ms: float = 0.
     return p
 
 
+def _half_not_all(tmp: Path) -> float:
+    """Device memory (GiB) with which exo's planner fits the model on two devices but not on one."""
+    from primasim.core.cluster import load_cluster
+    from primasim.core.model_sources import load_model
+    from primasim.serve.engine import plan_for_runtime
+
+    spec = load_model(MODEL)
+    for step in range(100, 400):
+        ram = step / 10000
+        two = plan_for_runtime("exo", spec, load_cluster(cluster_file(tmp, "ab", ram=ram)), 128, {})
+        one = plan_for_runtime("exo", spec, load_cluster(cluster_file(tmp, "a", ram=ram)), 128, {})
+        if two.feasible and not one.feasible:
+            return ram
+    raise AssertionError("no device memory holds half of exo's pinned weights but not all of them")
+
+
 def _streams(url: str, prompts: list[list[int]], n: int, out: dict[int, dict]) -> list[threading.Thread]:
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
 
@@ -112,10 +128,10 @@ def test_kill_a_worker_mid_stream_and_every_request_completes(tmp_path: Path, vi
 
 @pytest.mark.slow
 def test_survivors_that_cannot_hold_the_model_end_streams_with_an_error(tmp_path: Path) -> None:
-    # exo pins its weights: each device holds half the model, not all of it (planned with the runtime's
-    # KV cache and activation reserve: 0.0115 GiB holds half, 0.013 would hold all); 20 ms links keep
-    # the streams going for seconds
-    cl = cluster_file(tmp_path, "ab", ram=0.0115, latency_ms=20)
+    # exo pins its weights: each device holds half the model, not all of it -- the memory is found with
+    # the server's own planner (the runtime's KV cache and activation reserve change with the runtime:
+    # 11.8 MiB held half at first, 19.5 MiB since); 20 ms links keep the streams going for seconds
+    cl = cluster_file(tmp_path, "ab", ram=_half_not_all(tmp_path), latency_ms=20)
     proc, url = start_server(tmp_path, "--cluster", str(cl), "--model", MODEL, "--random-weights", "--system", "exo",
                              "--no-emulate", "--slots", "2", "--n-ctx", "128", "--prefill-buckets", "16",
                              "--heartbeat-timeout", "3")
