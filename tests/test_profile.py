@@ -189,6 +189,17 @@ def test_layer_shapes_follow_the_model_and_cap_rows() -> None:
     assert [i for _, i in c.all()] == [i for _, i in big.all()]  # contraction sizes kept
 
 
+def test_capped_block_runs() -> None:
+    """The profiler's block chains capped matrices (rows cut, contractions kept): TinyLlama's gate/up
+    rows capped below its ffn of 5632 used to fail `validate --model tinyllama-1.1b` in the probe."""
+    import jax.numpy as jnp
+
+    c = compute.LayerShapes.of(load_model("tinyllama-1.1b")).capped(20_000_000)
+    assert c.gate[0] < c.down[1]
+    d, k, v = compute._block_fn()(jnp.ones((2, c.q[1]), jnp.float32), *compute._block_weights(c, jnp.float32, 1e-3))
+    assert d.shape == (2, c.down[0]) and k.shape == (2, c.k[0]) and bool(jnp.isfinite(d).all())
+
+
 def test_block_device_of_the_cache_dir() -> None:
     dev = procfs.block_device_of(cache_dir())
     if dev is None:

@@ -75,11 +75,19 @@ def _block_fn() -> Callable[..., Any]:
     last axis (never `x @ W.T`, which XLA:CPU turns into a transpose copy), chained q -> o -> gate,
     up -> down, with K and V from the block input."""
     import jax
+    import jax.numpy as jnp
     from jax import lax
 
     dn = (((1,), (1,)), ((), ()))
 
     def mm(x: Any, w: Any) -> Any:
+        # capped shapes (LayerShapes.capped) keep each matrix's contraction size but not its rows, so
+        # the previous product is cut or zero-padded to it (a no-op at the model's own shapes)
+        n, m = w.shape[1], x.shape[1]
+        if m > n:
+            x = x[:, :n]
+        elif m < n:
+            x = jnp.pad(x, ((0, 0), (0, n - m)))
         return lax.dot_general(x, w, dn, preferred_element_type=x.dtype)
 
     def block(x: Any, wq: Any, wk: Any, wv: Any, wo: Any, wg: Any, wu: Any, wd: Any) -> Any:
