@@ -15,6 +15,7 @@ None of this feeds a prediction: it is reported beside the results (in-sample di
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -120,7 +121,13 @@ def report(rows: dict[str, Any], levels: list[dict[str, Any]], pred_run: dict[st
             return float(x["busy"].get(dev, {}).get("cpu", 0.0)) * span / ref["tokens"]
         devs = [n for n in ref["busy"] if ref["busy"][n].get("cpu")]
         lines += ["Per pass (prefill included), the run's compute time on each device, predicted / measured: "
-                  + ", ".join(f"{n} {per_token(pred_run, n):.1f} / {per_token(ref, n):.1f} ms" for n in devs) + ".", ""]
+                  + ", ".join(f"{n} {per_token(pred_run, n):.1f} / {per_token(ref, n):.1f} ms" for n in devs) + "."]
+        abl = pred_run.get("call_ablation") or {}
+        if abl:
+            lines += [f"The per-call cost's share (an ablation, not a fit): the run's TPOT predicted with the probed "
+                      f"per-call overhead x 1: {abl.get('1', math.nan):.1f} ms (the probe as measured), without any: "
+                      f"{abl.get('0', math.nan):.1f} ms (measured {ref['tpot_ms']:.1f} ms)."]
+        lines.append("")
     have = [r for r in levels if r.get("cpu")]
     if have:
         names = sorted({n for r in have for n in r["cpu"]["devices"]})

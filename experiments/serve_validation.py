@@ -85,7 +85,11 @@ def rich_cluster() -> ClusterSpec:
 
 
 def calibrated(cl: ClusterSpec) -> ClusterSpec:
-    devs = tuple(d.replace(call_overhead=d.call_overhead * CALL_SCALE) for d in cl.devices)
+    return scaled_calls(cl, CALL_SCALE)
+
+
+def scaled_calls(cl: ClusterSpec, k: float) -> ClusterSpec:
+    devs = tuple(d.replace(call_overhead=d.call_overhead * k) for d in cl.devices)
     return ClusterSpec(cl.name, devs, cl.network, cl.head, cl.description, cl.path)
 
 
@@ -411,6 +415,9 @@ def analyze() -> None:
     atomic_write_json(RESULTS / "serve_validation.json", {"levels": table, "leave": leave, "host_factor": factor,
                                                            "capacity_measured_req_s": cap_meas})
     pred_run = diag.predict_run(plan, calibrated(cl), load_model(MODEL), PROMPT, HOST_CPUS) if "run" in rows else None
+    if pred_run is not None:  # an ablation of the per-call cost (not a fit): the probe as measured, and none
+        pred_run["call_ablation"] = {f"{k:g}": diag.predict_run(plan, scaled_calls(cl, k), load_model(MODEL), PROMPT,
+                                                                 HOST_CPUS)["tpot_ms"] for k in (1.0, 0.0)}
     diag_lines = diag.report(rows, levels, pred_run, lambda r: next(
         (t["pred_tpot_p50"], t["meas_tpot_p50"]) for t in table if t["fraction"] == r["fraction"]))
     _figure(table)
