@@ -61,10 +61,10 @@ int available(const KernelSet* out[3]) {
   return n;
 }
 
-// The default is the best set this CPU runs (AVX-512 where CPUID and XCR0 allow it): on a Zen 4
-// host with AVX-512 it decodes no slower than AVX2 and its kernels are up to 1.4x faster on
-// cache-resident rows (experiments/results/runtime_decode_bench.md). PRIMASIM_KERNEL_ISA=avx2|scalar
-// forces another.
+// The default is the best set this CPU runs other than AVX-512, which is selectable by name
+// (PRIMASIM_KERNEL_ISA=avx512) and tested wherever CPUID + XCR0 allow it: on a Zen 4 host its
+// kernels are up to 1.4x faster on cache-resident rows, but decode from memory, timed in the same
+// rounds, was 1.00-1.09x faster with AVX2 (experiments/results/runtime_decode_bench.md).
 const KernelSet* choose(const char* want) {
   const KernelSet* sets[3];
   const int n = available(sets);
@@ -73,7 +73,9 @@ const KernelSet* choose(const char* want) {
       if (strncmp(sets[i]->name, want, strlen(want)) == 0) return sets[i];
     return nullptr;
   }
-  return sets[0];
+  for (int i = 0; i < n; ++i)  // (avx512_kernels() itself runs AVX-512 code: call it only where available)
+    if (strncmp(sets[i]->name, "avx512", 6) != 0) return sets[i];
+  return sets[n - 1];
 }
 
 std::atomic<const KernelSet*> g_set{nullptr};
