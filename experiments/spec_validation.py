@@ -355,8 +355,9 @@ def write_results(rows: list[dict[str, Any]]) -> None:
 def plot(df: Any) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PARTS), figsize=(11, 4), squeeze=False)
-    for ax, part in zip(axes[0], PARTS, strict=True):
+    parts = [p for p in PARTS if (df["part"] == p).any()]  # the clusters measured so far
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
+    for ax, part in zip(axes[0], parts, strict=True):
         sub = df[df["part"] == part]
         base = sub[sub["draft"] == ""]
         for name, mk in (("first2", "o"), ("first4", "s")):

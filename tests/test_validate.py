@@ -642,3 +642,24 @@ def test_sim_planner_ranks_candidates_by_simulating_the_runtime() -> None:
     assert tpot(out.plan) < tpot(halda)
     with pytest.raises(SpecError, match="sim_runtime"):
         make_plan("prima", model, cl, planner="sim", sim_runtime="maybe")
+
+
+def test_committed_speculation_validation_is_what_the_code_predicts(tmp_path: Path) -> None:
+    """experiments/results/spec_validation.md is re-derived from its journal, its acceptance logs
+    and its profiled clusters by the current simulator (`spec_validation.py --analyze`)."""
+    import shutil
+
+    res = REPO / "experiments" / "results"
+    for f in [res / "spec_validation_runs.jsonl", res / "spec_validation_acceptance.json",
+              *res.glob("spec_validation_cluster_*.toml")]:
+        shutil.copy(f, tmp_path / f.name)
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "spec_validation.py"), "--analyze", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    def headline(md: str) -> list[str]:
+        return [ln for ln in md.splitlines() if ln.startswith("- ")][:4]
+
+    got = headline((tmp_path / "spec_validation.md").read_text())
+    assert got == headline((res / "spec_validation.md").read_text()), \
+        "re-run `python experiments/spec_validation.py --analyze` and commit"
