@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from primasim.core.io import (
     read_journal,
 )
 from primasim.loop.sweep import load_results, run_sweep, spec_from_dict
+from primasim.loop.sweep.executors import stop_process_groups
 from primasim.loop.sweep.report import sweep_report
 from primasim.loop.sweep.store import Store
 
@@ -252,18 +252,6 @@ def dask_cluster(tmp: Path, n: int) -> tuple[str, list[subprocess.Popen]]:
     return address, procs
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 def figure(samples: dict[str, pd.DataFrame], path: Path) -> None:
     import matplotlib
 
@@ -347,7 +335,7 @@ def main() -> None:
                     report["runs"][ex] = run_one(spec, out, "dask://" + address.split("://")[1], lambda p=pids: p,
                                                  args.workers)
                 finally:
-                    stop(procs)
+                    stop_process_groups(procs)
             samples[ex] = pd.read_csv(out / "samples.csv")
             r = report["runs"][ex]
             print(f"{ex}: {r['evaluated']:,} cells in {r['wall_s']:.0f} s, {r['cells_per_s']:.1f} cells/s, overhead "

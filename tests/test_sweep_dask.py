@@ -18,6 +18,7 @@ import pytest
 
 from primasim.core.io import read_journal
 from primasim.loop.sweep import load_results, run_sweep, spec_from_dict
+from primasim.loop.sweep.executors import stop_process_groups
 
 DASK = str(Path(sys.executable).parent / "dask")
 GRID = {"model": ["llama3-8b", "llama3-70b"], "cluster": "prima-d1-d4", "quant": "q4k",
@@ -75,19 +76,7 @@ def dask_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]
             c.wait_for_workers(2, timeout=120)
         yield address, workers
     finally:
-        _stop(procs)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        stop_process_groups(procs)
 
 
 def _spec_file(tmp_path: Path) -> Path:
@@ -232,4 +221,4 @@ def test_documented_recipe_with_nannies_restarted_worker_gets_the_context(tmp_pa
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.communicate()
-        _stop(procs)
+        stop_process_groups(procs)

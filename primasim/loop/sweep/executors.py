@@ -11,6 +11,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -261,3 +262,17 @@ def make_executor(spec: str, workers: int | None) -> Any:
         return DaskExecutor(spec)
     raise SpecError(f"unknown executor {spec!r}", where="--executor",
                     fix="use local, dask://HOST:PORT or a Dask scheduler file (.json)")
+
+
+def stop_process_groups(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """SIGTERM each process's group, then SIGKILL what is still there after `grace` seconds: the
+    documented recipe's `dask scheduler` / `dask worker` processes (started with their own session)."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
