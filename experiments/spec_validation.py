@@ -200,14 +200,14 @@ def journal_file() -> Path:
 def plan_of(cfg: dict[str, Any], cl: ClusterSpec, acc_model: Any) -> tuple[Any, Any]:
     """(plan, DraftSpec or None) for a configuration on the profiled cluster."""
     from primasim.loop.validate.speculation import draft_spec, plan_with_draft
-    from primasim.runtime.checkpoint import open_checkpoint
     from primasim.sim import make_plan
 
     model = runtime_model(load_model(MODEL, "f32"))
     if not cfg["draft"]:
         out = make_plan("prima", model, cl, n_ctx=N_CTX, prompt_tokens=PROMPT)
         return out.plan, None
-    dmodel = open_checkpoint(paths()[cfg["draft"]]).spec
+    # the draft's spec from the target's (what write_prefix_draft wrote), so --analyze needs no weights
+    dmodel = dataclasses.replace(prefix_draft(load_model(MODEL, "f32"), DRAFTS[cfg["draft"]]), name=cfg["draft"])
     draft = draft_spec(dmodel, cfg["k"], cl.head, acc_model)
     return plan_with_draft("prima", model, cl, draft, n_ctx=N_CTX, prompt_tokens=PROMPT, options={}), draft
 

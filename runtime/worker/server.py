@@ -101,7 +101,13 @@ class Worker:
                     print(f"primasim worker {self.name}: {exc.message}", file=sys.stderr, flush=True)
                     got = None
                 if got is not None:
-                    self._on_control(*got)
+                    try:
+                        self._on_control(*got)
+                    except zmq.ZMQError as exc:  # a reply to a peer that has gone (ROUTER_MANDATORY)
+                        if exc.errno != zmq.EHOSTUNREACH:
+                            raise
+                        print(f"primasim worker {self.name}: a driver left before the reply to its "
+                              f"{got[1].type.name}", file=sys.stderr, flush=True)
             if self.cmd_ctl in events:
                 frames = self.cmd_ctl.recv_multipart()
                 if self.driver is not None:
