@@ -526,10 +526,11 @@ def test_quantised_memory_scale_keeps_each_devices_share_of_the_weights() -> Non
 
 
 # a Llama whose rows are whole 256-element blocks, so a Q4_K_M file really is Q4_K + Q6_K (llama-tiny's
-# 128-wide rows fall back to Q5_0 / Q8_0)
-SMALL_K_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-                 "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256,
+# 128-wide rows fall back to Q5_0 / Q8_0); its layers (~2 MB each) dwarf the noise in the cgroup usage a
+# worker's budget is measured from (with 0.3 MB layers a head measured room for one and held it: "fits")
+SMALL_K_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
+                 "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 256,
                  "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
 
 
@@ -550,7 +551,7 @@ def test_validate_runs_the_papers_format_in_either_residency_mode(tmp_path: Path
     env = {**os.environ, "PRIMASIM_CACHE": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-m", "primasim", "validate", "--cluster", str(ctoml), "--model",
                           str(cfg_dir / "config.json"), "--quant", "q4k", "--residency", residency, "--tokens", "10",
-                          "--memory-scale", "0.005",  # each device's room for weights: ~0.2 MiB of the 1.5 MB file
+                          "--memory-scale", "0.005",  # each device's room for weights: ~0.2 MiB of the ~9 MB file
                           "--prompt-tokens", "6", "--n-ctx", "128", "--option", "select_devices=false", "--out",
                           str(out), "--json"], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
