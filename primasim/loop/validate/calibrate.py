@@ -209,6 +209,13 @@ def effective_rates(model: ModelSpec, rt: dict[str, Any], kv_copy: float, gemm_f
             "call_overhead": float(rt["tokens"][str(t1)]["call_s"]), "alloc_bw": alloc}
 
 
+def _basis(rt: dict[str, Any]) -> str:
+    if rt.get("basis") == "cpu":
+        return (f"the process's CPU time / its CPU share {float(rt.get('cpu_share', 1.0)):.2f}: the device's time at "
+                f"the quota's average rate, unaffected by the host's other work")
+    return "wall time of back-to-back calls"
+
+
 def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, dict[str, Any]], *,
                      emulated: bool) -> ClusterSpec:
     """The cluster as profiled: each device's figures from its probe (with provenance in
@@ -244,13 +251,14 @@ def measured_cluster(cluster: ClusterSpec, model: ModelSpec, probes: dict[str, d
                               f"({mem.get('footprint', 0) / MiB:.0f} MiB: Python + JAX, as a worker) + memory_mib, "
                               f"then {mem['how']}") if "footprint" in mem else mem["how"],
             "ram_bw_gbs": (f"effective for the runtime's kernels: solved from primasim.runtime.model.run_layers timings inside "
-                           f"the device ({probed}); "
+                           f"the device ({probed}; {_basis(pr['runtime'])}); "
                            f"STREAM-like read {base.ram_bw / GB:.2f} GB/s"),
             "gemm_bw_gbs": "effective for the runtime's matrix-matrix kernel (several tokens per call), same solve",
             "gemm_bw_rows_gbs": "the same per probed number of rows (tokens per call; batched decode runs 2-8)",
             "cpu_gflops": (f"effective for the runtime's kernels (same solve); block GEMM at 128 tokens "
                            f"{gemm / 1e9:.1f} GFLOPS"),
-            "call_overhead_ms": "runtime probe: one-layer call minus the per-layer slope of a 4-layer window",
+            "call_overhead_ms": (f"runtime probe: intercept of a line through one call's time over windows of "
+                                 f"1-{pr['runtime'].get('layers', 4)} layers ({_basis(pr['runtime'])})"),
             "alloc_gbs": "runtime probe: primasim.runtime.model.init_kv of the probe's layers (first-touch of fresh memory)",
         })
         devs.append(dataclasses.replace(

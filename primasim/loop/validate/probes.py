@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import itertools
 import json
 import os
+import random
 import shlex
 import statistics
 import time
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import zmq
 
@@ -41,29 +40,60 @@ PROBE_ROWS = (1, 2, 4, 8)  # tokens per call the runtime probe times (decode; ba
 
 
 # ============================================================================ in-device probes
-def _mean_call(fn: Callable[[], Any], min_seconds: float, min_calls: int = 4) -> float:
-    """Mean wall time of `fn` over at least `min_seconds` (and `min_calls` calls): a mean over
-    several CFS periods, so a CPU quota shows as a slower CPU, not as bursts and pauses."""
+def _mean_call(fn: Callable[[], Any], min_seconds: float, min_calls: int = 4) -> tuple[float, float]:
+    """Mean wall time and mean CPU time (this process's, every thread's) of `fn` over at least
+    `min_seconds` (and `min_calls` calls): a mean over several CFS periods, so a CPU quota shows
+    as a slower CPU in the wall time, not as bursts and pauses."""
     n = 0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     while True:
         fn()
         n += 1
         dt = time.perf_counter() - t0
         if dt >= min_seconds and n >= min_calls:
-            return dt / n
+            return dt / n, (time.process_time() - c0) / n
+
+
+def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope of ys over xs."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx > 0 else 0.0
+    return my - slope * mx, slope
+
+
+def cpu_time_basis(cpus: int, quota: float | None) -> float | None:
+    """How CPU time converts to the profile's basis on this device, or None (time it by the wall).
+
+    A device on one CPU runs the runtime's calls on that CPU alone, so a call's CPU time is its
+    wall time at the CPU's full speed, whatever else shares the host and however the quota pauses
+    it; the profile's figures are at the quota's *average* rate (`quota / cpus` of the CPU: the
+    simulator's `CpuQuota` turns them back into full-speed time), i.e. CPU time / that share.
+    The wall time of back-to-back calls measures the same only on a quiet host, and a short call's
+    cost comes out as the small difference of two long, noisy means (observed: 0.0-2.8 ms per call
+    between devices and runs). On several CPUs XLA may run a call's threads in parallel (CPU time
+    > wall time): the wall clock stays the basis there."""
+    if cpus != 1:
+        return None
+    return min(1.0, quota) if quota and quota > 0 else 1.0
 
 
 def runtime_probe(checkpoint: str | Path, *, tokens: tuple[int, ...] = (1, 2, 16), max_seq: int = 1024,
-                  pos: int = 16, layers: int = PROBE_LAYERS, rounds: int = 3, min_seconds: float = 0.15,
+                  pos: int = 16, layers: int = PROBE_LAYERS, rounds: int = 5, min_seconds: float = 0.15,
+                  cpu_share: float | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time the runtime's own layer calls on this device (run it inside the device's limits).
 
-    For each T in `tokens`: one-layer calls cycling through `layers` mapped layers, and a window of
-    all of them in one call; rounds alternate the two and keep the median of the round means.
-    Returns per T: `single_s` (one call of one layer), `window_s` (one call of `layers` layers),
-    `layer_s` = (window - single) / (layers - 1) and `call_s` = single - layer_s; plus the head's
-    per-token work (`head_s`: embed + output layer + argmax, three calls) and the span attended."""
+    For each T in `tokens`: one call of a window of w layers for w = 1 .. `layers` (each cycling
+    through the mapped layers, so no window's weights are hot in the caches), the sizes interleaved
+    call by call; each size's median over the rounds of its mean per call. A straight line through the
+    medians over w gives `layer_s` (slope: one layer) and `call_s` (intercept: the call's own cost
+    -- dispatch, Python, argument handling, the result's copy to the host), in the profile's basis:
+    `cpu_share` (`cpu_time_basis`) given, CPU time / cpu_share, else wall time. Every size's wall
+    and CPU times are kept (`sizes`); `single_s` / `window_s` are sizes 1 and `layers`. Plus the
+    head's per-token work (`head_s`: output layer + argmax to the host; `embed_s`: embedding one
+    token) and the span attended."""
 
     ckpt = open_checkpoint(checkpoint)
     spec = ckpt.spec
@@ -71,33 +101,63 @@ def runtime_probe(checkpoint: str | Path, *, tokens: tuple[int, ...] = (1, 2, 16
     ids = list(range(n))
     params = md.load_params(ckpt, ids, embed=True, head=True)
     kv: Any = md.init_kv(spec, ids, max_seq)
+    basis = "cpu" if cpu_share else "wall"
+    share = float(cpu_share) if cpu_share else 1.0
     out: dict[str, Any] = {"layers": n, "max_seq": max_seq, "pos": pos, "rounds": rounds,
-                           "min_seconds": min_seconds, "tokens": {}}
+                           "min_seconds": min_seconds, "basis": basis, "cpu_share": share, "tokens": {}}
 
     def call(x: Any, p: int, lay: list[int]) -> Any:
         nonlocal kv
         y, kv = md.run_layers(params, kv, x, p, lay)
         return np.asarray(y)  # the worker copies every result to the host (Stage.run)
 
+    def timed(fn: Callable[[], Any], calls: int) -> float:
+        wall, cpu = _mean_call(fn, min_seconds, min_calls=calls)
+        return cpu / share if basis == "cpu" else wall
+
+    sizes = list(range(1, n + 1))
+    rng = random.Random(0)
     for T in tokens:
         if progress:
             progress(f"runtime kernels: {T} token(s) per call")
         x = np.zeros((1, T, spec.hidden), np.float32)
         p = max(0, min(pos, max_seq - T))
-        for i in ids:  # compile + fault the weights in
-            call(x, p, [i])
-        call(x, p, ids)
-        cyc = itertools.cycle([[i] for i in ids])
-        single = functools.partial(lambda x, p, it: call(x, p, next(it)), x, p, cyc)
-        window = functools.partial(call, x, p, ids)
-        singles, windows = [], []
+        for w in sizes:  # compile every window size + fault the weights in
+            call(x, p, ids[:w])
+        starts = itertools.count()
+
+        def window(w: int, x: Any = x, p: int = p, starts: Any = starts) -> Any:
+            s = next(starts)
+            return call(x, p, [ids[(s + j) % n] for j in range(w)])
+
+        walls: dict[int, list[float]] = {w: [] for w in sizes}
+        cpus: dict[int, list[float]] = {w: [] for w in sizes}
+        order = list(sizes)
         for _ in range(rounds):
-            singles.append(_mean_call(single, min_seconds, min_calls=2 * n))
-            windows.append(_mean_call(window, min_seconds))
-        s1, sw = statistics.median(singles), statistics.median(windows)
-        layer_s = max(1e-6, (sw - s1) / (n - 1))
-        out["tokens"][str(T)] = {"single_s": s1, "window_s": sw, "layer_s": layer_s, "call_s": max(0.0, s1 - layer_s),
-                                 "singles": singles, "windows": windows,
+            # sizes interleaved call by call, so the host's load slows them alike (a common
+            # factor of the line, not noise in its intercept)
+            wsum = dict.fromkeys(sizes, 0.0)
+            csum = dict.fromkeys(sizes, 0.0)
+            cycles = 0
+            t_round = time.perf_counter()
+            while cycles < 2 or time.perf_counter() - t_round < min_seconds * len(sizes):
+                rng.shuffle(order)
+                for w in order:
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    window(w)
+                    wsum[w] += time.perf_counter() - t0
+                    csum[w] += time.process_time() - c0
+                cycles += 1
+            for w in sizes:
+                walls[w].append(wsum[w] / cycles)
+                cpus[w].append(csum[w] / cycles)
+        per = {w: (statistics.median(cpus[w]) / share if basis == "cpu" else statistics.median(walls[w]))
+               for w in sizes}
+        a, b = line_fit([float(w) for w in sizes], [per[w] for w in sizes])
+        layer_s = max(1e-6, b)
+        out["tokens"][str(T)] = {"single_s": per[1], "window_s": per[n], "layer_s": layer_s,
+                                 "call_s": max(0.0, a),
+                                 "sizes": {str(w): {"wall_s": walls[w], "cpu_s": cpus[w]} for w in sizes},
                                  "span": attention_span(p + T, max_seq)}
     # a sequence's KV cache is allocated on its first token, in memory the process has not used
     # yet (page faults + zero-fill), with a shape the warm-up compiled: every round allocates the
@@ -115,16 +175,21 @@ def runtime_probe(checkpoint: str | Path, *, tokens: tuple[int, ...] = (1, 2, 16
     out["kv_alloc_s"] = statistics.median(allocs)
     out["kv_alloc_bytes"] = float(kv_bytes(n, max_seq + 1, spec.n_kv_heads, spec.head_dim))  # init_kv keeps one spare position
     del keep
-    # the head's work per token besides the blocks: embed the sampled token, output layer, argmax
+    # the head's work per token besides the blocks, as the worker does it: the output layer and the
+    # argmax's copy to the host (Session._finish), and embedding the sampled token (Stage.embed)
     xe = np.zeros((1, 1, spec.hidden), np.float32)
 
     def head() -> None:
-        md.embed(params, [[1]]).block_until_ready()
-        lg = np.asarray(md.logits(params, jnp.asarray(xe)))
-        int(lg.argmax())
+        _, top = md.head(params, xe)
+        int(np.asarray(top).reshape(-1)[0])
+
+    def embed() -> None:
+        np.asarray(md.embed(params, [[1]]))
 
     head()
-    out["head_s"] = statistics.median(_mean_call(head, min_seconds) for _ in range(rounds))
+    embed()
+    out["head_s"] = statistics.median(timed(head, 4) for _ in range(rounds))
+    out["embed_s"] = statistics.median(timed(embed, 4) for _ in range(rounds))
     # streaming through the mapping: what a worker short of memory does for the part it evicts
     out["fault"] = fault_probe(ckpt, layer=n)
     return out
@@ -281,7 +346,8 @@ def probe_main(argv: list[str]) -> int:
     tokens = tuple(int(t) for t in a.tokens.split(",") if t.strip())
     burst = burst_probe()
     rt = runtime_probe(a.checkpoint, tokens=tokens, max_seq=a.max_seq,
-                       min_seconds=max(0.15, 3 * (lim.cpu_period or 0.0)))
+                       min_seconds=max(0.15, 3 * (lim.cpu_period or 0.0)),
+                       cpu_share=cpu_time_basis(len(os.sched_getaffinity(0)), lim.cpu_quota))
     links: dict[str, Any] = {}
     for item in a.peer:
         peer, _, addr = item.partition("=")
