@@ -178,6 +178,48 @@ void dot_q45k(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* ou
   }
 }
 
+// One token (decode): each 32-weight group is unpacked and multiplied at once, so the block's 8
+// weight vectors and 8 scale vectors never need 16 live registers (AVX2 has 16: spills).
+void dot_q6k_1(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const ActK* a = (const ActK*)act[0];
+  for (int64_t b = 0; b < nb; ++b, ++a) {
+    const uint8_t* blk = w + b * 210;
+    const __m128i sc8 = _mm_loadu_si128((const __m128i*)(blk + 192));
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h));
+      const __m256i l1 = _mm256_loadu_si256((const __m256i*)(blk + 64 * h + 32));
+      const __m256i hb = _mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h));
+      const __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+      const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                         _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(12)), 2));
+      const __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                         _mm256_and_si256(hb, _mm256_set1_epi8(48)));
+      const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                         _mm256_srli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8((char)0xC0)), 2));
+      const int8_t* x = a->qs + 128 * h;
+      const __m256i p0 = _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i*)x));
+      const __m256i p1 = _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i*)(x + 32)));
+      const __m256i p2 = _mm256_maddubs_epi16(q2, _mm256_loadu_si256((const __m256i*)(x + 64)));
+      const __m256i p3 = _mm256_maddubs_epi16(q3, _mm256_loadu_si256((const __m256i*)(x + 96)));
+      const __m256i c0 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i*)kShuf6[4 * h])));
+      const __m256i c1 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i*)kShuf6[4 * h + 1])));
+      const __m256i c2 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i*)kShuf6[4 * h + 2])));
+      const __m256i c3 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, _mm_load_si128((const __m128i*)kShuf6[4 * h + 3])));
+      s0 = _mm256_add_epi32(s0, _mm256_add_epi32(_mm256_madd_epi16(c0, p0), _mm256_madd_epi16(c1, p1)));
+      s1 = _mm256_add_epi32(s1, _mm256_add_epi32(_mm256_madd_epi16(c2, p2), _mm256_madd_epi16(c3, p3)));
+    }
+    const __m256i off = _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc8), _mm256_loadu_si256((const __m256i*)a->bsums));
+    const __m256i s = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), _mm256_slli_epi32(off, 5));
+    const __m256 f = _mm256_cvtepi32_ps(s), dd = _mm256_set1_ps(_cvtsh_ss(load_u16(blk + 208)) * a->d);
+    if (b & 1) acc1 = _mm256_fmadd_ps(f, dd, acc1);
+    else acc0 = _mm256_fmadd_ps(f, dd, acc0);
+  }
+  out[0] = hsum(_mm256_add_ps(acc0, acc1));
+}
+
 template <int NT>
 void dot_q6k(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* out) {
   const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
@@ -221,6 +263,7 @@ template <uint32_t T, int NT>
 void run(const uint8_t* w, int64_t n, const uint8_t* const* a, float* o) {
   if (T == T_F32 || T == T_F16 || T == T_BF16) dot_float<T, NT>(w, n, a, o);
   else if (T == T_Q4_K || T == T_Q5_K) dot_q45k<T, NT>(w, n, a, o);
+  else if (T == T_Q6_K && NT == 1) dot_q6k_1(w, n, a, o);
   else if (T == T_Q6_K) dot_q6k<NT>(w, n, a, o);
   else dot_b32<T, NT>(w, n, a, o);
 }
