@@ -149,6 +149,21 @@ def test_parallel_rows_and_several_tensors() -> None:
 
 
 @pytest.mark.parametrize("qtype", TYPES)
+def test_one_token_rows_equal_row_by_row(qtype: str) -> None:
+    """Decode (one token): a matrix computed at once (rows in pairs where a kernel set has a
+    two-row kernel) equals each row computed alone, bit for bit, with every kernel set."""
+    rng = np.random.default_rng(11)
+    cols, rows = 1024, 7
+    raw = random_rows(rng, qtype, rows, cols, "normal")
+    x = activations(rng, 1, cols, False)
+    for isa in K.isas():
+        with K.use_isa(isa):
+            whole = run(raw, qtype, x)
+            alone = np.concatenate([run(raw[i:i + 1], qtype, x) for i in range(rows)], axis=1)
+        assert np.array_equal(whole, alone), isa
+
+
+@pytest.mark.parametrize("qtype", TYPES)
 def test_embed_rows_equal_gguf_dequantize(qtype: str) -> None:
     import gguf
 

@@ -165,6 +165,7 @@ struct Tensor {
   int64_t rows, row_bytes, nblk;
   uint32_t type;
   DotFn dot;
+  Rows2Fn rows2;
   int prep;
   float* out;
 };
@@ -204,6 +205,7 @@ ffi::Error read_desc(const uint32_t* d, int i, const ffi::RemainingArgs& files, 
   t->nblk = K / block_elems(type);
   t->type = type;
   t->dot = ks->dot[type];
+  t->rows2 = ks->rows2[type];
   t->prep = ks->prep[type];
   return ffi::Error::Success();
 }
@@ -226,6 +228,12 @@ void matmul_chunk(const void* c, int64_t k) {
   const int64_t r1 = r0 + m.chunk_rows < t.rows ? r0 + m.chunk_rows : t.rows;
   const uint8_t* const* act = m.act[t.prep];
   float res[kGroup];
+  if (m.B == 1 && t.rows2) {  // decode: rows in pairs
+    int64_t r = r0;
+    for (; r + 2 <= r1; r += 2) t.rows2(t.w + r * t.row_bytes, t.row_bytes, t.nblk, act[0], t.out + r);
+    for (; r < r1; ++r) t.dot(t.w + r * t.row_bytes, t.nblk, act, 1, t.out + r);
+    return;
+  }
   for (int64_t g = 0; g < m.B; g += kGroup) {  // token groups inside the chunk: its rows stay in cache
     const int n = (int)(m.B - g < kGroup ? m.B - g : kGroup);
     for (int64_t r = r0; r < r1; ++r) {
@@ -404,6 +412,43 @@ __attribute__((visibility("default"))) double primasim_qk_rowdot(uint32_t type, 
   }
   free(buf);
   return per;
+}
+
+// For benchmarks, outside XLA: a whole matrix (rows x K of `type` at w) times nt token rows x
+// (nt, K), on the calling thread only, as the handler computes a chunk; returns the fastest of
+// `reps` repetitions in seconds (activations prepared once), -1 for a bad type. out: (nt, rows).
+__attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, const uint8_t* w, int64_t rows,
+                                                                 int64_t K, const float* x, int nt, int reps,
+                                                                 float* out) {
+  const qk::KernelSet* ks = qk::kernels();
+  if (type >= qk::T_COUNT || !ks->dot[type] || nt < 1 || nt > qk::kGroup || K % qk::block_elems(type)) return -1;
+  const int p = ks->prep[type];
+  const size_t row = (qk::prep_bytes(p, K) + 63) & ~(size_t)63;
+  uint8_t* buf = (uint8_t*)aligned_alloc(64, row * nt + 64);
+  const uint8_t* act[qk::kGroup];
+  for (int t = 0; t < nt; ++t) {
+    qk::prepare(p, x + t * K, K, buf + t * row);
+    act[t] = p == qk::P_F32 ? (const uint8_t*)(x + t * K) : buf + t * row;
+  }
+  qk::Tensor ten{w, rows, K / qk::block_elems(type) * qk::block_bytes(type), K / qk::block_elems(type), type,
+                 ks->dot[type], ks->rows2[type], p, out};
+  qk::MatmulCtx m;
+  for (int i = 0; i < qk::P_COUNT; ++i) m.act[i] = act;
+  const int64_t starts[2] = {0, 1};
+  m.ts = &ten;
+  m.nt = 1;
+  m.B = nt;
+  m.chunk_rows = rows;
+  m.chunk_start = starts;
+  double best = 0;
+  for (int r = 0; r < (reps < 1 ? 1 : reps); ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    qk::matmul_chunk(&m, 0);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = r == 0 || dt < best ? dt : best;
+  }
+  free(buf);
+  return best;
 }
 
 // Select a kernel set by name prefix ("avx512", "avx2", "scalar"; "" = best). 0 on success, -1 if
