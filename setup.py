@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = "runtime/kernels"
-SOURCES = [f"{KERNELS}/qk_{n}.cc" for n in ("ffi", "scalar", "avx2", "avx512")]
+SOURCES = [f"{KERNELS}/qk_{n}.cc" for n in ("ffi", "attn", "scalar", "avx2", "avx512")]
 
 
 class BuildKernels(build_ext):

@@ -201,11 +201,26 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, pos: jax.Array) 
 def block(spec: ModelSpec, interleaved: bool, files: Files, w: Layer, kv: LayerKV, x: jax.Array,
           pos: jax.Array, inv_freq: jax.Array, tables: jax.Array | None, span: int) -> tuple[jax.Array, LayerKV]:
     """One transformer block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
-    B, T, _ = x.shape
-    h = rms_norm(x, w["attn_norm.weight"], spec.norm_eps)
-    q, k, v = _mm(files, h, w["attn_qkv"])
+    q, k, v = K.matmul(files, x, w["attn_qkv"], norm=w["attn_norm.weight"], eps=spec.norm_eps)
     if spec.qkv_bias:
         q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
+    if tables is None:  # contiguous cache: RoPE, the KV write and attention in one kernel call
+        att, kc, vc = K.attend(q, k, v, pos, inv_freq, *kv, span=span, interleaved=interleaved)
+    else:
+        att, kc, vc = _attention_xla(spec, interleaved, kv, q, k, v, pos, inv_freq, tables, span)
+    # the norms, SwiGLU and residual adds run inside the kernel calls (no XLA op each)
+    x = K.matmul(files, att, w["attn_output"], residual=x)[0]
+    gate, up = K.matmul(files, x, w["ffn_gate_up"], norm=w["ffn_norm.weight"], eps=spec.norm_eps)
+    x = K.matmul(files, gate, w["ffn_down"], up=up, residual=x)[0]
+    return x, (kc, vc)
+
+
+def _attention_xla(spec: ModelSpec, interleaved: bool, kv: LayerKV, q: jax.Array, k: jax.Array, v: jax.Array,
+                   pos: jax.Array, inv_freq: jax.Array, tables: jax.Array | None,
+                   span: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`K.attend` in JAX ops (the paged KV pool): q (B, T, H*D), k/v (B, T, H_kv*D) before RoPE ->
+    the attention output (B, T, H*D) and the updated caches."""
+    B, T = q.shape[:2]
     q = q.reshape(B, T, spec.n_heads, spec.head_dim)
     k = k.reshape(B, T, spec.n_kv_heads, spec.head_dim)
     v = v.reshape(B, T, spec.n_kv_heads, spec.head_dim)
@@ -215,11 +230,7 @@ def block(spec: ModelSpec, interleaved: bool, files: Files, w: Layer, kv: LayerK
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     kc, vc, keys, values = _kv_write(*kv, k, v, pos, tables, span)
-    x = x + _mm(files, attention(q, keys, values, pos), w["attn_output"])[0]
-    h = rms_norm(x, w["ffn_norm.weight"], spec.norm_eps)
-    gate, up = _mm(files, h, w["ffn_gate_up"])
-    x = x + _mm(files, jax.nn.silu(gate) * up, w["ffn_down"])[0]
-    return x, (kc, vc)
+    return attention(q, keys, values, pos), kc, vc
 
 
 def _blocks(files: Files, ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], x: jax.Array, pos: jax.Array,
@@ -243,7 +254,7 @@ def _forward(files: Files, ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], ids:
     position's logits (B, V) and their argmax (B,). Saves the dispatches and syncs between calls
     (a few % per token); greedy decoding copies only the token ids to the host."""
     x, kvs = _blocks(files, ws, kvs, K.embed(files, emb, ids), pos, inv_freq, None, spec, interleaved, span)
-    lg = _mm(files, rms_norm(x[:, -1], norm, spec.norm_eps), out)[0]
+    lg = K.matmul(files, x[:, -1], out, norm=norm, eps=spec.norm_eps)[0]
     return lg, jnp.argmax(lg, axis=-1).astype(jnp.int32), kvs
 
 
@@ -378,7 +389,7 @@ def embed(params: Params, ids: Any, *, compile_only: bool = False) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("eps",))
 def _head(files: Files, norm: jax.Array, out: QWeight, x: jax.Array, *, eps: float) -> tuple[jax.Array, jax.Array]:
-    lg = _mm(files, rms_norm(x, norm, eps), out)[0]
+    lg = K.matmul(files, x, out, norm=norm, eps=eps)[0]
     return lg, jnp.argmax(lg, axis=-1).astype(jnp.int32)
 
 

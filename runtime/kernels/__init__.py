@@ -35,7 +35,7 @@ from primasim.core.errors import CheckpointError
 from ..quantize import row_bytes as row_bytes
 from .reference import TYPE_IDS, TYPE_NAMES
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 DESC_WORDS = 6  # offset lo, offset hi, ggml type, file index, rows, cols
 SUPPORTED = tuple(TYPE_IDS)  # weight types the kernels read
 _LOCK = threading.Lock()
@@ -77,6 +77,7 @@ def library() -> ctypes.CDLL:
     lib.primasim_qk_select.restype = ctypes.c_int
     jax.ffi.register_ffi_target("primasim_matmul", jax.ffi.pycapsule(lib.PrimasimMatmul), platform="cpu")
     jax.ffi.register_ffi_target("primasim_embed", jax.ffi.pycapsule(lib.PrimasimEmbed), platform="cpu")
+    jax.ffi.register_ffi_target("primasim_attend", jax.ffi.pycapsule(lib.PrimasimAttend), platform="cpu")
     want = os.environ.get("PRIMASIM_KERNEL_ISA", "")
     if want and not lib.primasim_qk_current().decode().startswith(want):
         raise KernelsUnavailable(f"PRIMASIM_KERNEL_ISA={want} cannot run on this CPU", where="environment",
@@ -169,12 +170,46 @@ def file_array(mapped: np.ndarray) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- the calls
-def matmul(files: Sequence[jax.Array], x: jax.Array, w: QWeight) -> tuple[jax.Array, ...]:
-    """x (..., cols) f32 times each tensor of `w` transposed: a tuple of (..., rows_i) f32."""
+_NONE = np.zeros((0,), np.float32)
+M_NORM, M_SWIGLU, M_RESIDUAL = 1, 2, 4  # qk_ffi.cc Mode
+
+
+def matmul(files: Sequence[jax.Array], x: jax.Array, w: QWeight, *, norm: jax.Array | None = None,
+           eps: float = 0.0, up: jax.Array | None = None,
+           residual: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """x (..., cols) f32 times each tensor of `w` transposed: a tuple of (..., rows_i) f32.
+
+    The block's element-wise steps can ride along (computed in the call, no XLA op of their own):
+    `norm` (cols,): x -> rms_norm(x, eps) * norm first; `up` (shaped like x): x -> silu(x) * up
+    first; `residual` (shaped like result 0): result 0 -> residual + result 0."""
+    if norm is not None and up is not None:
+        raise ValueError("matmul: norm and up exclude each other")
     lead = x.shape[:-1]
     out = tuple(jax.ShapeDtypeStruct((*lead, r), jnp.float32) for r in w.rows)
+    mode = (M_NORM if norm is not None else 0) | (M_SWIGLU if up is not None else 0) | (
+        M_RESIDUAL if residual is not None else 0)
+    aux = norm if norm is not None else up if up is not None else _NONE
+    res = residual if residual is not None else _NONE
     library()
-    return tuple(jax.ffi.ffi_call("primasim_matmul", out)(x.astype(jnp.float32), w.desc, *files))
+    return tuple(jax.ffi.ffi_call("primasim_matmul", out)(
+        x.astype(jnp.float32), jnp.asarray(aux, jnp.float32), jnp.asarray(res, jnp.float32), w.desc, *files,
+        eps=np.float32(eps), mode=np.int32(mode)))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, inv_freq: jax.Array, kc: jax.Array,
+           vc: jax.Array, *, span: int, interleaved: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One block's attention on a contiguous KV cache in one call (qk_attn.cc): RoPE of q (B, T, H*D)
+    and k (B, T, H_kv*D) at positions pos..pos+T-1 (`interleaved`: llama.cpp's Q/K row order), k
+    and v written into the caches (B, H_kv, S, D) in place, causal GQA over the first `span`
+    positions. Returns (output (B, T, H*D), K cache, V cache)."""
+    library()
+    f32 = jnp.float32
+    shapes = (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(kc.shape, f32),
+              jax.ShapeDtypeStruct(vc.shape, f32))
+    out, kc, vc = jax.ffi.ffi_call("primasim_attend", shapes, input_output_aliases={5: 1, 6: 2})(
+        q.astype(f32), k.astype(f32), v.astype(f32), pos.astype(jnp.int32), inv_freq.astype(f32), kc, vc,
+        span=np.int64(span), interleaved=np.int32(interleaved))
+    return out, kc, vc
 
 
 def embed(files: Sequence[jax.Array], w: QWeight, ids: jax.Array) -> jax.Array:

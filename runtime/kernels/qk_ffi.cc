@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 
+#include <math.h>
 #include <stdlib.h>
 
 #include "qk.h"
@@ -28,7 +29,7 @@ namespace ffi = xla::ffi;
 namespace qk {
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 constexpr int kDescWords = 6;
 constexpr int kMaxTensors = 16;
 constexpr int kGroup = 8;  // tokens per kernel call (weights unpacked once, used for all of them)
@@ -243,8 +244,17 @@ void matmul_chunk(const void* c, int64_t k) {
   }
 }
 
-ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> desc, ffi::RemainingArgs files,
-                  ffi::RemainingRets outs, ffi::ThreadPool pool) {
+// What a call does to its activations before the products and to its first result after
+// (the block's element-wise steps, so they cost no XLA op of their own):
+enum Mode : int32_t {
+  M_NORM = 1,      // x -> rms_norm(x) * aux: aux (K,) the norm weight, eps the attribute
+  M_SWIGLU = 2,    // x -> silu(x) * aux: aux the up projection, shaped like x
+  M_RESIDUAL = 4,  // result 0 -> resid + result 0: resid shaped like result 0
+};
+
+ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::F32> resid,
+                  ffi::Buffer<ffi::U32> desc, ffi::RemainingArgs files, ffi::RemainingRets outs,
+                  ffi::ThreadPool pool, float eps, int32_t mode) {
   const KernelSet* ks = kernels();
   const auto xd = x.dimensions();
   if (xd.size() < 1) return ffi::Error::InvalidArgument("primasim kernels: activations need a last axis");
@@ -274,8 +284,16 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> desc, ffi::Rema
     total_bytes += rows * ts[i].row_bytes;
   }
   if (B == 0 || total_rows == 0) return ffi::Error::Success();
+  const bool pre = mode & (M_NORM | M_SWIGLU);
+  if ((mode & M_NORM) && (int64_t)aux.element_count() != K)
+    return ffi::Error::InvalidArgument("primasim kernels: the norm weight must have the activations' width");
+  if ((mode & M_SWIGLU) && aux.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("primasim kernels: the up projection must be shaped like the gate");
+  if ((mode & M_RESIDUAL) && (int64_t)resid.element_count() != B * ts[0].rows)
+    return ffi::Error::InvalidArgument("primasim kernels: the residual must be shaped like the first result");
   // activations: one prepared row per token per needed layout, in the calling thread's scratch
-  size_t row_sz[P_COUNT] = {}, need_bytes = 0;
+  // (after the transformed f32 rows when the call normalises or gates them)
+  size_t row_sz[P_COUNT] = {}, need_bytes = pre ? (size_t)B * K * 4 + 64 : 0;
   for (int p = 0; p < P_COUNT; ++p)
     if (need[p]) {
       row_sz[p] = (prep_bytes(p, K) + 63) & ~(size_t)63;
@@ -286,6 +304,25 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> desc, ffi::Rema
   MatmulCtx m;
   uint8_t* cur = scratch;
   const float* xp = x.typed_data();
+  if (pre) {  // the same arithmetic as the JAX ops it replaces (f32; the norm's sum of squares in f64)
+    float* h = (float*)cur;
+    const float* a = aux.typed_data();
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xr = xp + b * K;
+      float* hr = h + b * K;
+      if (mode & M_NORM) {
+        double ss = 0;
+        for (int64_t i = 0; i < K; ++i) ss += (double)xr[i] * xr[i];
+        const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
+        for (int64_t i = 0; i < K; ++i) hr[i] = xr[i] * r * a[i];
+      } else {
+        const float* ar = a + b * K;
+        for (int64_t i = 0; i < K; ++i) hr[i] = xr[i] / (1.0f + expf(-xr[i])) * ar[i];
+      }
+    }
+    xp = h;
+    cur += ((size_t)B * K * 4 + 63) & ~(size_t)63;
+  }
   for (int p = 0; p < P_COUNT; ++p) {
     m.act[p] = nullptr;
     if (!need[p]) continue;
@@ -318,6 +355,11 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U32> desc, ffi::Rema
   m.chunk_start = chunk_start;
   // below ~64 KB of weight traffic a second thread costs more to wake than it saves
   parallel_for(&pool, chunk_start[nt], matmul_chunk, &m, total_bytes * ((B + kGroup - 1) / kGroup) > 65536);
+  if (mode & M_RESIDUAL) {
+    const float* r = resid.typed_data();
+    float* o = ts[0].out;
+    for (int64_t i = 0, n = B * ts[0].rows; i < n; ++i) o[i] = r[i] + o[i];
+  }
   return ffi::Error::Success();
 }
 
@@ -354,10 +396,14 @@ ffi::Error Embed(ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::U32> desc, ffi::Rem
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimMatmul, qk::Matmul,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .RemainingArgs()
                                   .RemainingRets()
-                                  .Ctx<ffi::ThreadPool>());
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<float>("eps")
+                                  .Attr<int32_t>("mode"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimEmbed, qk::Embed,
                               ffi::Ffi::Bind()
