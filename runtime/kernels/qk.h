@@ -111,16 +111,12 @@ static inline void unpack_k4(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
 // A dot kernel: one weight row (nblk blocks at w) against nt prepared token rows (nt = 1..8),
 // writes nt floats. Prepared rows for P_Q8_0 need nblk to find their d/sum/s arrays.
 typedef void (*DotFn)(const uint8_t* w, int64_t nblk, const uint8_t* const* act, int nt, float* out);
-// Two consecutive weight rows (row_bytes apart) against one prepared token row: out[0..1]. Equal,
-// bit for bit, to two DotFn calls with nt = 1 (an optional speed-up for decode's short rows).
-typedef void (*Rows2Fn)(const uint8_t* w, int64_t row_bytes, int64_t nblk, const uint8_t* act, float* out);
 // Dequantise one row (nblk blocks) to f32.
 typedef void (*RowFn)(const uint8_t* w, int64_t nblk, float* out);
 
 struct KernelSet {
   const char* name;
   DotFn dot[T_COUNT];
-  Rows2Fn rows2[T_COUNT];  // nullptr: use dot row by row
   int8_t prep[T_COUNT];  // Prep layout each dot kernel reads (P_NONE: type unsupported)
 };
 

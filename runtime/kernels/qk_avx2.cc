@@ -220,57 +220,6 @@ void dot_q6k_1(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* o
   out[0] = hsum(_mm256_add_ps(acc0, acc1));
 }
 
-// One token, R rows at once (Q4_K/Q5_K, decode): the same arithmetic per row as dot_q45k<T, 1>
-// (identical results), but R independent chains per block, so the per-row set-up and final
-// reductions of short rows (K = 1024: 4 blocks) overlap instead of running back to back.
-template <uint32_t T, int R>
-void rows_q45k(const uint8_t* w, int64_t row_bytes, int64_t nb, const uint8_t* act, float* out) {
-  constexpr int kBytes = T == T_Q5_K ? 176 : 144, kQs = T == T_Q5_K ? 48 : 16;
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[R];
-  __m128 accm[R];
-  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); accm[r] = _mm_setzero_ps(); }
-  const ActK* a = (const ActK*)act;
-  for (int64_t b = 0; b < nb; ++b, ++a) {
-    const __m128i bs = _mm_loadu_si128((const __m128i*)a->bsum32);
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = w + r * row_bytes + b * kBytes;
-      const float d = _cvtsh_ss(load_u16(blk)), dmin = _cvtsh_ss(load_u16(blk + 2));
-      uint32_t u[4];
-      memcpy(u, blk + 4, 12);
-      u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-      const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
-      u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-      u[2] = mins_lo;
-      u[0] &= 0x3f3f3f3fu;
-      const __m256i ms = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
-      const __m128i mins = _mm256_extracti128_si256(ms, 1);
-      const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(ms));
-      const __m256i qh = T == T_Q5_K ? _mm256_loadu_si256((const __m256i*)(blk + 16)) : _mm256_setzero_si256();
-      __m256i s = _mm256_setzero_si256();
-      for (int c = 0; c < 4; ++c) {
-        const __m256i bits = _mm256_loadu_si256((const __m256i*)(blk + kQs + 32 * c));
-        __m256i q[2] = {_mm256_and_si256(bits, m4), _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4)};
-        for (int h = 0; h < 2; ++h) {
-          const int k = 2 * c + h;
-          if (T == T_Q5_K)
-            q[h] = _mm256_or_si256(q[h], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, k), _mm256_set1_epi8(1)), 4));
-          const __m256i p = _mm256_maddubs_epi16(q[h], _mm256_loadu_si256((const __m256i*)(a->qs + 32 * k)));
-          s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_shuffle_epi8(scales, _mm256_load_si256((const __m256i*)kShufK4[k])), p));
-        }
-      }
-      const __m128i mi = _mm_madd_epi16(mins, bs);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * a->d), acc[r]);
-      accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mi), _mm_set1_ps(dmin * a->d), accm[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    out[r] = hsum(acc[r]) - _mm_cvtss_f32(m);
-  }
-}
-
 template <int NT>
 void dot_q6k(const uint8_t* w, int64_t nb, const uint8_t* const* act, float* out) {
   const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
@@ -336,7 +285,7 @@ void by_nt(const uint8_t* w, int64_t n, const uint8_t* const* a, int nt, float* 
 KernelSet make_avx2() {
   KernelSet k;
   k.name = "avx2";
-  for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.rows2[t] = nullptr; k.prep[t] = P_NONE; }
+  for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.prep[t] = P_NONE; }
   k.dot[T_F32] = by_nt<T_F32>;    k.prep[T_F32] = P_F32;
   k.dot[T_F16] = by_nt<T_F16>;    k.prep[T_F16] = P_F16;
   k.dot[T_BF16] = by_nt<T_BF16>;  k.prep[T_BF16] = P_BF16;
@@ -346,8 +295,6 @@ KernelSet make_avx2() {
   k.dot[T_Q5_0] = by_nt<T_Q5_0>;  k.prep[T_Q5_0] = P_Q8_0;
   k.dot[T_Q5_1] = by_nt<T_Q5_1>;  k.prep[T_Q5_1] = P_Q8_0;
   k.dot[T_Q4_K] = by_nt<T_Q4_K>;  k.prep[T_Q4_K] = P_Q8K;
-  k.rows2[T_Q4_K] = rows_q45k<T_Q4_K, 2>;
-  k.rows2[T_Q5_K] = rows_q45k<T_Q5_K, 2>;
   k.dot[T_Q5_K] = by_nt<T_Q5_K>;  k.prep[T_Q5_K] = P_Q8K;
   k.dot[T_Q6_K] = by_nt<T_Q6_K>;  k.prep[T_Q6_K] = P_Q8K;
   return k;

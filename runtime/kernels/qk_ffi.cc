@@ -166,7 +166,6 @@ struct Tensor {
   int64_t rows, row_bytes, nblk;
   uint32_t type;
   DotFn dot;
-  Rows2Fn rows2;
   int prep;
   float* out;
 };
@@ -206,7 +205,6 @@ ffi::Error read_desc(const uint32_t* d, int i, const ffi::RemainingArgs& files, 
   t->nblk = K / block_elems(type);
   t->type = type;
   t->dot = ks->dot[type];
-  t->rows2 = ks->rows2[type];
   t->prep = ks->prep[type];
   return ffi::Error::Success();
 }
@@ -229,12 +227,6 @@ void matmul_chunk(const void* c, int64_t k) {
   const int64_t r1 = r0 + m.chunk_rows < t.rows ? r0 + m.chunk_rows : t.rows;
   const uint8_t* const* act = m.act[t.prep];
   float res[kGroup];
-  if (m.B == 1 && t.rows2) {  // decode: rows in pairs
-    int64_t r = r0;
-    for (; r + 2 <= r1; r += 2) t.rows2(t.w + r * t.row_bytes, t.row_bytes, t.nblk, act[0], t.out + r);
-    for (; r < r1; ++r) t.dot(t.w + r * t.row_bytes, t.nblk, act, 1, t.out + r);
-    return;
-  }
   for (int64_t g = 0; g < m.B; g += kGroup) {  // token groups inside the chunk: its rows stay in cache
     const int n = (int)(m.B - g < kGroup ? m.B - g : kGroup);
     for (int64_t r = r0; r < r1; ++r) {
@@ -477,7 +469,7 @@ __attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, 
     act[t] = p == qk::P_F32 ? (const uint8_t*)(x + t * K) : buf + t * row;
   }
   qk::Tensor ten{w, rows, K / qk::block_elems(type) * qk::block_bytes(type), K / qk::block_elems(type), type,
-                 ks->dot[type], ks->rows2[type], p, out};
+                 ks->dot[type], p, out};
   qk::MatmulCtx m;
   for (int i = 0; i < qk::P_COUNT; ++i) m.act[i] = act;
   const int64_t starts[2] = {0, 1};

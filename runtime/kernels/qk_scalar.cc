@@ -234,7 +234,7 @@ void dot_each(const uint8_t* w, int64_t nblk, const uint8_t* const* act, int nt,
 KernelSet make_scalar() {
   KernelSet k;
   k.name = "scalar";
-  for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.rows2[t] = nullptr; k.prep[t] = P_NONE; }
+  for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.prep[t] = P_NONE; }
   k.dot[T_F32] = dot_each<dot1_f32>;            k.prep[T_F32] = P_F32;
   k.dot[T_F16] = dot_each<dot1_f16>;            k.prep[T_F16] = P_F16;
   k.dot[T_BF16] = dot_each<dot1_bf16>;          k.prep[T_BF16] = P_BF16;
