@@ -16,7 +16,8 @@
   ``planned``  the worker decides. Weights that fit the budget are loaded and stay; otherwise it
                keeps the same fraction r of every layer resident and streams the rest of each layer
                from disk each time the layer runs, evicting it right after use (MADV_DONTNEED +
-               POSIX_FADV_DONTNEED), so a token re-reads about the bytes that do not fit. r is the
+               POSIX_FADV_DONTNEED), so a token re-reads about the bytes that do not fit, no more
+               (reads and evictions are page-exact: runtime/worker/residency.py). r is the
                largest fraction with r * window + c * (1 - r) * layer <= budget (c = 2 with prefetch:
                room for the next layer's streamed part read in the background, else 1).
   ``lru``      the kernel decides, as llama.cpp and prima.cpp leave it: every weight is mmap'd, read

@@ -334,8 +334,9 @@ class Session:
                 if self.prefetcher is not None:
                     nxt = i + 1 if i + 1 < e else self.windows[(w + 1) % len(self.windows)][0]
                     self.prefetcher.post(f"layer {nxt}", res.layer_stream.get(nxt, []))
+                res.read_layer(i)
                 x, kv = self.stage.run(kv, x, pos, i, i + 1)
-                drop_pages(res.layer_stream.get(i, []), res.layer_spans.get(i))
+                res.evict_layer(i)
         else:
             x, kv = self.stage.run(kv, x, pos, s, e)
             if self.prefetcher is not None:  # lru: the next window, while the rest of the ring computes
