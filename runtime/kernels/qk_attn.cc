@@ -28,7 +28,7 @@ namespace qk {
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define QK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define QK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define QK_CLONES
 #endif
