@@ -42,6 +42,25 @@ def test_planned_residency_never_plans_more_than_the_budget(lay: dict[int, float
     assert p.stream_prefetch <= prefetch
 
 
+@given(layers, st.floats(0, 20_000 * MB), st.floats(0, 600 * MB), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_the_output_layer_stays_beside_the_streamed_layers_and_streams_what_does_not_fit(
+        lay: dict[int, float], budget: float, out: float, prefetch: bool) -> None:
+    p = plan_residency("planned", budget, lay, out, prefetch=prefetch)
+    if p.state != "streams":
+        return
+    window, big = sum(lay.values()), max(lay.values())
+    c = 2.0 if p.stream_prefetch else 1.0
+    kept_out = out - p.output_streamed
+    assert 0.0 <= p.output_streamed <= out + 1e-9
+    assert p.resident_bytes == pytest.approx(p.keep_fraction * window + kept_out, abs=1e-6 * (window + out))
+    if p.output_streamed > 1e-9 * out:  # it did not fit beside c streamed layers: nothing of a layer is kept
+        assert p.keep_fraction == 0.0
+        assert kept_out + c * big <= max(budget, c * big) * (1 + 1e-9)
+    # a token streams at least what does not fit, the output's part included
+    assert sum(p.streamed.values()) + p.output_streamed >= window + out - budget - 1e-6 * (window + out)
+
+
 @given(layers, st.floats(0, 5000 * MB), st.floats(1, 5000 * MB))
 @settings(max_examples=200, deadline=None)
 def test_more_memory_never_streams_more(lay: dict[int, float], budget: float, extra: float) -> None:

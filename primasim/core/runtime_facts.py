@@ -126,6 +126,7 @@ class ResidencyPlan:
     window_prefetch: bool = False  # lru: the next window is madvise(WILLNEED)'d
     streamed: dict[int, float] = field(default_factory=dict)  # layer -> bytes streamed per use (planned)
     resident_bytes: float = 0.0  # weight bytes kept resident (planned/fits/pinned; lru: what fits)
+    output_streamed: float = 0.0  # planned, head: bytes of the output layer streamed per token
 
     @property
     def streams(self) -> bool:
@@ -143,8 +144,9 @@ def plan_residency(mode: str, budget: float, layer_bytes: dict[int, float], outp
                    pinned: bool = False, prefetch: bool = False, ring: int = 1) -> ResidencyPlan:
     """The worker's residency decision (runtime/worker/residency.py) and the simulator's, from the
     same inputs: `budget` = memory for weights (the device's room minus `anon_reserve`),
-    `layer_bytes` of the device's blocks, the head's output layer (kept resident in planned mode:
-    read whole every token), prefetch on, and the number of devices in the ring."""
+    `layer_bytes` of the device's blocks, the head's output layer (planned mode keeps it resident --
+    it is read whole every token -- as far as it fits beside c layers' streamed parts, and streams
+    the rest), prefetch on, and the number of devices in the ring."""
     mode = residency_mode(mode)
     window = float(sum(layer_bytes.values()))
     total = window + output_bytes
@@ -158,10 +160,14 @@ def plan_residency(mode: str, budget: float, layer_bytes: dict[int, float], outp
         return ResidencyPlan(mode, "lru", budget, window_prefetch=prefetch and ring > 1,
                              resident_bytes=max(0.0, min(total, budget)))
     big = max(layer_bytes.values())
-    avail = budget - output_bytes
-    r = keep_fraction(avail, window, big, 1.0)
-    pre = prefetch and keep_fraction(avail, window, big, 2.0) > 0.0
-    if pre:
-        r = keep_fraction(avail, window, big, 2.0)
+    pre = prefetch and keep_fraction(budget - output_bytes, window, big, 2.0) > 0.0
+    c = 2.0 if pre else 1.0
+    # the head's output layer stays beside room for c layers' streamed parts; what of it does not
+    # fit streams too (read before its call, evicted after): kept whole past the budget, the kernel
+    # evicted it at the device's limit and a token re-read it by faults (fidelity study 2026-12-07:
+    # a 27 MB output on a head with a 12 MB budget, 157 MB read per pass of 117 planned)
+    out_keep = min(output_bytes, max(0.0, budget - c * big))
+    r = keep_fraction(budget - out_keep, window, big, c)
     streamed = {i: (1.0 - r) * b for i, b in layer_bytes.items()}
-    return ResidencyPlan(mode, "streams", budget, r, pre, False, streamed, r * window + output_bytes)
+    return ResidencyPlan(mode, "streams", budget, r, pre, False, streamed, r * window + out_keep,
+                         output_bytes - out_keep)

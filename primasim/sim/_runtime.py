@@ -81,6 +81,7 @@ class Residency:
     resident_bytes: float = 0.0
     anon_bytes: float = 0.0  # KV + activations (+ pinned weights)
     window_prefetch: bool = False  # lru: the next window is madvise(WILLNEED)'d while the ring computes
+    output_streamed: float = 0.0  # planned, head: output-layer bytes read before its call, evicted after
 
     @property
     def streams(self) -> bool:
@@ -106,7 +107,7 @@ def residency(plan: Plan, model: ModelSpec, ram_avail: float, name: str, *, max_
         total = rp.resident_bytes + (float(model.input_bytes) if head else 0.0)
         return Residency("pinned", budget, resident_bytes=total, anon_bytes=reserve + total)
     return Residency("planned" if rp.state == "streams" else rp.state, budget, rp.keep_fraction, rp.stream_prefetch,
-                     dict(rp.streamed), rp.resident_bytes, reserve, rp.window_prefetch)
+                     dict(rp.streamed), rp.resident_bytes, reserve, rp.window_prefetch, rp.output_streamed)
 
 
 def timing(dev: SimDevice, rows: int) -> DeviceTiming:
@@ -436,15 +437,21 @@ class RuntimeRing:
             dev.cpu.release(req)
 
     def head_out(self, n_tokens: int, seq: int, token: int, logits: int = 1) -> Proc:
-        """Output layer + sampling on the head (the output layer is resident: it is kept), for the
+        """Output layer + sampling on the head (resident, or as far as it fits: plan_residency), for the
         last `logits` positions in one call (a speculative verification needs all of them)."""
         dev = self.ctx.dev(self.head)
         # a fused token pays one call overhead, for the whole model (charged here)
         t = (timing(dev, logits).output(logits) + dev.spec.call_overhead
              + self.cfg.sample_cost_per_vocab * self.model.vocab * logits)
-        if self.res[self.head].mode == "lru":
+        r = self.res[self.head]
+        if r.mode == "lru":
             yield from dev.run_chunks(dev.cpu, dev.weights.output_chunks, t, name="output", seq=seq, token=token)
             return
+        if r.output_streamed > 0:  # planned: the part of the output that does not fit, read by demand
+            t0 = self.ctx.env.now
+            yield from self._read(dev, r.output_streamed, DEMAND, token)
+            dev.stall += self.ctx.env.now - t0
+            self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
         yield from dev.cpu.serve(t, name="output", seq=seq, token=token)
 
     def embed(self, n_tokens: int, seq: int, token: int) -> Proc:

@@ -55,6 +55,7 @@ class Residency:
     plan: ResidencyPlan
     layer_stream: dict[int, Ranges] = field(default_factory=dict)  # evicted after every use
     layer_spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    output_stream: Ranges = field(default_factory=list)  # the head's output layer: the part it streams
     kept: Ranges = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +71,13 @@ class Residency:
     def evict_layer(self, i: int) -> None:
         """Drop layer `i`'s streamed part from memory after use."""
         drop_pages(self.layer_stream.get(i, []), self.layer_spans.get(i))
+
+    def read_output(self) -> None:
+        """Start reading the part of the output layer that does not stay resident (if any)."""
+        read_ranges(self.output_stream)
+
+    def evict_output(self) -> None:
+        drop_pages(self.output_stream)
 
 
 def split_streams(res: Residency, lay_ranges: dict[int, Ranges], keep: dict[int, float], also_kept: Ranges) -> int:
@@ -118,12 +126,14 @@ def load(stage: Stage, mode: str, budget: float, *, pinned: bool, prefetch: bool
     elif plan.state == "lru":
         touched = touch_pages(window + out)  # the kernel keeps what fits, evicting as it goes
     elif plan.state == "streams":
-        touched = split_streams(res, lay_ranges, {i: plan.keep_fraction * lay_bytes[i] for i in layers}, out)
+        out_keep, res.output_stream = split_ranges(out, out_b - plan.output_streamed)
+        touched = split_streams(res, lay_ranges, {i: plan.keep_fraction * lay_bytes[i] for i in layers}, out_keep)
     res.info = {"window_bytes": float(sum(lay_bytes.values())), "output_bytes": out_b, "budget": budget,
                 "budget_how": how, "residency": plan.state, "mode": plan.mode,
                 "resident_bytes": float(sum(r[2] for r in res.kept)) if plan.state == "streams" else plan.resident_bytes,
                 "keep_fraction": plan.keep_fraction,
                 "stream_prefetch": plan.stream_prefetch, "window_prefetch": plan.window_prefetch,
                 "streamed_bytes": float(sum(r[2] for st in res.layer_stream.values() for r in st)),
+                "output_streamed_bytes": float(sum(r[2] for r in res.output_stream)),
                 "touched": touched, "load_s": time.time() - t0}
     return res
