@@ -11,7 +11,8 @@ the (emulated) cluster and the two compared (`primasim validate`, experiments/fi
   every layer and *streams* the rest from disk each time the layer runs, evicting it right after,
   with r the largest fraction such that r * window + c * (1 - r) * layer fits (c = 2 with
   prefetch: room for the next layer's streamed part, else 1) -- the bytes a token reads are the
-  streamed bytes, not an emergent re-read pattern; `lru`: the weights go through the simulated OS
+  streamed bytes, not an emergent re-read pattern (the head keeps its output layer as far as it
+  fits beside them and reads the rest before the output call); `lru`: the weights go through the simulated OS
   page cache (`PageCache`: the kernel's LRU lists and refaults), faulted in by the window's compute;
   with prefetch and a ring the next window is read ahead in the background (madvise WILLNEED) --
   what a token reads emerges from the policy, as for llama.cpp and prima.cpp. Pinned weights
