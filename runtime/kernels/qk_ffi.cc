@@ -423,6 +423,23 @@ __attribute__((visibility("default"))) const char* primasim_qk_available() {
 
 __attribute__((visibility("default"))) const char* primasim_qk_current() { return qk::kernels()->name; }
 
+namespace {
+// The benchmarks' activations: nt token rows of x (nt, K) prepared in layout p, as the handler does.
+struct BenchActs {
+  uint8_t* buf;
+  const uint8_t* act[qk::kGroup];
+  BenchActs(int p, const float* x, int64_t K, int nt) {
+    const size_t row = (qk::prep_bytes(p, K) + 63) & ~(size_t)63;
+    buf = (uint8_t*)aligned_alloc(64, row * nt + 64);
+    for (int t = 0; t < nt; ++t) {
+      qk::prepare(p, x + t * K, K, buf + t * row);
+      act[t] = p == qk::P_F32 ? (const uint8_t*)(x + t * K) : buf + t * row;
+    }
+  }
+  ~BenchActs() { free(buf); }
+};
+}  // namespace
+
 // For tests and benchmarks, outside XLA: one weight row (K elements of `type` at w) against nt
 // token rows x (nt, K) f32, prepared as the handler prepares them; `reps` > 1 repeats the dot
 // alone (activations prepared once) and returns the fastest repetition's seconds, else 0. -1: bad type.
@@ -431,13 +448,8 @@ __attribute__((visibility("default"))) double primasim_qk_rowdot(uint32_t type, 
   const qk::KernelSet* ks = qk::kernels();
   if (type >= qk::T_COUNT || !ks->dot[type] || nt < 1 || nt > qk::kGroup || K % qk::block_elems(type)) return -1;
   const int p = ks->prep[type];
-  const size_t row = (qk::prep_bytes(p, K) + 63) & ~(size_t)63;
-  uint8_t* buf = (uint8_t*)aligned_alloc(64, row * nt + 64);
-  const uint8_t* act[qk::kGroup];
-  for (int t = 0; t < nt; ++t) {
-    qk::prepare(p, x + t * K, K, buf + t * row);
-    act[t] = p == qk::P_F32 ? (const uint8_t*)(x + t * K) : buf + t * row;
-  }
+  BenchActs acts(p, x, K, nt);
+  const uint8_t* const* act = acts.act;
   const int64_t nblk = K / qk::block_elems(type);
   ks->dot[type](w, nblk, act, nt, out);
   double per = 0;
@@ -448,7 +460,6 @@ __attribute__((visibility("default"))) double primasim_qk_rowdot(uint32_t type, 
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     per = r == 1 || dt < per ? dt : per;
   }
-  free(buf);
   return per;
 }
 
@@ -461,13 +472,8 @@ __attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, 
   const qk::KernelSet* ks = qk::kernels();
   if (type >= qk::T_COUNT || !ks->dot[type] || nt < 1 || nt > qk::kGroup || K % qk::block_elems(type)) return -1;
   const int p = ks->prep[type];
-  const size_t row = (qk::prep_bytes(p, K) + 63) & ~(size_t)63;
-  uint8_t* buf = (uint8_t*)aligned_alloc(64, row * nt + 64);
-  const uint8_t* act[qk::kGroup];
-  for (int t = 0; t < nt; ++t) {
-    qk::prepare(p, x + t * K, K, buf + t * row);
-    act[t] = p == qk::P_F32 ? (const uint8_t*)(x + t * K) : buf + t * row;
-  }
+  BenchActs acts(p, x, K, nt);
+  const uint8_t* const* act = acts.act;
   qk::Tensor ten{w, rows, K / qk::block_elems(type) * qk::block_bytes(type), K / qk::block_elems(type), type,
                  ks->dot[type], p, out};
   qk::MatmulCtx m;
@@ -485,7 +491,6 @@ __attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, 
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = r == 0 || dt < best ? dt : best;
   }
-  free(buf);
   return best;
 }
 
