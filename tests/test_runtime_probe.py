@@ -1,4 +1,5 @@
-"""The runtime probe (primasim/loop/validate/probes.py): what a call and a layer of the runtime cost."""
+"""The runtime probe (primasim/loop/validate/probes.py): what a call and a layer of the runtime cost;
+and the simulator's output layer at several rows."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import statistics
 from pathlib import Path
 
 import pytest
+import simpy
 from hypothesis import given, settings, strategies as st
 
+from primasim.core.device import DeviceSpec
+from primasim.core.model_sources import load_model
+from primasim.core.runtime_facts import runtime_model
+from primasim.core.trace import Trace
+from primasim.core.units import GB, GiB
 from primasim.loop.validate.probes import cpu_time_basis, line_fit, runtime_probe
+from primasim.sim._devices import SimDevice
+from primasim.sim._engine import Recorder
+from primasim.sim._runtime import output_time, timing
 
 
 @settings(max_examples=50, deadline=None)
@@ -48,3 +58,21 @@ def test_probe_fits_a_line_over_window_sizes_in_the_chosen_basis(llama_tiny: Pat
     w1 = wall["tokens"]["1"]
     assert w1["single_s"] == pytest.approx(statistics.median(w1["sizes"]["1"]["wall_s"]))
 
+
+
+@settings(max_examples=30, deadline=None)
+@given(bw1=st.floats(5.0, 30.0), bw2=st.floats(0.3, 3.0), flops=st.floats(10.0, 100.0))
+def test_the_output_layer_never_gets_cheaper_with_more_rows(bw1: float, bw2: float, flops: float) -> None:
+    """Several rows of the output layer (a speculative verification, a batch) cost what one row
+    costs, grown as a block's time grows with the rows -- whatever the block's solved matrix-matrix
+    rate (a rate fitted to a block's mix of bytes and FLOPs made 5 rows cost half of one)."""
+    mini = runtime_model(load_model("llama-mini-300m", "f32"))
+    spec = DeviceSpec(name="d", os="linux", cores=1, ram_total=4 * GiB, ram_avail=3 * GiB, ram_bw=bw1 * GB,
+                      cpu_flops={"f32": flops * 1e9}, disk_seq=0.3 * GB,
+                      gemm_bw_rows={"2": bw1 * bw2 * GB, "8": bw1 * bw2 * 4 * GB})
+    dev = SimDevice(simpy.Environment(), spec, mini, recorder=Recorder(Trace(source="sim", system="test")))
+    times = [output_time(dev, r) for r in (1, 2, 3, 5, 8)]
+    assert all(b >= a * (1 - 1e-12) for a, b in zip(times, times[1:], strict=False))
+    grow = [timing(dev, r).layer("cpu", r, 256, pos=256) / timing(dev, 1).layer("cpu", 1, 256, pos=256)
+            for r in range(2, 6)]
+    assert times[3] == pytest.approx(times[0] * max(1.0, *grow))

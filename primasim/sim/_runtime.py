@@ -124,6 +124,22 @@ def timing(dev: SimDevice, rows: int) -> DeviceTiming:
     return cache[bw]  # type: ignore[no-any-return]
 
 
+def output_time(dev: SimDevice, rows: int) -> float:
+    """The output layer (norm + vocabulary projection) for `rows` positions in one call.
+
+    One row is a matrix-vector product at the device's GEMV rate (`ram_bw`, `cpu_flops`). Several
+    rows run the same XLA dot as a block's projections, whose time per number of rows the probe
+    measured (the rates `timing(dev, rows)` reproduces): the output layer's time grows with the
+    rows as a block's does. (Pricing its 131 MB at the block's solved matrix-matrix rate instead
+    made 5 rows cost half of one: that rate is fitted to a block's mix of bytes and FLOPs.)"""
+    one = timing(dev, 1).output(1)
+    base = timing(dev, 1).layer("cpu", 1, MIN_SPAN, pos=MIN_SPAN)
+    # more rows never cost less (a noisy or interpolated rate table could say so between two shapes)
+    grow = max((timing(dev, r).layer("cpu", r, MIN_SPAN, pos=MIN_SPAN) / base for r in range(2, rows + 1)),
+               default=1.0)
+    return one * max(1.0, grow)
+
+
 class DiskBucket:
     """A device's disk behind a blkio read throttle, as block/blk-throttle.c (Linux 6.14+) grants bytes.
 
@@ -442,7 +458,7 @@ class RuntimeRing:
         last `logits` positions in one call (a speculative verification needs all of them)."""
         dev = self.ctx.dev(self.head)
         # a fused token pays one call overhead, for the whole model (charged here)
-        t = (timing(dev, logits).output(logits) + dev.spec.call_overhead
+        t = (output_time(dev, logits) + dev.spec.call_overhead
              + self.cfg.sample_cost_per_vocab * self.model.vocab * logits)
         r = self.res[self.head]
         if r.mode == "lru":
@@ -556,7 +572,7 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
         kv_read = m.kv_bytes_per_token() * span * seqs
         per_layer = flops + dev.spec.kv_copy * rows + (m.layer_bytes + kv_read) / tm.dev.ram_bw
         windows = len([s for s in plan.segments() if s.device == dev.name])
-        out = timing(dev, seqs).output(seqs)  # the output layer runs on each sequence's last row
+        out = output_time(dev, seqs)  # the output layer runs on each sequence's last row
         return m.n_layers * per_layer + (windows + 1) * call + out
 
     def engine() -> Proc:
