@@ -335,7 +335,11 @@ def write_results(rows: list[dict[str, Any]]) -> None:
              f"- TPOT error, acceptance rate from four other prompts: median {e_other.median():.1f} %, "
              f"P90 {np.percentile(e_other, 90):.1f} %.",
              f"- The ring accepted exactly the separate run's passes in {int(spec['same_passes_as_ring'].sum())} "
-             f"of {len(spec)} configurations.", "",
+             f"of {len(spec)} configurations.",
+             *[f"- Cluster `{part}`: TPOT error (same prompt) median {g.median():.1f} %, max {g.max():.1f} % over "
+               f"{len(g)} speculative configurations; without a draft "
+               + ", ".join(f"{v:+.1f} %" for v in df[(df['part'] == part) & (df['draft'] == '')]['err_same_pct']) + "."
+               for part in PARTS if len(g := spec[spec["part"] == part]["err_same_pct"].abs())], "",
              "| configuration | plan | measured TPOT | tokens/pass | predicted (same prompt) | error | "
              "predicted (other prompts) | error | speed-up measured | streams (predicted) | head's disk MB/token "
              "pred / meas | others' CPU | load |",
