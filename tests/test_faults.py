@@ -56,6 +56,25 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, cf
 
 
+# a model whose two layers on b cost ~5-10 ms of CPU a token: starved to 1 ms of CPU a second, b then
+# computes a token for seconds (llama-tiny's fused block costs well under 1 ms: it kept decoding)
+HEAVY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768,
+               "intermediate_size": 3072, "num_hidden_layers": 6, "num_attention_heads": 12,
+               "num_key_value_heads": 4, "vocab_size": 512, "max_position_embeddings": 512,
+               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def heavy(setup: tuple[Path, Path]) -> tuple[Path, Path]:
+    model, cf = setup
+    cfg = model.parent / "heavy-config"
+    cfg.mkdir(exist_ok=True)
+    (cfg / "config.json").write_text(json.dumps(HEAVY_LLAMA))
+    out = write_random_checkpoint(load_model(cfg / "config.json"), model.parent / "llama-heavy", seed=7)
+    (out / "tokenizer.json").unlink(missing_ok=True)
+    return out, cf
+
+
 def _run(setup: tuple[Path, Path], *extra: str, tokens: int = 200) -> subprocess.Popen[bytes]:
     model, cf = setup
     return subprocess.Popen([sys.executable, "-m", "primasim", "run", "--cluster", str(cf), "--model", str(model),
@@ -190,8 +209,8 @@ def test_stalled_link_mid_generation_times_out_naming_the_link(setup: tuple[Path
 
 @pytest.mark.root
 @pytest.mark.slow
-def test_hung_compute_mid_generation_is_named(setup: tuple[Path, Path]) -> None:
-    rc, err, dt = _fault(setup, lambda pids: set_cpu_quota(pids["b"], 1000), "--compute-timeout", "1",
+def test_hung_compute_mid_generation_is_named(heavy: tuple[Path, Path]) -> None:
+    rc, err, dt = _fault(heavy, lambda pids: set_cpu_quota(pids["b"], 1000), "--compute-timeout", "1",
                          "--heartbeat-timeout", "60", "--link-timeout", "60")
     assert rc == 2, err
     assert "device b" in err and "computing for" in err and "median" in err, err
