@@ -471,18 +471,10 @@ class RuntimeRing:
             self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
         yield from dev.cpu.serve(t, name="output", seq=seq, token=token)
 
-    def embed(self, n_tokens: int, seq: int, token: int) -> Proc:
-        """The head embeds the token ids (Stage.embed: a jitted gather of one 4 KB row per token)
-        before its first window. Not charged: the runtime probe measures it at 0.04-0.08 ms
-        (`embed_s`), a tenth of a window call's own cost (`call_overhead`: run_layers' argument
-        handling over the window's weights and KV caches, and the result's copy) -- charging it a
-        window call's cost over-predicted every decode pass."""
-        yield from ()
-
     def walk(self, n_tokens: int, pos: int, seq: int, token: int, logits: int = 1) -> Proc:
         m = self.model
         hidden = m.hidden_bytes * n_tokens
-        yield from self.embed(n_tokens, seq, token)
+        # the head's embedding (a jitted gather, 0.04-0.08 ms probed as `embed_s`) is not charged a call
         prev = self.head
         for s in self.segs:
             if s.device != prev:
