@@ -9,7 +9,10 @@
   run against the simulator is the device model's error, the server's lone requests against the run
   are what serving adds.
 
-None of this feeds a prediction: it is reported beside the results (in-sample diagnostics).
+None of the above feeds a prediction: it is reported beside the results (in-sample diagnostics).
+One measurement here does, as the device profile does: `measure_path` / `path_of`, the server's own
+path around the devices (HTTP in and the engine's hop to the head; the SSE stream out), timed on a
+few lone requests to the idle server at the start of each hold, from the server's own timestamps.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 RUN_TOKENS = 48  # the reference run's generated tokens (more gaps than a 16-token request: a steadier TPOT)
 
@@ -147,3 +152,85 @@ def report(rows: dict[str, Any], levels: list[dict[str, Any]], pred_run: dict[st
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def ttft_split(recs: list[Any]) -> dict[str, float]:
+    """Where the measured TTFT goes, from the server's own times (median ms over the level's requests):
+    HTTP in (the client's send -> the server has the request), queue (-> a slot took it), prefill (->
+    the head sampled the first token), out (-> the client read it from the SSE stream)."""
+    parts: dict[str, list[float]] = {"http_in": [], "queue": [], "prefill": [], "sse_out": []}
+    for r in recs:
+        sv = r.server
+        if not r.token_times or not all(k in sv for k in ("received", "admitted", "first_token")):
+            continue
+        parts["http_in"].append(sv["received"] - r.arrival)
+        parts["queue"].append(sv["admitted"] - sv["received"])
+        parts["prefill"].append(sv["first_token"] - sv["admitted"])
+        parts["sse_out"].append(r.token_times[0] - sv["first_token"])
+    return {f"split_{k}_ms": float(np.median(v)) * 1e3 for k, v in parts.items() if v}
+
+
+def split_report(table: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the measured TTFT split by the server's own times, per level (medians)."""
+    have = [t for t in table if "split_prefill_ms" in t]
+    if not have:
+        return []
+    lines = ["Where the measured TTFT goes (medians over each level's requests, from the server's own times: the "
+             "client's send -> the server has the request (HTTP in) -> a slot took it (queue) -> the head sampled "
+             "the first token (prefill, waiting for the devices included) -> the client read it (SSE out)); the "
+             "path probe of the same hold (lone requests, idle server: in = send -> admitted, out = SSE), which the "
+             "prediction adds:", "",
+             "| offered req/s | TTFT P50 meas ms | HTTP in | queue | prefill | SSE out | probe in / out |",
+             "|---" * 7 + "|"]
+    for t in have:
+        lines.append(f"| {t['rate_req_s']:.3f} | {t['meas_ttft_p50']:.0f} | {t.get('split_http_in_ms', math.nan):.1f} | "
+                     f"{t.get('split_queue_ms', math.nan):.0f} | {t.get('split_prefill_ms', math.nan):.0f} | "
+                     f"{t.get('split_sse_out_ms', math.nan):.1f} | {t.get('path_in_ms', math.nan):.1f} / "
+                     f"{t.get('path_out_ms', math.nan):.1f} |")
+    return [*lines, ""]
+
+
+def drift_report(rows: dict[str, Any], predict: Callable[[str], dict[str, Any]]) -> list[str]:
+    """Markdown: each profile (one per hold with --reprofile) and what it predicts for the plain run,
+    beside the plain run measured in the same hold: the host's drift between holds, as measured."""
+    profs = {"serve_cluster.toml": rows.get("profile:serve_cluster.toml", {})}
+    profs.update({r["profile"]: r for k, r in rows.items() if k.startswith("profile:")})
+    if len(profs) < 2:
+        return []
+    lines = ["**Profiles per hold** (`--reprofile`: each hold's levels are predicted from the profile taken at its "
+             "start): the plain `primasim run` of the plan predicted from each profile, and measured in the same "
+             "hold:", "", "| profile | taken | load1 | predicted TPOT / TTFT ms | measured TPOT / TTFT ms | err TPOT % |",
+             "|---" * 6 + "|"]
+    for name, r in profs.items():
+        p = predict(name)
+        m = rows.get("run" if name == "serve_cluster.toml" else f"run:{name}")
+        when = time.strftime("%H:%M", time.gmtime(r["time"])) if r.get("time") else "-"
+        meas = f"{m['tpot_ms']:.1f} / {m['ttft_ms']:.0f}" if m else "-"
+        err = f"{(p['tpot_ms'] - m['tpot_ms']) / m['tpot_ms'] * 100:+.1f}" if m else "-"
+        lines.append(f"| {name} | {when} | {r.get('load1', math.nan):.1f} | {p['tpot_ms']:.1f} / {p['ttft_ms']:.0f} | "
+                     f"{meas} | {err} |")
+    return [*lines, ""]
+
+
+PATH_PROBES = 6  # lone requests of the path probe (1.5 s apart: each is alone on the idle server)
+
+
+def measure_path(url: str, model_id: str, prompt: int, vocab: int) -> list[Any]:
+    """Lone requests to the idle server (prompt as the levels', 2 tokens); records with server times."""
+    from primasim.core.workload import RequestSpec, Workload
+    from primasim.serve.loadgen import replay
+
+    wl = Workload(tuple(RequestSpec(-100 - i, 1.5 * i, prompt, 2) for i in range(PATH_PROBES)), "path probe")
+    return replay(url, model_id, wl, vocab=vocab, timeout=300)
+
+
+def path_of(recs: list[Any]) -> tuple[float, float]:
+    """(in, out) seconds: medians of send -> admitted on the head (HTTP in + the engine's hop, no queue:
+    the server is idle) and of the head's first token -> the client has it (SSE out)."""
+    ins, outs = [], []
+    for r in recs:
+        sv = r.server
+        if r.token_times and all(k in sv for k in ("admitted", "first_token")):
+            ins.append(sv["admitted"] - r.arrival)
+            outs.append(r.token_times[0] - sv["first_token"])
+    return (float(np.median(ins)), float(np.median(outs))) if ins else (0.0, 0.0)

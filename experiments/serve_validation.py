@@ -1,5 +1,8 @@
 """Serving, predicted vs measured: `primasim serve` on the emulated home cluster against the simulator.
 
+(Longer than ~600 lines: one study's measurement, prediction and report, which share its constants and
+journal; what only explains the results is in serve_diagnostics.py.)
+
 One server (real process, `primasim serve`) runs llama-mini-300m on the emulated memory-rich home
 cluster, planned by Halda on the *profiled* cluster (each device measured inside its limits); the
 load generator (`primasim.serve.loadgen`, the openai client, open loop) replays Poisson request
@@ -18,7 +21,7 @@ experiments/fidelity.py's fitted `call_scale` (2) corrected the earlier wall-clo
 cost on fidelity's own profiles and is not applied here (CALL_SCALE = 1).
 
     sudo .venv/bin/python experiments/serve_validation.py            # profile + serve + replay (~30 min)
-    sudo .venv/bin/python experiments/serve_validation.py --resume   # keep the profile and measured levels
+    sudo .venv/bin/python experiments/serve_validation.py --resume [--reprofile]   # keep the measured levels
     python experiments/serve_validation.py --analyze                 # re-simulate + report from the journal
 
 Writes experiments/results/serve_validation.{md,csv,json}, serve_saturation.png, serve_runs.jsonl
@@ -85,7 +88,7 @@ def rich_cluster() -> ClusterSpec:
     return ClusterSpec("home-emu-rich", tuple(devs), base.network, base.head, base.description, base.path)
 
 
-def calibrated(cl: ClusterSpec) -> ClusterSpec:
+def calibrated(cl: ClusterSpec) -> ClusterSpec:  # the per-call cost x CALL_SCALE
     return scaled_calls(cl, CALL_SCALE)
 
 
@@ -100,18 +103,36 @@ def weights() -> Path:
     return cached_random_weights(load_model(MODEL))
 
 
-def profiled(resume: bool) -> ClusterSpec:
-    path = RESULTS / "serve_cluster.toml"
-    if resume and path.exists():
-        return load_cluster(path)
+def profiled(resume: bool, reprofile: bool = False) -> tuple[ClusterSpec, str]:
+    """The profile to predict this part's levels from, and its file name under RESULTS: the first
+    part's (`serve_cluster.toml`, also the plan's and the load levels' basis), or with `reprofile` a new
+    one taken now (`serve_cluster_<n>.toml`), so that each hold is predicted from a profile taken
+    minutes before it rather than one the host's drift has left behind."""
+    first = RESULTS / "serve_cluster.toml"
+    if resume and first.exists() and not reprofile:
+        return load_cluster(first), first.name
+    n = 2 if resume and first.exists() else 1
+    while n > 1 and (RESULTS / f"serve_cluster_{n}.toml").exists():
+        n += 1
+    path = first if n == 1 else RESULTS / f"serve_cluster_{n}.toml"
     from primasim.core.runtime_facts import runtime_model
     from primasim.loop.validate.calibrate import profile_cluster
 
-    print("profiling the emulated cluster (each device inside its limits)...", file=sys.stderr, flush=True)
+    print(f"profiling the emulated cluster (each device inside its limits) -> {path.name}...", file=sys.stderr,
+          flush=True)
     prof = profile_cluster(rich_cluster(), weights(), runtime_model(load_model(MODEL)),
                            progress=lambda m, *_: print("  " + m, file=sys.stderr, flush=True))
     prof.cluster.save(path)
-    return load_cluster(path)
+    return load_cluster(path), path.name
+
+
+def level_cluster(r: dict[str, Any]) -> ClusterSpec:  # the profile taken before the record's hold
+    return load_cluster(RESULTS / r.get("profile", "serve_cluster.toml"))
+
+
+def level_path(rows: dict[str, Any], r: dict[str, Any]) -> tuple[float, float]:  # the server's path, same hold
+    p = rows.get(f"path:{r.get('profile', 'serve_cluster.toml')}")
+    return diag.path_of(records_from_json(p["records"])) if p else (0.0, 0.0)
 
 
 def make_plan_(cl: ClusterSpec) -> Any:
@@ -124,7 +145,8 @@ def make_plan_(cl: ClusterSpec) -> Any:
 
 
 # ------------------------------------------------------------------------------------ prediction
-def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: Any = None, recovery: Any = None) -> Any:
+def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: Any = None, recovery: Any = None,
+             path: tuple[float, float] = (0.0, 0.0)) -> Any:
     from primasim.core.runtime_facts import runtime_model
     from primasim.serve.engine import plan_for_runtime
     from primasim.sim import SimConfig, serve_workload
@@ -138,7 +160,7 @@ def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: An
         return plan_for_runtime("prima", load_model(MODEL), cl.subset(names), N_CTX, {})
 
     return serve_workload("prima", model, cal, wl, plan=plan, config=cfg, slots=slots, buckets=BUCKETS,
-                          departure=departure, recovery=recovery, replan=replan)
+                          departure=departure, recovery=recovery, replan=replan, path=path)
 
 
 def capacity(plan: Any, cl: ClusterSpec, slots: int) -> float:
@@ -197,12 +219,12 @@ def measure_level(srv: Server, wl: Workload, model_id: str) -> list[RequestRecor
 def records_to_json(recs: list[RequestRecord]) -> list[dict[str, Any]]:
     return [{"rid": r.rid, "arrival": r.arrival, "prompt": r.prompt_tokens, "max": r.max_tokens,
              "times": r.token_times, "admitted": r.admitted, "status": r.status, "error": r.error,
-             "restarts": r.restarts} for r in recs]
+             "restarts": r.restarts, "server": r.server} for r in recs]
 
 
 def records_from_json(rows: list[dict[str, Any]]) -> list[RequestRecord]:
     return [RequestRecord(r["rid"], r["arrival"], r["prompt"], r["max"], list(r["times"]), r["admitted"],
-                          r["status"], r["error"], r["restarts"]) for r in rows]
+                          r["status"], r["error"], r["restarts"], server=r.get("server") or {}) for r in rows]
 
 
 def as_sent(recs: list[RequestRecord]) -> Workload:
@@ -212,10 +234,12 @@ def as_sent(recs: list[RequestRecord]) -> Workload:
 
 
 # ------------------------------------------------------------------------------------ main
-def run(resume: bool, skip_leave: bool = False) -> None:
+def run(resume: bool, skip_leave: bool = False, reprofile: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cl = profiled(resume)
-    cl_path = RESULTS / "serve_cluster.toml"
+    t_prof = time.time()
+    l_prof, (_, prof_name) = _load1(), profiled(resume, reprofile)
+    cl_path = RESULTS / "serve_cluster.toml"  # the first part's profile: the plan and the levels' rates
+    cl = load_cluster(cl_path)
     plan = make_plan_(cl)
     plan_path = RESULTS / "serve_plan.json"
     atomic_write_text(plan_path, json.dumps(plan.to_json(), indent=1))
@@ -223,12 +247,17 @@ def run(resume: bool, skip_leave: bool = False) -> None:
     cap = capacity(plan, cl, slots)
     print(f"plan {plan.describe()}, {slots} slots, predicted capacity {cap:.3f} req/s", file=sys.stderr, flush=True)
     jr = Journal(JOURNAL, key="level", resume=resume)
+    run_key = "run" if prof_name == "serve_cluster.toml" else f"run:{prof_name}"
+    if f"profile:{prof_name}" not in jr.records:
+        jr.add({"level": f"profile:{prof_name}", "profile": prof_name, "time": t_prof, "load1": l_prof,
+                "profile_s": time.time() - t_prof})
     srv = None
     try:
-        if "run" not in jr.records:
+        if run_key not in jr.records:
             print("reference: the same plan as one `primasim run` request...", file=sys.stderr, flush=True)
             try:  # a diagnostic: its failure must not cost the levels
                 ref = diag.measure_run(plan, load_cluster(cl_path), weights(), load_model(MODEL), PROMPT)
+                ref["level"], ref["profile"] = run_key, prof_name
                 jr.add(ref)
                 print(f"  run: TPOT {ref['tpot_ms']:.1f} ms (P50 {ref['tpot_p50_ms']:.1f}), TTFT {ref['ttft_ms']:.0f} "
                       f"ms, load {ref['load1_before']:.1f}", file=sys.stderr, flush=True)
@@ -244,6 +273,9 @@ def run(resume: bool, skip_leave: bool = False) -> None:
 
             model_id = httpx.get(srv.url + "/models", timeout=30).json()["data"][0]["id"]
             starts = [e for e in st["events"] if e["event"] == "start"]
+            if f"path:{prof_name}" not in jr.records:  # the server's own path, timed on lone requests
+                jr.add({"level": f"path:{prof_name}", "profile": prof_name, "records": records_to_json(
+                    diag.measure_path(srv.url, model_id, PROMPT, load_model(MODEL).vocab))})
         for f in todo:
             if f == "leave":
                 continue
@@ -259,7 +291,8 @@ def run(resume: bool, skip_leave: bool = False) -> None:
             rec = {"level": f"{f:g}", "fraction": f, "rate": rate, "capacity_pred": cap, "load1_before": l0,
                    "load1_after": _load1(), "foreign_cpu": foreign, "nice": os.nice(0),
                    "cpu_shares": int(os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", "0") or 0), "wall_s": time.time() - t0,
-                   "records": records_to_json(recs), "server_start": starts[0] if starts else None, "cpu": cpu}
+                   "records": records_to_json(recs), "server_start": starts[0] if starts else None, "cpu": cpu,
+                   "profile": prof_name, "time": t0}
             jr.add(rec)
             s = summarize(recs)
             print(f"level {f:g} ({rate:.3f} req/s): {s['completed']}/{s['requests']} ok, P50 TTFT "
@@ -267,7 +300,7 @@ def run(resume: bool, skip_leave: bool = False) -> None:
                   file=sys.stderr, flush=True)
             time.sleep(3)
         if "leave" in todo:
-            jr.add(measure_leave(srv, cap, model_id, plan))  # type: ignore[arg-type]
+            jr.add({**measure_leave(srv, cap, model_id, plan), "profile": prof_name})  # type: ignore[arg-type]
     finally:
         if srv is not None:
             srv.close()
@@ -307,7 +340,7 @@ def measure_leave(srv: Server, cap: float, model_id: str, plan: Any) -> dict[str
     to_rel = out["wall_minus_mono"] + t0
     return {"level": "leave", "victim": victim, "rate": rate, "kill_at_s": out["kill_mono"] - t0,
             "wall_to_rel_s": to_rel, "records": records_to_json(recs), "events": ev, "foreign_cpu": foreign,
-            "server_start": [e for e in st["events"] if e["event"] == "start"][0],
+            "server_start": [e for e in st["events"] if e["event"] == "start"][0], "time": t0 - time.monotonic() + time.time(),
             "ring_after": after["ring"], "plan_after": after["plan"]}
 
 
@@ -393,18 +426,24 @@ def analyze() -> None:
 
     plan = Plan.from_json(str(RESULTS / "serve_plan.json"))
     slots = len(plan.active)
-    levels = sorted((r for k, r in rows.items() if k not in ("leave", "run")), key=lambda r: r["fraction"])
-    factor = host_factor(plan, cl, levels[0], slots)  # in sample: the quietest level; the others out of sample
+    levels = sorted((r for r in rows.values() if "fraction" in r), key=lambda r: r["fraction"])
+    factor = host_factor(plan, level_cluster(levels[0]), levels[0], slots)  # in sample: the quietest level
     table = []
     for r in levels:
         meas = records_from_json(r["records"])
         ok = [x for x in meas if x.status == "ok"]
+        lcl = level_cluster(r)
         row = {"fraction": r["fraction"], "rate_req_s": r["rate"], "requests": len(meas), "completed": len(ok),
                "meas_throughput_req_s": summarize(meas)["throughput_req_s"],
                "load1": r["load1_before"], "foreign_cpu": r.get("foreign_cpu"), "nice": r.get("nice", 0),
-               "cpu_shares": r.get("cpu_shares", 0)}
-        _compare(meas, simulate(plan, cl, as_sent(meas), slots), row)
-        _compare(meas, simulate(plan, slowed(cl, factor), as_sent(meas), slots), row, "cal_")
+               "cpu_shares": r.get("cpu_shares", 0), "profile": r.get("profile", "serve_cluster.toml"),
+               "time": r.get("time")}
+        path = level_path(rows, r)
+        row["path_in_ms"], row["path_out_ms"] = 1e3 * path[0], 1e3 * path[1]
+        _compare(meas, simulate(plan, lcl, as_sent(meas), slots, path=path), row)
+        _compare(meas, simulate(plan, slowed(lcl, factor), as_sent(meas), slots, path=path), row, "cal_")
+        if any(x.server for x in ok):
+            row.update(diag.ttft_split(ok))
         table.append(row)
     # saturation: the server's measured capacity is the throughput of the most loaded levels
     cap_meas = max(t["meas_throughput_req_s"] or 0 for t in table)
@@ -412,7 +451,8 @@ def analyze() -> None:
         t["offered_over_capacity"] = t["rate_req_s"] / cap_meas if cap_meas else None
         t["below_saturation"] = bool(t["offered_over_capacity"] is not None and t["offered_over_capacity"] < 0.9)
     atomic_csv_rows(RESULTS / "serve_validation.csv", table)
-    leave = _leave_report(rows.get("leave"), plan, cl, slots)
+    lv = rows.get("leave")
+    leave = _leave_report(lv, plan, level_cluster(lv) if lv else cl, slots, level_path(rows, lv) if lv else (0, 0))
     atomic_write_json(RESULTS / "serve_validation.json", {"levels": table, "leave": leave, "host_factor": factor,
                                                            "capacity_measured_req_s": cap_meas})
     pred_run = diag.predict_run(plan, calibrated(cl), load_model(MODEL), PROMPT, HOST_CPUS) if "run" in rows else None
@@ -421,11 +461,15 @@ def analyze() -> None:
                                                                  HOST_CPUS)["tpot_ms"] for k in (1.0, 0.0)}
     diag_lines = diag.report(rows, levels, pred_run, lambda r: next(
         (t["pred_tpot_p50"], t["meas_tpot_p50"]) for t in table if t["fraction"] == r["fraction"]))
+    diag_lines += diag.drift_report(rows, lambda name: diag.predict_run(
+        plan, calibrated(load_cluster(RESULTS / name)), load_model(MODEL), PROMPT, HOST_CPUS))
+    diag_lines += diag.split_report(table)
     _figure(table)
     _report(table, leave, plan, cap_meas, rows, factor, diag_lines)
 
 
-def _leave_report(r: dict[str, Any] | None, plan: Any, cl: ClusterSpec, slots: int) -> dict[str, Any] | None:
+def _leave_report(r: dict[str, Any] | None, plan: Any, cl: ClusterSpec, slots: int,
+                  path: tuple[float, float]) -> dict[str, Any] | None:
     if r is None:
         return None
     from primasim.sim import Departure, Recovery
@@ -450,7 +494,8 @@ def _leave_report(r: dict[str, Any] | None, plan: Any, cl: ClusterSpec, slots: i
     make_plan_(cl)  # the server plans once at start (its planner loaded): the re-plan timed below is a warm one
     rcv = Recovery(detect_kill_s=0.05, setup_s=setup_fn, reload="all", warmup=slots, buckets=BUCKETS)
     t_first = min(x.arrival for x in meas)
-    sim = simulate(plan, cl, as_sent(meas), slots, departure=Departure(t_kill - t_first, r["victim"]), recovery=rcv)
+    sim = simulate(plan, cl, as_sent(meas), slots, departure=Departure(t_kill - t_first, r["victim"]), recovery=rcv,
+                   path=path)
     pr = sim.recovery or {}
     return {"victim": r["victim"], "requests": len(meas), "completed": sum(x.status == "ok" for x in meas),
             "restarted": sum(x.restarts > 0 for x in meas), "measured_recovery_s": meas_rec,
@@ -592,6 +637,8 @@ def main() -> None:
     ap.add_argument("--levels", default=None, help="offered load / predicted capacity, comma-separated (split a run "
                     "into parts: the first without --resume, the others with it)")
     ap.add_argument("--skip-leave", action="store_true", help="do not measure the device-leave run (yet)")
+    ap.add_argument("--reprofile", action="store_true", help="with --resume: profile again before this part's "
+                    "levels and predict them from that profile (the host drifts between holds)")
     ap.add_argument("--nice", type=int, default=-5,
                     help="niceness of the profile, server and workers (-5: on a shared host the emulated devices get "
                          "their CPU quota; the others' CPU share is recorded per level)")
@@ -612,7 +659,7 @@ def main() -> None:
             os.nice(a.nice)
         if a.cpu_shares:
             os.environ["PRIMASIM_EMULATE_CPU_SHARES"] = str(a.cpu_shares)
-        run(a.resume, a.skip_leave)
+        run(a.resume, a.skip_leave, a.reprofile)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,21 @@ def test_one_request_matches_simulate(d1d4) -> None:  # type: ignore[no-untyped-
     assert r.queue == 0.0
 
 
+def test_server_path_delays_arrival_and_tokens(d1d4) -> None:  # type: ignore[no-untyped-def]
+    """The server's path (HTTP in, SSE out) adds to a lone request's TTFT and not to its TPOT; with
+    two requests close together, the later one's path-in delay lets the earlier one start first."""
+    m = load_model("llama3-8b", "q4k")
+    plan = simulate("prima", m, d1d4, config=CFG).plan
+    base = serve_workload("prima", m, d1d4, _one(), config=CFG, plan=plan).records[0]
+    r = serve_workload("prima", m, d1d4, _one(), config=CFG, plan=plan, path=(0.02, 0.005)).records[0]
+    assert r.arrival == base.arrival
+    assert r.ttft == pytest.approx(base.ttft + 0.025, abs=1e-9)
+    assert r.tpot == pytest.approx(base.tpot, rel=1e-9)
+    wl = Workload((RequestSpec(0, 0.0, 16, 8), RequestSpec(1, 0.01, 16, 8)))
+    two = serve_workload("prima", m, d1d4, wl, config=CFG, plan=plan, slots=1, path=(0.02, 0.005))
+    assert two.records[0].token_times[-1] <= two.records[1].token_times[0]
+
+
 def test_one_slot_is_an_md1_queue(d1d4) -> None:  # type: ignore[no-untyped-def]
     """One device, one slot, fixed lengths, no jitter: every request takes the same service time D,
     so Poisson arrivals make an M/D/1 queue whose mean wait is rho D / (2 (1 - rho)) (Pollaczek-Khinchine)."""

@@ -75,6 +75,9 @@ class RequestRecord:
     error: str = ""
     restarts: int = 0  # times it was re-prefilled after a device left
     finish_reason: str = ""
+    # measured only: the server's own times of this request on the same clock (received, admitted,
+    # first_token: where a client-side TTFT goes -- HTTP in, queue, prefill, SSE out); empty when predicted
+    server: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_out(self) -> int:

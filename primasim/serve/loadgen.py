@@ -51,6 +51,10 @@ async def _one(client: Any, model: str, spec: Any, t0: float, vocab: int, rec: R
                 tm = (chunk.model_extra or {}).get("timings") or {}
                 if tm.get("queue_ms") is not None:
                     rec.admitted = rec.arrival + float(tm["queue_ms"]) / 1e3
+                # the server's wall-clock times on this clock (same host: time.time() - time.monotonic())
+                off = time.time() - time.monotonic() + t0
+                rec.server = {k: float(tm[k]) - off for k in ("received", "admitted", "first_token")
+                              if tm.get(k) is not None}
                 rec.restarts = int(tm.get("restarts") or 0)
         if rec.n_out != spec.output_tokens:
             rec.status, rec.error = "error", f"{rec.n_out} of {spec.output_tokens} tokens"

@@ -351,14 +351,19 @@ def serve_workload(system: str, model: ModelSpec, cluster: ClusterSpec, workload
                    plan: Plan | None = None, config: SimConfig | None = None, mode: str | None = None,
                    slots: int | None = None, slo: SLO | None = None, departure: Departure | None = None,
                    recovery: Recovery | None = None, replan: Callable[[ClusterSpec], Any] | None = None,
-                   buckets: tuple[int, ...] = (), **plan_options: Any) -> ServeResult:
+                   buckets: tuple[int, ...] = (), path: tuple[float, float] = (0.0, 0.0),
+                   **plan_options: Any) -> ServeResult:
     """Serve `workload` with `system` on `cluster` (planned by the system's planner unless `plan`).
 
     `slots`: sequences in flight (slots mode) or the batch cap (continuous); default the plan's
     S option or the number of devices in the ring (slots), 4 (continuous). `config.runtime=True`
     models primasim's runtime (what `primasim serve` runs). `replan(survivors)` overrides how
     the plan after a departure is made (default: the system's planner on the survivors).
-    `buckets`: the compiled prompt lengths of the server a runtime model pads prompts to."""
+    `buckets`: the compiled prompt lengths of the server a runtime model pads prompts to.
+    `path`: the server's own path around the devices, as measured on it (seconds): from a client's
+    send until the head has the request (HTTP, the engine's hop to the head), and from a token
+    sampled on the head until the client reads it (the SSE stream); arrivals and token times stay
+    on the client's clock, as the load generator measures them."""
     cfg = config or SimConfig()
     entry = get_system(system)
     cfg = cfg.replace(prompt_tokens=max(cfg.prompt_tokens, workload.max_prompt),
@@ -379,7 +384,8 @@ def serve_workload(system: str, model: ModelSpec, cluster: ClusterSpec, workload
         plan = plan.replace(options={**plan.options, "S": n_slots})
         cfg = cfg.replace(S=n_slots)
     records = [RequestRecord(r.rid, r.arrival, r.prompt_tokens, r.output_tokens) for r in workload]
-    jobs = [_Job(rec, rec.prompt_tokens, rec.max_tokens, rec.arrival) for rec in records]
+    path_in, path_out = (max(0.0, float(x)) for x in path)
+    jobs = [_Job(rec, rec.prompt_tokens, rec.max_tokens, rec.arrival + path_in) for rec in records]
     phases: list[dict[str, Any]] = []
     rec_out: dict[str, Any] | None = None
     trace: Trace | None = None
@@ -402,7 +408,10 @@ def serve_workload(system: str, model: ModelSpec, cluster: ClusterSpec, workload
                                              rcv, replan, phases, plan_options)
     except _Infeasible as exc:
         return ServeResult(system, m, False, str(exc), plan, records, summarize(records, slo))
+    if rec_out and rec_out.get("recovery_s") is not None:  # the client sees the next token path_out later
+        rec_out["recovery_s"] += path_out
     for r in records:
+        r.token_times = [t + path_out for t in r.token_times]
         if r.status == "ok" and r.n_out < r.max_tokens:
             r.status, r.error = "error", r.error or "not finished"
     if trace is not None:
