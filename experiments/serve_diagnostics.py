@@ -180,11 +180,12 @@ def split_report(table: list[dict[str, Any]]) -> list[str]:
              "the first token (prefill, waiting for the devices included) -> the client read it (SSE out)); the "
              "path probe of the same hold (lone requests, idle server: in = send -> admitted, out = SSE), which the "
              "prediction adds:", "",
-             "| offered req/s | TTFT P50 meas ms | HTTP in | queue | prefill | SSE out | probe in / out |",
-             "|---" * 7 + "|"]
+             "| offered req/s | TTFT P50 meas ms | HTTP in | queue | prefill | predicted prefill | SSE out | "
+             "probe in / out |", "|---" * 8 + "|"]
     for t in have:
         lines.append(f"| {t['rate_req_s']:.3f} | {t['meas_ttft_p50']:.0f} | {t.get('split_http_in_ms', math.nan):.1f} | "
                      f"{t.get('split_queue_ms', math.nan):.0f} | {t.get('split_prefill_ms', math.nan):.0f} | "
+                     f"{t.get('pred_prefill_ms', math.nan):.0f} | "
                      f"{t.get('split_sse_out_ms', math.nan):.1f} | {t.get('path_in_ms', math.nan):.1f} / "
                      f"{t.get('path_out_ms', math.nan):.1f} |")
     return [*lines, ""]

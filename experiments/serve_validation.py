@@ -440,7 +440,10 @@ def analyze() -> None:
                "time": r.get("time")}
         path = level_path(rows, r)
         row["path_in_ms"], row["path_out_ms"] = 1e3 * path[0], 1e3 * path[1]
-        _compare(meas, simulate(plan, lcl, as_sent(meas), slots, path=path), row)
+        sim = simulate(plan, lcl, as_sent(meas), slots, path=path)
+        _compare(meas, sim, row)
+        row["pred_prefill_ms"] = 1e3 * float(np.median([x.token_times[0] - path[1] - x.admitted for x in sim.records
+                                                         if x.token_times and x.admitted is not None]))
         _compare(meas, simulate(plan, slowed(lcl, factor), as_sent(meas), slots, path=path), row, "cal_")
         if any(x.server for x in ok):
             row.update(diag.ttft_split(ok))
