@@ -76,6 +76,8 @@ from primasim.core.io import (
     read_journal,
 )
 from primasim.core.model_sources import load_model
+from primasim.core.paths import cache_dir
+from primasim.core.procfs import block_device_of
 from primasim.core.units import MBPS, MS, MiB
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -330,6 +332,12 @@ def measure_config(cfg: Config, plan: Any, emu_cluster: ClusterSpec, weights: An
     if best is None:
         raise failure if failure is not None else RuntimeError(f"{cfg.name}: no measurement")
     return best
+
+
+def _read_ahead_kib(path: Any) -> float:
+    """queue/read_ahead_kb of the disk under `path` (emulated devices read through it)."""
+    dev = block_device_of(str(path))
+    return dev.read_ahead / 1024 if dev is not None else 128.0
 
 
 # ----------------------------------------------------------------------------------- fitting
@@ -640,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         # what the runtime and the host were (also for a run stopped before its end, then --analyze)
         run_meta = {"command": cmd, "finished": "(running)", "minutes": 0.0, "configurations": len(done),
                     "act_reserve_mib": runtime_facts.ACT_RESERVE / MiB,
+                    "read_ahead_kib": _read_ahead_kib(weights),
                     "cpu_shares": os.environ.get("PRIMASIM_EMULATE_CPU_SHARES", ""),
                     "host_cpus": len(os.sched_getaffinity(0))}
         if not (out / "fidelity_run.json").exists():
@@ -678,8 +687,17 @@ def main(argv: list[str] | None = None) -> int:
         # the host CPUs the emulated devices were pinned to (not recorded before 2026-12-07: each
         # device simulated on CPUs of its own, as the simulator did then)
         host_cpus = int(json.loads(meta0.read_text()).get("host_cpus", 0)) if meta0.exists() else 0
+        # the disk's readahead window (sim: faults read around, scans read ahead), profiled since
+        # 2026-12-07 16:30; earlier clusters get the run's recorded value, else this host's disk
+        ra = json.loads(meta0.read_text()).get("read_ahead_kib") if meta0.exists() else None
         for v in variants:
             profiled[v] = load_cluster(out / f"fidelity_cluster_{v}.toml")
+            if all(d.read_ahead == 0 for d in profiled[v].devices):
+                kib = float(ra if ra is not None else _read_ahead_kib(cache_dir()))
+                print(f"(profiled cluster {v} has no readahead window: {kib:g} KiB, "
+                      f"{'recorded by the run' if ra is not None else 'this host disk'})", flush=True)
+                profiled[v] = ClusterSpec(profiled[v].name, tuple(d.replace(read_ahead=kib * 1024) for d in profiled[v].devices),
+                                          profiled[v].network, profiled[v].head, profiled[v].description, profiled[v].path)
     HOST["cpus"] = host_cpus
     # predictions (cheap): every configuration re-simulated from its plan and the profiled cluster
     from primasim.core.plan import Plan

@@ -63,3 +63,24 @@ def test_an_evicted_layer_leaves_no_page_and_the_kept_part_stays(tmp_path: Path)
                 assert resident_bytes(res.kept) >= kept - 2 * len(lay) * 4096
     finally:
         m.close()
+
+
+def test_an_emulated_device_in_lru_mode_maps_a_copy_of_its_own(tmp_path: Path) -> None:
+    """Emulated devices share the host's page cache: one file would let one device's readahead
+    serve (and be charged for) its neighbours' layers. `device_copy` gives each its own inode, same
+    names and bytes (the head's fingerprint check passes), made once and reused."""
+    from primasim.runtime.head import device_copy
+
+    src = _file(tmp_path, 3 * MiB)
+    a, b = device_copy(src, "laptop"), device_copy(src, "phone")
+    assert a.name == b.name == src.name
+    assert a.read_bytes() == b.read_bytes() == src.read_bytes()
+    assert len({os.stat(p).st_ino for p in (src, a, b)}) == 3
+    mtime = a.stat().st_mtime_ns
+    assert device_copy(src, "laptop") == a and a.stat().st_mtime_ns == mtime  # reused
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 4096)
+    c = device_copy(d, "tablet")
+    assert c.name == "ckpt" and sorted(p.name for p in c.iterdir()) == ["config.json", "model.safetensors"]

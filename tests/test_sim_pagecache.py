@@ -181,3 +181,70 @@ def test_madvise_of_a_window_that_fits_reads_each_page_once() -> None:
     assert all(dev.cache.resident(c) for c in ids)
     assert dev.cache.stats.wasted_prefetch_bytes == 0
     assert dev.disk_bytes == pytest.approx(10 * MB)
+
+
+# ------------------------------------------------------------------ mmap readahead (default advice)
+def _ra_device(capacity: float, read_ahead_chunks: int, own: list[int], n_file: int) -> tuple:
+    """A device whose file has `n_file` 1 MB chunks in file order, of which `own` are its layers'
+    (one chunk a layer); readahead `read_ahead_chunks` MB."""
+    import simpy
+
+    from primasim.core.device import DeviceSpec
+    from primasim.core.trace import Trace
+    from primasim.sim import Recorder
+    from primasim.sim._devices import SimDevice
+
+    env = simpy.Environment()
+    spec = DeviceSpec(name="B", os="linux", cores=4, ram_total=16e9, ram_avail=capacity, ram_bw=20e9,
+                      cpu_flops={"f32": 1e11}, disk_seq=1e9, read_ahead=read_ahead_chunks * MB)
+    dev = SimDevice(env, spec, load_model("llama-tiny", "f32"), recorder=Recorder(Trace(source="sim", system="test")))
+    dev.setup_memory(0.0, mmap=True)
+    for j in range(n_file):
+        if j in own:
+            dev.register_chunks(j, MB, 1, metal=False, base=j)
+        else:
+            dev.cache.register(j, MB)
+    dev.set_file_layout(list(range(n_file)), MB)
+    return env, dev
+
+
+def test_a_fault_reads_around_the_page_and_a_scan_reads_ahead_past_the_window() -> None:
+    """Linux's read-around on a fault (half the readahead window behind the faulting page) and the
+    sequential readahead that follows a scan: a 4-layer window in the middle of a 20 MB file read
+    with an 8 MB window reads the 4 MB behind it and runs 8-16 MB past its end -- its neighbours'
+    bytes, never computed with here. Without a readahead window it reads exactly its layers."""
+    own = [8, 9, 10, 11]
+    env, dev = _ra_device(64 * MB, 8, own, 20)
+    env.process(dev.run_layers(dev.cpu, own, 1e-3, name="w"))
+    env.run()
+    read = {c for c in range(20) if dev.cache.resident(c)}
+    assert set(own) <= read
+    assert {4, 5, 6, 7} <= read  # behind the first fault
+    assert dev.disk_bytes >= (4 + 4 + 8) * MB  # behind + own + at least one window ahead
+    assert dev.disk_bytes <= 20 * MB
+    env0, dev0 = _ra_device(64 * MB, 0, own, 20)
+    dev0.set_file_layout(list(range(20)), MB)
+    env0.process(dev0.run_layers(dev0.cpu, own, 1e-3, name="w"))
+    env0.run()
+    assert dev0.disk_bytes == pytest.approx(4 * MB)
+
+
+def test_readahead_into_a_small_memory_evicts_pages_before_use_and_rereads_them() -> None:
+    """Pages read ahead of a scan enter unaccessed and go first when memory runs out: with room
+    for less than the readahead keeps in flight, a window is read more than once a pass -- the
+    thrashing the fidelity study measured on emulated devices with an 8 MiB window
+    (experiments/results/lru_readaround.md). With room for the window and its overshoot, a second
+    pass reads nothing."""
+    own = list(range(4, 12))
+    tight_env, tight = _ra_device(6 * MB, 8, own, 24)
+    roomy_env, roomy = _ra_device(40 * MB, 8, own, 24)
+    for env, dev in ((tight_env, tight), (roomy_env, roomy)):
+        def two_passes(env=env, dev=dev):
+            yield from dev.run_layers(dev.cpu, own, 1e-3, name="w")
+            yield env.timeout(1.0)  # the readahead past the window completes
+            dev.disk_bytes = 0.0
+            yield from dev.run_layers(dev.cpu, own, 1e-3, name="w")
+        env.process(two_passes())
+        env.run()
+    assert roomy.disk_bytes == 0
+    assert tight.disk_bytes > len(own) * MB

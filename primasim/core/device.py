@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import SpecError
-from .units import GB, GFLOPS, MB, MS, GiB, MiB
+from .units import GB, GFLOPS, MB, MS, GiB, KiB, MiB
 
 OS = Literal["linux", "macos", "android"]
 OSES = ("linux", "macos", "android")
@@ -99,6 +99,11 @@ class DeviceSpec:
                            "disk_burst / disk_seq seconds; 0 = a plain rate", default=0.0)
     disk_peak: float = _f("disk_peak_gbs", GB, help="read throughput within the slice allowance (the disk's own "
                           "speed; 0 = disk_seq)", default=0.0)
+    read_ahead: float = _f("read_ahead_kib", KiB, help="the disk's readahead window (Linux queue/read_ahead_kb): a "
+                           "page fault on a mapping with the default advice reads this many bytes around the "
+                           "faulting page, half of them behind it, and a sequential scan keeps as many read ahead "
+                           "(mm/filemap.c, mm/readahead.c); 0 = not modelled (faults read what compute uses)",
+                           default=0.0)
     hardware: str = _f("hardware", help="what the device is", default="")
     uma: bool = _f("uma", help="unified memory (no RAM<->VRAM copies)", default=False)
     swap_total: float = _f("swap_total_gib", GiB, help="swap size", default=0.0)

@@ -42,6 +42,12 @@ from .units import MiB
 # without prefetch sat at their cgroup's limit and the kernel's LRU evicted resident weights on a
 # cyclic scan (desktop re-read 617 MB/token where the plan streams 379). 16 MiB keeps ~5 MB of margin.
 ACT_RESERVE = 16 * MiB
+# What of ACT_RESERVE a worker's activations and allocator really hold (anonymous memory after
+# LOAD and the warm-up, less the runtime's footprint and the KV caches): measured 4-11 MiB, median
+# 8.8 MiB over the 208 device runs of the Q4_K_M streaming study (fidelity_stream_q4k/run1,
+# anon_peak - load_setup_anon - kv). The residency budget keeps the whole reserve; the kernel does
+# not: under a memory limit the page cache gets what anonymous memory leaves (lru_room).
+ACT_IN_USE = int(8.8 * MiB)
 DRAFT_ACT_RESERVE = 8 * MiB  # a speculative run's draft: its activations and the allocator, beside its weights + KV
 MIN_SPAN = 256  # smallest attention span bucket (positions)
 HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
@@ -86,6 +92,13 @@ def kv_bytes(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequen
 def anon_reserve(n_layers: int, max_seq: int, n_kv_heads: int, head_dim: int, sequences: int = 1) -> int:
     """Anonymous memory a worker allocates besides weights: KV caches + the activation reserve."""
     return kv_bytes(n_layers, max_seq, n_kv_heads, head_dim, sequences) + ACT_RESERVE
+
+
+def lru_room(budget: float) -> float:
+    """Bytes the kernel's page cache can hold of a worker's weights in lru mode: its budget plus the
+    part of the activation reserve the activations leave unused (the kernel reclaims by the cgroup's
+    limit, not by the worker's budget)."""
+    return budget + ACT_RESERVE - ACT_IN_USE
 
 
 def draft_reserve(draft: ModelSpec, max_seq: int) -> int:

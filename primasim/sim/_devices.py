@@ -56,6 +56,12 @@ class SimDevice:
         self.anon = 0.0
         self.loading: dict[int, simpy.Event] = {}
         self.disk_bytes = 0.0
+        # the kernel's readahead on a mapping with the default advice (set_file_layout): the file's
+        # chunks in file order -- this device's and its neighbours' -- and the readahead marks
+        self.file_order: list[int] = []
+        self.file_pos: dict[int, int] = {}
+        self.ra_chunks = 0
+        self.ra_marks: dict[int, int] = {}  # chunk with PG_readahead -> file index where its window ends
         self.stall = 0.0  # seconds compute spent waiting for page-fault reads
         self._done_ev: simpy.Event | None = None
         # extension point: seconds a read of `nbytes` takes when the disk grants it at `start`
@@ -89,6 +95,68 @@ class SimDevice:
             self.weights.output_chunks = ids
         return ids
 
+    def set_file_layout(self, order: list[int], chunk_bytes: float) -> None:
+        """The weight file in chunks, in file order (chunks of other devices' layers and of the
+        embedding registered too, never computed with here): page faults then read around the
+        faulting chunk and a sequential scan reads ahead of itself, as Linux does on a mapping with
+        the default advice (`DeviceSpec.read_ahead`; mm/filemap.c do_sync_mmap_readahead,
+        mm/readahead.c page_cache_async_ra):
+
+        - a fault reads `read_ahead` bytes around the faulting page, half of them behind it
+          (ra.start = index - ra_pages / 2, ra.size = ra_pages), and waits for its own page: the
+          bytes behind it are read first. The page a quarter from the window's end is marked
+          (PG_readahead, async_size = ra_pages / 4);
+        - touching a marked page reads the next `read_ahead` bytes in the background and marks the
+          first of them (async_size = size): a scan keeps up to two windows ahead of itself;
+        - pages that are already in memory are skipped, and a mark is set only on a page this
+          read brings in.
+
+        Bytes that lie outside the device's layers (its neighbours' in the file) are read, fill the
+        page cache unaccessed and go first when reclaim needs room; pages read ahead of a scan that
+        reclaim takes before the scan reaches them are faulted in again."""
+        self.file_order = list(order)
+        self.file_pos = {c: i for i, c in enumerate(order)}
+        self.ra_chunks = max(0, round(self.spec.read_ahead / chunk_bytes)) if chunk_bytes > 0 else 0
+
+    def _read_window(self, start: int, end: int, *, demand: int | None, mark: int | None, ra_end: int,
+                     token: int) -> None:
+        """Read the file's chunks [start, end) that are not in memory, in file order; `demand`: the
+        faulting chunk (its read is the fault), `mark`: the index that gets PG_readahead."""
+        pc = self.cache
+        assert pc is not None
+        for j in range(start, end):
+            c = self.file_order[j]
+            if c in self.loading or pc.resident(c):
+                continue
+            pc.admit(c, demand=c == demand)
+            self.ra_marks.pop(c, None)
+            if j == mark:
+                self.ra_marks[c] = ra_end
+            ev = self.loading[c] = self.env.event()
+            if c == demand:
+                self.rec.add(self.name, "page_faults", 1)
+            self.env.process(self._fault_read(c, ev, token, "page fault" if c == demand else "readahead"))
+
+    def _fault_read(self, cid: int, ev: simpy.Event, token: int, name: str) -> Proc:
+        pc = self.cache
+        assert pc is not None
+        yield from self.read(pc.size[cid], priority=DEMAND, name=name, token=token)
+        pc.unlock(cid)
+        del self.loading[cid]
+        ev.succeed()
+        self._notify_read_done()
+
+    def access(self, cid: int, *, token: int = -1) -> None:
+        """Compute read a resident chunk: sets its accessed bit; a readahead mark on it starts
+        the next window's read (see set_file_layout)."""
+        pc = self.cache
+        assert pc is not None
+        pc.touch(cid)
+        end = self.ra_marks.pop(cid, None)
+        if end is not None and self.ra_chunks:
+            nxt = min(len(self.file_order), end + self.ra_chunks)
+            self._read_window(end, nxt, demand=None, mark=end, ra_end=nxt, token=token)
+
     # ---------------------------------------------------------------- disk
     def read(self, nbytes: float, *, priority: int, name: str = "read", token: int = -1) -> Proc:
         """Read `nbytes` from the disk: a demand fault at the OS's fault rate (Linux's sequential
@@ -119,6 +187,12 @@ class SimDevice:
         ev = self.loading.get(cid)
         if ev is not None:
             return ev
+        if self.ra_chunks and cid in self.file_pos:  # the kernel reads around the faulting page
+            i, ra = self.file_pos[cid], self.ra_chunks
+            start = max(0, i - ra // 2)
+            end = min(len(self.file_order), start + ra)
+            self._read_window(start, end, demand=cid, mark=end - max(1, ra // 4), ra_end=end, token=token)
+            return self.loading[cid]
         pc.admit(cid, demand=True)  # the faulting access is this chunk's first reference
         ev = self.loading[cid] = self.env.event()
         self.rec.add(self.name, "page_faults", 1)
@@ -140,7 +214,7 @@ class SimDevice:
         t0 = self.env.now
         while self.needs_fault(cid):
             yield self.fault(cid, token=token)
-        pc.touch(cid)
+        self.access(cid, token=token)
         self._stalled(t0, token)
 
     def _stalled(self, t0: float, token: int) -> None:
@@ -205,6 +279,10 @@ class SimDevice:
         engine's threads do on their rows of a tensor (the disk serves them in order), and
         computes each chunk's share as soon as that chunk is in: a fault waits only for what is
         missing, and compute overlaps the reads still queued behind it."""
+        if self.ra_chunks:
+            yield from self._run_layers_scan(server, layers, t_layer, name=name, seq=seq, token=token, tail=tail,
+                                             tail_name=tail_name)
+            return
         req = server.acquire()
         yield req
         try:
@@ -239,6 +317,39 @@ class SimDevice:
                 if self.loading and acc > 0:
                     # a background read is running on this device: advance layer by layer so
                     # its evictions see the true order of accesses
+                    yield from server.work(acc, name=name, seq=seq, token=token)
+                    acc = 0.0
+            if acc > 0:
+                yield from server.work(acc, name=name, seq=seq, token=token)
+            if tail > 0:
+                yield from server.work(tail, name=tail_name, seq=seq, token=token)
+        finally:
+            server.release(req)
+
+    def _run_layers_scan(self, server: Server, layers: list[int], t_layer: float, *, name: str, seq: int,
+                         token: int, tail: float, tail_name: str) -> Proc:
+        """run_layers on a device whose faults read ahead (set_file_layout): one thread scans each
+        layer's chunks in order, faulting where one is missing; the kernel's readahead, not
+        concurrent faults, brings in what follows."""
+        req = server.acquire()
+        yield req
+        try:
+            acc = 0.0
+            for layer in layers:
+                cids = self.weights.chunks.get(layer, ())
+                share = t_layer / max(1, len(cids))
+                for c in cids:
+                    if self.needs_fault(c):
+                        if acc > 0:
+                            yield from server.work(acc, name=name, seq=seq, token=token)
+                            acc = 0.0
+                        t0 = self.env.now
+                        while self.needs_fault(c):
+                            yield self.fault(c, token=token)
+                        self._stalled(t0, token)
+                    self.access(c, token=token)
+                    acc += share
+                if self.loading and acc > 0:  # reads in flight: let their evictions see the order
                     yield from server.work(acc, name=name, seq=seq, token=token)
                     acc = 0.0
             if acc > 0:

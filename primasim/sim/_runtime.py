@@ -58,6 +58,7 @@ from primasim.core.runtime_facts import (
     batch_bucket,
     emulated_cpus,
     kv_bytes,
+    lru_room,
     plan_residency,
 )
 from primasim.core.units import MiB
@@ -332,17 +333,39 @@ class RuntimeRing:
                 continue
             dev.setup_memory(r.anon_bytes, mmap=True)
             assert dev.cache is not None
-            dev.cache.capacity = max(0.0, r.budget)  # the worker's budget, as it measures it
+            dev.cache.capacity = max(0.0, lru_room(r.budget))  # the limit less the anonymous memory in use
             bucket = self.buckets[name]
             dev.disk_time = lambda t0, n, _prio, b=bucket: b.duration(t0, n)
             n = self.cfg.chunks_per_layer
+            lb = float(self.model.layer_bytes)
+            if dev.spec.read_ahead > 0:  # chunks fine enough for the kernel's readahead window
+                n = max(n, math.ceil(8 * lb / dev.spec.read_ahead))
             base = 0
             order: list[int] = []
-            for i in device_layers(self.plan, name):
-                order += dev.register_chunks(i, float(self.model.layer_bytes), n, metal=False, base=base)
+            own = set(device_layers(self.plan, name))
+            for i in sorted(own):
+                order += dev.register_chunks(i, lb, n, metal=False, base=base)
                 base += n
             if name == self.head:
                 order += dev.register_chunks(-1, float(self.model.output_bytes), n, metal=False, base=base)
+                base += n
+            if dev.spec.read_ahead > 0:
+                # the whole file in file order (embedding, blocks, output layer), the other devices'
+                # parts as chunks this device never computes with: what its faults read around
+                chunk = lb / n
+                file: list[int] = []
+                parts = [(float(self.model.input_bytes), None)]
+                parts += [(lb, dev.weights.chunks[i] if i in own else None) for i in range(self.model.n_layers)]
+                parts.append((float(self.model.output_bytes), dev.weights.output_chunks if name == self.head else None))
+                for nbytes, ids in parts:
+                    if ids is None:  # another device's part of the file
+                        k = max(1, round(nbytes / chunk))
+                        ids = list(range(base, base + k))
+                        for c in ids:
+                            dev.cache.register(c, nbytes / k)
+                        base += k
+                    file += ids
+                dev.set_file_layout(file, chunk)
             for cid in order:  # cold start + LOAD: read in order, the LRU keeps the latest
                 dev.cache.admit(cid, demand=True)
                 dev.cache.unlock(cid)

@@ -24,6 +24,7 @@ from primasim.core.device import DeviceSpec, device_from_toml
 from primasim.core.errors import EmulationError
 from primasim.core.model import ModelSpec
 from primasim.core.model_sources import catalogue
+from primasim.core.procfs import block_device_of
 from primasim.core.runtime_facts import runtime_model
 from primasim.core.units import GB, MB, GiB, MiB
 from primasim.runtime.emulate import EmulatedCluster, tbf_burst
@@ -101,6 +102,18 @@ class ClusterProfile:
                 "limitations": self.limitations, "seconds": self.seconds}
 
 
+def with_read_ahead(cluster: ClusterSpec, checkpoint: str | Path) -> ClusterSpec:
+    """The cluster with every local device's readahead window: the disk the checkpoint lives on
+    (emulated devices read through this host's disk; queue/read_ahead_kb)."""
+    dev = block_device_of(checkpoint)
+    if dev is None:
+        return cluster
+    src = f"queue/read_ahead_kb of {dev.name} ({dev.devno}), the disk holding the checkpoint"
+    devs = tuple(d.replace(read_ahead=float(dev.read_ahead), sources={**d.sources, "read_ahead_kib": src})
+                 if not d.address else d for d in cluster.devices)
+    return dataclasses.replace(cluster, devices=devs)
+
+
 def profile_cluster(cluster: ClusterSpec, checkpoint: str | Path, model: ModelSpec, *, emulate: bool = True,
                     prompt_tokens: int = 16, max_seq: int = 1024, workdir: Path | None = None,
                     progress: Progress | None = None, timeout: float = 240.0) -> ClusterProfile:
@@ -165,7 +178,7 @@ def profile_cluster(cluster: ClusterSpec, checkpoint: str | Path, model: ModelSp
         if own:
 
             shutil.rmtree(wd, ignore_errors=True)
-    measured = measured_cluster(cluster, model, probes, emulated=active)
+    measured = with_read_ahead(measured_cluster(cluster, model, probes, emulated=active), checkpoint)
     return ClusterProfile(measured, probes, active, limitations, time.perf_counter() - t0)
 
 

@@ -1,0 +1,207 @@
+"""What Linux reads when lru residency faults a window of mmap'd layers in (issue 15 part 6).
+
+The runtime's lru mode (runtime/worker/residency.py) maps the weight file with the kernel's default
+advice and lets the page cache decide: each window's compute faults its layers in. The fidelity
+study measured such devices reading 7-40 % more bytes than their weights (2-device k = 2 without
+prefetch: the laptop 101 MB a token for 74 MB of layers). This probe replays one device's access
+pattern -- its windows' layers read front to back, lap after lap, in a memory cgroup holding the
+device's budget -- with the file's own layout and the host's disk, and reads, per window, the bytes
+the process caused the block layer to read (/proc/self/io read_bytes) and which file pages are in
+memory afterwards (mincore(2)): the bytes read that lie outside the device's own layers are the
+kernel's mmap read-around (mm/filemap.c do_sync_mmap_readahead: ra_pages around the faulting page,
+half of them behind it) and sequential readahead past the window's end (page_cache_async_ra).
+
+    sudo .venv/bin/python experiments/lru_readaround.py [--model llama-mini-300m] [--quant q4k]
+
+Writes experiments/results/lru_readaround.md. Not timing-sensitive (bytes and pages only): run
+it niced, outside the measurement lock. Needs root (a memory cgroup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import mmap
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from primasim.core.cgroups import own_group  # noqa: F401  (the package's cgroup conventions)
+from primasim.core.gguf import read_header
+from primasim.core.model_sources import load_model
+
+PAGE = mmap.PAGESIZE
+RESULTS = Path(__file__).resolve().parent / "results"
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def read_bytes() -> int:
+    with open("/proc/self/io") as fh:
+        for line in fh:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def majflt() -> int:
+    return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[9])
+
+
+def layer_spans(path: str) -> tuple[dict[int, tuple[int, int]], tuple[int, int], tuple[int, int]]:
+    """File byte span of each block, of the embedding and of the output layer (norm + matrix)."""
+    h = read_header(path)
+    spans: dict[int, list[int]] = {}
+    emb = out = (0, 0)
+    lo_out, hi_out = 1 << 62, 0
+    for t in h.tensors:
+        a = h.data_offset + t.offset if t.offset < h.data_offset else t.offset
+        b = a + t.n_bytes
+        if t.name.startswith("blk."):
+            i = int(t.name.split(".")[1])
+            s = spans.setdefault(i, [a, b])
+            s[0], s[1] = min(s[0], a), max(s[1], b)
+        elif t.name.startswith("token_embd"):
+            emb = (a, b)
+        elif t.name.startswith("output"):
+            lo_out, hi_out = min(lo_out, a), max(hi_out, b)
+    out = (lo_out, hi_out)
+    return {i: (s[0], s[1]) for i, s in spans.items()}, emb, out
+
+
+def resident(base: int, a: int, b: int) -> int:
+    a -= a % PAGE
+    n = -(-(b - a) // PAGE)
+    vec = np.zeros(n, dtype=np.uint8)
+    if _libc.mincore(ctypes.c_void_p(base + a), ctypes.c_size_t(n * PAGE), vec.ctypes.data_as(ctypes.c_void_p)):
+        raise OSError(ctypes.get_errno(), "mincore")
+    return int(np.count_nonzero(vec & 1)) * PAGE
+
+
+def child(path: str, windows: list[list[int]], budget: int, advice: str, willneed: bool, laps: int,
+          cg: Path) -> list[dict[str, float]]:
+    spans, emb, outp = layer_spans(path)
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    buf = np.frombuffer(m, dtype=np.uint8)
+    base = buf.ctypes.data
+    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)  # cold start
+    if advice == "random":
+        _libc.madvise(base, size, mmap.MADV_RANDOM)
+    # join the cgroup, limited to what the process holds now + the weights' budget
+    (cg / "cgroup.procs").write_text(str(os.getpid()))
+    usage = int((cg / "memory.usage_in_bytes").read_text())
+    (cg / "memory.limit_in_bytes").write_text(str(usage + budget))
+    own = [spans[i] for w in windows for i in w]
+    rows = []
+    for lap in range(laps):
+        for wi, w in enumerate(windows):
+            r0, f0 = read_bytes(), majflt()
+            a, b = spans[w[0]][0], spans[w[-1]][1]
+            int(buf[a:b:PAGE].sum())  # the window's compute reads its layers front to back
+            if willneed:  # lru prefetch: the next window, madvise(WILLNEED), as the worker's thread does
+                nw = windows[(wi + 1) % len(windows)]
+                na, nb = spans[nw[0]][0], spans[nw[-1]][1]
+                _libc.madvise(base + na - na % PAGE, nb - na + na % PAGE, mmap.MADV_WILLNEED)
+                time.sleep(0.05)
+            rd, mf = read_bytes() - r0, majflt() - f0
+            in_own = sum(resident(base, x, y) for x, y in own)
+            total = resident(base, 0, size)
+            rows.append({"lap": lap, "window": wi, "bytes": b - a, "read": rd, "majflt": mf,
+                         "resident_own": in_own, "resident_other": total - in_own})
+    del buf
+    m.close()
+    os.close(fd)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-mini-300m")
+    ap.add_argument("--quant", default="q4k")
+    ap.add_argument("--laps", type=int, default=4)
+    ap.add_argument("--case", action="append", default=[], help="label:windows:room_mb, windows as 4-7/12-15 "
+                    "(layer ranges of one device's windows), e.g. laptop-k2:4-7/12-15:26.4 (default: the study's)")
+    ap.add_argument("--advice", default="normal,random")
+    ap.add_argument("--willneed", default="off,on")
+    ap.add_argument("--file", default="", help="the GGUF file (default: the study's cached random weights)")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("lru_readaround: needs root (a memory cgroup); run with sudo", file=sys.stderr)
+        return 2
+    path = a.file
+    if not path:
+        from primasim.runtime.head import cached_random_weights
+
+        w = cached_random_weights(load_model(a.model, a.quant), fmt="gguf")
+        path = str(w)
+    # the fidelity study's laptop of a 2-device even split (budget as it measured: 16.3 MB) and
+    # desktop (22.8 MB); windows k = 1 and k = 2
+    # devices of the fidelity study's lru configurations, each with the room its memory limit left
+    # the page cache there (cg_mem_limit - anon_peak in fidelity_stream_q4k/run1)
+    cases = [("stream-2 k=2 laptop", [[4, 5, 6, 7], [12, 13, 14, 15]], int(26.4e6)),
+             ("stream-2 k=1 laptop", [[8, 9, 10, 11, 12, 13, 14, 15]], int(26.4e6)),
+             ("stream-2 k=2 desktop (no output)", [[0, 1, 2, 3], [8, 9, 10, 11]], int(37.0e6)),
+             ("stream-3 k=4 laptop", [[2], [6], [10], [14]], int(35.0e6))]
+    lines = ["# lru residency: what the kernel reads around a faulting window", "",
+             f"`sudo .venv/bin/python experiments/lru_readaround.py` on {time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{a.model} {a.quant} ({path}), disk read_ahead_kb "
+             f"{Path('/sys/block/vda/queue/read_ahead_kb').read_text().strip() if Path('/sys/block/vda').exists() else '?'}, "
+             f"kernel {os.uname().release}. Per window, laps after the first (steady state): bytes read "
+             "(/proc/self/io), major faults, and after it the file bytes in memory inside the device's layers "
+             "and outside them (mincore).", "",
+             "| device | advice | prefetch (WILLNEED next window) | window MB | read MB / window | read / window bytes "
+             "| major faults | resident own MB | resident outside MB |", "|---|---|---|---|---|---|---|---|---|"]
+    if a.case:
+        cases = []
+        for spec in a.case:
+            lab, wins, room = spec.split(":")
+            ws = [list(range(int(x.split("-")[0]), int(x.split("-")[-1]) + 1)) for x in wins.split("/")]
+            cases.append((lab, ws, int(float(room) * 1e6)))
+    for label, windows, budget in cases:
+        for advice in a.advice.split(","):
+            for willneed in (x == "on" for x in a.willneed.split(",")):
+                cg = Path(f"/sys/fs/cgroup/memory/primasim-stream2-probe-{os.getpid()}")
+                cg.mkdir()
+                try:
+                    r, wfd = os.pipe()
+                    pid = os.fork()
+                    if pid == 0:
+                        os.close(r)
+                        try:
+                            rows = child(path, windows, budget, advice, willneed, a.laps, cg)
+                            os.write(wfd, repr(rows).encode())
+                        finally:
+                            os._exit(0)
+                    os.close(wfd)
+                    data = b""
+                    while chunk := os.read(r, 1 << 16):
+                        data += chunk
+                    os.close(r)
+                    os.waitpid(pid, 0)
+                    rows = eval(data.decode()) if data else []  # noqa: S307 (our own child's repr)
+                finally:
+                    cg.rmdir()
+                steady = [x for x in rows if x["lap"] >= 1]
+                if not steady:
+                    continue
+                wb = np.mean([x["bytes"] for x in steady])
+                rd = np.mean([x["read"] for x in steady])
+                lines.append(f"| {label} | {advice} | {'on' if willneed else 'off'} | {wb / 1e6:.1f} | {rd / 1e6:.1f} | "
+                             f"{rd / wb:.2f} | {np.mean([x['majflt'] for x in steady]):.0f} | "
+                             f"{np.mean([x['resident_own'] for x in steady]) / 1e6:.1f} | "
+                             f"{np.mean([x['resident_other'] for x in steady]) / 1e6:.1f} |")
+                print(lines[-1], flush=True)
+    out = RESULTS / "lru_readaround.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
