@@ -35,7 +35,8 @@ from primasim.core.runtime_facts import attention_span
 
 from . import kernels as K
 from .checkpoint import Checkpoint
-from .kernels import QWeight
+from .kernels import TYPE_NAMES, QWeight
+from .quantize import BLOCK
 from .rope import rope_inv_freq
 
 # One block's weights: "attn_norm.weight", "ffn_norm.weight" (and Qwen2's "attn_{q,k,v}.bias") as
@@ -404,6 +405,38 @@ def head(params: Params, x: jax.Array | np.ndarray, *,
         _head.lower(*args, eps=params.spec.norm_eps).compile()
         return None, None
     return _head(*args, eps=params.spec.norm_eps)  # type: ignore[no-any-return]
+
+
+@partial(jax.jit, static_argnames=("eps",))
+def _head_rows(files: Files, norm: jax.Array, out: QWeight, x: jax.Array, *, eps: float) -> jax.Array:
+    return K.matmul(files, x, out, norm=norm, eps=eps)[0]
+
+
+def head_rows(params: Params, x: jax.Array | np.ndarray, start: int, end: int, *,
+              compile_only: bool = False) -> jax.Array | None:
+    """Logits (B, T, end - start) of vocabulary rows [start, end) of the output layer: the head
+    computes the output in row blocks when its streamed part does not fit in memory at once
+    (runtime_facts.plan_residency; each block's rows are read before its call, evicted after)."""
+    if params.output is None or params.norm is None:
+        raise WorkerError("these params have no output layer", where="logits", fix="load_params(..., head=True)")
+    w = params.output
+    d = np.asarray(w.desc).copy()
+    row_bytes = output_row_bytes(params)
+    off = (int(d[0, 0]) | (int(d[0, 1]) << 32)) + start * row_bytes
+    d[0, 0], d[0, 1], d[0, 4] = off & 0xFFFFFFFF, off >> 32, end - start
+    sub = QWeight(jnp.asarray(d), (end - start,), w.cols)
+    args = (params.files, params.norm, sub, jnp.asarray(x))
+    if compile_only:
+        _head_rows.lower(*args, eps=params.spec.norm_eps).compile()
+        return None
+    return _head_rows(*args, eps=params.spec.norm_eps)  # type: ignore[no-any-return]
+
+
+def output_row_bytes(params: Params) -> int:
+    """Bytes of one vocabulary row of the output matrix in its file (whole quantisation blocks)."""
+    assert params.output is not None
+    nel, nbytes = BLOCK[TYPE_NAMES[int(np.asarray(params.output.desc)[0, 2])]]
+    return params.output.cols // nel * nbytes
 
 
 def logits(params: Params, x: jax.Array) -> jax.Array:

@@ -97,3 +97,21 @@ def test_logits_close_to_float64_of_dequantised_weights(files: dict[str, Path], 
     if case == "f32":
         assert np.abs(got - want).max() < 1e-4 * want.std()
     assert np.corrcoef(got.ravel(), want.ravel())[0, 1] >= 0.999
+
+
+@pytest.mark.parametrize("name", ["q4_k_m", "q8_0", "f32", "qwen2-tiny-q4_k_m", "safetensors-f16"])
+def test_the_output_in_row_blocks_equals_the_whole_output(files: dict[str, Path], name: str) -> None:
+    """A head whose output layer does not fit in memory at once computes it in row blocks
+    (runtime_facts.plan_residency, worker/residency.py): each block's logits are the whole
+    output's at those rows (tied embeddings included)."""
+    from primasim.runtime.model import head_rows
+
+    ckpt = open_checkpoint(files[name])
+    L = range(ckpt.spec.n_layers)
+    params = load_params(ckpt, L, embed=True, head=True)
+    x, _ = run_layers(params, init_kv(ckpt.spec, L, 16), embed(params, [IDS[:3]]), 0, L)
+    whole = np.asarray(logits(params, x[:, -1:]))
+    V = ckpt.spec.vocab
+    blocks = [(0, 96), (96, 192), (192, V)]
+    parts = np.concatenate([np.asarray(head_rows(params, x[:, -1:], a, b)) for a, b in blocks], axis=-1)
+    np.testing.assert_allclose(parts, whole, rtol=1e-6, atol=1e-6)

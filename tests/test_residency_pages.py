@@ -84,3 +84,22 @@ def test_an_emulated_device_in_lru_mode_maps_a_copy_of_its_own(tmp_path: Path) -
     (d / "model.safetensors").write_bytes(b"x" * 4096)
     c = device_copy(d, "tablet")
     assert c.name == "ckpt" and sorted(p.name for p in c.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_the_output_row_blocks_cover_exactly_its_streamed_part() -> None:
+    """A head computing its output in row blocks (plan.output_blocks > 1) reads before each block's
+    call exactly the streamed bytes of its rows: together the blocks' ranges are the streamed part
+    and never a kept byte; the rows are split in equal blocks covering the vocabulary."""
+    from types import SimpleNamespace
+
+    from primasim.runtime.worker.residency import output_blocks
+
+    rows, row_bytes, off = 1000, 210 * 4, 8192
+    stage = SimpleNamespace(output_matrix=lambda: (("w", off, rows * row_bytes), rows, row_bytes))
+    keep = 300 * row_bytes + 100  # the kept/streamed cut falls inside a row
+    streamed = [("w", off + keep, rows * row_bytes - keep)]
+    blocks = output_blocks(stage, streamed, 3)  # type: ignore[arg-type]
+    assert [(a, b) for a, b, _ in blocks] == [(0, 334), (334, 668), (668, 1000)]
+    got = [r for _, _, rs in blocks for r in rs]
+    assert sum(n for _, _, n in got) == rows * row_bytes - keep
+    assert min(o for _, o, _ in got) == off + keep and max(o + n for _, o, n in got) == off + rows * row_bytes

@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .model import ModelSpec
@@ -140,6 +141,7 @@ class ResidencyPlan:
     streamed: dict[int, float] = field(default_factory=dict)  # layer -> bytes streamed per use (planned)
     resident_bytes: float = 0.0  # weight bytes kept resident (planned/fits/pinned; lru: what fits)
     output_streamed: float = 0.0  # planned, head: bytes of the output layer streamed per token
+    output_blocks: int = 1  # planned, head: calls the output layer is computed in (row blocks, see plan_residency)
 
     @property
     def streams(self) -> bool:
@@ -182,5 +184,13 @@ def plan_residency(mode: str, budget: float, layer_bytes: dict[int, float], outp
     out_keep = min(output_bytes, max(0.0, budget - c * big))
     r = keep_fraction(budget - out_keep, window, big, c)
     streamed = {i: (1.0 - r) * b for i, b in layer_bytes.items()}
+    # one output call needs its whole streamed part in memory at once; when that is more than the
+    # kernel leaves it (the streamed layers' room, c streamed parts, and the activation reserve's
+    # unused part: lru_room), the head computes the output in row blocks of at most the streamed
+    # layers' room, each read before its call and evicted after (fidelity study 2026-12-07: Halda's
+    # stream-2 head streamed 24 MB of output into ~16 MB and read 184 MB a token where 142 were planned)
+    out_streamed = output_bytes - out_keep
+    room = c * (1.0 - r) * big
+    blocks = math.ceil(out_streamed / room) if room > 0 and out_streamed > lru_room(room) else 1
     return ResidencyPlan(mode, "streams", budget, r, pre, False, streamed, r * window + out_keep,
-                         output_bytes - out_keep)
+                         out_streamed, blocks)

@@ -84,6 +84,7 @@ class Residency:
     anon_bytes: float = 0.0  # KV + activations (+ pinned weights)
     window_prefetch: bool = False  # lru: the next window is madvise(WILLNEED)'d while the ring computes
     output_streamed: float = 0.0  # planned, head: output-layer bytes read before its call, evicted after
+    output_blocks: int = 1  # planned, head: the output computed in this many row-block calls
 
     @property
     def streams(self) -> bool:
@@ -109,7 +110,8 @@ def residency(plan: Plan, model: ModelSpec, ram_avail: float, name: str, *, max_
         total = rp.resident_bytes + (float(model.input_bytes) if head else 0.0)
         return Residency("pinned", budget, resident_bytes=total, anon_bytes=reserve + total)
     return Residency("planned" if rp.state == "streams" else rp.state, budget, rp.keep_fraction, rp.stream_prefetch,
-                     dict(rp.streamed), rp.resident_bytes, reserve, rp.window_prefetch, rp.output_streamed)
+                     dict(rp.streamed), rp.resident_bytes, reserve, rp.window_prefetch, rp.output_streamed,
+                     rp.output_blocks)
 
 
 def timing(dev: SimDevice, rows: int) -> DeviceTiming:
@@ -486,6 +488,15 @@ class RuntimeRing:
         r = self.res[self.head]
         if r.mode == "lru":
             yield from dev.run_chunks(dev.cpu, dev.weights.output_chunks, t, name="output", seq=seq, token=token)
+            return
+        if r.output_blocks > 1:  # planned: in row blocks, each read (by demand) before its own call
+            for b in range(r.output_blocks):
+                t0 = self.ctx.env.now
+                yield from self._read(dev, r.output_streamed / r.output_blocks, DEMAND, token)
+                dev.stall += self.ctx.env.now - t0
+                self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
+                yield from dev.cpu.serve(t / r.output_blocks + (dev.spec.call_overhead if b else 0.0), name="output",
+                                         seq=seq, token=token)
             return
         if r.output_streamed > 0:  # planned: the part of the output that does not fit, read by demand
             t0 = self.ctx.env.now

@@ -56,6 +56,8 @@ class Residency:
     layer_stream: dict[int, Ranges] = field(default_factory=dict)  # evicted after every use
     layer_spans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     output_stream: Ranges = field(default_factory=list)  # the head's output layer: the part it streams
+    # the output computed in row blocks (plan.output_blocks > 1): (first row, end row, streamed ranges)
+    output_blocks: list[tuple[int, int, Ranges]] = field(default_factory=list)
     kept: Ranges = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +80,27 @@ class Residency:
 
     def evict_output(self) -> None:
         drop_pages(self.output_stream)
+
+
+def _intersect(ranges: Ranges, f: str, a: int, b: int) -> Ranges:
+    out: Ranges = []
+    for g, off, n in ranges:
+        lo, hi = max(off, a), min(off + n, b)
+        if g == f and hi > lo:
+            out.append((g, lo, hi - lo))
+    return out
+
+
+def output_blocks(stage: Stage, streamed: Ranges, n: int) -> list[tuple[int, int, Ranges]]:
+    """The output matrix's vocabulary rows in `n` blocks of equal rows, each with the part of it
+    that is streamed (read before the block's call, evicted after; the kept rows stay)."""
+    (f, off, _), rows, row_bytes = stage.output_matrix()
+    per = -(-rows // n)
+    out = []
+    for a in range(0, rows, per):
+        b = min(rows, a + per)
+        out.append((a, b, _intersect(streamed, f, off + a * row_bytes, off + b * row_bytes)))
+    return out
 
 
 def split_streams(res: Residency, lay_ranges: dict[int, Ranges], keep: dict[int, float], also_kept: Ranges) -> int:
@@ -127,6 +150,9 @@ def load(stage: Stage, mode: str, budget: float, *, pinned: bool, prefetch: bool
         touched = touch_pages(window + out)  # the kernel keeps what fits, evicting as it goes
     elif plan.state == "streams":
         out_keep, res.output_stream = split_ranges(out, out_b - plan.output_streamed)
+        if plan.output_blocks > 1:
+            advise_random(res.output_stream)  # its blocks are read exactly, like a layer's streamed part
+            res.output_blocks = output_blocks(stage, res.output_stream, plan.output_blocks)
         touched = split_streams(res, lay_ranges, {i: plan.keep_fraction * lay_bytes[i] for i in layers}, out_keep)
     res.info = {"window_bytes": float(sum(lay_bytes.values())), "output_bytes": out_b, "budget": budget,
                 "budget_how": how, "residency": plan.state, "mode": plan.mode,
@@ -135,5 +161,6 @@ def load(stage: Stage, mode: str, budget: float, *, pinned: bool, prefetch: bool
                 "stream_prefetch": plan.stream_prefetch, "window_prefetch": plan.window_prefetch,
                 "streamed_bytes": float(sum(r[2] for st in res.layer_stream.values() for r in st)),
                 "output_streamed_bytes": float(sum(r[2] for r in res.output_stream)),
+                "output_blocks": float(max(1, len(res.output_blocks))),
                 "touched": touched, "load_s": time.time() - t0}
     return res

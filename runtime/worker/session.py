@@ -180,6 +180,9 @@ class Session:
                 _, kv = self.stage.run(kv, x, pos, s, s + 1, compile_only=only)
             if self.head and pos == 0:
                 self.stage.output(x, compile_only=only)
+                if run and self.res is not None:  # the output's row blocks (decided at LOAD): one shape each
+                    for a, b in {b - a: (a, b) for a, b, _ in self.res.output_blocks}.values():
+                        self.stage.output_block(x, a, b).block_until_ready()
                 if self.speculation is not None and n in decode and n > 1:  # a verification's K + 1 rows of logits
                     self.stage.output_rows(x, compile_only=only)
         return kv if run else None
@@ -445,12 +448,22 @@ class Session:
             x = self.serving.trim(seq, x)  # a padded prompt: the output at its last real position
         t0 = time.time()
         out_streams = self.res is not None and bool(self.res.output_stream)
-        if out_streams:  # planned: the part of the output layer that does not fit (residency.py)
-            self.res.read_output()
-        lg, top = self.stage.output(x)
-        top.block_until_ready()
-        if out_streams:
-            self.res.evict_output()
+        if out_streams and self.res.output_blocks:  # planned: in row blocks, each read, used, evicted
+            parts = []
+            for a, b, rng in self.res.output_blocks:
+                self.stage.prefetch(rng)
+                parts.append(self.stage.output_block(x, a, b))
+                parts[-1].block_until_ready()
+                drop_pages(rng)
+            lg = np.concatenate([np.asarray(p) for p in parts], axis=-1)
+            top = np.argmax(lg, axis=-1)
+        else:
+            if out_streams:  # planned: the part of the output layer that does not fit (residency.py)
+                self.res.read_output()
+            lg, top = self.stage.output(x)
+            top.block_until_ready()
+            if out_streams:
+                self.res.evict_output()
         t1 = time.time()
         tok, logits = self._pick(seq, lg, top)
         self.rec.span("cpu", t0, t1, "output", seq, step)

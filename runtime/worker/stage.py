@@ -120,6 +120,16 @@ class Stage:
         """Logits (1, 1, V) of the last position of x (1, T, E) and their argmax (1, 1), on the device."""
         return self._md.head(self.params, x[:, -1:], compile_only=compile_only)  # type: ignore[no-any-return]
 
+    def output_block(self, x: np.ndarray, start: int, end: int, compile_only: bool = False) -> Any:
+        """Logits (1, 1, end - start) of vocabulary rows [start, end) at the last position of x."""
+        return self._md.head_rows(self.params, x[:, -1:], start, end, compile_only=compile_only)
+
+    def output_matrix(self) -> tuple[tuple[str, int, int], int, int]:
+        """The output matrix's file range, its rows (the vocabulary) and the bytes of one row."""
+        name = "token_embd.weight" if self.spec.tie_embeddings else "output.weight"
+        (rng,) = self.ckpt.tensor_ranges([name])
+        return rng, self.spec.vocab, self._md.output_row_bytes(self.params)
+
     def output_rows(self, x: np.ndarray, compile_only: bool = False) -> tuple[Any, Any]:
         """Logits (1, T, V) of every position of x (1, T, E) and their argmax (1, T): a speculative
         verification's K + 1 rows."""
