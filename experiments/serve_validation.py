@@ -54,6 +54,7 @@ from primasim.core.io import (
     read_journal,
 )
 from primasim.core.model_sources import load_model
+from primasim.core.plan import Plan
 from primasim.core.serving import RequestRecord, summarize
 from primasim.core.units import MiB
 from primasim.core.workload import RequestSpec, Workload, poisson
@@ -72,6 +73,7 @@ LEVELS = (0.15, 0.3, 0.45, 0.55, 0.65, 0.75, 0.9, 1.1, 1.3)  # offered load / pr
 N_REQUESTS = 32
 SEED = 11
 JOURNAL = RESULTS / "serve_runs.jsonl"
+PLAN_FILE = ""  # --plan: serve this plan instead of Halda's on the first profile
 HOST_CPUS = len(os.sched_getaffinity(0))  # the emulated devices are pinned to these (SimConfig.host_cpus)
 
 
@@ -240,7 +242,7 @@ def run(resume: bool, skip_leave: bool = False, reprofile: bool = False) -> None
     l_prof, (_, prof_name) = _load1(), profiled(resume, reprofile)
     cl_path = RESULTS / "serve_cluster.toml"  # the first part's profile: the plan and the levels' rates
     cl = load_cluster(cl_path)
-    plan = make_plan_(cl)
+    plan = Plan.from_json(PLAN_FILE) if PLAN_FILE else make_plan_(cl)
     plan_path = RESULTS / "serve_plan.json"
     atomic_write_text(plan_path, json.dumps(plan.to_json(), indent=1))
     slots = len(plan.active)
@@ -422,7 +424,6 @@ def analyze() -> None:
     if not rows:
         raise SystemExit(f"nothing measured yet in {JOURNAL}")
     cl = load_cluster(RESULTS / "serve_cluster.toml")
-    from primasim.core.plan import Plan
 
     plan = Plan.from_json(str(RESULTS / "serve_plan.json"))
     slots = len(plan.active)
@@ -631,7 +632,7 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
 
 
 def main() -> None:
-    global RESULTS, JOURNAL, N_REQUESTS, LEVELS
+    global RESULTS, JOURNAL, N_REQUESTS, LEVELS, PLAN_FILE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resume", action="store_true", help="keep the profile and the levels already measured")
     ap.add_argument("--analyze", action="store_true", help="only re-simulate and report from the journal")
@@ -640,6 +641,7 @@ def main() -> None:
     ap.add_argument("--levels", default=None, help="offered load / predicted capacity, comma-separated (split a run "
                     "into parts: the first without --resume, the others with it)")
     ap.add_argument("--skip-leave", action="store_true", help="do not measure the device-leave run (yet)")
+    ap.add_argument("--plan", default="", help="serve this plan (JSON) instead of Halda's on the first profile")
     ap.add_argument("--reprofile", action="store_true", help="with --resume: profile again before this part's "
                     "levels and predict them from that profile (the host drifts between holds)")
     ap.add_argument("--nice", type=int, default=-5,
@@ -652,7 +654,7 @@ def main() -> None:
     if a.results:
         RESULTS = Path(a.results)
         JOURNAL = RESULTS / "serve_runs.jsonl"
-    N_REQUESTS = a.requests
+    N_REQUESTS, PLAN_FILE = a.requests, a.plan
     if a.levels:
         LEVELS = tuple(float(x) for x in a.levels.split(","))
     if a.analyze:
