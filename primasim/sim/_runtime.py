@@ -386,6 +386,9 @@ class RuntimeRing:
             rec.set(name, "resident_weight_bytes", r.resident_bytes)
             rec.set(name, "keep_fraction", r.keep_fraction)
             rec.set(name, "streamed_bytes_per_pass", sum(r.streamed.values()))
+            # whether the device reads ahead at all (a plan's prefetch flag does nothing where there
+            # is no room for a second streamed part)
+            rec.set(name, "prefetches", float(r.stream_prefetch or r.window_prefetch))
 
     # ---------------------------------------------------------------- streaming
     def _read(self, dev: SimDevice, nbytes: float, priority: int, token: int) -> Proc:
