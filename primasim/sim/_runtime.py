@@ -310,6 +310,12 @@ class RuntimeRing:
             self.res[name] = r
         # a single device that does not stream runs a token as one call (runtime/worker/session.py)
         self.fused = ring == 1 and not self.res[self.head].streams
+        # serving (runtime/worker/session.py drain): the head computes a token's output and, in the same
+        # uninterrupted work item, that sequence's next window (or the prompt of the request taking its
+        # freed slot); a SUBMIT or an activation that arrived meanwhile waits. hold_head keeps the head's
+        # CPU from the output to the next window of the same slot (seq -> the held request).
+        self.hold_head = False
+        self.held: dict[int, Any] = {}
         self.buckets = {n: DiskBucket(d, ctx.cfg.disk_slices) for n, d in ctx.devices.items()}
         self._setup_lru()
         self.prefetch_queue = {n: simpy.Resource(ctx.env, 1) for n in ctx.devices}
@@ -464,8 +470,10 @@ class RuntimeRing:
                 cids = [c for i in range(win.start, win.end) for c in dev.weights.chunks.get(i, ())]
                 self.ctx.env.process(dev.prefetch(cids, token=token))
             return
-        req = dev.cpu.acquire()
-        yield req
+        req = self.held.pop(seq, None) if dev.name == self.head else None
+        if req is None:
+            req = dev.cpu.acquire()
+            yield req
         try:
             # (the worker allocates every in-flight sequence's KV cache at set-up, not here)
             if not r.streams:
@@ -506,13 +514,27 @@ class RuntimeRing:
             yield from self._read(dev, r.output_streamed, DEMAND, token)
             dev.stall += self.ctx.env.now - t0
             self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
+        if self.hold_head and r.mode != "lru" and seq >= 0:  # kept for the slot's next window
+            req = dev.cpu.acquire()
+            yield req
+            yield from dev.cpu.work(t, name="output", seq=seq, token=token)
+            self.held[seq] = req
+            return
         yield from dev.cpu.serve(t, name="output", seq=seq, token=token)
+
+    def release_head(self, seq: int) -> None:
+        """The slot goes idle: the head's CPU it kept after its last output is free."""
+        req = self.held.pop(seq, None)
+        if req is not None:
+            self.ctx.dev(self.head).cpu.release(req)
 
     def walk(self, n_tokens: int, pos: int, seq: int, token: int, logits: int = 1) -> Proc:
         m = self.model
         hidden = m.hidden_bytes * n_tokens
         # the head's embedding (a jitted gather, 0.04-0.08 ms probed as `embed_s`) is not charged a call
         prev = self.head
+        if seq in self.held and (self.segs[0].device != self.head or self.res[self.head].mode == "lru"):
+            self.release_head(seq)  # the first window is not a plain one on the head
         for s in self.segs:
             if s.device != prev:
                 yield from self.ctx.net.send(prev, s.device, hidden, seq=seq, token=token)

@@ -123,6 +123,7 @@ class _Walker:
         if runtime:
 
             self.rr = RuntimeRing(ctx)
+            self.rr.hold_head = True  # primasim serve's head: output + the slot's next window in one go
             self.rr.setup_stats()
         else:
 
@@ -136,6 +137,10 @@ class _Walker:
             yield from self.rr.walk(n_tokens, filled, seq, token)
         else:
             yield from self.ring.walk(n_tokens, self.ring.n_kv(filled + n_tokens), seq, token)
+
+    def release(self, slot: int) -> None:
+        if self.runtime:
+            self.rr.release_head(slot)
 
     def batch_step(self, rows: list[tuple[int, int]], step: int) -> Proc:
         """One pass carrying several sequences' new tokens: rows = [(n_tokens, filled)]."""
@@ -215,6 +220,8 @@ class _Phase:
     # -- slots: independent sequences in flight (MDI-LLM; primasim serve)
     def slot(self, walker: _Walker, i: int) -> Proc:
         while True:
+            if not self.queue.items:  # idle: the head's CPU kept after this slot's last output is free
+                walker.release(i)
             job: _Job = yield self.queue.get()
             self.active[i] = job
             self._admit(job)
