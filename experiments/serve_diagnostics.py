@@ -195,7 +195,20 @@ def split_report(table: list[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
-def drift_report(rows: dict[str, Any], predict: Callable[[str], dict[str, Any]]) -> list[str]:
+def layer_ms(cluster: Any) -> dict[str, dict[str, float]]:
+    """Per device, the probe's ms per layer at 1 and 16 tokens per call (its profile's sources)."""
+    import re
+
+    out = {}
+    for d in cluster.devices:
+        got = dict(re.findall(r"T=(\d+): ([\d.]+) ms/layer", d.sources.get("ram_bw_gbs", "")))
+        if got:
+            out[d.name] = {t: float(got[t]) for t in ("1", "16") if t in got}
+    return out
+
+
+def drift_report(rows: dict[str, Any], predict: Callable[[str], dict[str, Any]],
+                 layers: Callable[[str], dict[str, dict[str, float]]] | None = None) -> list[str]:
     """Markdown: each profile (one per hold with --reprofile) and what it predicts for the plain run,
     beside the plain run measured in the same hold: the host's drift between holds, as measured."""
     profs = {"serve_cluster.toml": rows.get("profile:serve_cluster.toml", {})}
@@ -204,16 +217,20 @@ def drift_report(rows: dict[str, Any], predict: Callable[[str], dict[str, Any]])
         return []
     lines = ["**Profiles per hold** (`--reprofile`: each hold's levels are predicted from the profile taken at its "
              "start): the plain `primasim run` of the plan predicted from each profile, and measured in the same "
-             "hold:", "", "| profile | taken | load1 | predicted TPOT / TTFT ms | measured TPOT / TTFT ms | err TPOT % |",
-             "|---" * 6 + "|"]
+             "hold, and the probe's ms per layer (1 / 16 tokens per call, at the quota's average rate) per device:", "",
+             "| profile | taken | load1 | predicted TPOT / TTFT ms | measured TPOT / TTFT ms | err TPOT % | "
+             "ms per layer |", "|---" * 7 + "|"]
     for name, r in profs.items():
         p = predict(name)
         m = rows.get("run" if name == "serve_cluster.toml" else f"run:{name}")
         when = time.strftime("%H:%M", time.gmtime(r["time"])) if r.get("time") else "-"
         meas = f"{m['tpot_ms']:.1f} / {m['ttft_ms']:.0f}" if m else "-"
         err = f"{(p['tpot_ms'] - m['tpot_ms']) / m['tpot_ms'] * 100:+.1f}" if m else "-"
+        lay = layers(name) if layers else {}
+        per = ", ".join(f"{d} {v.get('1', math.nan):.2f} / {v.get('16', math.nan):.2f}" for d, v in lay.items()
+                        if v and d in ("desktop", "laptop"))
         lines.append(f"| {name} | {when} | {r.get('load1', math.nan):.1f} | {p['tpot_ms']:.1f} / {p['ttft_ms']:.0f} | "
-                     f"{meas} | {err} |")
+                     f"{meas} | {err} | {per} |")
     return [*lines, ""]
 
 

@@ -466,7 +466,8 @@ def analyze() -> None:
     diag_lines = diag.report(rows, levels, pred_run, lambda r: next(
         (t["pred_tpot_p50"], t["meas_tpot_p50"]) for t in table if t["fraction"] == r["fraction"]))
     diag_lines += diag.drift_report(rows, lambda name: diag.predict_run(
-        plan, calibrated(load_cluster(RESULTS / name)), load_model(MODEL), PROMPT, HOST_CPUS))
+        plan, calibrated(load_cluster(RESULTS / name)), load_model(MODEL), PROMPT, HOST_CPUS),
+        lambda name: diag.layer_ms(load_cluster(RESULTS / name)))
     diag_lines += diag.split_report(table)
     _figure(table)
     _report(table, leave, plan, cap_meas, rows, factor, diag_lines)
