@@ -1,5 +1,8 @@
 """primasim's own runtime (runtime/), as the simulator models it (`SimConfig(runtime=True)`).
 
+(Longer than ~600 lines: the runtime's residency, disk streaming, CPU quota and ring schedule share
+one device state per run; split, they would pass it between modules.)
+
 The other schedules model the systems of the papers (llama.cpp's engine under the OS page cache).
 This one models what `primasim.runtime.head.run_plan` executes, so a plan can be predicted and then run on
 the (emulated) cluster and the two compared (`primasim validate`, experiments/fidelity.py):
