@@ -118,6 +118,26 @@ class SimDevice:
         self.file_pos = {c: i for i, c in enumerate(order)}
         self.ra_chunks = max(0, round(self.spec.read_ahead / chunk_bytes)) if chunk_bytes > 0 else 0
 
+    def map_file(self, model: ModelSpec, own: set[int], chunk: float, *, head: bool, base: int) -> None:
+        """Lay the whole weight file out for readahead (set_file_layout): embedding, blocks and
+        output layer in file order, this device's registered chunks where they are and the other
+        devices' parts as chunks of about `chunk` bytes (ids from `base`) it never computes with."""
+        assert self.cache is not None
+        lb = float(model.layer_bytes)
+        parts: list[tuple[float, list[int] | None]] = [(float(model.input_bytes), None)]
+        parts += [(lb, self.weights.chunks[i] if i in own else None) for i in range(model.n_layers)]
+        parts.append((float(model.output_bytes), self.weights.output_chunks if head else None))
+        file: list[int] = []
+        for nbytes, ids in parts:
+            if ids is None:  # another device's part of the file
+                k = max(1, round(nbytes / chunk))
+                ids = list(range(base, base + k))
+                for c in ids:
+                    self.cache.register(c, nbytes / k)
+                base += k
+            file += ids
+        self.set_file_layout(file, chunk)
+
     def _read_window(self, start: int, end: int, *, demand: int | None, mark: int | None, ra_end: int,
                      token: int) -> None:
         """Read the file's chunks [start, end) that are not in memory, in file order; `demand`: the

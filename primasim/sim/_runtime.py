@@ -361,22 +361,7 @@ class RuntimeRing:
                 order += dev.register_chunks(-1, float(self.model.output_bytes), n, metal=False, base=base)
                 base += n
             if dev.spec.read_ahead > 0:
-                # the whole file in file order (embedding, blocks, output layer), the other devices'
-                # parts as chunks this device never computes with: what its faults read around
-                chunk = lb / n
-                file: list[int] = []
-                parts = [(float(self.model.input_bytes), None)]
-                parts += [(lb, dev.weights.chunks[i] if i in own else None) for i in range(self.model.n_layers)]
-                parts.append((float(self.model.output_bytes), dev.weights.output_chunks if name == self.head else None))
-                for nbytes, ids in parts:
-                    if ids is None:  # another device's part of the file
-                        k = max(1, round(nbytes / chunk))
-                        ids = list(range(base, base + k))
-                        for c in ids:
-                            dev.cache.register(c, nbytes / k)
-                        base += k
-                    file += ids
-                dev.set_file_layout(file, chunk)
+                dev.map_file(self.model, own, lb / n, head=name == self.head, base=base)
             for cid in order:  # cold start + LOAD: read in order, the LRU keeps the latest
                 dev.cache.admit(cid, demand=True)
                 dev.cache.unlock(cid)
