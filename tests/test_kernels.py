@@ -208,3 +208,66 @@ def test_file_array_is_zero_copy(tmp_path) -> None:
     arr = K.file_array(view)
     assert arr.unsafe_buffer_pointer() == view.ctypes.data
     assert np.asarray(arr[4:8]).view(np.uint32)[0] == 1
+
+
+# ---------------------------------------------------------------------------- thread pools
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), qtype=st.sampled_from(TYPES), rows=st.integers(1, 700),
+       B=st.integers(1, 3))
+def test_own_workers_equal_xla_pool_bit_for_bit(seed: int, qtype: str, rows: int, B: int) -> None:
+    """The library's persistent workers and XLA's intra-op pool compute the same rows with the same
+    kernels, so a call's results are identical bit for bit (and are the reference's)."""
+    rng = np.random.default_rng(seed)
+    cols = 1024  # > 64 KB of weights from ~120 rows on: the call is threaded
+    raw = random_rows(rng, qtype, rows, cols, "normal")
+    x = activations(rng, B, cols, False)
+    with K.use_pool("own"):
+        own = run(raw, qtype, x)
+    with K.use_pool("xla"):
+        xla = run(raw, qtype, x)
+    assert np.array_equal(own, xla)
+    if qtype not in ("F32", "F16", "BF16"):
+        assert np.all(np.abs(own - R.matmul(raw, qtype, x)) <= 1e-4 * magnitude(raw, qtype, x) + 1e-30)
+
+
+def test_attend_same_with_either_pool() -> None:
+    """Attention heads on the library's workers or XLA's pool: identical results."""
+    rng = np.random.default_rng(5)
+    B, T, H, Hkv, D, S, p = 1, 1, 16, 4, 64, 256, 200  # ~200k multiply-adds: threaded
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, h * D)).astype(np.float32)) for h in (H, Hkv, Hkv))
+    kc0 = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+    vc0 = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+    inv_freq = jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32)
+    pos = jnp.asarray([p], jnp.int32)
+    f = jax.jit(lambda *a: K.attend(*a, span=S, interleaved=True))
+    outs = []
+    for pool in ("own", "xla"):
+        with K.use_pool(pool):
+            outs.append([np.asarray(o) for o in f(q, k, v, pos, inv_freq, jnp.asarray(kc0), jnp.asarray(vc0))])
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
+    assert np.isfinite(outs[0][0]).all() and np.abs(outs[0][0]).max() > 0
+
+
+def test_calls_from_two_threads_at_once() -> None:
+    """Two Python threads computing at once: one gets the workers, the other runs its rows alone;
+    both results are right."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    cols, rows = 1024, 512
+    raws = [random_rows(rng, "Q4_K", rows, cols, "normal") for _ in range(2)]
+    x = activations(rng, 1, cols, False)
+    want = [run(r, "Q4_K", x) for r in raws]
+    got: list[list[bool]] = [[], []]
+
+    def worker(i: int) -> None:
+        for _ in range(30):
+            got[i].append(bool(np.array_equal(run(raws[i], "Q4_K", x), want[i])))
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert got == [[True] * 30, [True] * 30]

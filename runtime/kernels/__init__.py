@@ -75,6 +75,8 @@ def library() -> ctypes.CDLL:
         getattr(lib, f).restype = ctypes.c_char_p
     lib.primasim_qk_select.argtypes = [ctypes.c_char_p]
     lib.primasim_qk_select.restype = ctypes.c_int
+    lib.primasim_qk_use_xla_pool.argtypes = [ctypes.c_int]
+    lib.primasim_qk_use_xla_pool.restype = ctypes.c_int
     jax.ffi.register_ffi_target("primasim_matmul", jax.ffi.pycapsule(lib.PrimasimMatmul), platform="cpu")
     jax.ffi.register_ffi_target("primasim_embed", jax.ffi.pycapsule(lib.PrimasimEmbed), platform="cpu")
     jax.ffi.register_ffi_target("primasim_attend", jax.ffi.pycapsule(lib.PrimasimAttend), platform="cpu")
@@ -115,6 +117,22 @@ def use_isa(name: str) -> Iterator[None]:
             yield
         finally:
             lib.primasim_qk_select(before.encode())
+
+
+@contextmanager
+def use_pool(name: str) -> Iterator[None]:
+    """Hand a call's rows to the library's own workers ("own", the default) or to XLA's intra-op
+    pool ("xla", also PRIMASIM_KERNEL_POOL=xla); for tests and A/B benchmarks, computations must
+    not be in flight."""
+    if name not in ("own", "xla"):
+        raise ValueError(f"thread pool {name!r}: use 'own' or 'xla'")
+    lib = library()
+    with _LOCK:
+        before = lib.primasim_qk_use_xla_pool(int(name == "xla"))
+        try:
+            yield
+        finally:
+            lib.primasim_qk_use_xla_pool(before)
 
 
 # ---------------------------------------------------------------------------- weights

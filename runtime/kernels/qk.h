@@ -129,4 +129,9 @@ const KernelSet* avx512_kernels();
 void prepare(int p, const float* x, int64_t K, uint8_t* out);
 void dequant_row(uint32_t t, const uint8_t* w, int64_t nblk, float* out);
 
+// Runs fn(ctx, 0..n-1) on the calling thread and the library's persistent workers (qk_ffi.cc),
+// at most `threads` threads in all; false (nothing run) when they are not to be used (XLA's pool
+// chosen by PRIMASIM_KERNEL_POOL=xla, one thread only, or another call holding them).
+bool workers_run(int64_t threads, int64_t n, void (*fn)(const void*, int64_t), const void* ctx);
+
 }  // namespace qk

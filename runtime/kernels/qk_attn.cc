@@ -6,8 +6,8 @@
 //
 // The arithmetic is runtime/model.py's (rope, _kv_write, attention) in f32: scores q.k / sqrt(D),
 // softmax with the maximum subtracted, probabilities times values; masked positions are skipped
-// (they contribute exact zeros there). Heads of a token row are independent tasks on XLA's
-// intra-op pool. The hot loops are plain C++ compiled for AVX-512 / AVX2 / baseline
+// (they contribute exact zeros there). Heads of a token row are independent tasks on the
+// library's workers (qk_ffi.cc) or XLA's intra-op pool. The hot loops are plain C++ compiled for AVX-512 / AVX2 / baseline
 // (target_clones), with several independent accumulators so they vectorise without -ffast-math.
 #include <math.h>
 #include <stdint.h>
@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "qk.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -83,6 +84,8 @@ void parallel_for(ffi::ThreadPool* pool, int64_t n, std::function<void(int64_t)>
     for (int64_t k = 0; k < n; ++k) fn(k);
     return;
   }
+  if (workers_run(nt, n, [](const void* f, int64_t k) { (*(const std::function<void(int64_t)>*)f)(k); }, &fn))
+    return;  // the library's workers (qk_ffi.cc); else XLA's pool
   auto w = std::make_shared<Work>();
   w->n = n;
   w->fn = std::move(fn);

@@ -10,13 +10,21 @@
 //
 // One call computes several tensors against the same activations (q/k/v, gate/up): the
 // activations are quantised once per layout, then rows are handed out in chunks from an atomic
-// counter to the calling thread and XLA's intra-op pool (Ctx<ThreadPool>): no OpenMP, no threads of
-// our own, and the caller never waits for a task that has not started.
+// counter to the calling thread and the library's persistent workers (one per other CPU, spinning
+// briefly between calls, as ggml's threadpool does; see Workers), or XLA's intra-op pool
+// (Ctx<ThreadPool>) with PRIMASIM_KERNEL_POOL=xla. No OpenMP; the caller never waits for a chunk
+// that has not started.
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <string>
 #include <thread>
+
+#include <pthread.h>
+#include <sched.h>
 
 #include <math.h>
 #include <stdlib.h>
@@ -118,6 +126,165 @@ struct Scratch {  // per calling thread, grown as needed, 64-byte aligned
 };
 thread_local Scratch tl_scratch;
 
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// The floating-point control word (flush-to-zero / denormals-are-zero): workers compute with the
+// caller's, so a result does not depend on which thread computed its rows.
+inline uint32_t get_csr() {
+#if defined(__x86_64__)
+  return __builtin_ia32_stmxcsr();
+#else
+  return 0;
+#endif
+}
+inline void set_csr(uint32_t v) {
+#if defined(__x86_64__)
+  if (__builtin_ia32_stmxcsr() != v) __builtin_ia32_ldmxcsr(v);
+#else
+  (void)v;
+#endif
+}
+
+// Two ways to hand rows to the other cores. The default is the library's own persistent workers
+// (ggml's threadpool recipe): after a call they spin a short while for the next one, then sleep
+// on a condition variable. A block's calls come every ~100 us, so the workers are still spinning
+// when the next call starts and pick it up within a microsecond; XLA's intra-op pool
+// (PRIMASIM_KERNEL_POOL=xla) wakes a parked thread per call instead (measured in docs/runtime.md).
+//
+// Jobs are tagged by an epoch: a ticket word holds (epoch << 32 | next chunk), and a worker
+// claims a chunk only by a compare-and-swap on the epoch it saw, so a late worker never runs
+// chunks of a job it did not read (fn/ctx are written before the epoch is published and are not
+// touched again until every chunk of the job is done).
+class Workers {
+ public:
+  explicit Workers(int n) : n_(n) {
+    for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();  // lives as long as the process
+  }
+  int size() const { return n_; }
+  // Runs fn(ctx, 0..n-1) on the caller and the workers; false (nothing run) if another caller
+  // holds the workers (two computations at once: that caller runs alone).
+  bool run(int64_t n, void (*fn)(const void*, int64_t), const void* ctx) {
+    bool idle = false;
+    if (!busy_.compare_exchange_strong(idle, true, std::memory_order_acquire)) return false;
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    n_chunks_.store(n, std::memory_order_relaxed);
+    csr_.store(get_csr(), std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t e = (epoch_.load(std::memory_order_relaxed) + 1) & 0xffffffffu;
+    ticket_.store(e << 32, std::memory_order_seq_cst);
+    epoch_.store(e, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> g(m_);
+      cv_.notify_all();
+    }
+    work(e);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 20000) cpu_relax();
+      else std::this_thread::yield();  // a descheduled worker (a busy machine): give it the core
+    }
+    busy_.store(false, std::memory_order_release);
+    return true;
+  }
+
+ private:
+  void work(uint64_t e, bool worker = false) {
+    if (worker) set_csr(csr_.load(std::memory_order_relaxed));
+    void (*fn)(const void*, int64_t) = fn_.load(std::memory_order_relaxed);
+    const void* ctx = ctx_.load(std::memory_order_relaxed);
+    const int64_t n = n_chunks_.load(std::memory_order_relaxed);
+    uint64_t t = ticket_.load(std::memory_order_seq_cst);
+    for (;;) {
+      if ((t >> 32) != e || (int64_t)(t & 0xffffffffu) >= n) return;
+      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_seq_cst)) continue;
+      fn(ctx, (int64_t)(t & 0xffffffffu));
+      done_.fetch_add(1, std::memory_order_release);
+      t = ticket_.load(std::memory_order_seq_cst);
+    }
+  }
+  void loop() {
+    uint64_t seen = epoch_.load(std::memory_order_seq_cst);
+    for (;;) {
+      uint64_t e = seen;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int spins = 0; (e = epoch_.load(std::memory_order_seq_cst)) == seen; ++spins) {
+        cpu_relax();
+        if ((spins & 255) == 255 && std::chrono::steady_clock::now() - t0 > kSpin) break;
+      }
+      if (e == seen) {
+        std::unique_lock<std::mutex> g(m_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        cv_.wait(g, [&] { return (e = epoch_.load(std::memory_order_seq_cst)) != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+      }
+      seen = e;
+      work(e, true);
+    }
+  }
+  // How long a worker spins for the next call before sleeping: longer than the gaps between a
+  // token's calls, short enough that a worker idle between tokens gives its core back soon.
+  static constexpr std::chrono::microseconds kSpin{200};
+  const int n_;
+  std::atomic<bool> busy_{false};
+  std::atomic<uint64_t> epoch_{0}, ticket_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
+  // written by the caller before it publishes the epoch; a worker's read of a newer job's values
+  // is harmless (its compare-and-swap on the old epoch fails)
+  std::atomic<void (*)(const void*, int64_t)> fn_{nullptr};
+  std::atomic<const void*> ctx_{nullptr};
+  std::atomic<int64_t> n_chunks_{0};
+  std::atomic<uint32_t> csr_{0};  // the caller's floating-point mode (FTZ/DAZ as XLA set them), copied
+  std::mutex m_;
+  std::condition_variable cv_;
+};
+
+int usable_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  return (int)std::thread::hardware_concurrency();
+}
+
+// The process's workers, created at the first threaded call (and again in a forked child, which
+// inherits the state but not the threads): as many as XLA would use besides the caller, within
+// this process's CPU affinity.
+std::atomic<Workers*> g_workers{nullptr};
+std::mutex g_workers_mu;
+void forget_workers() { g_workers.store(nullptr); new (&g_workers_mu) std::mutex(); }
+
+Workers* workers(int64_t xla_threads) {
+  Workers* w = g_workers.load(std::memory_order_acquire);
+  if (w) return w;
+  std::lock_guard<std::mutex> g(g_workers_mu);
+  w = g_workers.load(std::memory_order_acquire);
+  if (!w) {
+    static const bool once = [] { pthread_atfork(nullptr, nullptr, forget_workers); return true; }();
+    (void)once;
+    const int64_t cpus = usable_cpus();
+    const int64_t n = (xla_threads < cpus ? xla_threads : cpus) - 1;
+    w = new Workers(n > 0 ? (int)n : 0);  // (a leaked old set after fork() is a few bytes)
+    g_workers.store(w, std::memory_order_release);
+  }
+  return w;
+}
+
+std::atomic<int> g_pool{-1};  // 1: XLA's intra-op pool, 0: the library's workers, -1: not read yet
+
+bool use_xla_pool() {
+  int v = g_pool.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* e = getenv("PRIMASIM_KERNEL_POOL");
+    v = e && !strcmp(e, "xla");
+    g_pool.store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// XLA's intra-op pool (PRIMASIM_KERNEL_POOL=xla): a job that outlives the call if a helper starts late.
 struct Work {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -134,17 +301,26 @@ void drain(Work* w) {
   }
 }
 
-inline void cpu_relax() {
-#if defined(__x86_64__)
-  __builtin_ia32_pause();
-#endif
+}  // namespace
+
+bool workers_run(int64_t threads, int64_t n, void (*fn)(const void*, int64_t), const void* ctx) {
+  if (threads <= 1 || use_xla_pool()) return false;
+  Workers* ws = workers(threads);
+  return ws->size() > 0 && ws->run(n, fn, ctx);
 }
+
+namespace {
 
 void parallel_for(ffi::ThreadPool* pool, int64_t n, void (*fn)(const void*, int64_t), const void* ctx,
                   bool threaded) {
   const int64_t nt = threaded && pool ? pool->num_threads() : 0;
   if (nt <= 1 || n <= 1) {
     for (int64_t k = 0; k < n; ++k) fn(ctx, k);
+    return;
+  }
+  if (!use_xla_pool()) {
+    if (!workers_run(nt, n, fn, ctx))
+      for (int64_t k = 0; k < n; ++k) fn(ctx, k);  // the workers are busy with another call
     return;
   }
   auto w = std::make_shared<Work>();  // outlives this call if a helper starts late
@@ -492,6 +668,14 @@ __attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, 
     best = r == 0 || dt < best ? dt : best;
   }
   return best;
+}
+
+// Hand rows to XLA's intra-op pool (1) or the library's workers (0), for tests and A/B
+// benchmarks; returns the previous choice. Only between computations.
+__attribute__((visibility("default"))) int primasim_qk_use_xla_pool(int on) {
+  const int before = qk::use_xla_pool();
+  qk::g_pool.store(on ? 1 : 0);
+  return before;
 }
 
 // Select a kernel set by name prefix ("avx512", "avx2", "scalar"; "" = best). 0 on success, -1 if
