@@ -226,8 +226,15 @@ def kernel_rates(isa: str, cols: int = 1 << 20) -> dict[str, dict[str, float]]:
 
 
 @contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def variant(engine: str) -> Iterator[None]:
+    """The in-process engine `engine` runs as: ours (defaults), ours_pool-<name> (another thread
+    pool), ours_<isa> (another kernel set)."""
+    if engine == "ours":
+        yield
+        return
+    name = engine[5:]
+    with K.use_pool(name[5:]) if name.startswith("pool-") else K.use_isa(name):
+        yield
 
 
 def _kernel_rates(cols: int) -> dict[str, dict[str, float]]:
@@ -273,6 +280,9 @@ def main() -> int:
     ap.add_argument("--isas", default=None,
                     help="kernel sets also timed in-process, as engines ours_<isa> (default: every set this CPU "
                          "has but scalar and the default)")
+    ap.add_argument("--pools", default="xla",
+                    help="thread pools also timed in-process besides the default (the library's own workers), as "
+                         "engines ours_pool-<name>: 'xla' = XLA's intra-op pool ('' for none)")
     ap.add_argument("--skip-cluster", action="store_true", help="skip `primasim run --cluster local`")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("PRIMASIM_CACHE", "/tmp/primasim-bench")))
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -299,6 +309,7 @@ def main() -> int:
     threads = [int(t) for t in str(args.threads).split(",")]
     isas = ([i for i in K.isas() if i not in ("scalar", K.isa())] if args.isas is None
             else [i for i in args.isas.split(",") if i])
+    pools = [p for p in args.pools.split(",") if p]
     print("kernels alone (one core):", flush=True)
     rates = {isa: kernel_rates(isa) for isa in [K.isa(), *isas]}
     ours = {f: Ours(files[f], n_ctx) for f in formats}
@@ -328,11 +339,11 @@ def main() -> int:
         segs.append({"round": r, "format": "-", "engine": "read_bw", "foreign": fr.share, "value": bw})
         line = [f"round {r} (others {quiet:.0%} before): read {bw / GB:.1f} GB/s"]
         for f in formats:
-            order = ["ours", *(f"ours_{i}" for i in isas)]
+            order = ["ours", *(f"ours_{i}" for i in isas), *(f"ours_pool-{p}" for p in pools)]
             order = order if r % 2 == 0 else order[::-1]  # which kernel set runs first alternates
             msg = f"{f}:"
             for e in order:
-                with Foreign() as fr, (K.use_isa(e[5:]) if e != "ours" else _nothing()):
+                with Foreign() as fr, variant(e):
                     res = ours[f].run(prompt, args.tokens)
                 if e == "ours":
                     o = res
@@ -477,8 +488,9 @@ def write_results(s: dict[str, Any], out: Path) -> None:
                 for f, d in s["formats"].items() for e in d if e.startswith("ours_") and isinstance(d[e], dict)
                 for o in [d["ours"]]]
     if isa_rows:
-        lines += ["", f"Kernel sets in-process (the default is `{s['kernels']}`; same rounds, order alternating):", "",
-                  "| format | kernel set | decode tok/s | decode vs default | prefill vs default |", "|---|---|---|---|---|"]
+        lines += ["", f"Variants in-process: other kernel sets (the default is `{s['kernels']}`) and `pool-xla`, the rows "
+                  "handed to XLA's intra-op pool instead of the library's own workers (same rounds, order alternating):",
+                  "", "| format | variant | decode tok/s | decode vs default | prefill vs default |", "|---|---|---|---|---|"]
         lines += [f"| {f} | {e[5:]} | {t:.1f} | {r:.2f} | {p:.2f} |" for f, e, t, r, p in isa_rows]
     lines += ["", "llama.cpp's own bandwidth: " + ", ".join(
         f"{f} {g(d['llama_cpp']['bw'])} GB/s ({d['llama_cpp']['bw_fraction']:.0%})" for f, d in s["formats"].items()) + ".",

@@ -212,8 +212,13 @@ class Workers {
       uint64_t e = seen;
       const auto t0 = std::chrono::steady_clock::now();
       for (int spins = 0; (e = epoch_.load(std::memory_order_seq_cst)) == seen; ++spins) {
-        cpu_relax();
-        if ((spins & 255) == 255 && std::chrono::steady_clock::now() - t0 > kSpin) break;
+        if ((spins & 63) != 63) {
+          cpu_relax();
+          continue;
+        }
+        const auto idle = std::chrono::steady_clock::now() - t0;
+        if (idle > kSpin) break;
+        if (idle > kPause) std::this_thread::yield();  // spinning on, but any other runnable thread goes first
       }
       if (e == seen) {
         std::unique_lock<std::mutex> g(m_);
@@ -225,9 +230,11 @@ class Workers {
       work(e, true);
     }
   }
-  // How long a worker spins for the next call before sleeping: longer than the gaps between a
-  // token's calls, short enough that a worker idle between tokens gives its core back soon.
-  static constexpr std::chrono::microseconds kSpin{200};
+  // How long a worker waits for the next call before sleeping: longer than the gaps between a
+  // token's calls (a few us), short enough that a worker idle between tokens gives its core back
+  // soon. The first kPause it spins on `pause`, then it yields the core at every look (a
+  // head process, the host's Python thread or another program may want it).
+  static constexpr std::chrono::microseconds kSpin{200}, kPause{20};
   const int n_;
   std::atomic<bool> busy_{false};
   std::atomic<uint64_t> epoch_{0}, ticket_{0};
