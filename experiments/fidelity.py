@@ -282,7 +282,8 @@ def simulate_config(cfg: Config, plan: Any, cl: ClusterSpec, fit: dict[str, floa
             "disk_mb_per_token": sum(sim.trace.device_stats.get(d, {}).get("disk_read_bytes", 0.0)
                                      for d in cl.names) / max(1, m.n_tokens) / 1e6,
             "streaming": streaming_devices(plan, sim.trace.device_stats, m.n_tokens),
-            "prefetches": sum(int(sim.trace.device_stats.get(d, {}).get("prefetches", 0.0)) for d in cl.names)}
+            "prefetches": sum(int(sim.trace.device_stats.get(d, {}).get("prefetches", 0.0)) for d in cl.names),
+            "output_blocks": int(sim.trace.device_stats.get(plan.devices[0].name, {}).get("output_blocks", 1.0))}
 
 
 def streaming_devices(plan: Any, stats: dict[str, dict[str, float]], n_tokens: int) -> str:
@@ -343,6 +344,24 @@ def _read_ahead_kib(path: Any) -> float:
     """queue/read_ahead_kb of the disk under `path` (emulated devices read through it)."""
     dev = block_device_of(str(path))
     return dev.read_ahead / 1024 if dev is not None else 128.0
+
+
+STALE = {"lru-shared": "lru before 6bac929: the emulated devices shared one weight file's page cache",
+         "output": "before f4450e8: the head computed an output that does not fit in one call (now row blocks)"}
+
+
+def stale_reason(c: Config, rec: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Why a journal entry was measured by a runtime that runs the configuration differently now
+    ('' if it does not): lru before each emulated device mapped a file of its own (runs without
+    read_ahead_kib in fidelity_run.json), or a head streaming part of its output before it could
+    compute it in row blocks (no load_output_blocks; stale only if the plan blocks now)."""
+    if c.mode == "lru" and "read_ahead_kib" not in meta:
+        return "lru-shared"
+    head = rec.get("plan", {}).get("devices", [{}])[0].get("name")
+    st = rec.get("measured", {}).get("device_stats", {}).get(head, {})
+    if c.mode == "planned" and st.get("load_output_streamed_bytes", 0) > 0 and "load_output_blocks" not in st:
+        return "output"
+    return ""
 
 
 # ----------------------------------------------------------------------------------- fitting
@@ -710,10 +729,24 @@ def main(argv: list[str] | None = None) -> int:
     plans: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
+    meta_now = json.loads((out / "fidelity_run.json").read_text()) if (out / "fidelity_run.json").exists() else {}
     for c in cfgs:
         if c.name not in done:
             continue
         plan = Plan.from_json(done[c.name]["plan"])
+        why = stale_reason(c, done[c.name], meta_now)
+        if why:  # measured by a runtime that no longer runs this plan so: reported apart
+            cl = profiled[c.variant]
+            cl = cl.subset(list(c.devices)) if len(c.devices) < len(cl.devices) else cl
+            p = simulate_config(c, plan, cl, dict(COMMITTED_FIT))
+            if why == "output" and p["output_blocks"] <= 1:
+                why = ""
+            else:
+                m = done[c.name].get("measured", {})
+                stale.append({"name": c.name, "plan": plan.describe(), "why": STALE[why], "pred": p["tpot_ms"],
+                              "meas": m.get("tpot_ms", float("nan")), "failed": done[c.name].get("failed", "")})
+                continue
         if "failed" in done[c.name]:  # the runtime could not run the plan: reported apart, with the prediction
             cl = profiled[c.variant]
             cl = cl.subset(list(c.devices)) if len(c.devices) < len(cl.devices) else cl
@@ -756,6 +789,14 @@ def main(argv: list[str] | None = None) -> int:
                           "| configuration | residency | plan | predicted TPOT ms | why the run failed |", "|---|---|---|---|---|",
                           *(f"| {f['name']} | {f['residency']} | {f['plan']} | {f['pred']['tpot_ms']:.1f} | {f['reason']} |"
                             for f in failed), ""])
+    if stale:
+        md += "\n".join(["", "## Measured by an earlier runtime (not in the tables above)", "",
+                          "The runtime has since changed what it does for these configurations; their measurements "
+                          "are kept in the journal and listed here, with today's prediction.", "",
+                          "| configuration | plan | why | predicted TPOT ms | measured TPOT ms |", "|---|---|---|---|---|",
+                          *(f"| {x['name']} | {x['plan']} | {x['why']} | {x['pred']:.1f} | "
+                            + (f"{x['meas']:.1f}" if not x["failed"] else "failed: " + x["failed"][:120]) + " |"
+                            for x in stale), ""])
     atomic_write_text(out / "fidelity.md", md)
     figure(rows, out / "fidelity.png")
     print((out / "fidelity.md").read_text().split("## Per regime")[0])

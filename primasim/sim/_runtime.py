@@ -383,6 +383,7 @@ class RuntimeRing:
             # whether the device reads ahead at all (a plan's prefetch flag does nothing where there
             # is no room for a second streamed part)
             rec.set(name, "prefetches", float(r.stream_prefetch or r.window_prefetch))
+            rec.set(name, "output_blocks", float(r.output_blocks))
 
     # ---------------------------------------------------------------- streaming
     def _read(self, dev: SimDevice, nbytes: float, priority: int, token: int) -> Proc:
