@@ -779,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                for lab, sw in ABLATIONS.items()}
     import pandas as pd
 
-    atomic_csv(out / "fidelity.csv", pd.DataFrame(rows), float_format="%.4g")
+    atomic_csv(out / "fidelity.csv", pd.DataFrame(rows), float_format="%.6g")  # (rankings from it: no rounding ties)
     meta = out / "fidelity_run.json"
     md = summarize(rows, fitted, cmd, time.time() - t_start, ablated, json.loads(meta.read_text()) if meta.exists() else None)
     if failed:
