@@ -90,6 +90,7 @@ def child(path: str, windows: list[list[int]], budget: int, advice: str, willnee
     m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     buf = np.frombuffer(m, dtype=np.uint8)
     base = buf.ctypes.data
+    os.fdatasync(fd)  # dirty pages (a file just written) are not dropped until written back
     os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)  # cold start
     if advice == "random":
         _libc.madvise(base, size, mmap.MADV_RANDOM)
@@ -147,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = [("stream-2 k=2 laptop", [[4, 5, 6, 7], [12, 13, 14, 15]], int(26.4e6)),
              ("stream-2 k=1 laptop", [[8, 9, 10, 11, 12, 13, 14, 15]], int(26.4e6)),
              ("stream-2 k=2 desktop (no output)", [[0, 1, 2, 3], [8, 9, 10, 11]], int(37.0e6)),
-             ("stream-3 k=4 laptop", [[2], [6], [10], [14]], int(35.0e6))]
+             ("stream-3 k=4 laptop", [[2], [6], [10], [14]], int(35.0e6)),
+             # a 36.5 MB window around the room it needs: the knife edge
+             ("stream-4 k=1 laptop, room 31 MB", [[4, 5, 6, 7]], int(31e6)),
+             ("stream-4 k=1 laptop, room 35 MB", [[4, 5, 6, 7]], int(35e6)),
+             ("stream-4 k=1 laptop, room 38 MB", [[4, 5, 6, 7]], int(38e6))]
     lines = ["# lru residency: what the kernel reads around a faulting window", "",
              f"`sudo .venv/bin/python experiments/lru_readaround.py` on {time.strftime('%Y-%m-%d %H:%M')}, "
              f"{a.model} {a.quant} ({path}), disk read_ahead_kb "
