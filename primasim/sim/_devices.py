@@ -339,12 +339,18 @@ class SimDevice:
                     # its evictions see the true order of accesses
                     yield from server.work(acc, name=name, seq=seq, token=token)
                     acc = 0.0
-            if acc > 0:
-                yield from server.work(acc, name=name, seq=seq, token=token)
-            if tail > 0:
-                yield from server.work(tail, name=tail_name, seq=seq, token=token)
+            yield from self._finish(server, acc, tail, name=name, tail_name=tail_name, seq=seq, token=token)
         finally:
             server.release(req)
+
+    @staticmethod
+    def _finish(server: Server, acc: float, tail: float, *, name: str, tail_name: str, seq: int,
+                token: int) -> Proc:
+        """The compute still owed after a window's last layer, then its tail (e.g. the output layer)."""
+        if acc > 0:
+            yield from server.work(acc, name=name, seq=seq, token=token)
+        if tail > 0:
+            yield from server.work(tail, name=tail_name, seq=seq, token=token)
 
     def _run_layers_scan(self, server: Server, layers: list[int], t_layer: float, *, name: str, seq: int,
                          token: int, tail: float, tail_name: str) -> Proc:
@@ -372,10 +378,7 @@ class SimDevice:
                 if self.loading and acc > 0:  # reads in flight: let their evictions see the order
                     yield from server.work(acc, name=name, seq=seq, token=token)
                     acc = 0.0
-            if acc > 0:
-                yield from server.work(acc, name=name, seq=seq, token=token)
-            if tail > 0:
-                yield from server.work(tail, name=tail_name, seq=seq, token=token)
+            yield from self._finish(server, acc, tail, name=name, tail_name=tail_name, seq=seq, token=token)
         finally:
             server.release(req)
 
