@@ -14,9 +14,13 @@ per prompt) with no repetition loops -- the acceptance of a real 1B draft for an
 Configurations: two clusters derived from home-emu -- `short` (home-emu's memory for the target, so
 the desktop streams part of every layer from its throttled disk every pass; the desktop gets the
 draft's pinned bytes on top) and `resident` (every window fits) -- x draft first:2 with K = 1, 2,
-4, 6, 8 and first:4 with K = 1, 3, 5, 7, plus K = 0 (no draft) per cluster for the speed-up.
-Each is planned by Halda with the draft loaded (`plan_speculative(runtime=True)`), simulated as
-the runtime executes it, and run on the emulated cluster.
+4, 6, 8 and first:4 with K = 1, 3, 5, 7, plus K = 0 (no draft) per cluster for the speed-up, run
+first and again last (the host's drift over the part, measured). Each is planned by Halda with the
+draft loaded (`plan_speculative(runtime=True)`), simulated as the runtime executes it, and run on
+the emulated cluster. The cluster is profiled twice per part, right before the first-2 group (and
+the plain run) and right before the first-4 group (and the closing plain run): this shared host's
+speed drifts by 10-15 % within minutes (docs/serving.md), and each configuration is predicted from
+the profile taken just before it -- the error of the simulator given a fresh profile.
 
 The acceptance model of each prediction comes from a *separate* run, never from the measured one:
 - `same prompt` (the headline): the runtime's speculative loop (`speculative_generate`, one
@@ -36,10 +40,11 @@ Neither looks at the measured TPOT; nothing is fitted per configuration.
     python experiments/spec_validation.py --analyze        # re-simulate from the journal, write the results
     python experiments/spec_validation.py --analyze --out DIR   # the same on copies of the journal and inputs in DIR
 
-`--part` profiles its cluster inside the emulated limits (or reuses the profiled cluster with
---resume), then measures every configuration not yet in the journal (one fsync'd line each).
-Writes experiments/results/spec_validation.{csv,md,png}, spec_validation_runs.jsonl (the journal),
-spec_validation_acceptance.json and the profiled clusters spec_validation_cluster_<part>.toml.
+`--part` profiles its cluster inside the emulated limits before each group (or reuses the profiled
+clusters with --resume), then measures every configuration not yet in the journal (one fsync'd line
+each). Writes experiments/results/spec_validation.{csv,md,png}, spec_validation_runs.jsonl (the
+journal), spec_validation_acceptance.json and the profiled clusters spec_validation_cluster_<part>.toml
+(first profile) and spec_validation_cluster_<part>_2.toml (second).
 """
 
 from __future__ import annotations
@@ -182,14 +187,18 @@ def variant(part: str) -> ClusterSpec:
 
 
 def configs(part: str) -> list[dict[str, Any]]:
-    out = [{"name": f"{part}/plain", "part": part, "draft": "", "k": 0}]
-    for d in DRAFTS:
-        out += [{"name": f"{part}/{d}/K{k}", "part": part, "draft": d, "k": k} for k in KS[d]]
-    return out
+    """In measuring order; `profile` says which of the part's profiles (taken just before the
+    configurations that use it) predicts each. The plain run is repeated at the end, after the
+    second profile: the host's drift over the part, measured."""
+    out = [{"name": f"{part}/plain", "part": part, "draft": "", "k": 0, "profile": 1}]
+    for i, d in enumerate(DRAFTS):
+        out += [{"name": f"{part}/{d}/K{k}", "part": part, "draft": d, "k": k, "profile": i + 1} for k in KS[d]]
+    return out + [{"name": f"{part}/plain-end", "part": part, "draft": "", "k": 0, "profile": len(DRAFTS)}]
 
 
-def cluster_file(part: str) -> Path:
-    return RESULTS / f"spec_validation_cluster_{part}.toml"
+def cluster_file(part: str, profile: int = 1) -> Path:
+    return RESULTS / (f"spec_validation_cluster_{part}.toml" if profile <= 1 else
+                      f"spec_validation_cluster_{part}_{profile}.toml")
 
 
 def journal_file() -> Path:
@@ -241,14 +250,24 @@ def run_part(part: str, resume: bool, budget_s: float = 20 * 60) -> None:
     acc = json.loads(acceptance_file().read_text())
     runs = Journal(journal_file(), "name", resume=True)
     model = load_model(MODEL, "f32")
-    if resume and cluster_file(part).exists():
-        cl = load_cluster(cluster_file(part))
-    else:
-        t0 = time.perf_counter()
-        prof = profile_cluster(variant(part), p["target"], model, prompt_tokens=PROMPT, max_seq=N_CTX)
-        cl = prof.cluster
-        cl.save(cluster_file(part))
-        print(f"profiled {part} in {time.perf_counter() - t0:.0f} s", flush=True)
+    clusters: dict[int, ClusterSpec] = {}
+    taken: dict[int, str] = {}  # when each profile was taken (this invocation's)
+
+    def profiled(i: int) -> ClusterSpec:
+        """The part's i-th profile: taken now, right before the configurations it predicts (the
+        host's speed drifts within minutes), or with --resume the one taken before."""
+        if i not in clusters:
+            if resume and cluster_file(part, i).exists():
+                clusters[i] = load_cluster(cluster_file(part, i))
+            else:
+                t0 = time.perf_counter()
+                prof = profile_cluster(variant(part), p["target"], model, prompt_tokens=PROMPT, max_seq=N_CTX)
+                clusters[i] = prof.cluster
+                taken[i] = time.strftime("%Y-%m-%d %H:%M:%S")
+                clusters[i].save(cluster_file(part, i))
+                print(f"profiled {part} ({i}) in {time.perf_counter() - t0:.0f} s", flush=True)
+        return clusters[i]
+
     t_start = time.perf_counter()
     for cfg in configs(part):
         if cfg["name"] in runs.records:
@@ -256,6 +275,7 @@ def run_part(part: str, resume: bool, budget_s: float = 20 * 60) -> None:
         if time.perf_counter() - t_start > budget_s:  # keep one hold of the measurement lock short
             print(f"stopping after {budget_s / 60:.0f} min: run `--part {part} --resume` for the rest", flush=True)
             break
+        cl = profiled(cfg["profile"])
         models = acceptance_models(acc, cfg["draft"], cfg["k"]) if cfg["draft"] else {"same": None}
         plan, draft = plan_of(cfg, cl, models["same"])
         best = None
@@ -270,7 +290,7 @@ def run_part(part: str, resume: bool, budget_s: float = 20 * 60) -> None:
                    "disk_mb_per_token": {n: round(st.get("disk_read_bytes", 0.0) / max(1, m.n_tokens) / 1e6, 2)
                                          for n, st in run.trace.device_stats.items()},
                    "foreign_cpu": host.foreign_share, "load1": host.load1, "attempt": attempt,
-                   "host_cpus": len(os.sched_getaffinity(0)),
+                   "host_cpus": len(os.sched_getaffinity(0)), "profiled_at": taken.get(cfg["profile"], ""),
                    "time": time.strftime("%Y-%m-%d %H:%M:%S")}
             if best is None or rec["foreign_cpu"] < best["foreign_cpu"]:
                 best = rec
@@ -292,9 +312,9 @@ def analyze() -> list[dict[str, Any]]:
     rows = []
     for rec in read_journal(journal_file()):
         part = rec["part"]
-        cl = load_cluster(cluster_file(part))
+        cl = load_cluster(cluster_file(part, int(rec.get("profile", 1))))
         plan = Plan.from_json(rec["plan"])
-        row = {k: rec[k] for k in ("name", "part", "draft", "k", "host_cpus") if k in rec}
+        row = {k: rec[k] for k in ("name", "part", "draft", "k", "host_cpus", "profile", "time") if k in rec}
         row.update(measured_tpot_ms=rec["tpot_ms"], measured_tokens_per_pass=rec["tokens_per_pass"],
                    foreign_cpu=rec["foreign_cpu"], load1=rec["load1"], plan=plan.describe())
         models = acceptance_models(acc, rec["draft"], rec["k"]) if rec["draft"] else {"same": None, "other": None}
@@ -306,8 +326,9 @@ def analyze() -> list[dict[str, Any]]:
             row[f"pred_{key}_tpot_ms"] = pr["tpot_ms"]
             row[f"pred_{key}_tokens_per_pass"] = pr["tokens_per_pass"]
             row[f"err_{key}_pct"] = 100 * (pr["tpot_ms"] / rec["tpot_ms"] - 1)
-            row["streams"] = pr["streams"]
-            row["pred_head_disk_mb"] = pr["head_disk_mb"]
+            if key == "same":  # the bytes of the headline prediction (the other prompts' run other passes)
+                row["streams"] = pr["streams"]
+                row["pred_head_disk_mb"] = pr["head_disk_mb"]
         row["measured_head_disk_mb"] = rec.get("disk_mb_per_token", {}).get(plan.devices[0].name, 0.0)
         row["measured_disk_mb_per_token"] = rec.get("disk_mb_per_token", {})
         if rec["draft"]:
@@ -339,7 +360,11 @@ def write_results(rows: list[dict[str, Any]]) -> None:
              *[f"- Cluster `{part}`: TPOT error (same prompt) median {g.median():.1f} %, max {g.max():.1f} % over "
                f"{len(g)} speculative configurations; without a draft "
                + ", ".join(f"{v:+.1f} %" for v in df[(df['part'] == part) & (df['draft'] == '')]['err_same_pct']) + "."
-               for part in PARTS if len(g := spec[spec["part"] == part]["err_same_pct"].abs())], "",
+               for part in PARTS if len(g := spec[spec["part"] == part]["err_same_pct"].abs())],
+             *[f"- Cluster `{part}`, the host's drift: the plain run (no draft) measured {a:.1f} ms first and "
+               f"{b:.1f} ms last ({100 * (b / a - 1):+.1f} %), each predicted from the profile taken just before it."
+               for part in PARTS if len(pl := df[(df["part"] == part) & (df["draft"] == "")]) == 2
+               for a, b in [tuple(pl["measured_tpot_ms"])]], "",
              "| configuration | plan | measured TPOT | tokens/pass | predicted (same prompt) | error | "
              "predicted (other prompts) | error | speed-up measured | streams (predicted) | head's disk MB/token "
              "pred / meas | others' CPU | load |",

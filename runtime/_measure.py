@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from primasim.core.cgroups import UNLIMITED, Group, own_group
 from primasim.core.procfs import anon_bytes, meminfo, proc_faults, proc_status, read_bytes
+from primasim.core.runtime_facts import MEM_SAMPLE_INTERVAL
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_NAME = 15
@@ -82,7 +83,7 @@ class MemorySampler:
     goes there instead of into `samples` (the worker's Recorder spills them to disk: at 20 a
     second a list grows without bound over a long run)."""
 
-    def __init__(self, interval: float = 0.05, sink: Callable[[float, float], None] | None = None) -> None:
+    def __init__(self, interval: float = MEM_SAMPLE_INTERVAL, sink: Callable[[float, float], None] | None = None) -> None:
         self.interval = interval
         self.sink = sink
         self.cg = device_cgroup()

@@ -25,7 +25,7 @@ from primasim.core.device import DeviceSpec, EmulationSpec
 from primasim.core.errors import SpecError
 from primasim.core.model_sources import load_model
 from primasim.core.plan import DevicePlan, Plan
-from primasim.core.runtime_facts import ACT_RESERVE, kv_bytes, runtime_model
+from primasim.core.runtime_facts import ACT_RESERVE, BACKGROUND_CPU, kv_bytes, runtime_model
 from primasim.core.units import GB, MB, MBPS, MS, GiB, MiB
 from primasim.loop.row import Row
 from primasim.loop.validate import effective_rates, measured_cluster
@@ -263,16 +263,20 @@ def _quota(cores: float, period: float = 10 * MS, threads: int = 1) -> CpuQuota:
 
 
 def test_cpu_quota_runs_bursts_at_full_speed_and_long_jobs_at_the_average() -> None:
-    """CFS bandwidth control: `quota x period` CPU-seconds per period, refilled at each boundary.
-    A profiled (average-rate) duration d is d x quota of work at full speed."""
-    q = _quota(0.4)  # 4 ms of CPU per 10 ms period
-    # a short job at the start of a period runs at full speed: 10 ms at the average = 4 ms of work
-    assert q.duration(0.0, 10 * MS) == pytest.approx(4 * MS)
+    """CFS bandwidth control: `quota x period` CPU-seconds per period, refilled at each boundary,
+    of which the worker's background threads take `BACKGROUND_CPU`. A profiled (average-rate)
+    duration d is d x quota of work at full speed."""
+    B = BACKGROUND_CPU
+    q = _quota(0.4)  # 4 ms of CPU per 10 ms period, (0.4 - B) x 10 ms of it for the compute
+    # a short job at the start of a period runs at full speed: 5 ms at the average = 2 ms of work
+    assert q.duration(0.0, 5 * MS) == pytest.approx(2 * MS)
     # a job that needs more than the period's budget waits for the next period
     q = _quota(0.4)
-    assert q.duration(0.0, 15 * MS) == pytest.approx(12 * MS)  # 4 ms, throttled to 10, 2 ms
+    assert q.duration(0.0, 15 * MS) == pytest.approx(10 * MS + (6 - (0.4 - B) * 10) * MS)
     # an idle spell refills the budget: the same short job after a wait is fast again
-    assert q.duration(1.0, 10 * MS) == pytest.approx(4 * MS)
+    assert q.duration(1.0, 5 * MS) == pytest.approx(2 * MS)
+    # a long job runs at the average rate less the background threads' share
+    assert _quota(0.4).duration(0.0, 2.0) == pytest.approx(2.0 * 0.4 / (0.4 - B), abs=10 * MS)
     # without a quota (or one of at least the worker's threads) time is the profiled time
     assert _quota(2.0, threads=2).duration(0.0, 7 * MS) == pytest.approx(7 * MS)
 
@@ -284,7 +288,8 @@ def test_cpu_quota_is_never_faster_than_the_cpu_nor_slower_than_the_average_plus
     q = _quota(cores)
     wall = q.duration(start, d)
     assert wall >= d * cores * (1 - 1e-9)  # the work itself, at full speed
-    assert wall <= d + 10 * MS + 1e-9  # never worse than the average rate by more than one period
+    # never worse than the average rate left beside the background threads by more than one period
+    assert wall <= d * cores / max(0.5 * cores, cores - BACKGROUND_CPU) + 10 * MS + 1e-9
 
 
 def test_gemm_rate_by_rows_interpolates_the_probed_shapes() -> None:

@@ -8,6 +8,7 @@
 - batched decode (runtime/batch.py, runtime/_kvcache.py): batches padded to `BATCH_BUCKETS`, KV in
   blocks of `BLOCK_TOKENS`, the pool sized to `KV_POOL_SHARE` of the room a memory limit leaves;
 - outside a memory cgroup a worker budgets prima.cpp's d_avail, MemAvailable x `HOST_AVAILABLE_SHARE`;
+- a worker's background threads take `BACKGROUND_CPU` of its device's CPU quota;
 - `runtime_model`: a ModelSpec as the runtime holds it (f32 KV, the activation reserve), for plans
   and simulations compared with the runtime;
 - residency (`plan_residency`): how a worker with a memory budget holds its weights, in either
@@ -49,7 +50,21 @@ ACT_RESERVE = 16 * MiB
 # anon_peak - load_setup_anon - kv). The residency budget keeps the whole reserve; the kernel does
 # not: under a memory limit the page cache gets what anonymous memory leaves (lru_room).
 ACT_IN_USE = int(8.8 * MiB)
-DRAFT_ACT_RESERVE = 8 * MiB  # a speculative run's draft: its activations and the allocator, beside its weights + KV
+# a speculative run's draft: what it holds beside its weights + KV after its warm-up and a heap trim
+# (XLA's first executions of its 7 step shapes allocate, and not all of it goes back). Measured
+# 2026-12-07 on llama-mini-300m's prefix drafts (Draft.load + warm, RssAnon): first:2 18.9 MiB,
+# first:4 20.7 MiB outside a cgroup; first:4 on the emulated head 19.5 MiB (anon at the budget's
+# measurement minus SETUP's). It was 8 MiB (6 MiB measured before the fused-block kernels), and
+# the simulator then gave the memory-short head a 12.8 MB larger budget than the runtime measured:
+# 18 MB more streamed per pass (164.6 predicted vs 182.5 planned by the worker).
+DRAFT_ACT_RESERVE = 20 * MiB
+# a worker's background threads, on the device's CPU quota beside its compute: the memory sampler
+# (prima.cpp's memory pressure, every MEM_SAMPLE_INTERVAL s: cgroup memory.stat + /proc/self/status)
+# and the control and zmq I/O threads. Measured 2026-12-07 (spec_validation short/first4/K5, 48 tokens
+# in ~23.5 s, thread CPU times since GENERATE): the sampler 0.198-0.227 s on each of the four devices,
+# control + zmq + sender 0.045-0.06 s: ~10 ms of CPU per second of the run, whatever the device computes.
+MEM_SAMPLE_INTERVAL = 0.05
+BACKGROUND_CPU = 0.010  # CPU-seconds per second a worker spends outside its compute and reads
 MIN_SPAN = 256  # smallest attention span bucket (positions)
 HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # batched decode pads the running requests to one of these
@@ -105,8 +120,8 @@ def lru_room(budget: float) -> float:
 def draft_reserve(draft: ModelSpec, max_seq: int) -> int:
     """What a speculative run's draft holds on the head worker (runtime/worker/speculation.py): its
     weights copied into anonymous memory (pinned, as prima.cpp mlocks the draft), its f32 KV cache
-    of `max_seq` + 1 positions and `DRAFT_ACT_RESERVE` (measured: a 2-block draft of llama-mini-300m
-    holds its weights + KV + 6 MiB after its warm-up and a heap trim)."""
+    of `max_seq` + 1 positions and `DRAFT_ACT_RESERVE` (measured: llama-mini-300m's 2- and 4-block
+    drafts hold their weights + KV + 19-21 MiB after their warm-up and a heap trim)."""
     return int(draft.total_bytes) + kv_bytes(draft.n_layers, max_seq + 1, draft.n_kv_heads,
                                              draft.head_dim) + DRAFT_ACT_RESERVE
 

@@ -53,6 +53,7 @@ from primasim.core.model import ModelSpec
 from primasim.core.plan import Plan
 from primasim.core.runtime_facts import (
     ACT_RESERVE,
+    BACKGROUND_CPU,
     BLOCK_TOKENS,
     KV_POOL_SHARE,
     MIN_SPAN,
@@ -208,8 +209,9 @@ class CpuQuota:
     (`quota / threads` of the CPUs). The kernel refills `quota x period` CPU-seconds at every
     period boundary (the period timer keeps its phase, and refills even after an idle spell), so a
     short burst after a wait -- one ring hop's layers -- runs at the CPUs' full speed until the
-    period's budget is spent, then waits for the next period. Without an emulated quota (or one of
-    at least the worker's threads) time is the profiled time."""
+    period's budget is spent, then waits for the next period. The worker's background threads
+    spend `BACKGROUND_CPU` of the quota (the profile's probe runs without them). Without an
+    emulated quota (or one of at least the worker's threads) time is the profiled time."""
 
     def __init__(self, dev: SimDevice, enabled: bool = True, host: HostCpu | None = None) -> None:
         em = dev.spec.emulate if enabled else None
@@ -217,7 +219,9 @@ class CpuQuota:
         n = max(1, int(em.threads or math.ceil(q))) if em is not None else 1
         self.period = em.cpu_period if em is not None else 0.0
         self.frac = q / n if 0 < q < n and self.period > 0 else 1.0  # average speed / full speed
-        self.budget = self.frac * self.period  # wall-seconds at full speed per period
+        # wall-seconds at full speed per period left to the compute: the worker's background threads
+        # (memory sampler, control, zmq: `BACKGROUND_CPU`) take their share of every period's quota
+        self.budget = max(0.5 * q, q - BACKGROUND_CPU) / n * self.period if self.frac < 1.0 else self.period
         self.index = -1
         self.used = 0.0
         self.host = host  # the host CPU this device is pinned to, shared with others (or None)
