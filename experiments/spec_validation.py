@@ -255,13 +255,16 @@ def run_part(part: str, resume: bool, budget_s: float = 20 * 60) -> None:
 
     def profiled(i: int) -> ClusterSpec:
         """The part's i-th profile: taken now, right before the configurations it predicts (the
-        host's speed drifts within minutes), or with --resume the one taken before."""
+        host's speed drifts within minutes), or with --resume the one taken before. It probes the
+        rows per call its configurations verify (K + 1), not rates interpolated between others."""
         if i not in clusters:
             if resume and cluster_file(part, i).exists():
                 clusters[i] = load_cluster(cluster_file(part, i))
             else:
                 t0 = time.perf_counter()
-                prof = profile_cluster(variant(part), p["target"], model, prompt_tokens=PROMPT, max_seq=N_CTX)
+                rows = tuple(sorted({c["k"] + 1 for c in configs(part) if c["profile"] == i and c["k"] > 0}))
+                prof = profile_cluster(variant(part), p["target"], model, prompt_tokens=PROMPT, max_seq=N_CTX,
+                                       rows=rows)
                 clusters[i] = prof.cluster
                 taken[i] = time.strftime("%Y-%m-%d %H:%M:%S")
                 clusters[i].save(cluster_file(part, i))

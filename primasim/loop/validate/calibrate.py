@@ -116,10 +116,15 @@ def with_read_ahead(cluster: ClusterSpec, checkpoint: str | Path) -> ClusterSpec
 
 def profile_cluster(cluster: ClusterSpec, checkpoint: str | Path, model: ModelSpec, *, emulate: bool = True,
                     prompt_tokens: int = 16, max_seq: int = 1024, workdir: Path | None = None,
-                    progress: Progress | None = None, timeout: float = 240.0) -> ClusterProfile:
+                    progress: Progress | None = None, timeout: float = 240.0,
+                    rows: tuple[int, ...] = ()) -> ClusterProfile:
     """Profile every device of `cluster` inside its emulated limits (one at a time, so they do not
     compete for the host's CPUs), and every pair of devices over the emulated network; return the
-    measured cluster (`measured_cluster`)."""
+    measured cluster (`measured_cluster`). `rows`: the tokens per call the runs will compute
+    (e.g. K + 1 for speculative verification), probed instead of PROBE_ROWS's 2-8 -- the rate at a
+    shape between two probed ones is interpolated, and XLA's matrix-matrix kernels are not linear
+    in the rows (llama-mini-300m's block on this host, 2026-12-07: 3 rows 7 % below the line
+    between the 2- and 4-row times, 6 rows 5 % and 9 rows 8 % above the lines through 4-8, 8-16)."""
 
     t0 = time.perf_counter()
     ckpt = open_weights(checkpoint)
@@ -149,7 +154,7 @@ def profile_cluster(cluster: ClusterSpec, checkpoint: str | Path, model: ModelSp
                 cmd = [sys.executable, "-m", "primasim.loop.validate", "probe", "--out", str(out), "--name", n,
                        "--checkpoint", str(Path(ckpt.path).resolve()), "--model", model_ref,
                        "--budget", str(budget), "--max-seq", str(max_seq),
-                       "--tokens", ",".join(str(t) for t in sorted({*PROBE_ROWS, max(2, prompt_tokens)}))]
+                       "--tokens", ",".join(str(t) for t in sorted({1, *(rows or PROBE_ROWS), max(2, prompt_tokens)}))]
                 for m in names[i + 1:]:
                     cmd += ["--peer", f"{m}={addrs[m]}"]
                 log = wd / f"probe-{n}.log"
