@@ -9,6 +9,7 @@
   blocks of `BLOCK_TOKENS`, the pool sized to `KV_POOL_SHARE` of the room a memory limit leaves;
 - outside a memory cgroup a worker budgets prima.cpp's d_avail, MemAvailable x `HOST_AVAILABLE_SHARE`;
 - a worker's background threads take `BACKGROUND_CPU` of its device's CPU quota;
+- every byte a planned-streaming worker reads and evicts costs `STREAM_CPU_PER_BYTE` of its CPU;
 - `runtime_model`: a ModelSpec as the runtime holds it (f32 KV, the activation reserve), for plans
   and simulations compared with the runtime;
 - residency (`plan_residency`): how a worker with a memory budget holds its weights, in either
@@ -65,6 +66,12 @@ DRAFT_ACT_RESERVE = 20 * MiB
 # control + zmq + sender 0.045-0.06 s: ~10 ms of CPU per second of the run, whatever the device computes.
 MEM_SAMPLE_INTERVAL = 0.05
 BACKGROUND_CPU = 0.010  # CPU-seconds per second a worker spends outside its compute and reads
+# the kernel work of streaming, in the worker's own threads (so on its CPU quota): MADV_WILLNEED
+# (page-cache allocation + I/O submission), the compute's first touch (page-table mapping) and the
+# eviction (MADV_DONTNEED + POSIX_FADV_DONTNEED frees the pages). `python experiments/stream_cpu.py`,
+# 195 MB, one CPU of this host (AMD EPYC), no cgroup: 0.39 ms/MB (willneed 0.15, touch 0.05, evict
+# 0.19; load 2.1) and 0.36 (0.16 / 0.05 / 0.15; load ~2), 2026-12-07. A host-CPU figure, not a disk one.
+STREAM_CPU_PER_BYTE = 0.37e-3 / 1e6  # CPU-seconds per streamed byte (read ahead, touched, evicted)
 MIN_SPAN = 256  # smallest attention span bucket (positions)
 HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # batched decode pads the running requests to one of these

@@ -57,6 +57,7 @@ from primasim.core.runtime_facts import (
     BLOCK_TOKENS,
     KV_POOL_SHARE,
     MIN_SPAN,
+    STREAM_CPU_PER_BYTE,
     anon_reserve,
     attention_span,
     batch_bucket,
@@ -327,8 +328,10 @@ class RuntimeRing:
         self._setup_lru()
         self.prefetch_queue = {n: simpy.Resource(ctx.env, 1) for n in ctx.devices}
         hosts = host_cpus(ctx)
+        self.quota: dict[str, CpuQuota] = {}
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
-            d.cpu.throttle = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name)).duration
+            self.quota[d.name] = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name))
+            d.cpu.throttle = self.quota[d.name].duration
         # streamed part of each layer: absent (None), being read (an event) or resident (True)
         self.state: dict[tuple[str, int], Any] = {}
         self.next_layer: dict[tuple[str, int], int] = {}
@@ -444,6 +447,11 @@ class RuntimeRing:
             self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
             self.ctx.rec.span(dev.name, "wait", t0, self.ctx.env.now, "page faults", token=token)
 
+    def stream_cpu(self, dev: SimDevice, nbytes: float) -> float:
+        """The worker's own CPU for reading ahead, touching and evicting `nbytes` of a streamed part
+        (`STREAM_CPU_PER_BYTE`, host CPU-seconds), in the profiled seconds `dev.cpu` runs at."""
+        return STREAM_CPU_PER_BYTE * nbytes / self.quota[dev.name].frac
+
     # ---------------------------------------------------------------- compute
     def t_layer(self, dev: SimDevice, n_tokens: int, pos: int) -> float:
         span = attention_span(pos + n_tokens, self.max_seq)
@@ -477,7 +485,8 @@ class RuntimeRing:
                 if r.stream_prefetch:
                     self._prefetch(dev, self.next_layer[(dev.name, i)], token)
                 yield from self._ensure(dev, i, token)
-                yield from dev.cpu.work(t_l + call, name=name, seq=seq, token=token)
+                yield from dev.cpu.work(t_l + call + self.stream_cpu(dev, r.streamed.get(i, 0.0)), name=name,
+                                        seq=seq, token=token)
                 self.state[(dev.name, i)] = None  # evicted right after use
         finally:
             dev.cpu.release(req)
@@ -499,7 +508,8 @@ class RuntimeRing:
                 yield from self._read(dev, r.output_streamed / r.output_blocks, DEMAND, token)
                 dev.stall += self.ctx.env.now - t0
                 self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
-                yield from dev.cpu.serve(t / r.output_blocks + (dev.spec.call_overhead if b else 0.0), name="output",
+                yield from dev.cpu.serve(t / r.output_blocks + (dev.spec.call_overhead if b else 0.0)
+                                         + self.stream_cpu(dev, r.output_streamed / r.output_blocks), name="output",
                                          seq=seq, token=token)
             return
         if r.output_streamed > 0:  # planned: the part of the output that does not fit, read by demand
@@ -507,6 +517,7 @@ class RuntimeRing:
             yield from self._read(dev, r.output_streamed, DEMAND, token)
             dev.stall += self.ctx.env.now - t0
             self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
+            t += self.stream_cpu(dev, r.output_streamed)
         if self.hold_head and r.mode != "lru" and seq >= 0:  # kept for the slot's next window
             req = dev.cpu.acquire()
             yield req
