@@ -547,7 +547,7 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
         f"Measured by `sudo .venv/bin/python experiments/serve_validation.py` (the options: docs/serving.md), reported by "
         f"`python experiments/serve_validation.py --analyze` ({time.strftime('%Y-%m-%d %H:%M')}). "
         f"{MODEL} (f32 random weights) on home-emu with every window fitting its device, profiled inside the "
-        f"emulation (`serve_cluster.toml`); plan {plan.describe()} (Halda on the profiled cluster), "
+        f"emulation at the start of each hold (`serve_cluster*.toml`); plan {plan.describe()} (`serve_plan.json`), "
         f"{len(plan.active)} slots, prompts {PROMPT} tokens, {OUTPUT} generated (ignore_eos), Poisson arrivals, "
         f"{table[0]['requests'] if table else N_REQUESTS} requests per level, replayed with the openai client (open loop; profile, server and workers at "
         f"nice {table[0]['nice'] if table else 0}, the devices' cgroups at cpu.shares "
