@@ -563,7 +563,10 @@ def test_validate_runs_the_papers_format_in_either_residency_mode(tmp_path: Path
     summ = json.loads(res.stdout)
     assert summ["config"]["quant"] == "q4k" and summ["config"]["residency"] == residency
     assert any("scaled by 0.005" in n for n in summ["notes"]), summ["notes"]
-    (gguf,) = (tmp_path / "cache").rglob("model.gguf")
+    found = list((tmp_path / "cache").rglob("model.gguf"))
+    (gguf,) = [f for f in found if not any(p.endswith(".per-device") for p in f.parts)]
+    copies = [f for f in found if f != gguf]  # lru: every emulated device maps a copy of its own (runtime/head.py)
+    assert len(copies) == (len([d for d in summ["plan"]["devices"] if d["layers"]]) if residency == "lru" else 0), found
     types = {t.dtype for t in open_checkpoint(gguf).infos.values()}
     assert {"Q4_K", "Q6_K"} <= types, types
     assert len(summ["measured"]["token_ids"]) == 10
