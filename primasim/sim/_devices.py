@@ -365,15 +365,10 @@ class SimDevice:
                 cids = self.weights.chunks.get(layer, ())
                 share = t_layer / max(1, len(cids))
                 for c in cids:
-                    if self.needs_fault(c):
-                        if acc > 0:
-                            yield from server.work(acc, name=name, seq=seq, token=token)
-                            acc = 0.0
-                        t0 = self.env.now
-                        while self.needs_fault(c):
-                            yield self.fault(c, token=token)
-                        self._stalled(t0, token)
-                    self.access(c, token=token)
+                    if acc > 0 and self.needs_fault(c):  # the compute owed so far runs before the fault
+                        yield from server.work(acc, name=name, seq=seq, token=token)
+                        acc = 0.0
+                    yield from self.ensure(c, token=token)
                     acc += share
                 if self.loading and acc > 0:  # reads in flight: let their evictions see the order
                     yield from server.work(acc, name=name, seq=seq, token=token)

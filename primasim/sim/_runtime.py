@@ -447,6 +447,13 @@ class RuntimeRing:
             self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
             self.ctx.rec.span(dev.name, "wait", t0, self.ctx.env.now, "page faults", token=token)
 
+    def _demand(self, dev: SimDevice, nbytes: float, token: int) -> Proc:
+        """Read `nbytes` by demand before a call that needs them: the wait is the device's stall."""
+        t0 = self.ctx.env.now
+        yield from self._read(dev, nbytes, DEMAND, token)
+        dev.stall += self.ctx.env.now - t0
+        self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
+
     def stream_cpu(self, dev: SimDevice, nbytes: float) -> float:
         """The worker's own CPU for reading ahead, touching and evicting `nbytes` of a streamed part
         (`STREAM_CPU_PER_BYTE`, host CPU-seconds), in the profiled seconds `dev.cpu` runs at."""
@@ -504,19 +511,13 @@ class RuntimeRing:
             return
         if r.output_blocks > 1:  # planned: in row blocks, each read (by demand) before its own call
             for b in range(r.output_blocks):
-                t0 = self.ctx.env.now
-                yield from self._read(dev, r.output_streamed / r.output_blocks, DEMAND, token)
-                dev.stall += self.ctx.env.now - t0
-                self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
+                yield from self._demand(dev, r.output_streamed / r.output_blocks, token)
                 yield from dev.cpu.serve(t / r.output_blocks + (dev.spec.call_overhead if b else 0.0)
                                          + self.stream_cpu(dev, r.output_streamed / r.output_blocks), name="output",
                                          seq=seq, token=token)
             return
         if r.output_streamed > 0:  # planned: the part of the output that does not fit, read by demand
-            t0 = self.ctx.env.now
-            yield from self._read(dev, r.output_streamed, DEMAND, token)
-            dev.stall += self.ctx.env.now - t0
-            self.ctx.rec.add(dev.name, "stall_s", self.ctx.env.now - t0)
+            yield from self._demand(dev, r.output_streamed, token)
             t += self.stream_cpu(dev, r.output_streamed)
         if self.hold_head and r.mode != "lru" and seq >= 0:  # kept for the slot's next window
             req = dev.cpu.acquire()
