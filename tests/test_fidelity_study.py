@@ -88,6 +88,24 @@ def test_spread_reports_every_run_and_meets_a_target_only_in_every_run(tmp_path:
     assert "run1 | run2 | run3" in text and (tmp_path / "fidelity_spread.md").exists()
 
 
+def test_resolved_pair_tau_ranks_only_pairs_every_run_orders_alike(tmp_path: Path) -> None:
+    def frame(meas: dict[str, float], pred: dict[str, float]) -> pd.DataFrame:
+        return pd.DataFrame([{"group": "g", "plan_key": k, "pred_tpot_ms": pred[k], "meas_tpot_ms": v,
+                              "pred_throughput": 1.0, "meas_throughput": 1.0} for k, v in meas.items()])
+
+    pred = {"a": 100.0, "b": 200.0, "c": 300.0, "d": 400.0}
+    # a and b swap places between runs (unresolved); c < d always, predicted alike; b < c always
+    runs = [frame({"a": 101, "b": 100, "c": 300, "d": 400}, pred),
+            frame({"a": 100, "b": 101, "c": 310, "d": 390}, pred)]
+    tau, resolved, total = fidelity_spread.resolved_pair_tau(runs)["g"]
+    assert (resolved, total) == (5, 6) and tau == pytest.approx(1.0)
+    # a prediction that orders a resolved pair the other way counts against it
+    wrong = {**pred, "d": 250.0}  # predicts d < c, measured c < d in both runs; d vs b still right
+    runs = [frame(m, wrong) for m in ({"a": 101, "b": 100, "c": 300, "d": 400}, {"a": 100, "b": 101, "c": 310, "d": 390})]
+    tau, resolved, _ = fidelity_spread.resolved_pair_tau(runs)["g"]
+    assert resolved == 5 and tau == pytest.approx((4 - 1) / 5)
+
+
 def test_spread_without_runs_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no run"):
         fidelity_spread.spread(tmp_path)
