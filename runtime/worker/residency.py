@@ -22,6 +22,7 @@ just before it runs (`read_layer`, unless the prefetch thread already has).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,10 +104,12 @@ def output_blocks(stage: Stage, streamed: Ranges, n: int) -> list[tuple[int, int
     return out
 
 
-def split_streams(res: Residency, lay_ranges: dict[int, Ranges], keep: dict[int, float], also_kept: Ranges) -> int:
+def split_streams(res: Residency, lay_ranges: dict[int, Ranges], keep: dict[int, float], also_kept: Ranges,
+                  read: bool = True) -> int:
     """Planned streaming: keep the first `keep[i]` bytes of every layer `i` (and `also_kept`, the
-    head's output) resident, stream the rest; read what is kept now. The layers' mappings become
-    MADV_RANDOM and every read is an exact MADV_WILLNEED (module doc). Returns bytes touched."""
+    head's output) resident, stream the rest; read what is kept now (unless not `read`: `load`
+    reads it later). The layers' mappings become MADV_RANDOM and every read is an exact
+    MADV_WILLNEED (module doc). Returns bytes touched."""
     advise_random([r for rs in lay_ranges.values() for r in rs])
     kept: Ranges = list(also_kept)
     for i, rs in lay_ranges.items():
@@ -115,15 +118,19 @@ def split_streams(res: Residency, lay_ranges: dict[int, Ranges], keep: dict[int,
         res.layer_stream[i] = st
         res.layer_spans[i] = mapped_spans(st)
     res.kept = kept
+    if not read:
+        return 0
     read_ranges(kept)
     return touch_pages(kept)
 
 
 def load(stage: Stage, mode: str, budget: float, *, pinned: bool, prefetch: bool, ring: int,
-         how: str = "") -> Residency:
+         how: str = "", before_reading: Callable[[Residency], None] | None = None) -> Residency:
     """Decide and carry out the residency of `stage`'s weights within `budget` bytes: touch what
     stays resident (in compute order), split what is streamed (planned mode). lru mode reads the
-    window in order too, like llama.cpp's load, and the kernel keeps what fits."""
+    window in order too, like llama.cpp's load, and the kernel keeps what fits.
+    `before_reading(res)`: called once the residency is decided, before any weight page is read
+    (a server's warm-up, whose temporaries must not evict weights: Session.load)."""
     t0 = time.time()
     layers = stage.layers
     lay_ranges = {i: stage.layer_ranges(i) for i in layers}
@@ -137,7 +144,6 @@ def load(stage: Stage, mode: str, budget: float, *, pinned: bool, prefetch: bool
         # the disk's whole readahead window around it (8 MiB here), filling the budget
         advise_random(stage.input_ranges())
     window = [r for i in layers for r in lay_ranges[i]]
-    touched = 0
     if plan.state == "fits":
         # the embedding (one row read per token) is loaded too only if it also fits: touching it
         # past the budget made the kernel evict the window, which the first token re-read
@@ -145,15 +151,24 @@ def load(stage: Stage, mode: str, budget: float, *, pinned: bool, prefetch: bool
         if plan.resident_bytes + sum(r[2] for r in inp) > budget:
             inp = []
         res.kept = window + out + inp
-        touched = touch_pages(res.kept)
-    elif plan.state == "lru":
-        touched = touch_pages(window + out)  # the kernel keeps what fits, evicting as it goes
     elif plan.state == "streams":
         out_keep, res.output_stream = split_ranges(out, out_b - plan.output_streamed)
         if plan.output_blocks > 1:
             advise_random(res.output_stream)  # its blocks are read exactly, like a layer's streamed part
             res.output_blocks = output_blocks(stage, res.output_stream, plan.output_blocks)
-        touched = split_streams(res, lay_ranges, {i: plan.keep_fraction * lay_bytes[i] for i in layers}, out_keep)
+        split_streams(res, lay_ranges, {i: plan.keep_fraction * lay_bytes[i] for i in layers}, out_keep, read=False)
+    if before_reading is not None:
+        tw = time.time()
+        before_reading(res)
+        t0 += time.time() - tw  # load_s: the weights' part only
+    touched = 0
+    if plan.state == "fits":
+        touched = touch_pages(res.kept)
+    elif plan.state == "lru":
+        touched = touch_pages(window + out)  # the kernel keeps what fits, evicting as it goes
+    elif plan.state == "streams":
+        read_ranges(res.kept)
+        touched = touch_pages(res.kept)
     res.info = {"window_bytes": float(sum(lay_bytes.values())), "output_bytes": out_b, "budget": budget,
                 "budget_how": how, "residency": plan.state, "mode": plan.mode,
                 "resident_bytes": float(sum(r[2] for r in res.kept)) if plan.state == "streams" else plan.resident_bytes,

@@ -4,6 +4,7 @@ compute loop, the head's sampling, and the measurements the driver collects."""
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from primasim.core.runtime_facts import (
 
 from .. import wire
 from .._measure import IoCounter, MemorySampler, device_cgroup, process_memory
-from ..pages import drop_pages, lock_code, resident_bytes
+from ..pages import drop_pages, lock_code, resident_bytes, trim_heap
 from ..wire import Message, MsgType
 from . import residency as rs
 from .prefetcher import Prefetcher
@@ -240,17 +241,40 @@ class Session:
             n_seq = int(opts.get("S") or len(self.ring)) if self.cfg.get("schedule") == "rpp" else 1
             self.spare_kv = [self.stage.new_kv() for _ in range(max(1, n_seq))]
             jax.block_until_ready(self.spare_kv)
+        # a server (primasim serve) warms up before its weights are read, then gives the warm-up's
+        # temporaries back to the OS: its compiled prompt lengths reach the context (256 positions
+        # and more) and it runs them on every slot's cache, whose buffers the C heap keeps (measured
+        # 2026-12-07, llama-mini-300m, 15 layers, buckets 16/64/256, 2 slots: +20 MiB of RssAnon,
+        # past ACT_RESERVE; 0 after malloc_trim). Read after them, the weights were evicted by the
+        # kernel at the device's memory limit, and a window read in a cycle then faulted on every
+        # page: 15-30 s a token where `primasim run` of the plan took 73 ms.
+        serving = bool(opts.get("serving")) and self.batch_pool is None and self.cfg.get("schedule") != "batch"
+        warm_s = 0.0
+
+        def warm_first(res: rs.Residency) -> None:
+            nonlocal warm_s
+            self.res = res
+            self.fused = self.single and not res.streams
+            t = time.time()
+            with self.stage.zero_weights():
+                for i in range(len(self.spare_kv)):  # every slot's cache: what serving will run
+                    self.spare_kv[i] = self._compile(self.cfg.get("warmup_lengths", [1]), self.spare_kv[i])
+            gc.collect()
+            trim_heap()
+            warm_s = time.time() - t
+
         self.res = rs.load(self.stage, self.mode, budget, pinned=self.pinned, prefetch=self.prefetch_on,
-                           ring=len(self.ring), how=how)
+                           ring=len(self.ring), how=how, before_reading=warm_first if serving else None)
         self.fused = self.single and not self.res.streams
-        t1 = time.time()
-        with self.stage.zero_weights():  # run every compiled shape once, reading no weight
-            if self.batch_pool is not None or self.cfg.get("schedule") == "batch":
-                if self.batch_pool is not None:
-                    self._compile(self.cfg.get("warmup_lengths", [1]), self.batch_pool)
-            elif self.spare_kv:
-                self.spare_kv[-1] = self._compile(self.cfg.get("warmup_lengths", [1]), self.spare_kv[-1])
-        warm_s = time.time() - t1
+        if not serving:
+            t1 = time.time()
+            with self.stage.zero_weights():  # run every compiled shape once, reading no weight
+                if self.batch_pool is not None or self.cfg.get("schedule") == "batch":
+                    if self.batch_pool is not None:
+                        self._compile(self.cfg.get("warmup_lengths", [1]), self.batch_pool)
+                elif self.spare_kv:
+                    self.spare_kv[-1] = self._compile(self.cfg.get("warmup_lengths", [1]), self.spare_kv[-1])
+            warm_s = time.time() - t1
         if self.res.plan.stream_prefetch or self.res.plan.window_prefetch:
             self.prefetcher = Prefetcher(self.stage, self.rec)
             self.prefetcher.start()
