@@ -41,6 +41,20 @@ def _proc_cpu_s(pid: int, main_thread: bool = False) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a process's threads, summed by thread name (`thread:<comm>`): which of a
+    worker's threads (compute, control, sender, zmq, memory sampler, XLA's pool) takes its background."""
+    out: dict[str, float] = {}
+    for t in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            raw = (t / "stat").read_text()
+            name = raw[raw.index("(") + 1:raw.rindex(")")]
+            f = raw.rsplit(")", 1)[1].split()
+            key = "thread:" + ("main" if t.name == str(pid) else name)
+            out[key] = out.get(key, 0.0) + (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def _cpu_stat(pid: int) -> dict[str, float]:
     """The CFS bandwidth counters of the cgroup v1 `cpu` group a process runs in."""
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
@@ -63,7 +77,7 @@ def cpu_snapshot(devices: dict[str, Any], server_pid: int) -> dict[str, Any]:
         if pid:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 out["devices"][name] = {"cpu_s": _proc_cpu_s(int(pid)), "main_cpu_s": _proc_cpu_s(int(pid), True),
-                                        **_cpu_stat(int(pid))}
+                                        **_cpu_stat(int(pid)), **_thread_cpu(int(pid))}
     return out
 
 
@@ -155,7 +169,32 @@ def report(rows: dict[str, Any], levels: list[dict[str, Any]], pred_run: dict[st
             cells += [f"{1e3 * c['server_cpu_s'] / tok:.1f}", f"{1e3 * c['loadgen_cpu_s'] / tok:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += thread_report(rows, have)
     return lines
+
+
+def thread_report(rows: dict[str, Any], levels: list[dict[str, Any]]) -> list[str]:
+    """Markdown: each worker's threads other than its compute thread, CPU ms per generated token and
+    per second of wall time, over the path probes (lone requests to the idle server, apart from the
+    levels) and over each level -- whether a background is a per-token or a per-second cost."""
+    runs = [(f"path probe ({k.split(':', 1)[1]})", r) for k, r in rows.items() if k.startswith("path:") and r.get("cpu")]
+    runs += [(f"{r['rate']:.3f} req/s", r) for r in levels]
+    runs = [(lab, r) for lab, r in runs if any(k.startswith("thread:") for d in r["cpu"]["devices"].values() for k in d)]
+    if not runs:
+        return []
+    lines = ["Background threads (all but the compute thread), CPU ms per generated token / per second:", "",
+             "| run | tokens | wall s | " + " | ".join(["device: thread ms/token (ms/s)"]) + " |", "|---|---|---|---|"]
+    for lab, r in runs:
+        tok = sum(len(x["times"]) for x in r["records"])
+        wall = float(r["cpu"]["t"])
+        cells = []
+        for n, d in sorted(r["cpu"]["devices"].items()):
+            th = sorted(((k[7:], v) for k, v in d.items() if k.startswith("thread:") and k != "thread:main" and v > 0),
+                        key=lambda kv: -kv[1])[:4]
+            cells.append(f"{n}: " + ", ".join(f"{k} {1e3 * v / max(tok, 1):.1f} ({1e3 * v / max(wall, 1e-9):.0f})"
+                                              for k, v in th))
+        lines.append(f"| {lab} | {tok} | {wall:.0f} | " + "; ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def ttft_split(recs: list[Any]) -> dict[str, float]:
@@ -213,16 +252,19 @@ def drift_report(rows: dict[str, Any], predict: Callable[[str], dict[str, Any]],
     beside the plain run measured in the same hold: the host's drift between holds, as measured."""
     profs = {"serve_cluster.toml": rows.get("profile:serve_cluster.toml", {})}
     profs.update({r["profile"]: r for k, r in rows.items() if k.startswith("profile:")})
+    profs.update({r["file"]: r for k, r in rows.items() if k.startswith("profile_end:")})  # after the hold's levels
     if len(profs) < 2:
         return []
     lines = ["**Profiles per hold** (`--reprofile`: each hold's levels are predicted from the profile taken at its "
-             "start): the plain `primasim run` of the plan predicted from each profile, and measured in the same "
+             "start; with `--end-profile` also the plan's devices probed after its levels, `*_end.toml`, and each level "
+             "from the figures interpolated to its time): the plain `primasim run` of the plan predicted from each profile, and measured in the same "
              "hold, and the probe's ms per layer (1 / 16 tokens per call, at the quota's average rate) per device:", "",
              "| profile | taken | load1 | predicted TPOT / TTFT ms | measured TPOT / TTFT ms | err TPOT % | "
              "ms per layer |", "|---" * 7 + "|"]
     for name, r in profs.items():
         p = predict(name)
-        m = rows.get("run" if name == "serve_cluster.toml" else f"run:{name}")
+        hold = r.get("profile", name)  # an end profile: its hold's run
+        m = rows.get("run" if hold == "serve_cluster.toml" else f"run:{hold}")
         when = time.strftime("%H:%M", time.gmtime(r["time"])) if r.get("time") else "-"
         meas = f"{m['tpot_ms']:.1f} / {m['ttft_ms']:.0f}" if m else "-"
         err = f"{(p['tpot_ms'] - m['tpot_ms']) / m['tpot_ms'] * 100:+.1f}" if m else "-"

@@ -73,6 +73,7 @@ LEVELS = (0.15, 0.3, 0.45, 0.55, 0.65, 0.75, 0.9, 1.1, 1.3)  # offered load / pr
 N_REQUESTS = 32
 SEED = 11
 JOURNAL = RESULTS / "serve_runs.jsonl"
+END_PROFILE = False  # --end-profile: probe the plan's devices again after each hold's levels
 PLAN_FILE = ""  # --plan: serve this plan instead of Halda's on the first profile
 HOST_CPUS = len(os.sched_getaffinity(0))  # the emulated devices are pinned to these (SimConfig.host_cpus)
 
@@ -128,8 +129,57 @@ def profiled(resume: bool, reprofile: bool = False) -> tuple[ClusterSpec, str]:
     return load_cluster(path), path.name
 
 
-def level_cluster(r: dict[str, Any]) -> ClusterSpec:  # the profile taken before the record's hold
-    return load_cluster(RESULTS / r.get("profile", "serve_cluster.toml"))
+def level_cluster(r: dict[str, Any], rows: dict[str, Any] | None = None) -> ClusterSpec:
+    """The profile taken before the record's hold; with `rows` (the journal) and an end profile of that
+    hold (`--end-profile`: the plan's devices probed again after its levels), each device's figures
+    at the record's time, interpolated between the two (`between`)."""
+    name = r.get("profile", "serve_cluster.toml")
+    start = load_cluster(RESULTS / name)
+    a, b = (rows or {}).get(f"profile:{name}"), (rows or {}).get(f"profile_end:{name}")
+    if a is None or b is None or "time" not in r or not (RESULTS / b["file"]).exists():
+        return start
+    ta, tb = a["time"] + a.get("profile_s", 0.0) / 2, b["time"] + b.get("profile_s", 0.0) / 2
+    t = r["time"] + r.get("wall_s", 0.0) / 2
+    w = min(1.0, max(0.0, (t - ta) / (tb - ta))) if tb > ta else 0.0
+    return between(start, load_cluster(RESULTS / b["file"]), w)
+
+
+def between(a: ClusterSpec, b: ClusterSpec, w: float) -> ClusterSpec:
+    """`a` with every device that `b` also profiled at the fraction `w` of the way to `b`: per-call
+    times (1 / a rate, the per-call and KV-copy costs) interpolated linearly; disks and links as in `a`.
+    The one-token probe of a device moved by up to 40 % between profiles 18 minutes apart on this shared
+    host (the drift table): a level is predicted from the device figures of its own time in the hold."""
+    def rate(x: float, y: float) -> float:
+        return 1.0 / ((1 - w) / x + w / y) if x > 0 and y > 0 else x
+
+    devs = []
+    for d in a.devices:
+        if d.name not in b.names:
+            devs.append(d)
+            continue
+        e = b.device(d.name)
+        devs.append(d.replace(
+            ram_bw=rate(d.ram_bw, e.ram_bw), gemm_bw=rate(d.gemm_bw, e.gemm_bw),
+            gemm_bw_rows={k: rate(v, e.gemm_bw_rows.get(k, v)) for k, v in d.gemm_bw_rows.items()},
+            cpu_flops={k: rate(v, e.cpu_flops.get(k, v)) for k, v in d.cpu_flops.items()},
+            call_overhead=(1 - w) * d.call_overhead + w * e.call_overhead, kv_copy=(1 - w) * d.kv_copy + w * e.kv_copy))
+    return ClusterSpec(a.name, tuple(devs), a.network, a.head, a.description, a.path)
+
+
+def end_profile(prof_name: str, plan: Any) -> dict[str, Any]:
+    """Profile the plan's devices again at the end of a hold (`serve_cluster*_end.toml`)."""
+    from primasim.core.runtime_facts import runtime_model
+    from primasim.loop.validate.calibrate import profile_cluster
+
+    t0, l0 = time.time(), _load1()
+    path = RESULTS / (prof_name.removesuffix(".toml") + "_end.toml")
+    names = [d.name for d in plan.active]
+    print(f"profiling {', '.join(names)} again -> {path.name}...", file=sys.stderr, flush=True)
+    prof = profile_cluster(rich_cluster().subset(names), weights(), runtime_model(load_model(MODEL)),
+                           progress=lambda m, *_: print("  " + m, file=sys.stderr, flush=True))
+    prof.cluster.save(path)
+    return {"level": f"profile_end:{prof_name}", "profile": prof_name, "file": path.name, "time": t0, "load1": l0,
+            "profile_s": time.time() - t0}
 
 
 def level_path(rows: dict[str, Any], r: dict[str, Any]) -> tuple[float, float]:  # the server's path, same hold
@@ -276,8 +326,10 @@ def run(resume: bool, skip_leave: bool = False, reprofile: bool = False) -> None
             model_id = httpx.get(srv.url + "/models", timeout=30).json()["data"][0]["id"]
             starts = [e for e in st["events"] if e["event"] == "start"]
             if f"path:{prof_name}" not in jr.records:  # the server's own path, timed on lone requests
-                jr.add({"level": f"path:{prof_name}", "profile": prof_name, "records": records_to_json(
-                    diag.measure_path(srv.url, model_id, PROMPT, load_model(MODEL).vocab))})
+                c0 = diag.cpu_snapshot(st["devices"], srv.proc.pid)  # and the workers' CPU per token, by thread
+                recs = diag.measure_path(srv.url, model_id, PROMPT, load_model(MODEL).vocab)
+                jr.add({"level": f"path:{prof_name}", "profile": prof_name, "records": records_to_json(recs),
+                        "cpu": diag.cpu_delta(c0, diag.cpu_snapshot(st["devices"], srv.proc.pid))})
         for f in todo:
             if f == "leave":
                 continue
@@ -303,6 +355,11 @@ def run(resume: bool, skip_leave: bool = False, reprofile: bool = False) -> None
             time.sleep(3)
         if "leave" in todo:
             jr.add({**measure_leave(srv, cap, model_id, plan), "profile": prof_name})  # type: ignore[arg-type]
+        if srv is not None:
+            srv.close()
+            srv = None
+        if END_PROFILE and f"profile_end:{prof_name}" not in jr.records:
+            jr.add(end_profile(prof_name, plan))
     finally:
         if srv is not None:
             srv.close()
@@ -430,7 +487,7 @@ def analyze() -> None:
     for r in levels:
         meas = records_from_json(r["records"])
         ok = [x for x in meas if x.status == "ok"]
-        lcl = level_cluster(r)
+        lcl = level_cluster(r, rows)
         row = {"fraction": r["fraction"], "rate_req_s": r["rate"], "requests": len(meas), "completed": len(ok),
                "meas_throughput_req_s": summarize(meas)["throughput_req_s"],
                "load1": r["load1_before"], "foreign_cpu": r.get("foreign_cpu"), "nice": r.get("nice", 0),
@@ -455,7 +512,7 @@ def analyze() -> None:
         t["below_saturation"] = bool(t["offered_over_capacity"] is not None and t["offered_over_capacity"] < 0.9)
     atomic_csv_rows(RESULTS / "serve_validation.csv", table)
     lv = rows.get("leave")
-    leave = _leave_report(lv, plan, level_cluster(lv) if lv else cl, slots, level_path(rows, lv) if lv else (0, 0))
+    leave = _leave_report(lv, plan, level_cluster(lv, rows) if lv else cl, slots, level_path(rows, lv) if lv else (0, 0))
     atomic_write_json(RESULTS / "serve_validation.json", {"levels": table, "leave": leave, "run_factors": factors,
                                                            "capacity_measured_req_s": cap_meas})
     pred_run = diag.predict_run(plan, calibrated(cl), load_model(MODEL), PROMPT, HOST_CPUS) if "run" in rows else None
@@ -464,8 +521,13 @@ def analyze() -> None:
                                                                  HOST_CPUS)["tpot_ms"] for k in (1.0, 0.0)}
     diag_lines = diag.report(rows, levels, pred_run, lambda r: next(
         (t["pred_tpot_p50"], t["meas_tpot_p50"]) for t in table if t["fraction"] == r["fraction"]))
+    def profile_named(name: str) -> ClusterSpec:  # an end profile: its hold's start profile moved all the way
+        if name.endswith("_end.toml"):
+            return between(load_cluster(RESULTS / (name.removesuffix("_end.toml") + ".toml")), load_cluster(RESULTS / name), 1.0)
+        return load_cluster(RESULTS / name)
+
     diag_lines += diag.drift_report(rows, lambda name: diag.predict_run(
-        plan, calibrated(load_cluster(RESULTS / name)), load_model(MODEL), PROMPT, HOST_CPUS),
+        plan, calibrated(profile_named(name)), load_model(MODEL), PROMPT, HOST_CPUS),
         lambda name: diag.layer_ms(load_cluster(RESULTS / name)))
     diag_lines += diag.split_report(table)
     _figure(table)
@@ -632,7 +694,7 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
 
 
 def main() -> None:
-    global RESULTS, JOURNAL, N_REQUESTS, LEVELS, PLAN_FILE
+    global RESULTS, JOURNAL, N_REQUESTS, LEVELS, PLAN_FILE, END_PROFILE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resume", action="store_true", help="keep the profile and the levels already measured")
     ap.add_argument("--analyze", action="store_true", help="only re-simulate and report from the journal")
@@ -644,6 +706,8 @@ def main() -> None:
     ap.add_argument("--plan", default="", help="serve this plan (JSON) instead of Halda's on the first profile")
     ap.add_argument("--reprofile", action="store_true", help="with --resume: profile again before this part's "
                     "levels and predict them from that profile (the host drifts between holds)")
+    ap.add_argument("--end-profile", action="store_true", help="profile the plan's devices again after this part's "
+                    "levels; each level is then predicted from the device figures interpolated to its time")
     ap.add_argument("--nice", type=int, default=-5,
                     help="niceness of the profile, server and workers (-5: on a shared host the emulated devices get "
                          "their CPU quota; the others' CPU share is recorded per level)")
@@ -654,7 +718,7 @@ def main() -> None:
     if a.results:
         RESULTS = Path(a.results)
         JOURNAL = RESULTS / "serve_runs.jsonl"
-    N_REQUESTS, PLAN_FILE = a.requests, a.plan
+    N_REQUESTS, PLAN_FILE, END_PROFILE = a.requests, a.plan, a.end_profile
     if a.levels:
         LEVELS = tuple(float(x) for x in a.levels.split(","))
     if a.analyze:
