@@ -96,7 +96,10 @@ def child(path: str, windows: list[list[int]], budget: int, advice: str, willnee
         _libc.madvise(base, size, mmap.MADV_RANDOM)
     # join the cgroup, limited to what the process holds now + the weights' budget
     (cg / "cgroup.procs").write_text(str(os.getpid()))
-    usage = int((cg / "memory.usage_in_bytes").read_text())
+    # (the page cache the process charged so far is evictable: not part of its footprint, as
+    # runtime/emulate.py's set_memory_budget counts it)
+    st = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
+    usage = int((cg / "memory.usage_in_bytes").read_text()) - int(st["total_active_file"]) - int(st["total_inactive_file"])
     (cg / "memory.limit_in_bytes").write_text(str(usage + budget))
     own = [spans[i] for w in windows for i in w]
     rows = []

@@ -7,7 +7,8 @@ tree, or v1's per-controller mounts; neither = one clear error):
 - **memory** (v1 ``memory.limit_in_bytes``, v2 ``memory.max``): bounds anonymous memory *and* the
   page cache the worker charges, so mmap'd weights beyond the limit are evicted and re-read for
   real. The limit is `memory_limit` on top of the worker's own footprint (Python, JAX, compiled
-  code: the runtime is not part of a phone's memory budget either), measured after set-up, which
+  code: the runtime is not part of a phone's memory budget either; its anonymous, kernel and
+  mlocked memory, not the evictable page cache set-up read), measured after set-up, which
   compiles without reading weights, and applied before the worker maps any weight, allocates its
   KV caches or reads a page (`set_memory_budget`);
 - **cpu** (v1 ``cpu.cfs_quota_us`` / ``cfs_period_us``, v2 ``cpu.max``) = cpu_quota x the period,
@@ -538,14 +539,20 @@ class EmulatedCluster:
 
     # -------------------------------------------------------------------------------- memory
     def set_memory_budget(self, name: str) -> int | None:
-        """Limit the device's memory to its current usage (the runtime's own footprint: Python,
-        JAX, compiled code; no weights, no KV caches yet) plus `memory_limit`, before the worker
-        maps its weights. Returns the limit."""
+        """Limit the device's memory to the runtime's own footprint (Python, JAX, compiled code; no
+        weights, no KV caches yet) plus `memory_limit`, before the worker maps its weights. Returns
+        the limit.
+
+        The footprint is what the group holds that reclaim cannot take: its usage less the file
+        pages on its LRU lists (files set-up read: the checkpoint's header and checks, Python
+        sources). Those pages are evicted as soon as the weights need the room, so counting them
+        gave the device's page cache their bytes on top of its memory (2-4 MB per device, up to 14
+        in the Q4_K_M streaming study's run4). Mlocked code stays (the unevictable list)."""
         ed = self.devices[name]
         g = ed.group
         if g is None or ed.memory_limit <= 0:
             return None
-        usage = g.memory_current()
+        usage = max(0, g.memory_current() - g.evictable_file())
         ed.base_usage = usage
         limit = int(usage + ed.memory_limit)
         try:

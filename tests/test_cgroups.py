@@ -123,12 +123,14 @@ def test_a_v1_group_is_limited_and_read_through_the_v1_files(tmp_path: Path) -> 
     assert (dm / "memory.limit_in_bytes").read_text() == str(64 * MiB)
     assert ((dc / "cpu.cfs_quota_us").read_text(), (dc / "cpu.cfs_period_us").read_text()) == ("6000", "10000")
     assert (di / "blkio.throttle.read_bps_device").read_text() == "8:0 200000000"
-    (dm / "memory.stat").write_text("cache 10\nrss 20\ntotal_cache 300\ntotal_rss 400\ntotal_pgmajfault 5\n")
+    (dm / "memory.stat").write_text("cache 10\nrss 20\ntotal_cache 300\ntotal_rss 400\ntotal_pgmajfault 5\n"
+                                    "total_active_file 120\ntotal_inactive_file 80\ntotal_unevictable 100\n")
     (dm / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     (dm / "memory.max_usage_in_bytes").write_text("999\n")
     (dc / "cpu.stat").write_text("nr_periods 1\nthrottled_time 1500000000\n")
     (di / "blkio.throttle.io_service_bytes").write_text("8:0 Read 4096\n8:0 Write 5\n8:16 Read 10\nTotal 4111\n")
     assert (g.page_cache(), g.anon(), g.major_faults(), g.oom_kills()) == (300, 400, 5, 2)
+    assert g.evictable_file() == 200  # the page cache less the mlocked (unevictable) part
     assert (g.cpu_throttled_s(), g.io_read_bytes(), g.memory_peak()) == (1.5, 4106, 999)
     assert g.reset_peak() and (dm / "memory.max_usage_in_bytes").read_text() == "0"
 
@@ -175,6 +177,11 @@ def test_the_emulator_limits_a_device_through_v2_files(tmp_path: Path) -> None:
         (d / "memory.current").write_text(str(400 * MiB))  # the worker's footprint, as the kernel would say
         assert emu.set_memory_budget("phone") == 528 * MiB
         assert (d / "memory.max").read_text() == str(528 * MiB)
+        # page cache that set-up read is evictable: not the runtime's footprint (mlocked code is
+        # on the unevictable list and stays counted)
+        (d / "memory.stat").write_text(f"anon {380 * MiB}\nactive_file {6 * MiB}\ninactive_file {4 * MiB}\n"
+                                       f"unevictable {10 * MiB}\n")
+        assert emu.set_memory_budget("phone") == 518 * MiB
         assert emu.describe()["cgroups"].startswith("cgroup v2")
         for f in d.iterdir():  # a real cgroup dir's files vanish with it; a fake one's must go first
             f.unlink()

@@ -202,6 +202,13 @@ class Group:
             return st.get("file", 0)
         return st.get("total_cache", st.get("cache", 0))
 
+    def evictable_file(self) -> int:
+        """File pages on the group's active and inactive lists: what reclaim can take from it
+        (mlocked pages sit on the unevictable list and are not counted here)."""
+        st = self.memory_stat()
+        keys = ("active_file", "inactive_file") if self.version == 2 else ("total_active_file", "total_inactive_file")
+        return sum(st.get(k, 0) for k in keys)
+
     def anon(self) -> int:
         st = self.memory_stat()
         return st.get("anon", 0) if self.version == 2 else st.get("total_rss", st.get("rss", 0))

@@ -41,9 +41,10 @@ def memory_budget(reserve: float) -> tuple[float, str]:
     if g is not None:
         limit = g.memory_max()
         if limit < UNLIMITED // 2:
-            used = g.memory_current()
-            return float(limit - used - reserve), (f"memory cgroup v{g.version}: limit {limit} - usage {used} - "
-                                                   f"reserve {reserve:.0f}")
+            # what reclaim can take (file pages on the LRU lists) is room, as in MemAvailable
+            used = g.memory_current() - g.evictable_file()
+            return float(limit - used - reserve), (f"memory cgroup v{g.version}: limit {limit} - usage {used} "
+                                                   f"(less evictable page cache) - reserve {reserve:.0f}")
     avail = meminfo().get("MemAvailable", 1 << 62)
     return (HOST_AVAILABLE_SHARE * avail - reserve,
             f"MemAvailable {avail} x {HOST_AVAILABLE_SHARE} - reserve {reserve:.0f}")

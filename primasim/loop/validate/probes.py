@@ -298,11 +298,12 @@ def idle_hop(addr: str, *, idle: float = 0.01, pings: int = 12, timeout: float =
 
 def _set_own_memory_limit(extra: float) -> dict[str, float]:
     """Inside an emulated device: limit our memory cgroup to what it holds now (this process:
-    Python + JAX + the runtime's modules, like a worker after start-up) + `extra` bytes."""
+    Python + JAX + the runtime's modules, like a worker after start-up; not the evictable page
+    cache, as runtime/emulate.py's set_memory_budget) + `extra` bytes."""
     g = device_cgroup()  # an emulated device's own memory cgroup (v1 or v2), never a shared one
     if g is None or os.geteuid() != 0:
         return {}
-    usage = g.memory_current()
+    usage = max(0, g.memory_current() - g.evictable_file())
     limit = int(usage + extra)
     try:
         g.set_memory_max(limit)
