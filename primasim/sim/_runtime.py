@@ -476,7 +476,15 @@ class RuntimeRing:
                 nxt = self.next_layer[(dev.name, end - 1)]
                 win = next(s for s in self.segs if s.device == dev.name and s.start == nxt)
                 cids = [c for i in range(win.start, win.end) for c in dev.weights.chunks.get(i, ())]
-                self.ctx.env.process(dev.prefetch(cids, token=token))
+                # as far as the page cache's room holds it (runtime/worker/session.py: WILLNEED of
+                # the next window's first lru_room bytes)
+                room, ahead = lru_room(r.budget), []
+                for c in cids:
+                    room -= dev.cache.size[c]  # type: ignore[union-attr]
+                    if room < 0:
+                        break
+                    ahead.append(c)
+                self.ctx.env.process(dev.prefetch(ahead, token=token))
             return
         req = self.held.pop(seq, None) if dev.name == self.head else None
         if req is None:

@@ -18,12 +18,13 @@ from primasim.core.runtime_facts import (
     ACT_RESERVE,
     HOST_AVAILABLE_SHARE,
     anon_reserve,
+    lru_room,
     residency_mode,
 )
 
 from .. import wire
 from .._measure import IoCounter, MemorySampler, device_cgroup, process_memory
-from ..pages import drop_pages, lock_code, resident_bytes, trim_heap
+from ..pages import drop_pages, lock_code, resident_bytes, split_ranges, trim_heap
 from ..wire import Message, MsgType
 from . import residency as rs
 from .prefetcher import Prefetcher
@@ -366,9 +367,13 @@ class Session:
                 res.evict_layer(i)
         else:
             x, kv = self.stage.run(kv, x, pos, s, e)
-            if self.prefetcher is not None:  # lru: the next window, while the rest of the ring computes
+            if self.prefetcher is not None:  # lru: the next window, while the rest of the ring computes,
+                # as far as the page cache's room holds it (lru_room): WILLNEED of more than that
+                # evicts the window's own first pages before use, and a 37 MB window into ~20 MB of
+                # room got the phone OOM-killed (pages under read are locked)
                 nw = (w + 1) % len(self.windows)
-                self.prefetcher.post(f"window {nw}", self.stage.window_ranges(nw))
+                ahead, _ = split_ranges(self.stage.window_ranges(nw), lru_room(res.plan.budget) if res else 0.0)
+                self.prefetcher.post(f"window {nw}", ahead)
         t1 = time.time()
         self.kv[seq] = kv
         self.rec.span("cpu", t0, t1, f"L{s}-{e - 1} lap {self.segments[seg][1]}", seq, step)
