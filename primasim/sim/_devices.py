@@ -67,6 +67,12 @@ class SimDevice:
         # extension point: seconds a read of `nbytes` takes when the disk grants it at `start`
         # (sim/_runtime.py plugs in a blk-throttle bucket); None = the OS's fault / prefetch rate
         self.disk_time: Callable[[float, float, int], float] | None = None
+        # the kernel's own work for each byte a fault or its readahead brings in (allocating and
+        # charging the page -- reclaiming another under a memory limit -- submitting the read,
+        # mapping it), done in the faulting thread: profiled seconds per byte (0 = not modelled;
+        # sim/_runtime.py sets it for lru devices), charged to the compute that faulted
+        self.fault_cpu_per_byte = 0.0
+        self._fault_bytes_owed = 0.0
 
     # ---------------------------------------------------------------- memory
     def setup_memory(self, anon: float, *, mmap: bool) -> None:
@@ -149,6 +155,7 @@ class SimDevice:
             if c in self.loading or pc.resident(c):
                 continue
             pc.admit(c, demand=c == demand)
+            self._fault_bytes_owed += pc.size[c]
             self.ra_marks.pop(c, None)
             if j == mark:
                 self.ra_marks[c] = ra_end
@@ -236,6 +243,12 @@ class SimDevice:
             yield self.fault(cid, token=token)
         self.access(cid, token=token)
         self._stalled(t0, token)
+
+    def fault_cpu(self) -> float:
+        """Profiled CPU seconds of kernel work owed for the bytes faults and their readahead
+        brought in since the last call (`fault_cpu_per_byte`)."""
+        owed, self._fault_bytes_owed = self._fault_bytes_owed, 0.0
+        return owed * self.fault_cpu_per_byte
 
     def _stalled(self, t0: float, token: int) -> None:
         stall = self.env.now - t0
@@ -369,7 +382,7 @@ class SimDevice:
                         yield from server.work(acc, name=name, seq=seq, token=token)
                         acc = 0.0
                     yield from self.ensure(c, token=token)
-                    acc += share
+                    acc += share + self.fault_cpu()
                 if self.loading and acc > 0:  # reads in flight: let their evictions see the order
                     yield from server.work(acc, name=name, seq=seq, token=token)
                     acc = 0.0
@@ -385,7 +398,7 @@ class SimDevice:
         try:
             for cid in cids:
                 yield from self.ensure(cid, token=token)
-            yield from server.work(t, name=name, seq=seq, token=token)
+            yield from server.work(t + self.fault_cpu(), name=name, seq=seq, token=token)
         finally:
             server.release(req)
 

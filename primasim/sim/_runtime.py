@@ -332,6 +332,10 @@ class RuntimeRing:
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
             self.quota[d.name] = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name))
             d.cpu.throttle = self.quota[d.name].duration
+            if self.res[d.name].mode == "lru":
+                # a byte the faults bring in costs the faulting thread the kernel's work, as a
+                # planned worker's WILLNEED + touch + evict do (STREAM_CPU_PER_BYTE): on its quota
+                d.fault_cpu_per_byte = STREAM_CPU_PER_BYTE / self.quota[d.name].frac
         # streamed part of each layer: absent (None), being read (an event) or resident (True)
         self.state: dict[tuple[str, int], Any] = {}
         self.next_layer: dict[tuple[str, int], int] = {}
