@@ -83,7 +83,7 @@ def resident(base: int, a: int, b: int) -> int:
 
 
 def child(path: str, windows: list[list[int]], budget: int, advice: str, willneed: bool, laps: int,
-          cg: Path) -> list[dict[str, float]]:
+          cg: Path, layer_ms: float = 0.0, blkio: Path | None = None) -> list[dict[str, float]]:
     spans, emb, outp = layer_spans(path)
     fd = os.open(path, os.O_RDONLY)
     size = os.fstat(fd).st_size
@@ -96,6 +96,8 @@ def child(path: str, windows: list[list[int]], budget: int, advice: str, willnee
         _libc.madvise(base, size, mmap.MADV_RANDOM)
     # join the cgroup, limited to what the process holds now + the weights' budget
     (cg / "cgroup.procs").write_text(str(os.getpid()))
+    if blkio is not None:
+        (blkio / "cgroup.procs").write_text(str(os.getpid()))
     # (the page cache the process charged so far is evictable: not part of its footprint, as
     # runtime/emulate.py's set_memory_budget counts it)
     st = dict(line.split() for line in (cg / "memory.stat").read_text().splitlines())
@@ -107,7 +109,15 @@ def child(path: str, windows: list[list[int]], budget: int, advice: str, willnee
         for wi, w in enumerate(windows):
             r0, f0 = read_bytes(), majflt()
             a, b = spans[w[0]][0], spans[w[-1]][1]
-            int(buf[a:b:PAGE].sum())  # the window's compute reads its layers front to back
+            if layer_ms > 0:  # each layer's compute takes its time, page by page
+                for i in w:
+                    la, lb = spans[i]
+                    step = max(PAGE, (lb - la) // 64)
+                    for x in range(la, lb, step):
+                        int(buf[x:min(lb, x + step):PAGE].sum())
+                        time.sleep(layer_ms / 1e3 / 64)
+            else:
+                int(buf[a:b:PAGE].sum())  # the window's compute reads its layers front to back
             if willneed:  # lru prefetch: the next window, madvise(WILLNEED), as the worker's thread does
                 nw = windows[(wi + 1) % len(windows)]
                 na, nb = spans[nw[0]][0], spans[nw[-1]][1]
@@ -134,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--advice", default="normal,random")
     ap.add_argument("--willneed", default="off,on")
     ap.add_argument("--file", default="", help="the GGUF file (default: the study's cached random weights)")
+    ap.add_argument("--read-mbs", type=float, default=0.0, help="throttle the probe's disk reads (blkio, MB/s) "
+                    "as the emulated devices' are (default: none)")
+    ap.add_argument("--layer-ms", type=float, default=0.0, help="compute time per layer between its pages' "
+                    "touches (default: none, a scan at memory speed)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("lru_readaround: needs root (a memory cgroup); run with sudo", file=sys.stderr)
@@ -155,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
              # a 36.5 MB window around the room it needs: the knife edge
              ("stream-4 k=1 laptop, room 31 MB", [[4, 5, 6, 7]], int(31e6)),
              ("stream-4 k=1 laptop, room 35 MB", [[4, 5, 6, 7]], int(35e6)),
+             ("stream-4 k=1 laptop, room 37 MB", [[4, 5, 6, 7]], int(37e6)),
              ("stream-4 k=1 laptop, room 38 MB", [[4, 5, 6, 7]], int(38e6))]
     lines = ["# lru residency: what the kernel reads around a faulting window", "",
              f"`sudo .venv/bin/python experiments/lru_readaround.py` on {time.strftime('%Y-%m-%d %H:%M')}, "
@@ -176,13 +191,20 @@ def main(argv: list[str] | None = None) -> int:
             for willneed in (x == "on" for x in a.willneed.split(",")):
                 cg = Path(f"/sys/fs/cgroup/memory/primasim-stream2-probe-{os.getpid()}")
                 cg.mkdir()
+                bio = None
+                if a.read_mbs > 0:
+                    bio = Path(f"/sys/fs/cgroup/blkio/primasim-stream2-probe-{os.getpid()}")
+                    bio.mkdir()
+                    dev = os.stat(path).st_dev
+                    (bio / "blkio.throttle.read_bps_device").write_text(
+                        f"{os.major(dev)}:{os.minor(dev)} {int(a.read_mbs * 1e6)}")
                 try:
                     r, wfd = os.pipe()
                     pid = os.fork()
                     if pid == 0:
                         os.close(r)
                         try:
-                            rows = child(path, windows, budget, advice, willneed, a.laps, cg)
+                            rows = child(path, windows, budget, advice, willneed, a.laps, cg, a.layer_ms, bio)
                             os.write(wfd, repr(rows).encode())
                         finally:
                             os._exit(0)
@@ -195,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows = eval(data.decode()) if data else []  # noqa: S307 (our own child's repr)
                 finally:
                     cg.rmdir()
+                    if bio is not None:
+                        bio.rmdir()
                 steady = [x for x in rows if x["lap"] >= 1]
                 if not steady:
                     continue

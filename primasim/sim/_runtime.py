@@ -373,6 +373,9 @@ class RuntimeRing:
                 base += n
             if dev.spec.read_ahead > 0:
                 dev.map_file(self.model, own, lb / n, head=name == self.head, base=base)
+                # the profiled host's page cache (ext4 on Linux 6.x) holds what readahead reads in
+                # large folios: touched ones go active at their first scan (PageCache.large_folios)
+                dev.cache.large_folios = dev.spec.os == "linux"
             for cid in order:  # cold start + LOAD: read in order, the LRU keeps the latest
                 dev.cache.admit(cid, demand=True)
                 dev.cache.unlock(cid)
