@@ -16,8 +16,8 @@ prefetch) meeting the policy. The policies are the kernels' own rules, each with
     large folios mapped by many PTEs, and one found with accessed PTEs is activated at once
     (referenced_ptes > 1). What that decides: a window a little smaller than its room stays
     resident -- touched folios go active, the read-around's unused bytes are evicted -- and one
-    a little larger thrashes (experiments/lru_readaround.py: a 36.5 MB window reads 1.5x a pass in
-    37 MB of room and 0.3x in 38; rotated once instead, it thrashes up to ~45 MB);
+    a little larger thrashes (experiments/lru_readaround.py: a 36.5 MB window reads 1.4x a pass in
+    37 MB of room and 0.23x in 38; rotated once instead, it thrashes up to ~45 MB);
   - the active list is kept at most `inactive_ratio = isqrt(10 x GB)` times the inactive list
     (inactive_is_low); deactivated pages go to the inactive head;
   - a refault whose distance (age now - age at eviction) is at most the workingset size -- the
