@@ -176,18 +176,24 @@ void dot_b32(const uint8_t* w, int64_t nb, const uint8_t* const* act, int, float
 
 // ------------------------------------------------------------------ K-quants (activations Q8_K)
 // Q4_K / Q5_K: 64-byte loads of qs give [sub 0 | sub 2] (low nibbles) and [sub 1 | sub 3] (high),
-// then [4 | 6], [5 | 7]: P_Q8K_PERM stores the activations in that order.
+// then [4 | 6], [5 | 7]: P_Q8K_PERM stores the activations in that order. vpdpbusd sums 4
+// products per int32 lane (|sum| <= 4 * 31 * 127 < 2^15), so two of its results pack into int16
+// lanes without saturating (vpackssdw) and one vpdpwssd multiplies them by their sub-blocks' scales
+// and adds pairs: per block 4 vpdpbusd, 2 packs, 2 vpdpwssd instead of 4 vpdpbusd, 4 vpmulld
+// (slow) and 3 adds. The scale vectors (vpermw) are built once per block for all tokens.
 template <uint32_t T, int NT>
 void dot_q45k(const uint8_t* w, int64_t nb, const uint8_t* const* act, int, float* out) {
   constexpr int kBytes = T == T_Q5_K ? 176 : 144, kQs = T == T_Q5_K ? 48 : 16;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  // lanes 0-7 take sub-block i, lanes 8-15 sub-block i+2 (i = 0, 1, 4, 5)
-  const __m512i p0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
-  const __m512i p1 = _mm512_add_epi32(p0, _mm512_set1_epi32(1));
-  const __m512i p2 = _mm512_add_epi32(p0, _mm512_set1_epi32(4));
-  const __m512i p3 = _mm512_add_epi32(p0, _mm512_set1_epi32(5));
+  // vpackssdw(a, b) puts, in each 128-bit lane L, a's int32 lanes 4L..4L+3 then b's as int16:
+  // a = [sub i | sub i+2] (lanes 0-7 | 8-15), b = [sub i+1 | sub i+3] -> scales per int16
+  // lane: L = 0, 1: s_i x4, s_i+1 x4; L = 2, 3: s_i+2 x4, s_i+3 x4 (i = 0, then 4)
+  const __m512i sidx01 = _mm512_set_epi16(3, 3, 3, 3, 2, 2, 2, 2, 3, 3, 3, 3, 2, 2, 2, 2,
+                                          1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i sidx45 = _mm512_add_epi16(sidx01, _mm512_set1_epi16(4));
   __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  __m128 accm[NT];
+  for (int t = 0; t < NT; ++t) { acc[t] = _mm512_setzero_ps(); accm[t] = _mm_setzero_ps(); }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * kBytes;
     const float d = h2f(blk), dmin = h2f(blk + 2);
@@ -199,10 +205,10 @@ void dot_q45k(const uint8_t* w, int64_t nb, const uint8_t* const* act, int, floa
     u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
     u[0] &= 0x3f3f3f3fu;
     u[2] = mins_lo;
-    const __m512i sc = _mm512_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)u[1], (int)u[0]));
-    const __m128i mn = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)u[3], (int)u[2]));
-    const __m512i s0 = _mm512_permutexvar_epi32(p0, sc), s1 = _mm512_permutexvar_epi32(p1, sc);
-    const __m512i s2 = _mm512_permutexvar_epi32(p2, sc), s3 = _mm512_permutexvar_epi32(p3, sc);
+    const __m256i scmn = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+    const __m512i sc = _mm512_castsi256_si512(scmn);  // int16 scales 0-7 (mins in 8-15, unused)
+    const __m128i mn = _mm256_extracti128_si256(scmn, 1);
+    const __m512i s01 = _mm512_permutexvar_epi16(sidx01, sc), s45 = _mm512_permutexvar_epi16(sidx45, sc);
     const __m512i w0 = _mm512_loadu_si512(blk + kQs), w1 = _mm512_loadu_si512(blk + kQs + 64);
     __m512i q0 = _mm512_and_si512(w0, m4), q1 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4);
     __m512i q2 = _mm512_and_si512(w1, m4), q3 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4);
@@ -220,38 +226,48 @@ void dot_q45k(const uint8_t* w, int64_t nb, const uint8_t* const* act, int, floa
     for (int t = 0; t < NT; ++t) {
       const ActK* a = (const ActK*)act[t] + b;
       const __m512i z = _mm512_setzero_si512();
-      __m512i s = _mm512_mullo_epi32(_mm512_dpbusd_epi32(z, q0, _mm512_loadu_si512(a->qs)), s0);
-      s = _mm512_add_epi32(s, _mm512_mullo_epi32(_mm512_dpbusd_epi32(z, q1, _mm512_loadu_si512(a->qs + 64)), s1));
-      s = _mm512_add_epi32(s, _mm512_mullo_epi32(_mm512_dpbusd_epi32(z, q2, _mm512_loadu_si512(a->qs + 128)), s2));
-      s = _mm512_add_epi32(s, _mm512_mullo_epi32(_mm512_dpbusd_epi32(z, q3, _mm512_loadu_si512(a->qs + 192)), s3));
+      const __m512i d0 = _mm512_dpbusd_epi32(z, q0, _mm512_loadu_si512(a->qs));
+      const __m512i d1 = _mm512_dpbusd_epi32(z, q1, _mm512_loadu_si512(a->qs + 64));
+      const __m512i d2 = _mm512_dpbusd_epi32(z, q2, _mm512_loadu_si512(a->qs + 128));
+      const __m512i d3 = _mm512_dpbusd_epi32(z, q3, _mm512_loadu_si512(a->qs + 192));
+      __m512i s = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d0, d1), s01);
+      s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(d2, d3), s45);
       const __m128i mi = _mm_madd_epi16(mn, _mm_loadu_si128((const __m128i*)a->bsum32));
       acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * a->d), acc[t]);
-      acc[t] = _mm512_fnmadd_ps(zext128(_mm_cvtepi32_ps(mi)), _mm512_set1_ps(dmin * a->d), acc[t]);
+      accm[t] = _mm_fmadd_ps(_mm_cvtepi32_ps(mi), _mm_set1_ps(dmin * a->d), accm[t]);
     }
   }
-  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+  for (int t = 0; t < NT; ++t) {
+    __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
+    m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    out[t] = _mm512_reduce_add_ps(acc[t]) - _mm_cvtss_f32(m);
+  }
 }
 
 // Q6_K: per half, a 64-byte load of ql gives elements [0-31 | 32-63] (low nibbles) and
 // [64-95 | 96-127] (high); qh broadcast to both 256-bit halves supplies bits 4-5 by per-half shifts.
+// Levels are 0..63 (the -32 offset is applied through bsums), so a vpdpbusd lane sums at most
+// 4 * 63 * 128 < 2^15 and two results pack into int16 lanes for one vpdpwssd by the group scales,
+// as for Q4_K above. Vector k (= 2 half + nibble) holds groups 4k..4k+3, four int32 lanes each.
 template <int NT>
 void dot_q6k(const uint8_t* w, int64_t nb, const uint8_t* const* act, int, float* out) {
   const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
   const __m512i shl_a = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);  // bits 0-1 | 2-3 -> 4-5
   const __m512i shr_b = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);  // bits 4-5 | 6-7 -> 4-5
-  __m512i pidx[4];
-  for (int k = 0; k < 4; ++k)
-    pidx[k] = _mm512_setr_epi32(4 * k, 4 * k, 4 * k, 4 * k, 4 * k + 1, 4 * k + 1, 4 * k + 1, 4 * k + 1,
-                                4 * k + 2, 4 * k + 2, 4 * k + 2, 4 * k + 2, 4 * k + 3, 4 * k + 3, 4 * k + 3, 4 * k + 3);
+  // vpackssdw(v_k, v_k+1), 128-bit lane L: groups 4k + L (x4 int16) then 4(k+1) + L (x4)
+  const __m512i sidx01 = _mm512_set_epi16(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2,
+                                          5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0);
+  const __m512i sidx23 = _mm512_add_epi16(sidx01, _mm512_set1_epi16(8));
   __m512 acc[NT];
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * 210;
     const float d = h2f(blk + 208);
     const __m128i sc8 = _mm_loadu_si128((const __m128i*)(blk + 192));
-    const __m512i sc = _mm512_cvtepi8_epi32(sc8);
     const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-    __m512i q[4], s[4];
+    const __m512i s01 = _mm512_permutexvar_epi16(sidx01, _mm512_castsi256_si512(sc16));
+    const __m512i s23 = _mm512_permutexvar_epi16(sidx23, _mm512_castsi256_si512(sc16));
+    __m512i q[4];
     for (int h = 0; h < 2; ++h) {
       const __m512i L = _mm512_loadu_si512(blk + 64 * h);
       const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h)));
@@ -259,16 +275,16 @@ void dot_q6k(const uint8_t* w, int64_t nb, const uint8_t* const* act, int, float
       q[2 * h] = _mm512_ternarylogic_epi32(_mm512_and_si512(L, m4), _mm512_sllv_epi16(H, shl_a), m30, 0xF8);
       q[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
                                                _mm512_srlv_epi16(H, shr_b), m30, 0xF8);
-      s[2 * h] = _mm512_permutexvar_epi32(pidx[2 * h], sc);
-      s[2 * h + 1] = _mm512_permutexvar_epi32(pidx[2 * h + 1], sc);
     }
     for (int t = 0; t < NT; ++t) {
       const ActK* a = (const ActK*)act[t] + b;
       const __m512i z = _mm512_setzero_si512();
-      __m512i acc_i = _mm512_mullo_epi32(_mm512_dpbusd_epi32(z, q[0], _mm512_loadu_si512(a->qs)), s[0]);
-      for (int k = 1; k < 4; ++k)
-        acc_i = _mm512_add_epi32(acc_i, _mm512_mullo_epi32(
-            _mm512_dpbusd_epi32(z, q[k], _mm512_loadu_si512(a->qs + 64 * k)), s[k]));
+      const __m512i d0 = _mm512_dpbusd_epi32(z, q[0], _mm512_loadu_si512(a->qs));
+      const __m512i d1 = _mm512_dpbusd_epi32(z, q[1], _mm512_loadu_si512(a->qs + 64));
+      const __m512i d2 = _mm512_dpbusd_epi32(z, q[2], _mm512_loadu_si512(a->qs + 128));
+      const __m512i d3 = _mm512_dpbusd_epi32(z, q[3], _mm512_loadu_si512(a->qs + 192));
+      __m512i acc_i = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d0, d1), s01);
+      acc_i = _mm512_dpwssd_epi32(acc_i, _mm512_packs_epi32(d2, d3), s23);
       // the -32 offset: 32 * sum_g scale_g * bsum_g
       const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)a->bsums));
       acc_i = _mm512_sub_epi32(acc_i, _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));

@@ -22,6 +22,7 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <pthread.h>
 #include <sched.h>
@@ -393,21 +394,24 @@ ffi::Error read_desc(const uint32_t* d, int i, const ffi::RemainingArgs& files, 
 }
 
 // ------------------------------------------------------------------ matmul
+struct Chunk {  // rows [r0, r1) of tensor t
+  int32_t t;
+  int32_t r0, r1;
+};
+
 struct MatmulCtx {
   const Tensor* ts;
   int nt;
-  int64_t B, chunk_rows;
-  const int64_t* chunk_start;     // first chunk index of each tensor (nt + 1 entries)
+  int64_t B;
+  const Chunk* chunks;
   const uint8_t* const* act[P_COUNT];  // prepared token rows per layout
 };
 
 void matmul_chunk(const void* c, int64_t k) {
   const MatmulCtx& m = *(const MatmulCtx*)c;
-  int i = 0;
-  while (k >= m.chunk_start[i + 1]) ++i;
-  const Tensor& t = m.ts[i];
-  const int64_t r0 = (k - m.chunk_start[i]) * m.chunk_rows;
-  const int64_t r1 = r0 + m.chunk_rows < t.rows ? r0 + m.chunk_rows : t.rows;
+  const Chunk ch = m.chunks[k];
+  const Tensor& t = m.ts[ch.t];
+  const int64_t r0 = ch.r0, r1 = ch.r1;
   const uint8_t* const* act = m.act[t.prep];
   float res[kGroup];
   for (int64_t g = 0; g < m.B; g += kGroup) {  // token groups inside the chunk: its rows stay in cache
@@ -417,6 +421,32 @@ void matmul_chunk(const void* c, int64_t k) {
       for (int j = 0; j < n; ++j) t.out[(g + j) * t.rows + r] = res[j];
     }
   }
+}
+
+// The rows of a call's tensors in chunks of decreasing size (guided self-scheduling): each is
+// about 1/(3 threads) of the rows still left, in multiples of 16 rows (no two threads write one
+// cache line of a result row), 16..256. Threads take them in order from an atomic counter, so
+// the big ones go first and the last ones are small: a thread that finishes early waits at most
+// one 16-row chunk for the others (fixed chunks of 1/8 per thread kept it waiting ~half a chunk
+// per call, 0.3-0.8 ms per Q4_K_M token; docs/runtime.md).
+thread_local std::vector<Chunk> tl_chunks;
+
+const std::vector<Chunk>& plan_chunks(const Tensor* ts, int nt, int64_t threads) {
+  std::vector<Chunk>& out = tl_chunks;
+  out.clear();
+  int64_t left = 0;
+  for (int i = 0; i < nt; ++i) left += ts[i].rows;
+  for (int i = 0; i < nt; ++i)
+    for (int64_t r = 0; r < ts[i].rows;) {
+      int64_t c = threads > 1 ? left / (3 * threads) : ts[i].rows;
+      c = (c + 15) & ~(int64_t)15;
+      c = c < 16 ? 16 : threads > 1 && c > 256 ? 256 : c;
+      if (c > ts[i].rows - r) c = ts[i].rows - r;
+      out.push_back({i, (int32_t)r, (int32_t)(r + c)});
+      r += c;
+      left -= c;
+    }
+  return out;
 }
 
 // What a call does to its activations before the products and to its first result after
@@ -441,7 +471,6 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
     return ffi::Error::InvalidArgument("primasim kernels: descriptor table must be (" + std::to_string(nt) +
                                        ", 6) for " + std::to_string(nt) + " results");
   Tensor ts[kMaxTensors];
-  int64_t chunk_start[kMaxTensors + 1];
   bool need[P_COUNT] = {};
   int64_t total_rows = 0, total_bytes = 0;
   for (int i = 0; i < nt; ++i) {
@@ -515,21 +544,14 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
     }
     m.act[p] = ptrs;
   }
-  // chunks of rows: multiples of 16 (no two threads write one cache line of a result row),
-  // about 8 per thread for balance, fewer and larger for small tensors
   const int64_t threads = pool.num_threads() > 1 ? pool.num_threads() : 1;
-  int64_t chunk = total_rows / (threads * 8);
-  chunk = chunk < 16 ? 16 : chunk > 256 ? 256 : chunk;
-  chunk = (chunk + 15) & ~(int64_t)15;
-  chunk_start[0] = 0;
-  for (int i = 0; i < nt; ++i) chunk_start[i + 1] = chunk_start[i] + (ts[i].rows + chunk - 1) / chunk;
+  const std::vector<Chunk>& chunks = plan_chunks(ts, nt, threads);
   m.ts = ts;
   m.nt = nt;
   m.B = B;
-  m.chunk_rows = chunk;
-  m.chunk_start = chunk_start;
+  m.chunks = chunks.data();
   // below ~64 KB of weight traffic a second thread costs more to wake than it saves
-  parallel_for(&pool, chunk_start[nt], matmul_chunk, &m, total_bytes * ((B + kGroup - 1) / kGroup) > 65536);
+  parallel_for(&pool, (int64_t)chunks.size(), matmul_chunk, &m, total_bytes * ((B + kGroup - 1) / kGroup) > 65536);
   if (mode & M_RESIDUAL) {
     const float* r = resid.typed_data();
     float* o = ts[0].out;
@@ -661,12 +683,11 @@ __attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, 
                  ks->dot[type], p, out};
   qk::MatmulCtx m;
   for (int i = 0; i < qk::P_COUNT; ++i) m.act[i] = act;
-  const int64_t starts[2] = {0, 1};
+  const qk::Chunk whole{0, 0, (int32_t)rows};
   m.ts = &ten;
   m.nt = 1;
   m.B = nt;
-  m.chunk_rows = rows;
-  m.chunk_start = starts;
+  m.chunks = &whole;
   double best = 0;
   for (int r = 0; r < (reps < 1 ? 1 : reps); ++r) {
     const auto t0 = std::chrono::steady_clock::now();
