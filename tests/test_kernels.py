@@ -271,3 +271,89 @@ def test_calls_from_two_threads_at_once() -> None:
     for t in ts:
         t.join()
     assert got == [[True] * 30, [True] * 30]
+
+
+def _lib() -> object:
+    import ctypes
+
+    lib = K.library()
+    lib.primasim_qk_prepare.restype = ctypes.c_int64
+    lib.primasim_qk_prepare.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    lib.primasim_qk_swiglu.restype = None
+    lib.primasim_qk_swiglu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+P_Q8K, P_Q8K_PERM = 4, 5  # qk.h Prep
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), nblk=st.integers(1, 4), kind=st.sampled_from(
+    ["normal", "ties", "zero_block", "tiny", "special", "equal_magnitudes"]), perm=st.booleans())
+def test_vectorised_q8k_preparation_equals_portable_bytes(seed: int, nblk: int, kind: str, perm: bool) -> None:
+    """Every set's Q8_K activations are the portable code's bytes: the scale from the first element of
+    largest magnitude (+a and -a both present), round-half-even ties, zero blocks, subnormals, inf/NaN."""
+    rng = np.random.default_rng(seed)
+    K_ = 256 * nblk
+    x = rng.standard_normal(K_).astype(np.float32) * np.float32(rng.uniform(1e-3, 1e3))
+    if kind == "ties":  # values that land on .5 after scaling: 127 / 2 steps
+        x = (rng.integers(-254, 255, K_) / 2.0).astype(np.float32)
+        x[rng.integers(0, K_)] = 63.5
+    elif kind == "zero_block":
+        x.reshape(nblk, 256)[rng.integers(0, nblk)] = 0.0
+    elif kind == "tiny":
+        x = (x * np.float32(1e-40)).astype(np.float32)  # subnormals
+    elif kind == "special":
+        x[rng.integers(0, K_, 3)] = [np.inf, -np.inf, np.nan]
+    elif kind == "equal_magnitudes":
+        i, j = rng.choice(K_ // nblk, 2, replace=False)
+        x[i], x[j] = -1e4, 1e4
+    lib = _lib()
+    p = P_Q8K_PERM if perm else P_Q8K
+    for isa in K.isas():
+        with K.use_isa(isa):
+            a = np.zeros(320 * nblk, np.uint8)
+            b = np.zeros(320 * nblk, np.uint8)
+            assert lib.primasim_qk_prepare(p, x.ctypes.data, K_, a.ctypes.data, 0) == 320 * nblk
+            lib.primasim_qk_prepare(p, x.ctypes.data, K_, b.ctypes.data, 1)
+        assert np.array_equal(a, b), isa
+
+
+def test_vectorised_swiglu_within_float_rounding() -> None:
+    """The fused SwiGLU (vectorised exponential) vs float64 silu(g) * u: a few ulp, over the range
+    where exp over- and underflows too (below g = -87 the result is ~1e-37 instead of ~1e-42: the
+    exponential is clamped; libm's gives 0 there)."""
+    rng = np.random.default_rng(5)
+    g = np.concatenate([rng.standard_normal(4000) * 8, np.linspace(-100, 100, 997), [0.0, -0.0, 88.0, -88.0]])
+    g = g.astype(np.float32)
+    u = rng.standard_normal(g.size).astype(np.float32)
+    exact = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64))) * u.astype(np.float64)
+    lib = _lib()
+    for isa in K.isas():
+        out = np.zeros_like(g)
+        with K.use_isa(isa):
+            lib.primasim_qk_swiglu(g.ctypes.data, u.ctypes.data, out.ctypes.data, g.size)
+        err = np.abs(out - exact)
+        assert np.all(err <= 4 * np.finfo(np.float32).eps * np.abs(exact) + 1e-30), (isa, float(err.max()))
+
+
+@pytest.mark.parametrize("D,T,p", [(64, 1, 200), (128, 3, 37), (48, 2, 5), (64, 1, 0)])
+def test_attend_vectorised_rows_close_to_portable(D: int, T: int, p: int) -> None:
+    """The sets' vectorised attention rows (8 positions per reduction, vectorised exp) against the
+    portable loops (the scalar set): equal within float rounding of the scores and softmax."""
+    rng = np.random.default_rng(D + T + p)
+    B, H, Hkv, S = 1, 8, 2, 256
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, h * D)).astype(np.float32)) for h in (H, Hkv, Hkv))
+    kc0 = rng.standard_normal((B, Hkv, S, D)).astype(np.float32) * 2
+    vc0 = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+    inv_freq = jnp.asarray(1.0 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32)
+    pos = jnp.asarray([p], jnp.int32)
+    f = jax.jit(lambda *a: K.attend(*a, span=S, interleaved=False))
+    outs = {}
+    for isa in K.isas():
+        with K.use_isa(isa):
+            outs[isa] = [np.asarray(o) for o in f(q, k, v, pos, inv_freq, jnp.asarray(kc0), jnp.asarray(vc0))]
+    ref = outs["scalar"]
+    for isa, got in outs.items():
+        np.testing.assert_allclose(got[0], ref[0], rtol=2e-5, atol=2e-6, err_msg=isa)
+        assert np.array_equal(got[1], ref[1]) and np.array_equal(got[2], ref[2]), isa  # the cache writes

@@ -35,7 +35,7 @@ from primasim.core.errors import CheckpointError
 from ..quantize import row_bytes as row_bytes
 from .reference import TYPE_IDS, TYPE_NAMES
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 DESC_WORDS = 6  # offset lo, offset hi, ggml type, file index, rows, cols
 SUPPORTED = tuple(TYPE_IDS)  # weight types the kernels read
 _LOCK = threading.Lock()

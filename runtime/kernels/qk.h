@@ -114,19 +114,43 @@ typedef void (*DotFn)(const uint8_t* w, int64_t nblk, const uint8_t* const* act,
 // Dequantise one row (nblk blocks) to f32.
 typedef void (*RowFn)(const uint8_t* w, int64_t nblk, float* out);
 
+// Vectorised activation preparation (nullptr: the portable code in qk_scalar.cc). prep_q8k must
+// give the portable prep_q8_k's bytes exactly (tested): every kernel set sees the same activations.
+typedef void (*PrepQ8KFn)(const float* x, int64_t K, uint8_t* out, bool perm);
+// out = silu(g) * u = g / (1 + exp(-g)) * u, n elements (the exponential to ~1 ulp, not libm's).
+typedef void (*SwigluFn)(const float* g, const float* u, float* out, int64_t n);
+
+// One query row's attention over n cached positions (qk_attn.cc): scores q.k_s / scale, softmax
+// (maximum subtracted), out = sum_s p_s v_s; k/v rows of D floats (D a multiple of 8), sc scratch
+// of n floats. nullptr: the portable loops.
+typedef void (*AttendRowFn)(const float* q, const float* kb, const float* vb, int64_t D, int64_t n, float scale,
+                            float* sc, float* out);
+
 struct KernelSet {
   const char* name;
   DotFn dot[T_COUNT];
   int8_t prep[T_COUNT];  // Prep layout each dot kernel reads (P_NONE: type unsupported)
+  PrepQ8KFn prep_q8k;
+  SwigluFn swiglu;
+  AttendRowFn attend_row;
 };
+
+// The kernel set in use (qk_ffi.cc).
+const KernelSet* current_kernels();
 
 // Per-ISA tables (nullptr when the unit was not built for this compiler / architecture).
 const KernelSet* scalar_kernels();
 const KernelSet* avx2_kernels();
 const KernelSet* avx512_kernels();
+PrepQ8KFn avx2_prep_q8k();  // the AVX2 unit's preparation (nullptr where it is not built)
+SwigluFn avx2_swiglu();
+AttendRowFn avx2_attend_row();
 
-// Shared, ISA-independent: activation preparation and row dequantisation (qk_scalar.cc).
+// Shared, ISA-independent: activation preparation and row dequantisation (qk_scalar.cc);
+// prepare_with uses the set's vectorised preparation where it has one.
 void prepare(int p, const float* x, int64_t K, uint8_t* out);
+void prepare_with(const KernelSet* ks, int p, const float* x, int64_t K, uint8_t* out);
+void swiglu(const KernelSet* ks, const float* g, const float* u, float* out, int64_t n);
 void dequant_row(uint32_t t, const uint8_t* w, int64_t nblk, float* out);
 
 // Runs fn(ctx, 0..n-1) on the calling thread and the library's persistent workers (qk_ffi.cc),

@@ -7,8 +7,10 @@
 // The arithmetic is runtime/model.py's (rope, _kv_write, attention) in f32: scores q.k / sqrt(D),
 // softmax with the maximum subtracted, probabilities times values; masked positions are skipped
 // (they contribute exact zeros there). Heads of a token row are independent tasks on the
-// library's workers (qk_ffi.cc) or XLA's intra-op pool. The hot loops are plain C++ compiled for AVX-512 / AVX2 / baseline
-// (target_clones), with several independent accumulators so they vectorise without -ffast-math.
+// library's workers (qk_ffi.cc) or XLA's intra-op pool. A query row runs the kernel set's
+// vectorised loops where it has them (KernelSet::attend_row, qk_avx2.cc: 8 positions per score
+// reduction, vectorised exp, the weighted sum of values in registers); else the plain C++ below,
+// compiled for AVX-512 / AVX2 / baseline (target_clones) with several independent accumulators.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -141,6 +143,7 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<
   float* o = out->typed_data();
   const float* qp = q.typed_data();
   const int64_t group = H / Hkv;
+  const AttendRowFn row = D % 8 == 0 ? current_kernels()->attend_row : nullptr;
   auto head = [&](int64_t task) {
     const int64_t b = task / H, h = task % H, g = h / group;
     const float* kb = kc + (b * Hkv + g) * S * D;
@@ -151,6 +154,11 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<
     for (int64_t t = 0; t < T; ++t) {
       const int64_t p = ps[b] + t;
       rope_row(qp + ((b * T + t) * H + h) * D, qr, D, (float)p, fr, il);
+      float* orow = o + ((b * T + t) * H + h) * D;
+      if (row) {  // the set's vectorised loops (the same steps; summation order and exp to ~1 ulp differ)
+        row(qr, kb, vb, D, p + 1, scale, sc, orow);
+        continue;
+      }
       float mx = -INFINITY;
       for (int64_t s = 0; s <= p; ++s) {
         sc[s] = dot(qr, kb + s * D, D) / scale;
@@ -161,7 +169,6 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<
         sc[s] = expf(sc[s] - mx);
         sum += sc[s];
       }
-      float* orow = o + ((b * T + t) * H + h) * D;
       memset(orow, 0, D * 4);
       for (int64_t s = 0; s <= p; ++s) axpy(orow, sc[s] / sum, vb + s * D, D);
     }

@@ -1,5 +1,7 @@
 // AVX2 + FMA + F16C kernels: x86-64 CPUs without AVX-512 (llama.cpp's recipes: the sign trick,
 // vpmaddubsw into int16 pairs, vpmaddwd by the block scales). Activations in natural order.
+#include <math.h>
+
 #include "qk.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -282,9 +284,157 @@ void by_nt(const uint8_t* w, int64_t n, const uint8_t* const* a, int nt, float* 
   }
 }
 
+// ------------------------------------------------------------------ activations
+// Q8_K preparation, byte for byte the portable prep_q8_k (qk_scalar.cc): the scale comes from the
+// first element of largest magnitude, q = nearest-even(iscale * x) (vcvtps2dq in the default
+// rounding mode, as lrintf), at most 127; blocks with inf/NaN or an overflowing scale go to the
+// portable code.
+void prep_q8k_avx2(const float* x, int64_t K, uint8_t* out, bool perm) {
+  static const int order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  ActK* a = (ActK*)out;
+  for (int64_t b = 0; b < K / 256; ++b, x += 256) {
+    __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int j = 0; j < 256; j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + j);
+      m = _mm256_max_ps(_mm256_andnot_ps(sign, v), m);
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float amax = _mm_cvtss_f32(h);
+    // inf or NaN in the block, or a scale that overflows (subnormal inputs outside XLA's DAZ):
+    // the portable code's exact behaviour (its lrintf of inf/NaN is INT_MIN, stored as 0)
+    if (!(amax <= 3.4028235e38f) || _mm256_movemask_ps(nan) || (amax != 0.0f && !(127.0f / amax <= 3.4028235e38f))) {
+      prepare(perm ? P_Q8K_PERM : P_Q8K, x, 256, (uint8_t*)(a + b));
+      continue;
+    }
+    alignas(32) int8_t q[256];
+    if (amax == 0.0f) {
+      memset(q, 0, sizeof q);
+      a[b].d = 0.0f;
+    } else {
+      float mx = 0.0f;
+      const __m256 am = _mm256_set1_ps(amax);
+      for (int j = 0; j < 256; j += 8) {
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)), am, _CMP_EQ_OQ));
+        if (hit) { mx = x[j + __builtin_ctz((unsigned)hit)]; break; }
+      }
+      const float iscale = -127.0f / mx;
+      const __m256 is = _mm256_set1_ps(iscale);
+      const __m256i top = _mm256_set1_epi32(127), perm8 = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      for (int j = 0; j < 256; j += 32) {
+        __m256i v[4];
+        for (int k = 0; k < 4; ++k)
+          v[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(is, _mm256_loadu_ps(x + j + 8 * k))), top);
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        _mm256_store_si256((__m256i*)(q + j), _mm256_permutevar8x32_epi32(p, perm8));
+      }
+      a[b].d = 1.0f / iscale;
+    }
+    for (int g = 0; g < 16; ++g) {
+      int sum = 0;
+      for (int j = 0; j < 16; ++j) sum += q[16 * g + j];
+      a[b].bsums[g] = (int16_t)sum;
+    }
+    for (int g = 0; g < 8; ++g) a[b].bsum32[g] = (int16_t)(a[b].bsums[2 * g] + a[b].bsums[2 * g + 1]);
+    for (int p = 0; p < 8; ++p) memcpy(a[b].qs + 32 * p, q + 32 * (perm ? order[p] : p), 32);
+    memset(a[b].pad, 0, sizeof a[b].pad);
+  }
+}
+
+// e^x for x in [-87.3, 88.3] (clamped): 2^n * p(r), r = x - n ln 2 in two parts, Cephes' expf
+// polynomial (relative error ~1e-7, within 2 ulp of libm's)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void swiglu_avx2(const float* g, const float* u, float* out, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_xor_ps(x, sign))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+// ------------------------------------------------------------------ attention (one query row)
+// Scores 8 positions at a time (8 accumulators over D, one transposing reduction), the softmax's
+// exponentials vectorised (exp8), and the weighted sum of value rows kept in registers over all
+// positions, 64 dimensions at a time.
+void attend_row_avx2(const float* q, const float* kb, const float* vb, int64_t D, int64_t n, float scale, float* sc,
+                     float* out) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (s + j) * D + d), acc[j]);
+    }
+    const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    _mm256_storeu_ps(sc + s, _mm256_div_ps(r, vscale));
+  }
+  for (; s < n; ++s) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kb + s * D + d), acc);
+    sc[s] = hsum(acc) / scale;
+  }
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) mx = sc[i] > mx ? sc[i] : mx;
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), vmx));
+    _mm256_storeu_ps(sc + i, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; i < n; ++i) {
+    sc[i] = expf(sc[i] - mx);
+    sum += sc[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int nv = (int)((D - d0 < 64 ? D - d0 : 64) / 8);
+    __m256 o[8];
+    for (int j = 0; j < 8; ++j) o[j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 wt = _mm256_set1_ps(sc[t]);
+      const float* vr = vb + t * D + d0;
+      for (int j = 0; j < nv; ++j) o[j] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(vr + 8 * j), o[j]);
+    }
+    for (int j = 0; j < nv; ++j) _mm256_storeu_ps(out + d0 + 8 * j, _mm256_mul_ps(o[j], _mm256_set1_ps(inv)));
+  }
+}
+
 KernelSet make_avx2() {
   KernelSet k;
   k.name = "avx2";
+  k.prep_q8k = prep_q8k_avx2;
+  k.swiglu = swiglu_avx2;
+  k.attend_row = attend_row_avx2;
   for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.prep[t] = P_NONE; }
   k.dot[T_F32] = by_nt<T_F32>;    k.prep[T_F32] = P_F32;
   k.dot[T_F16] = by_nt<T_F16>;    k.prep[T_F16] = P_F16;
@@ -307,10 +457,18 @@ const KernelSet* avx2_kernels() {
   return &k;
 }
 
+// the AVX-512 set's preparation (its unit compiles for AVX2 too; these are the same code)
+PrepQ8KFn avx2_prep_q8k() { return prep_q8k_avx2; }
+SwigluFn avx2_swiglu() { return swiglu_avx2; }
+AttendRowFn avx2_attend_row() { return attend_row_avx2; }
+
 }  // namespace qk
 
 #else
 namespace qk {
 const KernelSet* avx2_kernels() { return nullptr; }
+PrepQ8KFn avx2_prep_q8k() { return nullptr; }
+SwigluFn avx2_swiglu() { return nullptr; }
+AttendRowFn avx2_attend_row() { return nullptr; }
 }  // namespace qk
 #endif

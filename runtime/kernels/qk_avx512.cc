@@ -331,6 +331,9 @@ QK_WRAP(WQ6K, dot_q6k<NT>(w, n, a, nt, o))
 KernelSet make_avx512(bool bf16) {
   KernelSet k;
   k.name = bf16 ? "avx512-vnni-bf16" : "avx512-vnni";
+  k.prep_q8k = avx2_prep_q8k();
+  k.swiglu = avx2_swiglu();
+  k.attend_row = avx2_attend_row();
   for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.prep[t] = P_NONE; }
   k.dot[T_F32] = by_nt<WF32>;   k.prep[T_F32] = P_F32;
   k.dot[T_F16] = by_nt<WF16>;   k.prep[T_F16] = P_F16;

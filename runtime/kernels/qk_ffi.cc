@@ -38,7 +38,7 @@ namespace ffi = xla::ffi;
 namespace qk {
 namespace {
 
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 constexpr int kDescWords = 6;
 constexpr int kMaxTensors = 16;
 constexpr int kGroup = 8;  // tokens per kernel call (weights unpacked once, used for all of them)
@@ -99,6 +99,12 @@ const KernelSet* kernels() {
   }
   return k;
 }
+
+}  // namespace
+
+const KernelSet* current_kernels() { return kernels(); }
+
+namespace {
 
 const char* type_name(uint32_t t) {
   switch (t) {
@@ -508,7 +514,8 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
   MatmulCtx m;
   uint8_t* cur = scratch;
   const float* xp = x.typed_data();
-  if (pre) {  // the same arithmetic as the JAX ops it replaces (f32; the norm's sum of squares in f64)
+  if (pre) {  // the arithmetic of the JAX ops it replaces (f32; the norm's sum of squares in f64;
+              // SwiGLU's exponential vectorised to ~1 ulp where the set has one, see qk.h)
     float* h = (float*)cur;
     const float* a = aux.typed_data();
     for (int64_t b = 0; b < B; ++b) {
@@ -520,8 +527,7 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
         const float r = 1.0f / sqrtf((float)(ss / (double)K) + eps);
         for (int64_t i = 0; i < K; ++i) hr[i] = xr[i] * r * a[i];
       } else {
-        const float* ar = a + b * K;
-        for (int64_t i = 0; i < K; ++i) hr[i] = xr[i] / (1.0f + expf(-xr[i])) * ar[i];
+        swiglu(ks, xr, a + b * K, hr, K);
       }
     }
     xp = h;
@@ -537,7 +543,7 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
       if (p == P_F32) {
         ptrs[b] = (const uint8_t*)(xp + b * K);  // used as is
       } else {
-        prepare(p, xp + b * K, K, cur);
+        prepare_with(ks, p, xp + b * K, K, cur);
         ptrs[b] = cur;
         cur += row_sz[p];
       }
@@ -637,7 +643,7 @@ struct BenchActs {
     const size_t row = (qk::prep_bytes(p, K) + 63) & ~(size_t)63;
     buf = (uint8_t*)aligned_alloc(64, row * nt + 64);
     for (int t = 0; t < nt; ++t) {
-      qk::prepare(p, x + t * K, K, buf + t * row);
+      qk::prepare_with(qk::kernels(), p, x + t * K, K, buf + t * row);
       act[t] = p == qk::P_F32 ? (const uint8_t*)(x + t * K) : buf + t * row;
     }
   }
@@ -696,6 +702,24 @@ __attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, 
     best = r == 0 || dt < best ? dt : best;
   }
   return best;
+}
+
+// One token row x (K,) prepared in layout p as the handler prepares it with the current set
+// (`portable` = 1: the portable code every set must equal byte for byte); -1 for a bad layout.
+// out needs prep_bytes(p, K). For tests.
+__attribute__((visibility("default"))) int64_t primasim_qk_prepare(int p, const float* x, int64_t K, uint8_t* out,
+                                                                    int portable) {
+  if (p < 0 || p >= qk::P_COUNT || K < 0 || ((p == qk::P_Q8K || p == qk::P_Q8K_PERM) && K % 256) ||
+      (p == qk::P_Q8_0 && K % 32))
+    return -1;
+  if (portable) qk::prepare(p, x, K, out);
+  else qk::prepare_with(qk::kernels(), p, x, K, out);
+  return (int64_t)qk::prep_bytes(p, K);
+}
+
+// g / (1 + exp(-g)) * u over n elements with the current set (the fused SwiGLU), for tests.
+__attribute__((visibility("default"))) void primasim_qk_swiglu(const float* g, const float* u, float* out, int64_t n) {
+  qk::swiglu(qk::kernels(), g, u, out, n);
 }
 
 // Hand rows to XLA's intra-op pool (1) or the library's workers (0), for tests and A/B

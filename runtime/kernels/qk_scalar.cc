@@ -2,7 +2,8 @@
 // bf16 rounding), row dequantisation (embedding lookups) and scalar dot kernels (the fallback on
 // CPUs without AVX2, and a readable statement of what the SIMD kernels compute).
 //
-// Preparation runs here for every ISA, so all kernels see bit-identical activations; its cost is
+// Preparation runs here for every ISA, so all kernels see bit-identical activations (the AVX2
+// Q8_K preparation, KernelSet::prep_q8k, gives these bytes exactly: tested); its cost is
 // O(tokens * K) against O(tokens * K * rows) for the products.
 #include <math.h>
 
@@ -234,6 +235,9 @@ void dot_each(const uint8_t* w, int64_t nblk, const uint8_t* const* act, int nt,
 KernelSet make_scalar() {
   KernelSet k;
   k.name = "scalar";
+  k.prep_q8k = nullptr;
+  k.swiglu = nullptr;
+  k.attend_row = nullptr;
   for (uint32_t t = 0; t < T_COUNT; ++t) { k.dot[t] = nullptr; k.prep[t] = P_NONE; }
   k.dot[T_F32] = dot_each<dot1_f32>;            k.prep[T_F32] = P_F32;
   k.dot[T_F16] = dot_each<dot1_f16>;            k.prep[T_F16] = P_F16;
@@ -275,6 +279,19 @@ void prepare(int p, const float* x, int64_t K, uint8_t* out) {
     case P_Q8K_PERM: prep_q8_k(x, K, out, true); break;
     default: break;
   }
+}
+
+void prepare_with(const KernelSet* ks, int p, const float* x, int64_t K, uint8_t* out) {
+  if ((p == P_Q8K || p == P_Q8K_PERM) && ks->prep_q8k) ks->prep_q8k(x, K, out, p == P_Q8K_PERM);
+  else prepare(p, x, K, out);
+}
+
+void swiglu(const KernelSet* ks, const float* g, const float* u, float* out, int64_t n) {
+  if (ks->swiglu) {
+    ks->swiglu(g, u, out, n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 void dequant_row(uint32_t t, const uint8_t* w, int64_t nblk, float* out) {
