@@ -83,7 +83,8 @@ def resident(base: int, a: int, b: int) -> int:
 
 
 def child(path: str, windows: list[list[int]], budget: int, advice: str, willneed: bool, laps: int,
-          cg: Path, layer_ms: float = 0.0, blkio: Path | None = None) -> list[dict[str, float]]:
+          cg: Path, layer_ms: float = 0.0, blkio: Path | None = None,
+          per_window: bool = False) -> list[dict[str, float]]:
     spans, emb, outp = layer_spans(path)
     fd = os.open(path, os.O_RDONLY)
     size = os.fstat(fd).st_size
@@ -126,6 +127,10 @@ def child(path: str, windows: list[list[int]], budget: int, advice: str, willnee
             rd, mf = read_bytes() - r0, majflt() - f0
             in_own = sum(resident(base, x, y) for x, y in own)
             total = resident(base, 0, size)
+            if per_window:  # every layer's bytes in memory after this window (MB, file order)
+                per_layer = [round(resident(base, *spans[i]) / 1e6, 1) for i in sorted(spans)]
+                print(f"lap {lap} window {wi}: read {rd / 1e6:.1f} MB, major faults {mf}, layers in memory "
+                      f"{per_layer}", flush=True)
             rows.append({"lap": lap, "window": wi, "bytes": b - a, "read": rd, "majflt": mf,
                          "resident_own": in_own, "resident_other": total - in_own})
     del buf
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", default="", help="the GGUF file (default: the study's cached random weights)")
     ap.add_argument("--read-mbs", type=float, default=0.0, help="throttle the probe's disk reads (blkio, MB/s) "
                     "as the emulated devices' are (default: none)")
+    ap.add_argument("--per-window", action="store_true", help="print every layer's resident MB after each window")
     ap.add_argument("--layer-ms", type=float, default=0.0, help="compute time per layer between its pages' "
                     "touches (default: none, a scan at memory speed)")
     a = ap.parse_args(argv)
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                     if pid == 0:
                         os.close(r)
                         try:
-                            rows = child(path, windows, budget, advice, willneed, a.laps, cg, a.layer_ms, bio)
+                            rows = child(path, windows, budget, advice, willneed, a.laps, cg, a.layer_ms, bio,
+                                         a.per_window)
                             os.write(wfd, repr(rows).encode())
                         finally:
                             os._exit(0)
