@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{np.mean([x['resident_own'] for x in steady]) / 1e6:.1f} | "
                              f"{np.mean([x['resident_other'] for x in steady]) / 1e6:.1f} |")
                 print(lines[-1], flush=True)
-    out = RESULTS / "lru_readaround.md"
+    out = RESULTS / ("lru_readaround_cases.md" if a.case else "lru_readaround.md")  # (--case: not the committed table)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return 0
