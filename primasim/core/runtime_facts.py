@@ -174,7 +174,10 @@ def keep_fraction(avail: float, window: float, layer: float, c: float) -> float:
     """Largest r with r * window + c * (1 - r) * layer <= avail (0 when even c layers do not fit)."""
     if window <= c * layer:
         return 0.0
-    return max(0.0, min(1.0, (avail - c * layer) / (window - c * layer)))
+    spare = avail - c * layer
+    if spare <= 1e-9 * c * layer:  # rounding of avail = c * layer (the output took the rest): keep none
+        return 0.0
+    return min(1.0, spare / (window - c * layer))
 
 
 def plan_residency(mode: str, budget: float, layer_bytes: dict[int, float], output_bytes: float = 0.0, *,
