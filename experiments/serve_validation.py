@@ -499,6 +499,8 @@ def analyze() -> None:
         _compare(meas, sim, row)
         row["pred_prefill_ms"] = 1e3 * float(np.median([x.token_times[0] - path[1] - x.admitted for x in sim.records
                                                          if x.token_times and x.admitted is not None]))
+        if f"profile_end:{row['profile']}" in rows:  # ablation: the hold's start profile alone
+            _compare(meas, simulate(plan, level_cluster(r), as_sent(meas), slots, path=path), row, "start_")
         row["factor"] = factor = factors.get(row["profile"], math.nan)
         if not math.isnan(factor):
             _compare(meas, simulate(plan, slowed(lcl, factor), as_sent(meas), slots, path=path), row, "cal_")
@@ -639,6 +641,18 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
                       f"{worst('err_ttft_p50'):.1f} %, P90 {worst('err_ttft_p90'):.1f} %; TPOT P50 "
                       f"{worst('err_tpot_p50'):.1f} %, P90 {worst('err_tpot_p90'):.1f} % "
                       f"(targets: 10 % at P50, 20 % at P90)."]
+        ok = sum(abs(t[f"err_{m}_{p}"]) <= (10 if p == "p50" else 20) for t in below for m in ("ttft", "tpot")
+                 for p in ("p50", "p90") if t[f"err_{m}_{p}"] is not None)
+        lines += [f"Level x metric cells within their target: {ok} of {4 * len(below)}."]
+        st = [t for t in below if "start_err_ttft_p50" in t]
+        if st:
+            rng = {k: (min(t[f"start_err_{k}"] for t in st), max(t[f"start_err_{k}"] for t in st))
+                   for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90")}
+            ok_s = sum(abs(t[f"start_err_{k}"]) <= (10 if k.endswith("p50") else 20) for t in st for k in rng)
+            lines += [f"Ablation, each level predicted from its hold's start profile alone (no `--end-profile` "
+                      f"interpolation), {len(st)} levels below saturation: " + ", ".join(
+                          f"{k.replace('_', ' ').upper()} {a:+.1f} ... {b:+.1f} %" for k, (a, b) in rng.items())
+                      + f"; cells within target {ok_s} of {4 * len(st)}."]
         out = [t for t in below if "cal_err_ttft_p50" in t]
 
         def worst_cal(key: str) -> float:
