@@ -100,7 +100,7 @@ FOREIGN_RETRY = 0.30  # re-run a configuration once if other processes used more
 
 # The training subset: the only configurations the fitted coefficients see.
 TRAIN_GROUPS = ("short-2", "rich-4")
-COMMITTED_FIT = {"call_scale": 2.5}  # what the committed study fits on TRAIN_GROUPS (results/fidelity.md)
+COMMITTED_FIT = {"call_scale": 2.0}  # fitted on fidelity_f32/run1 short-2 + rich-4 (2026-12-07 evening, quota at ticks); run2 and the streaming study use it
 # The streaming regime: the share of the weight file each device can hold (stream_memory_mib)
 STREAM_WEIGHTS = {"desktop": 0.16, "laptop": 0.13, "tablet": 0.08, "phone": 0.05}
 STREAM_TOKENS = 10  # streamed tokens are slow at f32 (seconds each); TPOT over 9 intervals
@@ -393,6 +393,7 @@ CONFIGS = {c.name: c for c in configs()}
 # What each modelled mechanism of the emulated devices buys: the same journal and fit, simulated
 # with the mechanism switched off (SimConfig switches).
 ABLATIONS = {"no CPU-quota bursts": {"cpu_quota_bursts": False},
+             "quota enforced at once (no tick)": {"quota_ticks": False},
              "devices on CPUs of their own": {"host_cpus": 0},
              "plain-rate disk": {"disk_slices": False},
              "plain-rate links": {"link_buckets": False},

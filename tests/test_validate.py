@@ -270,15 +270,37 @@ def test_cpu_quota_runs_bursts_at_full_speed_and_long_jobs_at_the_average() -> N
     q = _quota(0.4)  # 4 ms of CPU per 10 ms period, (0.4 - B) x 10 ms of it for the compute
     # a short job at the start of a period runs at full speed: 5 ms at the average = 2 ms of work
     assert q.duration(0.0, 5 * MS) == pytest.approx(2 * MS)
-    # a job that needs more than the period's budget waits for the next period
+    # a job that needs more than the period's budget runs on to the scheduler tick that sees the
+    # pool spent (4 ms: 0.1 ms past the 3.9 ms budget), then waits for the next period's refill,
+    # which first repays the overrun
     q = _quota(0.4)
-    assert q.duration(0.0, 15 * MS) == pytest.approx(10 * MS + (6 - (0.4 - B) * 10) * MS)
+    assert q.duration(0.0, 15 * MS) == pytest.approx(10 * MS + (6 - 4) * MS)
     # an idle spell refills the budget: the same short job after a wait is fast again
     assert q.duration(1.0, 5 * MS) == pytest.approx(2 * MS)
     # a long job runs at the average rate less the background threads' share
     assert _quota(0.4).duration(0.0, 2.0) == pytest.approx(2.0 * 0.4 / (0.4 - B), abs=10 * MS)
     # without a quota (or one of at least the worker's threads) time is the profiled time
     assert _quota(2.0, threads=2).duration(0.0, 7 * MS) == pytest.approx(7 * MS)
+
+
+def test_cpu_quota_is_enforced_at_scheduler_ticks_and_the_overrun_is_repaid() -> None:
+    """CFS charges a thread that computes without system calls at the scheduler tick
+    (runtime_facts.SCHED_TICK, 4 ms at CONFIG_HZ=250): a call runs past the spent pool until the
+    next tick, and the next refill repays the overrun before anything else runs."""
+    B = BACKGROUND_CPU
+    budget = (0.6 - B) * 10 * MS  # 5.9 ms of the 10 ms period
+    q = _quota(0.6)
+    # 7 ms of work from a period's start: the pool is spent at 5.9 ms, the tick at 8 ms comes later
+    assert q.duration(0.0, 7 * MS / 0.6) == pytest.approx(7 * MS)
+    # the next call (at once) finds a debt of 1.1 ms: it waits for the refill at 10 ms, which leaves
+    # 5.9 - 1.1 = 4.8 ms; 6 ms of work then runs to the tick at 16 ms and on to its end at 16 ms
+    assert q.duration(7 * MS, 6 * MS / 0.6) == pytest.approx(9 * MS)
+    # a strict quota (tick 0: the pool checked continuously) throttles at the budget
+    strict = _quota(0.6)
+    strict.tick = 0.0
+    assert strict.duration(0.0, 7 * MS / 0.6) == pytest.approx(10 * MS + (7 * MS - budget))
+    # over a long run the tick does not change the average rate
+    assert _quota(0.6).duration(0.0, 2.0) == pytest.approx(2.0 * 0.6 / (0.6 - B), abs=10 * MS)
 
 
 @settings(max_examples=200, deadline=None)

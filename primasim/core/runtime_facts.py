@@ -10,6 +10,7 @@
 - outside a memory cgroup a worker budgets prima.cpp's d_avail, MemAvailable x `HOST_AVAILABLE_SHARE`;
 - a worker's background threads take `BACKGROUND_CPU` of its device's CPU quota;
 - every byte a planned-streaming worker reads and evicts costs `STREAM_CPU_PER_BYTE` of its CPU;
+- an emulated CPU quota is enforced at the host's scheduler ticks (`SCHED_TICK`);
 - `runtime_model`: a ModelSpec as the runtime holds it (f32 KV, the activation reserve), for plans
   and simulations compared with the runtime;
 - residency (`plan_residency`): how a worker with a memory budget holds its weights, in either
@@ -72,6 +73,11 @@ BACKGROUND_CPU = 0.010  # CPU-seconds per second a worker spends outside its com
 # 195 MB, one CPU of this host (AMD EPYC), no cgroup: 0.39 ms/MB (willneed 0.15, touch 0.05, evict
 # 0.19; load 2.1) and 0.36 (0.16 / 0.05 / 0.15; load ~2), 2026-12-07. A host-CPU figure, not a disk one.
 STREAM_CPU_PER_BYTE = 0.37e-3 / 1e6  # CPU-seconds per streamed byte (read ahead, touched, evicted)
+# the scheduler tick of the host the emulated devices run on: CFS bandwidth control charges a
+# running thread's time to its group's pool at a tick (or a system call, a wake-up), so a thread in
+# one long XLA call runs past an exhausted CPU quota until the next tick and repays the overrun
+# from the next refills. CONFIG_HZ=250 on this host's kernel (6.18, /proc/config.gz): 4 ms.
+SCHED_TICK = 0.004
 MIN_SPAN = 256  # smallest attention span bucket (positions)
 HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # batched decode pads the running requests to one of these

@@ -46,6 +46,9 @@ class SimConfig:
                         "window), as `primasim run --residency`")
     cpu_quota_bursts: bool = _h(True, "runtime: an emulated CPU quota refills every CFS period, so short calls "
                                 "after a wait run at full speed (False: every call at the profiled average rate)")
+    quota_ticks: bool = _h(True, "runtime: the kernel charges an emulated CPU quota at scheduler ticks "
+                           "(runtime_facts.SCHED_TICK), so a call runs on past a spent quota until the next tick and "
+                           "repays the overrun from the next refills (False: throttled the moment the quota is spent)")
     disk_slices: bool = _h(True, "runtime: a throttled disk grants bytes per blk-throttle slice (False: a plain "
                            "rate at the sustained throughput)")
     host_cpus: int = _h(0, "runtime on an emulated cluster: the host CPUs its single-thread devices are pinned to "

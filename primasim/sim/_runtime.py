@@ -57,6 +57,7 @@ from primasim.core.runtime_facts import (
     BLOCK_TOKENS,
     KV_POOL_SHARE,
     MIN_SPAN,
+    SCHED_TICK,
     STREAM_CPU_PER_BYTE,
     anon_reserve,
     attention_span,
@@ -207,14 +208,19 @@ class CpuQuota:
     """A device's CPU behind a CFS bandwidth limit (cgroup `cpu.cfs_quota_us` / `cfs_period_us`).
 
     The profile measures the device's kernels back to back, i.e. at the quota's average rate
-    (`quota / threads` of the CPUs). The kernel refills `quota x period` CPU-seconds at every
-    period boundary (the period timer keeps its phase, and refills even after an idle spell), so a
-    short burst after a wait -- one ring hop's layers -- runs at the CPUs' full speed until the
-    period's budget is spent, then waits for the next period. The worker's background threads
-    spend `BACKGROUND_CPU` of the quota (the profile's probe runs without them). Without an
-    emulated quota (or one of at least the worker's threads) time is the profiled time."""
+    (`quota / threads` of the CPUs). The kernel refills the group's pool with `quota x period`
+    CPU-seconds at every period boundary, up to the quota (the period timer keeps its phase, and
+    an idle spell leaves the pool full), so a short burst after a wait -- one ring hop's layers --
+    runs at the CPUs' full speed until the pool is spent, then waits for the next refill. The
+    kernel sees the pool spent only when it accounts the running thread's time, at a scheduler
+    tick (`SCHED_TICK`) for a thread that computes without system calls (an XLA call): the thread
+    runs on into the tick, and the overrun is a debt the next refills repay. The worker's
+    background threads spend `BACKGROUND_CPU` of the quota (the profile's probe runs without
+    them). Without an emulated quota (or one of at least the worker's threads) time is the
+    profiled time."""
 
-    def __init__(self, dev: SimDevice, enabled: bool = True, host: HostCpu | None = None) -> None:
+    def __init__(self, dev: SimDevice, enabled: bool = True, host: HostCpu | None = None,
+                 tick: float = SCHED_TICK) -> None:
         em = dev.spec.emulate if enabled else None
         q = em.cpu_quota if em is not None else 0.0
         n = max(1, int(em.threads or math.ceil(q))) if em is not None else 1
@@ -223,9 +229,15 @@ class CpuQuota:
         # wall-seconds at full speed per period left to the compute: the worker's background threads
         # (memory sampler, control, zmq: `BACKGROUND_CPU`) take their share of every period's quota
         self.budget = max(0.5 * q, q - BACKGROUND_CPU) / n * self.period if self.frac < 1.0 else self.period
-        self.index = -1
-        self.used = 0.0
+        self.tick = tick
+        self.index = -1  # the period of the pool's last refill
+        self.pool = self.budget  # CPU-seconds (full speed) left; negative: a debt
         self.host = host  # the host CPU this device is pinned to, shared with others (or None)
+
+    def _refill(self, k: int) -> None:
+        if k > self.index:
+            self.pool = min(self.budget, self.pool + (k - self.index) * self.budget)
+            self.index = k
 
     def duration(self, now: float, profiled: float) -> float:
         """Wall seconds of work that takes `profiled` seconds at the quota's average rate (on a
@@ -235,7 +247,8 @@ class CpuQuota:
         if self.frac >= 1.0 and self.host is None:
             return profiled
         ends = self.host.busy_until(now) if self.host is not None else []
-        P, t, left = self.period, now, profiled * self.frac  # full-speed seconds to run
+        P, T, t, left = self.period, self.tick, now, profiled * self.frac  # full-speed seconds to run
+        check = True  # the kernel looks at the pool: when the work starts and at every tick
         while left > 1e-15:
             share = 1.0 / (1 + sum(1 for e in ends if e > t + 1e-12))
             nxt = min((e for e in ends if e > t + 1e-12), default=math.inf)
@@ -245,15 +258,22 @@ class CpuQuota:
                 t += run / share
                 continue
             k = math.floor(t / P + 1e-12)
-            if k != self.index:
-                self.index, self.used = k, 0.0
-            run = min(left, self.budget - self.used, (min((k + 1) * P, nxt) - t) * share)
-            if run <= 1e-15 and self.budget - self.used <= 1e-15:  # throttled until the period's refill
+            self._refill(k)
+            # throttled until a refill leaves time (1 ps: a smaller remainder would not move t)
+            if (check or T <= 0) and self.pool <= 1e-12:
                 t = (k + 1) * P
                 continue
-            self.used += run
+            check = False
+            edge = min((k + 1) * P, nxt)
+            if T > 0:
+                edge = min(edge, (math.floor(t / T + 1e-12) + 1) * T)
+            else:
+                edge = min(edge, t + self.pool / share)
+            run = min(left, (edge - t) * share)
+            self.pool -= run
             left -= run
             t += run / share
+            check = T > 0 and abs(t / T - round(t / T)) < 1e-9
         if self.host is not None:
             self.host.add(t)
         return t - now
@@ -330,7 +350,8 @@ class RuntimeRing:
         hosts = host_cpus(ctx)
         self.quota: dict[str, CpuQuota] = {}
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
-            self.quota[d.name] = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name))
+            self.quota[d.name] = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name),
+                                          SCHED_TICK if ctx.cfg.quota_ticks else 0.0)
             d.cpu.throttle = self.quota[d.name].duration
             if self.res[d.name].mode == "lru":
                 # a byte the faults bring in costs the faulting thread the kernel's work, as a
@@ -631,7 +652,7 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
     anon = pinned + ACT_RESERVE + min(n_req, cap) * per_req_blocks * block_bytes
     rec.set(dev.name, "mem_avail_min", dev.spec.ram_avail - anon)
     call = dev.spec.call_overhead
-    dev.cpu.throttle = CpuQuota(dev, cfg.cpu_quota_bursts).duration
+    dev.cpu.throttle = CpuQuota(dev, cfg.cpu_quota_bursts, tick=SCHED_TICK if cfg.quota_ticks else 0.0).duration
 
     def forward(n_tok_per_seq: int, seqs: int, pos: int) -> float:
         """One call per window + output for `seqs` sequences of `n_tok_per_seq` tokens (the
