@@ -10,6 +10,7 @@ phases), with the quota charged at scheduler ticks (`runtime_facts.SCHED_TICK`, 
 throttled the moment the quota is spent (`quota_ticks=False`, the model before 2026-12-07 19:45).
 
     sudo flock /work/coord/measure.lock nice -n -5 .venv/bin/python experiments/quota_tick.py
+    sudo ... experiments/quota_tick.py --quant q4k   # the same on the Q4_K_M GGUF (the compiled kernels)
     python experiments/quota_tick.py --model 9.4 12.7 18.1   # the model only, for given CPU ms
 
 Needs root (the cgroup) and the random-weight checkpoint `make validate` writes. The group is
@@ -46,7 +47,7 @@ def model_wall(cpu_s: float, cores: float, tick: float, n: int = 400) -> float:
     return statistics.median(walls)
 
 
-def worker(cpu: int) -> None:
+def worker(cpu: int, quant: str = "f32") -> None:
     """Inside the group: time the windows (prints one line per L)."""
     import numpy as np
 
@@ -56,7 +57,8 @@ def worker(cpu: int) -> None:
     from primasim.runtime.head import cached_random_weights
 
     os.sched_setaffinity(0, {cpu})
-    ck = open_checkpoint(cached_random_weights(load_model("llama-mini-300m", "f32"), fmt="safetensors"))
+    fmt = "safetensors" if quant == "f32" else "gguf"
+    ck = open_checkpoint(cached_random_weights(load_model("llama-mini-300m", quant), fmt=fmt))
     n = ck.spec.n_layers
     params = md.load_params(ck, list(range(n)), embed=True, head=True)
     kv: Any = md.init_kv(ck.spec, list(range(n)), 1024)
@@ -97,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--cpu", type=int, default=1, help="the host CPU to pin to")
+    ap.add_argument("--quant", default="f32", choices=("f32", "q4k"),
+                    help="f32 safetensors (XLA's dots) or the Q4_K_M GGUF (the compiled kernels)")
     ap.add_argument("--model", type=float, nargs="*", help="no measurement: the model's wall ms for these CPU ms")
     a = ap.parse_args(argv)
     if a.worker >= 0:
-        worker(a.worker)
+        worker(a.worker, a.quant)
         return 0
     if a.model:
         for cores in (0.6, 0.4):
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("quota_tick: needs root for the cgroup (or use --model)", file=sys.stderr)
         return 2
-    lines = [f"`python experiments/quota_tick.py` on {time.strftime('%Y-%m-%d %H:%M')}, "
+    lines = [f"`python experiments/quota_tick.py --quant {a.quant}` on {time.strftime('%Y-%m-%d %H:%M')}, "
              f"load {os.getloadavg()[0]:.2f}", ""]
     for cores in (0.6, 0.4):
         GROUP.mkdir()
@@ -117,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             (GROUP / "cpu.cfs_period_us").write_text(str(PERIOD_US))
             (GROUP / "cpu.cfs_quota_us").write_text(str(int(cores * PERIOD_US)))
             (GROUP / "cpu.shares").write_text("8192")
-            out = subprocess.run(["sh", "-c", f'echo $$ > {GROUP}/tasks && exec "$0" "$1" --worker "$2"',
-                                  sys.executable, __file__, str(a.cpu)], capture_output=True, text=True, check=True)
+            out = subprocess.run(["sh", "-c", f'echo $$ > {GROUP}/tasks && exec "$0" "$1" --worker "$2" --quant "$3"',
+                                  sys.executable, __file__, str(a.cpu), a.quant], capture_output=True, text=True, check=True)
         finally:
             GROUP.rmdir()
         rows = [(int(f[0]), *map(float, f[1:])) for f in (ln.split() for ln in out.stdout.splitlines()) if len(f) == 5]
