@@ -552,7 +552,7 @@ class EmulatedCluster:
         g = ed.group
         if g is None or ed.memory_limit <= 0:
             return None
-        usage = max(0, g.memory_current() - g.evictable_file())
+        usage = g.held()
         ed.base_usage = usage
         limit = int(usage + ed.memory_limit)
         try:

@@ -131,6 +131,8 @@ def test_a_v1_group_is_limited_and_read_through_the_v1_files(tmp_path: Path) -> 
     (di / "blkio.throttle.io_service_bytes").write_text("8:0 Read 4096\n8:0 Write 5\n8:16 Read 10\nTotal 4111\n")
     assert (g.page_cache(), g.anon(), g.major_faults(), g.oom_kills()) == (300, 400, 5, 2)
     assert g.evictable_file() == 200  # the page cache less the mlocked (unevictable) part
+    (dm / "memory.usage_in_bytes").write_text("1000\n")
+    assert g.held() == 800  # the usage less what reclaim can take
     assert (g.cpu_throttled_s(), g.io_read_bytes(), g.memory_peak()) == (1.5, 4106, 999)
     assert g.reset_peak() and (dm / "memory.max_usage_in_bytes").read_text() == "0"
 

@@ -209,6 +209,11 @@ class Group:
         keys = ("active_file", "inactive_file") if self.version == 2 else ("total_active_file", "total_inactive_file")
         return sum(st.get(k, 0) for k in keys)
 
+    def held(self) -> int:
+        """What the group holds that reclaim cannot take: its usage less `evictable_file` (anonymous,
+        kernel and mlocked memory) -- a worker's own footprint, whatever page cache it has read."""
+        return max(0, self.memory_current() - self.evictable_file())
+
     def anon(self) -> int:
         st = self.memory_stat()
         return st.get("anon", 0) if self.version == 2 else st.get("total_rss", st.get("rss", 0))

@@ -42,7 +42,7 @@ def memory_budget(reserve: float) -> tuple[float, str]:
         limit = g.memory_max()
         if limit < UNLIMITED // 2:
             # what reclaim can take (file pages on the LRU lists) is room, as in MemAvailable
-            used = g.memory_current() - g.evictable_file()
+            used = g.held()
             return float(limit - used - reserve), (f"memory cgroup v{g.version}: limit {limit} - usage {used} "
                                                    f"(less evictable page cache) - reserve {reserve:.0f}")
     avail = meminfo().get("MemAvailable", 1 << 62)

@@ -252,30 +252,35 @@ class Session:
         serving = bool(opts.get("serving")) and self.batch_pool is None and self.cfg.get("schedule") != "batch"
         warm_s = 0.0
 
+        def warm() -> float:
+            """Run every compiled shape once, reading no weight (a server: on every slot's cache, then
+            its temporaries back to the OS); returns the seconds it took."""
+            t = time.time()
+            lengths = self.cfg.get("warmup_lengths", [1])
+            with self.stage.zero_weights():
+                if self.batch_pool is not None or self.cfg.get("schedule") == "batch":
+                    if self.batch_pool is not None:
+                        self._compile(lengths, self.batch_pool)
+                else:
+                    slots = range(len(self.spare_kv))
+                    for i in slots if serving else slots[-1:]:
+                        self.spare_kv[i] = self._compile(lengths, self.spare_kv[i])
+            if serving:
+                gc.collect()
+                trim_heap()
+            return time.time() - t
+
         def warm_first(res: rs.Residency) -> None:
             nonlocal warm_s
             self.res = res
             self.fused = self.single and not res.streams
-            t = time.time()
-            with self.stage.zero_weights():
-                for i in range(len(self.spare_kv)):  # every slot's cache: what serving will run
-                    self.spare_kv[i] = self._compile(self.cfg.get("warmup_lengths", [1]), self.spare_kv[i])
-            gc.collect()
-            trim_heap()
-            warm_s = time.time() - t
+            warm_s = warm()
 
         self.res = rs.load(self.stage, self.mode, budget, pinned=self.pinned, prefetch=self.prefetch_on,
                            ring=len(self.ring), how=how, before_reading=warm_first if serving else None)
         self.fused = self.single and not self.res.streams
         if not serving:
-            t1 = time.time()
-            with self.stage.zero_weights():  # run every compiled shape once, reading no weight
-                if self.batch_pool is not None or self.cfg.get("schedule") == "batch":
-                    if self.batch_pool is not None:
-                        self._compile(self.cfg.get("warmup_lengths", [1]), self.batch_pool)
-                elif self.spare_kv:
-                    self.spare_kv[-1] = self._compile(self.cfg.get("warmup_lengths", [1]), self.spare_kv[-1])
-            warm_s = time.time() - t1
+            warm_s = warm()
         if self.res.plan.stream_prefetch or self.res.plan.window_prefetch:
             self.prefetcher = Prefetcher(self.stage, self.rec)
             self.prefetcher.start()

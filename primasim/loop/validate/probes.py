@@ -303,7 +303,7 @@ def _set_own_memory_limit(extra: float) -> dict[str, float]:
     g = device_cgroup()  # an emulated device's own memory cgroup (v1 or v2), never a shared one
     if g is None or os.geteuid() != 0:
         return {}
-    usage = max(0, g.memory_current() - g.evictable_file())
+    usage = g.held()
     limit = int(usage + extra)
     try:
         g.set_memory_max(limit)
