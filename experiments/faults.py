@@ -37,13 +37,8 @@ from typing import Any
 from primasim import load_model
 from primasim.core.io import atomic_csv_rows, atomic_write_text
 from primasim.runtime import write_random_checkpoint
-from primasim.runtime.emulate import (
-    find_leftovers,
-    is_root,
-    set_cpu_quota,
-    set_egress_rate,
-    state_dir,
-)
+from primasim.runtime.emulate import is_root, set_cpu_quota, set_egress_rate
+from primasim.runtime.running import process_gone, run_leftovers, run_state, wait_worker_pids
 
 OUT = Path(__file__).parent / "results"
 DEV = """
@@ -79,64 +74,13 @@ def wait_tokens(p: subprocess.Popen[bytes], n: int) -> None:
             got += os.read(p.stdout.fileno(), 4096)
 
 
-def workers(head: int) -> dict[str, int]:
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            args = [a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0")]
-        except OSError:
-            continue
-        if args[1:4] == ["-m", "primasim", "worker"] and "--parent-pid" in args \
-                and args[args.index("--parent-pid") + 1] == str(head):
-            out[args[args.index("--name") + 1]] = int(d.name)
-    return out
-
-
-def wait_workers(head: int) -> dict[str, int]:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        w = workers(head)
-        if len(w) == 3:
-            return w
-        time.sleep(0.1)
-    raise RuntimeError("workers did not start")
-
-
-def state_of(head: int) -> dict[str, Any]:
-    for f in state_dir().glob("*.json"):
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            st = json.loads(f.read_text())
-            if st.get("pid") == head:
-                return st
-    return {}
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def leftovers(head: int, pids: dict[str, int], st: dict[str, Any]) -> list[str]:
-    left = [f"process {n} ({p})" for n, p in pids.items() if not gone(p)]
-    if st:
-        left += [x for v in find_leftovers().values() for x in v if f"primasim-e{st['rid']}" in x]
-        left += [d for d in st["resources"].get("dirs", []) if Path(d).exists()]
-        if (state_dir() / f"{st['rid']}.json").exists():
-            left.append(f"state file {st['rid']}.json")
-    return left
-
-
 def fault(model: Path, cf: Path, name: str, inject: Any, *extra: str) -> dict[str, Any]:
     p = run(model, cf, *extra)
     pids: dict[str, int] = {}
     try:
-        pids = wait_workers(p.pid)
+        pids = wait_worker_pids(p.pid, 3)
         wait_tokens(p, 5)
-        st = state_of(p.pid)
+        st = run_state(p.pid)
         t0 = time.monotonic()
         inject(pids)
         try:
@@ -151,7 +95,7 @@ def fault(model: Path, cf: Path, name: str, inject: Any, *extra: str) -> dict[st
         msg = [ln for ln in err.decode().splitlines() if "error:" in ln]
         return {"fault": name, "detected_s": round(dt, 2), "exit_code": p.returncode,
                 "message": (msg[0] if msg else err.decode().strip().splitlines()[-1])[:300],
-                "leftovers": "; ".join(leftovers(p.pid, pids, st)) or "none", "options": " ".join(extra)}
+                "leftovers": "; ".join(run_leftovers(p.pid, pids, st)) or "none", "options": " ".join(extra)}
     finally:
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
@@ -172,20 +116,20 @@ def summary(items: list[str]) -> str:
 
 def head_kill(model: Path, cf: Path) -> dict[str, Any]:
     p = run(model, cf)
-    pids = wait_workers(p.pid)
+    pids = wait_worker_pids(p.pid, 3)
     wait_tokens(p, 5)
-    st = state_of(p.pid)
+    st = run_state(p.pid)
     t0 = time.monotonic()
     p.kill()
     p.wait()
-    while not all(gone(x) for x in pids.values()) and time.monotonic() - t0 < 30:
+    while not all(process_gone(x) for x in pids.values()) and time.monotonic() - t0 < 30:
         time.sleep(0.01)
     dt = time.monotonic() - t0
-    before = leftovers(p.pid, pids, st)
+    before = run_leftovers(p.pid, pids, st)
     nxt = run(model, cf, "--json", tokens=3)
     out, err = nxt.communicate(timeout=300)
     lim = json.loads(out)["emulation"]["limitations"] if nxt.returncode == 0 else [err.decode()[-200:]]
-    after = leftovers(p.pid, pids, st)
+    after = run_leftovers(p.pid, pids, st)
     return {"fault": "head SIGKILL", "detected_s": round(dt, 2), "exit_code": nxt.returncode,
             "message": "workers gone (PDEATHSIG); left until the next run: " + summary(before) + "; next run: " +
             "; ".join(x for x in lim if "removed" in x), "leftovers": "; ".join(after) or "none", "options": ""}

@@ -58,6 +58,7 @@ import numpy as np
 
 from primasim.core.io import atomic_open, atomic_savefig, atomic_write_bytes, atomic_write_text
 from primasim.core.model import ModelSpec
+from primasim.runtime.running import worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "experiments" / "results"
@@ -105,23 +106,6 @@ def proc_memory(pid: int) -> dict[str, float] | None:
     return out
 
 
-def find_workers(parent: int) -> dict[str, int]:
-    """Worker processes started by this driver: `primasim worker ... --name N --parent-pid parent`."""
-    found: dict[str, int] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv]
-        if "worker" in args and "--parent-pid" in args and "--name" in args and "primasim.runtime.emulate" not in args:
-            if args[args.index("--parent-pid") + 1] == str(parent):
-                found[args[args.index("--name") + 1]] = int(d.name)
-    return found
-
-
 class Sampler(threading.Thread):
     """Samples the memory of a set of processes every `interval` s until stopped."""
 
@@ -138,7 +122,7 @@ class Sampler(threading.Thread):
         while not self.stop_event.is_set():
             t = time.time()
             if self.parent is not None and t >= next_scan:
-                self.pids.update(find_workers(self.parent))
+                self.pids.update(worker_pids(self.parent))
                 next_scan = t + 2.0
             for dev, pid in list(self.pids.items()):
                 m = proc_memory(pid)

@@ -23,11 +23,13 @@ from zmq.utils.monitor import recv_monitor_message
 
 from primasim import load_model
 from primasim.runtime import write_random_checkpoint
-from primasim.runtime.emulate import (
-    find_leftovers,
-    set_cpu_quota,
-    set_egress_rate,
-    state_dir,
+from primasim.runtime.emulate import set_cpu_quota, set_egress_rate, state_dir
+from primasim.runtime.running import (
+    process_gone,
+    run_leftovers,
+    run_resources,
+    run_state,
+    wait_worker_pids,
 )
 
 DEV = """
@@ -93,63 +95,11 @@ def _wait_tokens(p: subprocess.Popen[bytes], n: int, timeout: float = 180) -> No
             got += os.read(p.stdout.fileno(), 4096)
 
 
-def _workers(head: int) -> dict[str, int]:
-    """Worker processes started by the head `head` (after the launcher's exec), by device."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in argv]
-        if args[1:4] == ["-m", "primasim", "worker"] and f"{head}" in args and "--parent-pid" in args:
-            if args[args.index("--parent-pid") + 1] == str(head):
-                out[args[args.index("--name") + 1]] = int(d.name)
-    return out
-
-
-def _wait_workers(head: int, n: int = 3, timeout: float = 120) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        w = _workers(head)
-        if len(w) == n:
-            return w
-        time.sleep(0.1)
-    raise AssertionError("workers did not start")
-
-
-def _state_of(head: int) -> dict[str, Any]:
-    for f in state_dir().glob("*.json"):
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            st = json.loads(f.read_text())
-            if st.get("pid") == head:
-                return st
-    return {}
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _mine(rid: str) -> list[str]:
-    return [x for v in find_leftovers().values() for x in v if f"primasim-e{rid}" in x]
-
-
 def _assert_clean(head: int, pids: dict[str, int], st: dict[str, Any]) -> None:
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not all(_gone(p) for p in pids.values()):
+    while time.monotonic() < deadline and not all(process_gone(p) for p in pids.values()):
         time.sleep(0.05)
-    assert all(_gone(p) for p in pids.values()), "orphan worker processes"
-    assert _workers(head) == {}
-    if st:
-        assert _mine(st["rid"]) == []
-        assert not any(Path(d).exists() for d in st["resources"].get("dirs", []))
-        assert not (state_dir() / f"{st['rid']}.json").exists()
+    assert run_leftovers(head, pids, st) == []
 
 
 def _fault(setup: tuple[Path, Path], inject: Any, *extra: str) -> tuple[int, str, float]:
@@ -157,9 +107,9 @@ def _fault(setup: tuple[Path, Path], inject: Any, *extra: str) -> tuple[int, str
     p = _run(setup, *extra)
     pids: dict[str, int] = {}
     try:
-        pids = _wait_workers(p.pid)
+        pids = wait_worker_pids(p.pid, 3)
         _wait_tokens(p, 5)
-        st = _state_of(p.pid)
+        st = run_state(p.pid)
         t0 = time.monotonic()
         inject(pids)
         _, err = p.communicate(timeout=120)
@@ -221,9 +171,9 @@ def test_hung_compute_mid_generation_is_named(heavy: tuple[Path, Path]) -> None:
 def test_sigkilled_head_the_next_run_starts_clean(setup: tuple[Path, Path]) -> None:
     p = _run(setup)
     try:
-        pids = _wait_workers(p.pid)
+        pids = wait_worker_pids(p.pid, 3)
         _wait_tokens(p, 5)
-        st = _state_of(p.pid)
+        st = run_state(p.pid)
         assert st and st["resources"]["dirs"]
         p.kill()
         p.wait(timeout=60)
@@ -232,20 +182,20 @@ def test_sigkilled_head_the_next_run_starts_clean(setup: tuple[Path, Path]) -> N
             p.kill()
             p.wait()
     deadline = time.monotonic() + 60  # workers die with their parent (PR_SET_PDEATHSIG)
-    while time.monotonic() < deadline and not all(_gone(x) for x in pids.values()):
+    while time.monotonic() < deadline and not all(process_gone(x) for x in pids.values()):
         time.sleep(0.05)
-    assert all(_gone(x) for x in pids.values())
+    assert all(process_gone(x) for x in pids.values())
     # left behind: its state file, work folder (logs, ready files) and, as root, cgroups + namespaces
     assert (state_dir() / f"{st['rid']}.json").exists()
     assert all(Path(d).exists() for d in st["resources"]["dirs"])
-    assert bool(_mine(st["rid"])) == ROOT
+    assert bool(run_resources(st["rid"])) == ROOT
     nxt = _run(setup, "--json", tokens=3)
     out, err = nxt.communicate(timeout=300)
     assert nxt.returncode == 0, err.decode()
     res = json.loads(out)
     assert len(res["token_ids"]) == 3
     assert any("removed" in x and "crashed run" in x for x in res["emulation"]["limitations"])
-    assert _mine(st["rid"]) == []
+    assert run_resources(st["rid"]) == []
     assert not any(Path(d).exists() for d in st["resources"]["dirs"])
     assert not (state_dir() / f"{st['rid']}.json").exists()
 

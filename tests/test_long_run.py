@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from primasim.runtime.running import worker_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,4 +60,4 @@ def test_long_run_memory_flat_and_tokens_match_single_device(tmp_path: Path) -> 
         assert v["RssAnon"]["slope"] < 16 * 1024, (d, v["RssAnon"])  # the trace recorder adds ~4 KiB/token
         assert v["RssAnon"]["growth"] < 4 * 2**20, (d, v["RssAnon"])
         assert abs(v["RssFile"]["growth"]) < 2 * 2**20, (d, v["RssFile"])
-    assert not lr.find_workers(os.getpid()), "workers left running"
+    assert not worker_pids(os.getpid()), "workers left running"
