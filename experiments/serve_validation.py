@@ -59,6 +59,7 @@ from primasim.core.serving import RequestRecord, summarize
 from primasim.core.units import MiB
 from primasim.core.workload import RequestSpec, Workload, poisson
 from primasim.loop.validate.hostload import HostLoad
+from primasim.serve.engine import worker_setup_s
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_diagnostics as diag  # noqa: E402  (next to this script)
@@ -421,7 +422,7 @@ def setup_model(start: dict[str, Any], cl: ClusterSpec) -> tuple[Any, dict[str, 
     xs, ys = [], []
     for n, ld in start["loads"].items():
         res = float(ld.get("resident_bytes", 0.0))
-        busy = float(ld.get("setup_warmup_s", 0.0)) + float(ld.get("load_s", 0.0)) + float(ld.get("warm_s", 0.0))
+        busy = worker_setup_s(ld)  # compile + LOAD (its warm-up inside: counted once)
         busy -= _read_time(cl.device(n), res)  # the disk's share is the simulator's own (reload="all")
         xs.append(res)
         ys.append(max(0.0, busy) * quota(n))
@@ -556,8 +557,7 @@ def _leave_report(r: dict[str, Any] | None, plan: Any, cl: ClusterSpec, slots: i
                 - (left.get("replan_s") or 0.0),
                 "connect_s": restart.get("connect_s"), "setup_s": restart.get("setup_s"),
                 "restart_s": (restart["ready_at"] - restart["start_s"]) if "ready_at" in restart else None,
-                "setup_by_device": {n: float(ld.get("setup_warmup_s", 0)) + float(ld.get("load_s", 0))
-                                    + float(ld.get("warm_s", 0)) for n, ld in restart.get("loads", {}).items()}}
+                "setup_by_device": {n: worker_setup_s(ld) for n, ld in restart.get("loads", {}).items()}}
     setup_fn, fitted = setup_model(r["server_start"], cl)
     make_plan_(cl)  # the server plans once at start (its planner loaded): the re-plan timed below is a warm one
     rcv = Recovery(detect_kill_s=0.05, setup_s=setup_fn, reload="all", warmup=slots, buckets=BUCKETS)
@@ -690,11 +690,11 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
                   f"| predicted | {_fmt(leave['predicted_recovery_s'], 2)} | {_fmt(p['detect_s'], 2)} | "
                   f"{_fmt(p['replan_s'], 3)} | {_fmt(p['setup_s'], 1)} |", "",
                   "Survivors' start-up per device (s), measured (the shared spawn of "
-                  f"{_fmt(m['connect_s'], 1)} s + the device's compile, load and warm) / predicted (spawn + set-up + "
-                  "disk reads): "
+                  f"{_fmt(m['connect_s'], 1)} s + the device's compile and LOAD, its warm-up inside: `worker_setup_s`) / predicted "
+                  "(spawn + set-up + disk reads): "
                   + ", ".join(f"{n} {_fmt((m['connect_s'] or 0) + v, 1)} / {_fmt((p['setup_by_device'] or {}).get(n), 1)}"
-                              for n, v in m["setup_by_device"].items()) + " (the measured phases overlap, so the slowest "
-                  f"device's sum exceeds the whole start-up). Stopping the old ring took {_fmt(m['stop_old_ring_s'], 2)} s "
+                              for n, v in m["setup_by_device"].items()) + "; the whole start-up also runs the warm-up "
+                  f"requests (one per slot). Stopping the old ring took {_fmt(m['stop_old_ring_s'], 2)} s "
                   "(not modelled).", "",
                   "Predicted = detection (the driver's poll) + re-plan (timed here) + the slowest survivor's start-up + "
                   "warm-up (one short request per slot) + the re-prefill of in-flight requests on the new plan, in the "

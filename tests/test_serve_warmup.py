@@ -60,3 +60,29 @@ def test_a_server_warms_every_slot_before_reading_weights_and_trims(llama_tiny: 
     else:  # `primasim run` keeps its order (other studies' memory figures were measured with it)
         assert len(warms) == 1 and warms[0] > read and "trim" not in events, events
     assert len(s.spare_kv) == 2
+
+
+def test_load_s_spans_the_warm_up_so_a_workers_set_up_counts_it_once(llama_tiny: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOAD's `load_s` covers its warm-up (`warm_s`): `worker_setup_s` (what the serve validation's
+    start-up model is fitted on) is SETUP's compile + LOAD, not + the warm-up again. Summing all three
+    predicted the emulated desktop's restart at 33.2 s where it took 22.1 s (2026-12-07)."""
+    import time
+
+    from primasim.serve.engine import worker_setup_s
+
+    compile_ = ss.Session._compile
+
+    def slow_warm(self: ss.Session, lengths: list[int], kv: Any = None) -> Any:
+        if kv is not None:  # a warm-up run: make it dominate LOAD
+            time.sleep(0.3)
+        return compile_(self, lengths, kv)
+
+    monkeypatch.setattr(ss.Session, "_compile", slow_warm)
+    s = ss.Session(_Worker(), _setup(llama_tiny, True))  # type: ignore[arg-type]
+    info = s.load()
+    assert info["warm_s"] >= 0.6  # both slots
+    assert info["load_s"] >= info["warm_s"]
+    whole = {**info, "setup_warmup_s": s.warmup_s}
+    assert worker_setup_s(whole) == pytest.approx(s.warmup_s + info["load_s"])
+    assert worker_setup_s(whole) < s.warmup_s + info["load_s"] + info["warm_s"] - 0.5

@@ -45,6 +45,16 @@ WAKE = "inproc://primasim-engine-wake"
 _ids = itertools.count(1)
 
 
+def worker_setup_s(load: dict[str, Any]) -> float:
+    """A worker's own start-up after its spawn, from its READY + LOAD replies: SETUP's compile
+    (`setup_warmup_s`) then LOAD (`load_s`). LOAD's `load_s` spans all of LOAD -- mapping, the
+    warm-up run of every compiled shape (`warm_s`, reported on its own) and the weight reads -- so
+    `warm_s` is inside it, not beside it (runtime/worker/session.py `Session.load`; the residency's
+    own `load_s`, weights only, is overwritten by the session's). Summing all three counted the
+    warm-up twice: 21.6 s for the laptop's start whose whole set-up phase took 13.3 s (2026-12-07)."""
+    return float(load.get("setup_warmup_s", load.get("warmup_s", 0.0)) or 0.0) + float(load.get("load_s", 0.0) or 0.0)
+
+
 @dataclass
 class EngineRequest:
     """One request as the engine tracks it (times on this host's clock, time.time())."""
