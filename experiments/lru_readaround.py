@@ -84,7 +84,7 @@ def resident(base: int, a: int, b: int) -> int:
 
 def child(path: str, windows: list[list[int]], budget: int, advice: str, willneed: bool, laps: int,
           cg: Path, layer_ms: float = 0.0, blkio: Path | None = None,
-          per_window: bool = False) -> list[dict[str, float]]:
+          per_window: bool = False, gap_ms: float = 0.0) -> list[dict[str, float]]:
     spans, emb, outp = layer_spans(path)
     fd = os.open(path, os.O_RDONLY)
     size = os.fstat(fd).st_size
@@ -124,6 +124,8 @@ def child(path: str, windows: list[list[int]], budget: int, advice: str, willnee
                 na, nb = spans[nw[0]][0], spans[nw[-1]][1]
                 _libc.madvise(base + na - na % PAGE, nb - na + na % PAGE, mmap.MADV_WILLNEED)
                 time.sleep(0.05)
+            if gap_ms > 0:  # the rest of the ring computes before this device's next window
+                time.sleep(gap_ms / 1e3)
             rd, mf = read_bytes() - r0, majflt() - f0
             in_own = sum(resident(base, x, y) for x, y in own)
             total = resident(base, 0, size)
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read-mbs", type=float, default=0.0, help="throttle the probe's disk reads (blkio, MB/s) "
                     "as the emulated devices' are (default: none)")
     ap.add_argument("--per-window", action="store_true", help="print every layer's resident MB after each window")
+    ap.add_argument("--gap-ms", type=float, default=0.0, help="idle time after each window (the rest of the "
+                    "ring computing; the readahead in flight completes)")
     ap.add_argument("--layer-ms", type=float, default=0.0, help="compute time per layer between its pages' "
                     "touches (default: none, a scan at memory speed)")
     a = ap.parse_args(argv)
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         os.close(r)
                         try:
                             rows = child(path, windows, budget, advice, willneed, a.laps, cg, a.layer_ms, bio,
-                                         a.per_window)
+                                         a.per_window, a.gap_ms)
                             os.write(wfd, repr(rows).encode())
                         finally:
                             os._exit(0)

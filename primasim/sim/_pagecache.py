@@ -18,6 +18,10 @@ prefetch) meeting the policy. The policies are the kernels' own rules, each with
     resident -- touched folios go active, the read-around's unused bytes are evicted -- and one
     a little larger thrashes (experiments/lru_readaround.py: a 36.5 MB window reads 1.4x a pass in
     37 MB of room and 0.23x in 38; rotated once instead, it thrashes up to ~45 MB);
+  - a page whose read is still in flight is locked; reclaim cannot take it (shrink_folio_list:
+    folio_trylock fails -> `keep`) and puts it back at the inactive list's head
+    (move_folios_to_lru -> lruvec_add_folio), so read-ahead pages a scan will use soon get a
+    whole trip down the list again instead of being the first to go once their read completes;
   - the active list is kept at most `inactive_ratio = isqrt(10 x GB)` times the inactive list
     (inactive_is_low); deactivated pages go to the inactive head;
   - a refault whose distance (age now - age at eviction) is at most the workingset size -- the
@@ -95,6 +99,10 @@ class PageCache:
         self.clock = 0.0  # nonresident age: bytes evicted + bytes activated (workingset_age_nonresident)
         self.x_used = 0.0  # bytes of other processes' memory pushed out to make room
         self.large_folios = large_folios and os != "macos"  # (XNU: 16 KiB pages, a reference bit)
+        # reclaim puts a page whose read is in flight back at the inactive list's head (below);
+        # False: it keeps its place at the tail and goes as soon as its read completes (the model
+        # before 2026-12-07 22:30; an ablation)
+        self.rotate_locked = True
         self.stats = PageCacheStats()
 
     # ---------------------------------------------------------------- queries
@@ -244,7 +252,14 @@ class PageCache:
         for _ in range(3):  # a full rotation clears every accessed bit: the next pass finds one
             self._deactivate_if_low()
             for c in list(self.inactive):
-                if c in self.locked or c == keep or (metal is False and self.is_metal.get(c)):
+                if c == keep or (metal is False and self.is_metal.get(c)):
+                    continue
+                if c in self.locked:
+                    # a folio whose read is in flight is locked: shrink_folio_list cannot take it
+                    # (folio_trylock fails -> `keep`) and puts it back at the list's head
+                    # (move_folios_to_lru -> lruvec_add_folio), a full trip from the tail again
+                    if self.rotate_locked:
+                        self.inactive.move_to_end(c)
                     continue
                 if c in self.young:
                     self.young.discard(c)
