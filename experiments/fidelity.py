@@ -394,6 +394,7 @@ CONFIGS = {c.name: c for c in configs()}
 # with the mechanism switched off (SimConfig switches).
 ABLATIONS = {"no CPU-quota bursts": {"cpu_quota_bursts": False},
              "quota enforced at once (no tick)": {"quota_ticks": False},
+             "host CPUs that do not slow each other": {"host_contention": False},
              "devices on CPUs of their own": {"host_cpus": 0},
              "plain-rate disk": {"disk_slices": False},
              "plain-rate links": {"link_buckets": False},
@@ -410,6 +411,7 @@ def ablation_table(rows: list[dict[str, Any]], ablated: dict[str, dict[str, dict
     cols = [("held-out TPOT", "held-out", None, "tpot_ms"), ("held-out TTFT", "held-out", None, "ttft_ms"),
             ("memory-short TPOT", None, "memory-short", "tpot_ms"), ("memory-rich TPOT", None, "memory-rich", "tpot_ms"),
             ("slow links TPOT", None, "bandwidth-limited", "tpot_ms"),
+            ("recurrent pipeline TPOT", None, "recurrent pipeline", "tpot_ms"),
             ("recurrent pipeline throughput", None, "recurrent pipeline", "throughput")]
     out = ["| simulator | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     variants = [("full model", {r["name"]: {k: r[f"pred_{k}"] for k in ("tpot_ms", "ttft_ms", "throughput")}
@@ -509,7 +511,9 @@ def summarize(rows: list[dict[str, Any]], fitted: dict[str, float], cmd: str, se
                   "CPU-quota bursts: a device's CFS budget refills every period, so a short window after a wait "
                   "runs at full speed (`CpuQuota`). Disk slices: blk-throttle grants a slice's allowance at the "
                   "disk's own speed (`DiskBucket`). Link buckets: a tbf-shaped link lets its bucket through at "
-                  "once after an idle spell (`LinkBucket`). See docs/validate.md.", ""]
+                  "once after an idle spell (`LinkBucket`). Host CPUs: devices pinned to one host CPU share it "
+                  "while they compute at once, and the host's two CPUs slow each other's windows "
+                  "(`Host`, `runtime_facts.HOST_CONTENTION`). See docs/validate.md.", ""]
     lines += ["## Fitted on the training subset", "",
               f"Training groups: {', '.join(TRAIN_GROUPS)}; everything else is held out. Fitted: "
               + (", ".join(f"`{k}` = {v:g}" for k, v in fitted.items()) or "nothing")

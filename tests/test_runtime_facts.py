@@ -132,7 +132,10 @@ def test_planning_commands_load_neither_jax_nor_zmq(tmp_path: Path) -> None:
 
 def test_devices_pinned_to_one_host_cpu_share_it_while_they_compute_at_once() -> None:
     """runtime/emulate.py pins single-thread devices to host CPUs by runtime_facts.emulated_cpus;
-    a job that starts while another device's runs on the same CPU gets half of it until that ends."""
+    while two devices' jobs run on one CPU each gets half of it -- the one already running as well
+    as the one that arrived (processor sharing) -- and each device's quota still applies."""
+    import simpy
+
     from primasim.core.device import DeviceSpec, EmulationSpec
     from primasim.core.runtime_facts import emulated_cpus
     from primasim.sim._runtime import CpuQuota, HostCpu
@@ -140,28 +143,40 @@ def test_devices_pinned_to_one_host_cpu_share_it_while_they_compute_at_once() ->
     MS = 1e-3
     dev = DeviceSpec(name="q", os="linux", cores=1, ram_total=2**30, ram_avail=2**30, ram_bw=1e10,
                      cpu_flops={"f32": 4e10}, disk_seq=3e8)
-
-    def _quota(cores: float) -> CpuQuota:
-        return CpuQuota(type("D", (), {"spec": dev.replace(emulate=EmulationSpec(cpu_quota=cores, cpu_period=10 * MS,
-                                                                                 threads=1))})())
-
     assert [emulated_cpus(i, 1, 0.6, [0, 1]) for i in range(4)] == [[0], [1], [0], [1]]
     assert emulated_cpus(1, 2, 1.5, [0, 1, 2, 3]) == [2, 3]
-    host = HostCpu()
 
-    def pinned(cores: float) -> CpuQuota:
-        q = _quota(cores)
-        q.host = host
-        return q
+    def ends(cores: tuple[float | None, ...], jobs: list[tuple[int, float, float]]) -> list[float]:
+        """End times of jobs (device, start, profiled seconds) on one shared host CPU."""
+        env = simpy.Environment()
+        host = HostCpu(env)  # one CPU of a host of its own
+        quotas = [CpuQuota(type("D", (), {"spec": dev if c is None else dev.replace(
+            emulate=EmulationSpec(cpu_quota=c, cpu_period=10 * MS, threads=1))})(), host=host) for c in cores]
+        out = [0.0] * len(jobs)
 
-    a, b = pinned(0.5), pinned(0.5)
-    assert a.duration(0.0, 4 * MS) == pytest.approx(2 * MS)  # alone: a burst at full speed
-    # b starts at 1 ms while a runs until 2 ms: 1 ms at half speed (0.5 ms of work), then 1.5 ms alone
-    assert b.duration(1 * MS, 4 * MS) == pytest.approx(2.5 * MS)
-    # later, alone again: full speed (budget of the new period)
-    assert a.duration(20 * MS, 4 * MS) == pytest.approx(2 * MS)
-    # without a quota the shared CPU alone slows it
-    free = CpuQuota(type("D", (), {"spec": dev})())
-    free.host = host
-    host.add(0.105)
-    assert free.duration(0.1, 10 * MS) == pytest.approx(12.5 * MS)  # 5 ms shared (2.5 of work), 7.5 alone
+        def job(i: int, d: int, t0: float, work: float):  # type: ignore[no-untyped-def]
+            yield env.timeout(t0)
+            yield quotas[d].start(env.now, work)  # (the device's cpu Server's `runner`)
+            out[i] = env.now
+
+        for i, (d, t0, w) in enumerate(jobs):
+            env.process(job(i, d, t0, w))
+        env.run()
+        return out
+
+    # alone: a burst at full speed (4 ms at the 0.5-core average rate = 2 ms of CPU)
+    assert ends((0.5,), [(0, 0.0, 4 * MS)]) == pytest.approx([2 * MS])
+    # b arrives at 1 ms while a runs: both at half speed until a's last 1 ms of CPU is done (3 ms),
+    # then b's last 1 ms alone -- a is slowed too (the CPU does 1 s of work per second, not 1.5)
+    assert ends((0.5, 0.5), [(0, 0.0, 4 * MS), (1, 1 * MS, 4 * MS)]) == pytest.approx([3 * MS, 4 * MS])
+    # the same on CPUs of their own (`duration`, no host): neither slows the other
+    alone = CpuQuota(type("D", (), {"spec": dev.replace(emulate=EmulationSpec(cpu_quota=0.5, cpu_period=10 * MS,
+                                                                              threads=1))})())
+    assert alone.duration(0.0, 4 * MS) == pytest.approx(2 * MS)
+    # without quotas the shared CPU alone slows them: 5 ms shared (2.5 of work each), then alone
+    assert ends((None, None), [(0, 0.0, 10 * MS), (1, 0.0, 5 * MS)]) == pytest.approx([15 * MS, 10 * MS])
+    # a throttled device leaves the CPU to the other: the 0.1-core one (5 ms of CPU, a 0.9 ms budget
+    # per period: 1 ms less the background threads' share) runs at half speed until the tick at 4 ms
+    # finds its pool spent (-1.1 ms), repays the debt over two refills and finishes alone from 20 ms;
+    # the other runs alone from 4 ms
+    assert ends((0.1, None), [(0, 0.0, 50 * MS), (1, 0.0, 10 * MS)]) == pytest.approx([23 * MS, 12 * MS])

@@ -11,6 +11,7 @@
 - a worker's background threads take `BACKGROUND_CPU` of its device's CPU quota;
 - every byte a planned-streaming worker reads and evicts costs `STREAM_CPU_PER_BYTE` of its CPU;
 - an emulated CPU quota is enforced at the host's scheduler ticks (`SCHED_TICK`);
+- the host's CPUs slow each other's decode windows while both compute (`HOST_CONTENTION`);
 - `runtime_model`: a ModelSpec as the runtime holds it (f32 KV, the activation reserve), for plans
   and simulations compared with the runtime;
 - residency (`plan_residency`): how a worker with a memory budget holds its weights, in either
@@ -78,6 +79,14 @@ STREAM_CPU_PER_BYTE = 0.37e-3 / 1e6  # CPU-seconds per streamed byte (read ahead
 # one long XLA call runs past an exhausted CPU quota until the next tick and repays the overrun
 # from the next refills. CONFIG_HZ=250 on this host's kernel (6.18, /proc/config.gz): 4 ms.
 SCHED_TICK = 0.004
+# the host's two CPUs share the memory system a decode window streams its weights through: while
+# both compute, a window takes more CPU time than alone. `experiments/host_contention.py` (windows
+# of 4 f32 blocks of llama-mini-300m, one token, back to back on CPU 0 alone, on CPU 1 alone, then
+# on both at once; 2026-12-07 22:11, under the measurement lock, load 7-10): thread CPU per call
+# together / alone 0.97-2.01 over 6 CPU x round pairs, median 1.25 -- bimodal (1.0-1.05 in one
+# round, 1.45-2.0 in two: a KVM guest whose two vCPUs the hypervisor places on separate cores or
+# on one core's two hyperthreads). The median is taken; experiments/results/host_contention.md.
+HOST_CONTENTION = 1.25
 MIN_SPAN = 256  # smallest attention span bucket (positions)
 HOST_AVAILABLE_SHARE = 0.8  # outside a memory cgroup a worker budgets MemAvailable x 0.8 (prima.cpp's d_avail)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # batched decode pads the running requests to one of these

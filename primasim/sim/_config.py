@@ -54,6 +54,9 @@ class SimConfig:
     host_cpus: int = _h(0, "runtime on an emulated cluster: the host CPUs its single-thread devices are pinned to "
                         "(device i of the cluster on CPU i mod host_cpus, runtime_facts.emulated_cpu); devices on "
                         "one CPU share it while they compute at once (0: every device has its own CPUs)")
+    host_contention: bool = _h(True, "runtime on an emulated cluster (host_cpus): while devices on different host "
+                               "CPUs compute at once, each window takes runtime_facts.HOST_CONTENTION times the CPU time "
+                               "(the CPUs share the memory system; False: host CPUs independent)")
     link_buckets: bool = _h(True, "a link with a shaper's bucket (`burst_kb`, tc tbf) lets that much through at once "
                             "after an idle spell (False: every message at the link's rate)")
     # --- schedule-specific workload knobs

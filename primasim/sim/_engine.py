@@ -103,6 +103,10 @@ class Server:
         # extension point: maps (start time, duration at the average rate) to the wall time the
         # job holds the server -- e.g. a CFS quota that runs bursts at full speed (sim/_runtime.py)
         self.throttle: Callable[[float, float], float] | None = None
+        # extension point: maps (start time, duration at the average rate) to the event of the job's
+        # end, for a server whose speed others change while the job runs (a host CPU that emulated
+        # devices share: sim/_cpu.py HostCpu); takes precedence over `throttle`
+        self.runner: Callable[[float, float], simpy.events.Event] | None = None
 
     # ---------------------------------------------------------------- whole jobs
     def serve(self, duration: float, *, name: str = "", priority: int = 0, nbytes: float = 0.0,
@@ -128,10 +132,13 @@ class Server:
         if duration <= 0.0:
             return
         t0 = self.env.now
-        if self.throttle is not None:
-            duration = self.throttle(t0, duration)
-        yield self.env.timeout(duration)
-        self.busy_time += duration
+        if self.runner is not None:
+            yield self.runner(t0, duration)
+        else:
+            if self.throttle is not None:
+                duration = self.throttle(t0, duration)
+            yield self.env.timeout(duration)
+        self.busy_time += self.env.now - t0
         self.jobs += 1
         if self.recorder is not None:
             self.recorder.span(self.device, self.resource, t0, self.env.now, name, seq, token, nbytes)

@@ -53,7 +53,6 @@ from primasim.core.model import ModelSpec
 from primasim.core.plan import Plan
 from primasim.core.runtime_facts import (
     ACT_RESERVE,
-    BACKGROUND_CPU,
     BLOCK_TOKENS,
     KV_POOL_SHARE,
     MIN_SPAN,
@@ -62,7 +61,6 @@ from primasim.core.runtime_facts import (
     anon_reserve,
     attention_span,
     batch_bucket,
-    emulated_cpus,
     kv_bytes,
     lru_room,
     plan_residency,
@@ -70,6 +68,7 @@ from primasim.core.runtime_facts import (
 from primasim.core.units import MiB
 
 from ._context import SimContext, SimResult, infeasible
+from ._cpu import CpuQuota, HostCpu, host_cpus  # noqa: F401  (HostCpu: re-exported)
 from ._devices import DEMAND, PREFETCH, SimDevice
 from ._engine import Proc
 from ._timing import DeviceTiming
@@ -204,117 +203,6 @@ class DiskBucket:
         return t - now
 
 
-class CpuQuota:
-    """A device's CPU behind a CFS bandwidth limit (cgroup `cpu.cfs_quota_us` / `cfs_period_us`).
-
-    The profile measures the device's kernels back to back, i.e. at the quota's average rate
-    (`quota / threads` of the CPUs). The kernel refills the group's pool with `quota x period`
-    CPU-seconds at every period boundary, up to the quota (the period timer keeps its phase, and
-    an idle spell leaves the pool full), so a short burst after a wait -- one ring hop's layers --
-    runs at the CPUs' full speed until the pool is spent, then waits for the next refill. The
-    kernel sees the pool spent only when it accounts the running thread's time, at a scheduler
-    tick (`SCHED_TICK`) for a thread that computes without system calls (an XLA call): the thread
-    runs on into the tick, and the overrun is a debt the next refills repay. The worker's
-    background threads spend `BACKGROUND_CPU` of the quota (the profile's probe runs without
-    them). Without an emulated quota (or one of at least the worker's threads) time is the
-    profiled time."""
-
-    def __init__(self, dev: SimDevice, enabled: bool = True, host: HostCpu | None = None,
-                 tick: float = SCHED_TICK) -> None:
-        em = dev.spec.emulate if enabled else None
-        q = em.cpu_quota if em is not None else 0.0
-        n = max(1, int(em.threads or math.ceil(q))) if em is not None else 1
-        self.period = em.cpu_period if em is not None else 0.0
-        self.frac = q / n if 0 < q < n and self.period > 0 else 1.0  # average speed / full speed
-        # wall-seconds at full speed per period left to the compute: the worker's background threads
-        # (memory sampler, control, zmq: `BACKGROUND_CPU`) take their share of every period's quota
-        self.budget = max(0.5 * q, q - BACKGROUND_CPU) / n * self.period if self.frac < 1.0 else self.period
-        self.tick = tick
-        self.index = -1  # the period of the pool's last refill
-        self.pool = self.budget  # CPU-seconds (full speed) left; negative: a debt
-        self.host = host  # the host CPU this device is pinned to, shared with others (or None)
-
-    def _refill(self, k: int) -> None:
-        if k > self.index:
-            self.pool = min(self.budget, self.pool + (k - self.index) * self.budget)
-            self.index = k
-
-    def duration(self, now: float, profiled: float) -> float:
-        """Wall seconds of work that takes `profiled` seconds at the quota's average rate (on a
-        shared host CPU: at 1 / (1 + others computing) of its speed while they do)."""
-        if profiled <= 0:
-            return profiled
-        if self.frac >= 1.0 and self.host is None:
-            return profiled
-        ends = self.host.busy_until(now) if self.host is not None else []
-        P, T, t, left = self.period, self.tick, now, profiled * self.frac  # full-speed seconds to run
-        check = True  # the kernel looks at the pool: when the work starts and at every tick
-        while left > 1e-15:
-            share = 1.0 / (1 + sum(1 for e in ends if e > t + 1e-12))
-            nxt = min((e for e in ends if e > t + 1e-12), default=math.inf)
-            if self.frac >= 1.0:  # no quota: only the shared CPU slows it
-                run = min(left, (nxt - t) * share)
-                left -= run
-                t += run / share
-                continue
-            k = math.floor(t / P + 1e-12)
-            self._refill(k)
-            # throttled until a refill leaves time (1 ps: a smaller remainder would not move t)
-            if (check or T <= 0) and self.pool <= 1e-12:
-                t = (k + 1) * P
-                continue
-            check = False
-            edge = min((k + 1) * P, nxt)
-            if T > 0:
-                edge = min(edge, (math.floor(t / T + 1e-12) + 1) * T)
-            else:
-                edge = min(edge, t + self.pool / share)
-            run = min(left, (edge - t) * share)
-            self.pool -= run
-            left -= run
-            t += run / share
-            check = T > 0 and abs(t / T - round(t / T)) < 1e-9
-        if self.host is not None:
-            self.host.add(t)
-        return t - now
-
-
-class HostCpu:
-    """One CPU of the host an emulated cluster runs on, and when the jobs of the devices pinned
-    to it end. A job that starts while others run there gets 1 / (1 + running) of the CPU until
-    they end (CFS shares it evenly among the devices' groups: equal cpu.shares); a job already
-    running is not slowed by one that starts later -- an approximation that charges the overlap
-    to the later job only."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def busy_until(self, now: float) -> list[float]:
-        self.ends = [e for e in self.ends if e > now + 1e-12]
-        return list(self.ends)
-
-    def add(self, end: float) -> None:
-        self.ends.append(end)
-
-
-def host_cpus(ctx: SimContext) -> dict[str, HostCpu]:
-    """Per emulated single-CPU device, the host CPU it is pinned to (`SimConfig.host_cpus`, the
-    emulation's rule `emulated_cpus`); devices on several CPUs or not emulated get none."""
-    n = int(ctx.cfg.host_cpus or 0)
-    if n <= 0:
-        return {}
-    cpus: dict[int, HostCpu] = {}
-    out = {}
-    for i, (name, d) in enumerate(ctx.devices.items()):
-        em = d.spec.emulate
-        if em is None:
-            continue
-        pinned = emulated_cpus(i, em.threads, em.cpu_quota, list(range(n)))
-        if len(pinned) == 1:
-            out[name] = cpus.setdefault(pinned[0], HostCpu())
-    return out
-
-
 class RuntimeRing:
     """The ring / recurrent-pipeline schedule of runtime/worker/ on simulated devices."""
 
@@ -350,9 +238,12 @@ class RuntimeRing:
         hosts = host_cpus(ctx)
         self.quota: dict[str, CpuQuota] = {}
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
-            self.quota[d.name] = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name),
-                                          SCHED_TICK if ctx.cfg.quota_ticks else 0.0)
-            d.cpu.throttle = self.quota[d.name].duration
+            q = self.quota[d.name] = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name),
+                                              SCHED_TICK if ctx.cfg.quota_ticks else 0.0)
+            if q.host is not None:  # a host CPU other devices share: they slow each other
+                d.cpu.runner = q.start
+            else:
+                d.cpu.throttle = q.duration
             if self.res[d.name].mode == "lru":
                 # a byte the faults bring in costs the faulting thread the kernel's work, as a
                 # planned worker's WILLNEED + touch + evict do (STREAM_CPU_PER_BYTE): on its quota
