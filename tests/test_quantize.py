@@ -181,6 +181,39 @@ def test_random_q4_k_m_file_has_llama_cpps_mix(tmp_path) -> None:
             assert np.sqrt(np.mean((got - want) ** 2)) <= RMSE[t.tensor_type.name] * np.sqrt(np.mean(want**2))
 
 
+def test_q4_k_m_blocks_are_unequal_and_the_spec_knows_each(tmp_path) -> None:
+    """The Q6_K layers of a Q4_K_M file are bigger; `ModelSpec.block_bytes` gives each block's bytes
+    as the file holds them (catalogue spec and the spec read from the file alike), and the
+    simulator's planned residency streams what the worker plans on the file's ranges."""
+    from primasim import load_model
+    from primasim.core.plan import DevicePlan, Plan
+    from primasim.core.runtime_facts import anon_reserve, plan_residency
+    from primasim.runtime import write_random_checkpoint
+    from primasim.runtime.checkpoint import open_checkpoint
+    from primasim.sim._runtime import residency
+
+    spec = _q4km_spec()
+    p = write_random_checkpoint(spec, tmp_path / "m.gguf", fmt="gguf", seed=1)
+    ck = open_checkpoint(p)
+    real = {i: float(sum(r[2] for r in ck.layer_ranges([i]))) for i in range(8)}
+    assert max(real.values()) > 1.05 * min(real.values())
+    from_file = load_model(p)
+    for i in range(8):
+        assert spec.block_bytes(i) == real[i]
+        assert abs(from_file.block_bytes(i) - real[i]) <= 1e-9 * real[i]
+    # a device with the last three blocks (two heavier), short of memory: the simulator plans what
+    # the worker plans on the file's ranges (from the mean block it streamed 24.6 % of each block,
+    # where the worker streams 32.5 %)
+    plan = Plan(system="even", model=spec.name, n_layers=8, k=1, quant="q4k", prefetch=True,
+                devices=(DevicePlan("a", 5), DevicePlan("b", 3)))
+    reserve = anon_reserve(3, 64, spec.n_kv_heads, spec.head_dim)
+    budget = 0.9 * sum(real[i] for i in (5, 6, 7))
+    worker = plan_residency("planned", budget, {i: real[i] for i in (5, 6, 7)}, prefetch=True)
+    sim = residency(plan, spec, budget + reserve, "b", max_seq=64)
+    assert sim.keep_fraction == pytest.approx(worker.keep_fraction, rel=1e-12)
+    assert sim.streamed == pytest.approx(worker.streamed, rel=1e-12)
+
+
 @needs_llama
 def test_random_q4_k_m_file_equals_llama_quantize(tmp_path) -> None:
     """Our Q4_K_M writer vs llama.cpp's llama_model_quantize of the same model written as F32:

@@ -109,7 +109,7 @@ def residency(plan: Plan, model: ModelSpec, ram_avail: float, name: str, *, max_
     budget = ram_avail - reserve
     out_b = float(model.output_bytes) if head else 0.0
     pinned = plan.weights == "pinned"
-    rp = plan_residency(mode, budget, {i: float(model.layer_bytes) for i in layers}, out_b, pinned=pinned,
+    rp = plan_residency(mode, budget, {i: model.block_bytes(i) for i in layers}, out_b, pinned=pinned,
                         prefetch=plan.prefetch, ring=ring)
     if pinned:
         total = rp.resident_bytes + (float(model.input_bytes) if head else 0.0)
