@@ -180,3 +180,48 @@ def test_devices_pinned_to_one_host_cpu_share_it_while_they_compute_at_once() ->
     # finds its pool spent (-1.1 ms), repays the debt over two refills and finishes alone from 20 ms;
     # the other runs alone from 4 ms
     assert ends((0.1, None), [(0, 0.0, 50 * MS), (1, 0.0, 10 * MS)]) == pytest.approx([23 * MS, 12 * MS])
+
+
+def test_two_host_cpus_computing_at_once_slow_each_other_by_the_measured_contention() -> None:
+    """While devices on different host CPUs compute at once, each one's work takes HOST_CONTENTION
+    times the CPU time (experiments/host_contention.py), and its quota is charged that CPU time;
+    alone, or on one CPU only, nothing changes."""
+    import simpy
+
+    from primasim.core.device import DeviceSpec, EmulationSpec
+    from primasim.sim._cpu import Host, HostCpu
+    from primasim.sim._runtime import CpuQuota
+
+    MS = 1e-3
+    dev = DeviceSpec(name="q", os="linux", cores=1, ram_total=2**30, ram_avail=2**30, ram_bw=1e10,
+                     cpu_flops={"f32": 4e10}, disk_seq=3e8)
+
+    def ends(c: float, jobs: list[tuple[int, float, float]], cores: float | None = None) -> list[float]:
+        """End times of jobs (host CPU, start, profiled seconds), one device per job."""
+        env = simpy.Environment()
+        host = Host(env, contention=c)
+        spec = dev if cores is None else dev.replace(emulate=EmulationSpec(cpu_quota=cores, cpu_period=10 * MS, threads=1))
+        out = [0.0] * len(jobs)
+
+        def job(i: int, cpu: int, t0: float, work: float):  # type: ignore[no-untyped-def]
+            q = CpuQuota(type("D", (), {"spec": spec})(), host=HostCpu(host, cpu))
+            yield env.timeout(t0)
+            yield q.start(env.now, work)
+            out[i] = env.now
+
+        for i, (cpu, t0, w) in enumerate(jobs):
+            env.process(job(i, cpu, t0, w))
+        env.run()
+        return out
+
+    assert ends(1.25, [(0, 0.0, 10 * MS)]) == pytest.approx([10 * MS])  # alone: no contention
+    # both at once from 0: 1.25x each while both run; the 4 ms job ends at 5 ms, then the other
+    # has 10 - 4 = 6 ms of work left alone
+    assert ends(1.25, [(0, 0.0, 10 * MS), (1, 0.0, 4 * MS)]) == pytest.approx([11 * MS, 5 * MS])
+    assert ends(1.0, [(0, 0.0, 10 * MS), (1, 0.0, 4 * MS)]) == pytest.approx([10 * MS, 4 * MS])
+    # two devices on the *same* CPU share it, with no cross-CPU contention
+    assert ends(1.25, [(0, 0.0, 10 * MS), (0, 0.0, 4 * MS)]) == pytest.approx([14 * MS, 8 * MS])
+    # the quota is charged CPU time: at 0.5 core (a 4.9 ms budget), 4 ms of work alone fits one
+    # burst, but at 1.25x it takes 5 ms of CPU, past the budget: the tick at 8 ms is not reached
+    # before the end, so it still ends in the first period, at 5 ms
+    assert ends(1.25, [(0, 0.0, 8 * MS), (1, 0.0, 8 * MS)], cores=0.5) == pytest.approx([5 * MS, 5 * MS])
