@@ -53,13 +53,24 @@ QK_CLONES void axpy(float* y, float s, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += s * x[i];
 }
 
-// rotate-half RoPE of one head vector (D) at angle p * inv_freq[j]; `interleaved`: the row is in
-// llama.cpp's pair order (x0, y0, x1, y1, ...) and is first put in rotate-half order
-void rope_row(const float* in, float* out, int64_t D, float p, const float* inv_freq, bool interleaved) {
+// cos and sin of the angles p * inv_freq[j] of one position (D/2 each): once per position, shared
+// by its key and query heads
+void rope_angles(float p, const float* inv_freq, int64_t h, float* cs) {
+  for (int64_t j = 0; j < h; ++j) {
+    const float a = p * inv_freq[j];
+    cs[j] = cosf(a);
+    cs[h + j] = sinf(a);
+  }
+}
+
+// rotate-half RoPE of one head vector (D) with its position's angles cs (rope_angles);
+// `interleaved`: the row is in llama.cpp's pair order (x0, y0, x1, y1, ...) and is first put in
+// rotate-half order
+void rope_row(const float* in, float* out, int64_t D, const float* cs, bool interleaved) {
   const int64_t h = D / 2;
   for (int64_t j = 0; j < h; ++j) {
     const float x1 = interleaved ? in[2 * j] : in[j], x2 = interleaved ? in[2 * j + 1] : in[h + j];
-    const float a = p * inv_freq[j], c = cosf(a), s = sinf(a);
+    const float c = cs[j], s = cs[h + j];
     out[j] = x1 * c - x2 * s;
     out[h + j] = x2 * c + x1 * s;
   }
@@ -128,13 +139,16 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<
   if (vc != vc_in.typed_data()) memcpy(vc, vc_in.typed_data(), cache_bytes);
   const float* fr = inv_freq.typed_data();
   const bool il = interleaved != 0;
+  std::vector<float> angles((size_t)(B * T * D));  // cos | sin per (sequence, token)
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) rope_angles((float)(ps[b] + t), fr, D / 2, angles.data() + (b * T + t) * D);
   // the new keys (rotated) and values, written at their positions
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t p = ps[b] + t;
       for (int64_t g = 0; g < Hkv; ++g) {
         const int64_t src = ((b * T + t) * Hkv + g) * D, dst = ((b * Hkv + g) * S + p) * D;
-        rope_row(k.typed_data() + src, kc + dst, D, (float)p, fr, il);
+        rope_row(k.typed_data() + src, kc + dst, D, angles.data() + (b * T + t) * D, il);
         memcpy(vc + dst, v.typed_data() + src, D * 4);
       }
     }
@@ -153,7 +167,7 @@ ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<
     float* sc = qr + D;
     for (int64_t t = 0; t < T; ++t) {
       const int64_t p = ps[b] + t;
-      rope_row(qp + ((b * T + t) * H + h) * D, qr, D, (float)p, fr, il);
+      rope_row(qp + ((b * T + t) * H + h) * D, qr, D, angles.data() + (b * T + t) * D, il);
       float* orow = o + ((b * T + t) * H + h) * D;
       if (row) {  // the set's vectorised loops (the same steps; summation order and exp to ~1 ulp differ)
         row(qr, kb, vb, D, p + 1, scale, sc, orow);

@@ -62,29 +62,48 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// AVX2's float kernels (F32, F16, BF16) with AVX-512's integer ones (Q8_0, Q4_0..Q5_1, K-quants):
+// from memory on two threads (Zen 4, 2026-12-07, docs/runtime.md) AVX-512's quantised kernels
+// stream faster (one thread: Q4_K 24.7 vs 21.2 GB/s, Q6_K 29.5 vs 25.7, Q8_0 29.0 vs 27.6; cache
+// resident Q4_K 28.2 vs 19.0), its F16 did not (22.4 vs 25.4). Built on first use where both run.
+const KernelSet* mixed_kernels() {
+  static const KernelSet k = [] {
+    KernelSet m = *avx2_kernels();
+    const KernelSet& w = *avx512_kernels();
+    m.name = "avx512q-avx2f";
+    for (uint32_t t : {T_Q8_0, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q4_K, T_Q5_K, T_Q6_K}) {
+      m.dot[t] = w.dot[t];
+      m.prep[t] = w.prep[t];
+    }
+    return m;
+  }();
+  return &k;
+}
+
 // The sets this CPU can run, best first.
-int available(const KernelSet* out[3]) {
+int available(const KernelSet* out[4]) {
   int n = 0;
-  if (cpu_has_avx512() && avx512_kernels()) out[n++] = avx512_kernels();
-  if (cpu_has_avx2() && avx2_kernels()) out[n++] = avx2_kernels();
+  const bool avx512 = cpu_has_avx512() && avx512_kernels(), avx2 = cpu_has_avx2() && avx2_kernels();
+  if (avx512 && avx2) out[n++] = mixed_kernels();
+  if (avx512) out[n++] = avx512_kernels();
+  if (avx2) out[n++] = avx2_kernels();
   out[n++] = scalar_kernels();
   return n;
 }
 
-// The default is the best set this CPU runs other than AVX-512, which is selectable by name
-// (PRIMASIM_KERNEL_ISA=avx512) and tested wherever CPUID + XCR0 allow it: on a Zen 4 host its
-// kernels are up to 1.4x faster on cache-resident rows, but decode from memory, timed in the same
-// rounds, was 1.00-1.09x faster with AVX2 (experiments/results/runtime_decode_bench.md).
+// The default is the best set this CPU runs: the mixed one where AVX-512 and AVX2 both run, else
+// AVX2 (AVX-512's own float kernels were no faster from memory; PRIMASIM_KERNEL_ISA=avx512 selects
+// them), else scalar. A name selects the first set it prefixes.
 const KernelSet* choose(const char* want) {
-  const KernelSet* sets[3];
+  const KernelSet* sets[4];
   const int n = available(sets);
   if (want && *want) {
     for (int i = 0; i < n; ++i)
       if (strncmp(sets[i]->name, want, strlen(want)) == 0) return sets[i];
     return nullptr;
   }
-  for (int i = 0; i < n; ++i)  // (avx512_kernels() itself runs AVX-512 code: call it only where available)
-    if (strncmp(sets[i]->name, "avx512", 6) != 0) return sets[i];
+  for (int i = 0; i < n; ++i)
+    if (strncmp(sets[i]->name, "avx512-", 7) != 0) return sets[i];
   return sets[n - 1];
 }
 
@@ -623,7 +642,7 @@ __attribute__((visibility("default"))) int primasim_qk_abi_version() { return qk
 // Names of the kernel sets this CPU can run, best first, separated by commas.
 __attribute__((visibility("default"))) const char* primasim_qk_available() {
   static std::string names = [] {
-    const qk::KernelSet* sets[3];
+    const qk::KernelSet* sets[4];
     const int n = qk::available(sets);
     std::string s;
     for (int i = 0; i < n; ++i) s += (i ? "," : "") + std::string(sets[i]->name);
