@@ -96,7 +96,8 @@ def available() -> bool:
 
 
 def isas() -> list[str]:
-    """Kernel sets this CPU can run, best first (e.g. avx512-vnni-bf16, avx2, scalar)."""
+    """Kernel sets this CPU can run, widest ISA first (e.g. avx512-vnni-bf16, avx512q-avx2f, avx2,
+    scalar; `isa()` is the default)."""
     return library().primasim_qk_available().decode().split(",")
 
 

@@ -80,12 +80,13 @@ const KernelSet* mixed_kernels() {
   return &k;
 }
 
-// The sets this CPU can run, best first.
+// The sets this CPU can run, widest ISA first (the whole AVX-512 set before the mixed one, so the
+// name prefix "avx512" selects the former).
 int available(const KernelSet* out[4]) {
   int n = 0;
   const bool avx512 = cpu_has_avx512() && avx512_kernels(), avx2 = cpu_has_avx2() && avx2_kernels();
-  if (avx512 && avx2) out[n++] = mixed_kernels();
   if (avx512) out[n++] = avx512_kernels();
+  if (avx512 && avx2) out[n++] = mixed_kernels();
   if (avx2) out[n++] = avx2_kernels();
   out[n++] = scalar_kernels();
   return n;
