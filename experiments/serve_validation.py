@@ -199,7 +199,11 @@ def make_plan_(cl: ClusterSpec) -> Any:
 
 # ------------------------------------------------------------------------------------ prediction
 def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: Any = None, recovery: Any = None,
-             path: tuple[float, float] = (0.0, 0.0)) -> Any:
+             path: tuple[float, float] = (0.0, 0.0), plan_cl: ClusterSpec | None = None) -> Any:
+    """The levels' prediction on `cl` (the hold's profile); a re-plan after a departure is the
+    server's: its planner on the cluster file it was started with (`plan_cl`, serve_cluster.toml),
+    timed on `cl` -- the 22:34 hold's own profile put the leftover layer on the tablet where the
+    server, planning on the first hold's profile, put it on the phone."""
     from primasim.core.runtime_facts import runtime_model
     from primasim.serve.engine import plan_for_runtime
     from primasim.sim import SimConfig, serve_workload
@@ -210,7 +214,7 @@ def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: An
 
     def replan(surv: ClusterSpec) -> Any:  # the server's planner, on the profiled survivors
         names = surv.names
-        return plan_for_runtime("prima", load_model(MODEL), cl.subset(names), N_CTX, {})
+        return plan_for_runtime("prima", load_model(MODEL), (plan_cl or cl).subset(names), N_CTX, {})
 
     return serve_workload("prima", model, cal, wl, plan=plan, config=cfg, slots=slots, buckets=BUCKETS,
                           departure=departure, recovery=recovery, replan=replan, path=path)
@@ -559,11 +563,11 @@ def _leave_report(r: dict[str, Any] | None, plan: Any, cl: ClusterSpec, slots: i
                 "restart_s": (restart["ready_at"] - restart["start_s"]) if "ready_at" in restart else None,
                 "setup_by_device": {n: worker_setup_s(ld) for n, ld in restart.get("loads", {}).items()}}
     setup_fn, fitted = setup_model(r["server_start"], cl)
-    make_plan_(cl)  # the server plans once at start (its planner loaded): the re-plan timed below is a warm one
+    make_plan_(load_cluster(RESULTS / "serve_cluster.toml"))  # the server plans once at start: the re-plan timed below is a warm one
     rcv = Recovery(detect_kill_s=0.05, setup_s=setup_fn, reload="all", warmup=slots, buckets=BUCKETS)
     t_first = min(x.arrival for x in meas)
     sim = simulate(plan, cl, as_sent(meas), slots, departure=Departure(t_kill - t_first, r["victim"]), recovery=rcv,
-                   path=path)
+                   path=path, plan_cl=load_cluster(RESULTS / "serve_cluster.toml"))
     pr = sim.recovery or {}
     return {"victim": r["victim"], "requests": len(meas), "completed": sum(x.status == "ok" for x in meas),
             "restarted": sum(x.restarts > 0 for x in meas), "measured_recovery_s": meas_rec,
