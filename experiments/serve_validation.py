@@ -77,6 +77,7 @@ JOURNAL = RESULTS / "serve_runs.jsonl"
 END_PROFILE = False  # --end-profile: probe the plan's devices again after each hold's levels
 PLAN_FILE = ""  # --plan: serve this plan instead of Halda's on the first profile
 HOST_CPUS = len(os.sched_getaffinity(0))  # the emulated devices are pinned to these (SimConfig.host_cpus)
+HOST_CONTENTION = True  # --no-host-contention: an ablation (SimConfig.host_contention, runtime_facts.HOST_CONTENTION)
 
 
 # ------------------------------------------------------------------------------------ cluster and plan
@@ -208,7 +209,8 @@ def simulate(plan: Any, cl: ClusterSpec, wl: Workload, slots: int, departure: An
     from primasim.serve.engine import plan_for_runtime
     from primasim.sim import SimConfig, serve_workload
 
-    cfg = SimConfig(runtime=True, warmup=False, tokens=OUTPUT, prompt_tokens=PROMPT, seed=SEED, host_cpus=HOST_CPUS)
+    cfg = SimConfig(runtime=True, warmup=False, tokens=OUTPUT, prompt_tokens=PROMPT, seed=SEED, host_cpus=HOST_CPUS,
+                    host_contention=HOST_CONTENTION)
     model = runtime_model(load_model(MODEL))
     cal = calibrated(cl)
 
@@ -712,7 +714,7 @@ def _report(table: list[dict[str, Any]], leave: dict[str, Any] | None, plan: Any
 
 
 def main() -> None:
-    global RESULTS, JOURNAL, N_REQUESTS, LEVELS, PLAN_FILE, END_PROFILE
+    global RESULTS, JOURNAL, N_REQUESTS, LEVELS, PLAN_FILE, END_PROFILE, HOST_CONTENTION
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resume", action="store_true", help="keep the profile and the levels already measured")
     ap.add_argument("--analyze", action="store_true", help="only re-simulate and report from the journal")
@@ -726,6 +728,8 @@ def main() -> None:
                     "levels and predict them from that profile (the host drifts between holds)")
     ap.add_argument("--end-profile", action="store_true", help="profile the plan's devices again after this part's "
                     "levels; each level is then predicted from the device figures interpolated to its time")
+    ap.add_argument("--no-host-contention", action="store_true", help="an ablation: predict without the host CPUs' "
+                    "contention (SimConfig.host_contention=False); use with --analyze --results DIR (a copy)")
     ap.add_argument("--nice", type=int, default=-5,
                     help="niceness of the profile, server and workers (-5: on a shared host the emulated devices get "
                          "their CPU quota; the others' CPU share is recorded per level)")
@@ -737,6 +741,7 @@ def main() -> None:
         RESULTS = Path(a.results)
         JOURNAL = RESULTS / "serve_runs.jsonl"
     N_REQUESTS, PLAN_FILE, END_PROFILE = a.requests, a.plan, a.end_profile
+    HOST_CONTENTION = not a.no_host_contention
     if a.levels:
         LEVELS = tuple(float(x) for x in a.levels.split(","))
     if a.analyze:
