@@ -543,6 +543,29 @@ def analyze() -> None:
     _report(table, leave, plan, cap_meas, rows, factors, diag_lines)
 
 
+def per_request(level: str) -> None:
+    """Print one level's requests, measured beside predicted (the same arrivals): TPOT, TTFT and how
+    long each overlapped another request (two in flight), to see which requests the simulator overlaps."""
+    rows = {r["level"]: r for r in read_journal(JOURNAL)}
+    plan = Plan.from_json(str(RESULTS / "serve_plan.json"))
+    r = rows[level]
+    meas = sorted(records_from_json(r["records"]), key=lambda x: x.arrival)
+    sim = sorted(simulate(plan, level_cluster(r, rows), as_sent(meas), len(plan.active), path=level_path(rows, r)).records,
+                 key=lambda x: x.arrival)
+
+    def tpot(x: RequestRecord) -> float:
+        return (x.token_times[-1] - x.token_times[0]) / max(1, len(x.token_times) - 1) * 1e3
+
+    def overlap(recs: list[RequestRecord], i: int) -> float:
+        a, b = recs[i].token_times[0], recs[i].token_times[-1]
+        return sum(max(0.0, min(b, y.token_times[-1]) - max(a, y.arrival)) for j, y in enumerate(recs) if j != i)
+
+    print("arrival s | measured TPOT ms, TTFT ms, overlap s | predicted TPOT ms, TTFT ms, overlap s")
+    for i, (m, p) in enumerate(zip(meas, sim)):
+        print(f"{m.arrival:7.2f} | {tpot(m):6.1f} {1e3 * (m.token_times[0] - m.arrival):6.0f} {overlap(meas, i):5.2f} | "
+              f"{tpot(p):6.1f} {1e3 * (p.token_times[0] - p.arrival):6.0f} {overlap(sim, i):5.2f}")
+
+
 def _leave_report(r: dict[str, Any] | None, plan: Any, cl: ClusterSpec, slots: int,
                   path: tuple[float, float]) -> dict[str, Any] | None:
     if r is None:
@@ -728,6 +751,8 @@ def main() -> None:
                     "levels and predict them from that profile (the host drifts between holds)")
     ap.add_argument("--end-profile", action="store_true", help="profile the plan's devices again after this part's "
                     "levels; each level is then predicted from the device figures interpolated to its time")
+    ap.add_argument("--per-request", default="", metavar="LEVEL", help="print one level's requests, measured beside "
+                    "predicted (e.g. 0.2; with --results DIR for an earlier run)")
     ap.add_argument("--no-host-contention", action="store_true", help="an ablation: predict without the host CPUs' "
                     "contention (SimConfig.host_contention=False); use with --analyze --results DIR (a copy)")
     ap.add_argument("--nice", type=int, default=-5,
@@ -744,7 +769,9 @@ def main() -> None:
     HOST_CONTENTION = not a.no_host_contention
     if a.levels:
         LEVELS = tuple(float(x) for x in a.levels.split(","))
-    if a.analyze:
+    if a.per_request:
+        per_request(a.per_request)
+    elif a.analyze:
         analyze()
     else:
         if a.nice:
