@@ -101,6 +101,23 @@ def test_more_of_any_resource_never_predicts_slower(case: tuple[ClusterSpec, Pla
     assert _tpot(better, plan) <= base * 1.001 + 1e-6
 
 
+@pytest.mark.xfail(strict=True, reason="a known gap (issue 15): a thrashing device's prefetch finds room or not "
+                   "by when demand reads are in flight, so a faster neighbour can make it re-read more")
+def test_known_counterexample_a_faster_head_makes_a_thrashing_neighbour_slower() -> None:
+    """Found by the property above (stored in a hypothesis database, 2026-12-07): d1 holds a 4.06 GB
+    window in 2.95 GB; doubling d0's RAM bandwidth moves token 2's prefetch on d1 from 33 to 392 MB
+    and d1 reads 1832 -> 2093 MB over 4 tokens (TPOT 868 -> 946 ms). Strict: it fails the day the
+    model stops doing it, and then the @example belongs in the property."""
+    d0 = _dev("d0", ram_gb=1330826240.0 / GB, bw=15, flops=100, disk=1.0)
+    d1 = _dev("d1", ram_gb=3227806720.0 / GB, bw=15, flops=100, disk=1.0, swap_gb=1.0)
+    cl = ClusterSpec("prop", (d0, d1), NetworkSpec("wifi", 100 * MBPS, 2 * MS), "d0")
+    plan = Plan("prima", MODEL.name, 32, 1, (DevicePlan("d0", 1), DevicePlan("d1", 31)), quant="q4k", prefetch=True)
+    base = simulate("prima", MODEL, cl, plan=plan, config=CFG)
+    faster = simulate("prima", MODEL, cl.replace_device(_more(d0, "ram_bw", 2.0)), plan=plan, config=CFG)
+    assert base.feasible and faster.feasible
+    assert faster.tpot_ms <= base.tpot_ms * 1.001 + 1e-6
+
+
 @SETTINGS
 @given(case=cases())
 def test_disk_bytes_are_faults_plus_prefetch(case: tuple[ClusterSpec, Plan]) -> None:
