@@ -138,7 +138,7 @@ def test_devices_pinned_to_one_host_cpu_share_it_while_they_compute_at_once() ->
 
     from primasim.core.device import DeviceSpec, EmulationSpec
     from primasim.core.runtime_facts import emulated_cpus
-    from primasim.sim._runtime import CpuQuota, HostCpu
+    from primasim.sim._cpu import CpuQuota, HostCpu
 
     MS = 1e-3
     dev = DeviceSpec(name="q", os="linux", cores=1, ram_total=2**30, ram_avail=2**30, ram_bw=1e10,

@@ -247,11 +247,9 @@ class ModelSpec:
         unequal (Q4_K_M gives attn_v and ffn_down Q6_K in a third of the middle layers and the first
         and last eighths: 13 % more bytes there for llama-mini-300m); measured sizes (a GGUF file's)
         scale them to the measured mean. Planners use the mean (`layer_bytes`), as prima.cpp does."""
-        b = float(self.layer_bytes_of(layer))
-        if self.measured_bytes:
-            mean = sum(self.layer_bytes_list) / self.n_layers
-            b *= self.measured_bytes[0] / mean if mean else 1.0
-        return b
+        b = float(self.layer_bytes_list[layer])
+        mean = sum(self.layer_bytes_list) / self.n_layers
+        return b * self.layer_bytes / mean if mean else b
 
     @property
     def layer_bytes(self) -> float:

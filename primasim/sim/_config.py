@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from primasim.core.errors import SpecError
+from primasim.core.runtime_facts import SCHED_TICK
 
 
 def _h(default: Any, help: str) -> Any:
@@ -69,6 +70,11 @@ class SimConfig:
     # --- output
     record_spans: bool = _h(True, "keep per-resource busy intervals in the trace (timeline)")
     max_sim_time: float = _h(1e6, "safety stop for the simulated clock, seconds")
+
+    @property
+    def sched_tick(self) -> float:
+        """Seconds between the scheduler ticks an emulated CPU quota is charged at (0: at once)."""
+        return SCHED_TICK if self.quota_ticks else 0.0
 
     def replace(self, **changes: Any) -> SimConfig:
         return dataclasses.replace(self, **changes)

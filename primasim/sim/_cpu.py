@@ -236,7 +236,7 @@ def host_cpus(ctx: SimContext) -> dict[str, HostCpu]:
     n = int(ctx.cfg.host_cpus or 0)
     if n <= 0:
         return {}
-    host = Host(ctx.env, SCHED_TICK if ctx.cfg.quota_ticks else 0.0, HOST_CONTENTION if ctx.cfg.host_contention else 1.0)
+    host = Host(ctx.env, ctx.cfg.sched_tick, HOST_CONTENTION if ctx.cfg.host_contention else 1.0)
     cpus: dict[int, HostCpu] = {}
     out = {}
     for i, (name, d) in enumerate(ctx.devices.items()):

@@ -56,7 +56,6 @@ from primasim.core.runtime_facts import (
     BLOCK_TOKENS,
     KV_POOL_SHARE,
     MIN_SPAN,
-    SCHED_TICK,
     STREAM_CPU_PER_BYTE,
     anon_reserve,
     attention_span,
@@ -68,7 +67,7 @@ from primasim.core.runtime_facts import (
 from primasim.core.units import MiB
 
 from ._context import SimContext, SimResult, infeasible
-from ._cpu import CpuQuota, HostCpu, host_cpus  # noqa: F401  (HostCpu: re-exported)
+from ._cpu import CpuQuota, host_cpus
 from ._devices import DEMAND, PREFETCH, SimDevice
 from ._engine import Proc
 from ._timing import DeviceTiming
@@ -239,7 +238,7 @@ class RuntimeRing:
         self.quota: dict[str, CpuQuota] = {}
         for d in ctx.devices.values():  # an emulated CPU quota runs short calls in bursts
             q = self.quota[d.name] = CpuQuota(d, ctx.cfg.cpu_quota_bursts, hosts.get(d.name),
-                                              SCHED_TICK if ctx.cfg.quota_ticks else 0.0)
+                                              ctx.cfg.sched_tick)
             if q.host is not None:  # a host CPU other devices share: they slow each other
                 d.cpu.runner = q.start
             else:
@@ -543,7 +542,7 @@ def run_runtime_batch(ctx: SimContext) -> SimResult:
     anon = pinned + ACT_RESERVE + min(n_req, cap) * per_req_blocks * block_bytes
     rec.set(dev.name, "mem_avail_min", dev.spec.ram_avail - anon)
     call = dev.spec.call_overhead
-    dev.cpu.throttle = CpuQuota(dev, cfg.cpu_quota_bursts, tick=SCHED_TICK if cfg.quota_ticks else 0.0).duration
+    dev.cpu.throttle = CpuQuota(dev, cfg.cpu_quota_bursts, tick=cfg.sched_tick).duration
 
     def forward(n_tok_per_seq: int, seqs: int, pos: int) -> float:
         """One call per window + output for `seqs` sequences of `n_tok_per_seq` tokens (the
