@@ -22,6 +22,7 @@ from primasim.core.cluster import ClusterSpec, cluster_from_toml
 from primasim.core.errors import CheckpointError, PlanError, WireError, WorkerError
 from primasim.core.model import ModelSpec
 from primasim.core.plan import DevicePlan, Plan
+from primasim.core.runtime_facts import anon_reserve
 from primasim.runtime import (
     generate,
     load_params,
@@ -382,14 +383,20 @@ def test_worker_with_half_its_window_in_memory_rereads_the_missing_bytes(tmp_pat
     assert len(res.token_ids[0]) == 8
     reads = np.diff([s.value for s in res.trace.samples if s.device == "w" and s.name == "disk_read_bytes"])
     per_token = float(np.median(reads))
-    missing = window - limit
     load = res.loads["w"]
+    # the worker sets aside its KV caches and the activation reserve; the rest of the limit is room for
+    # weights, less what the runtime's footprint grew by between the limit and LOAD (a few MB at most)
+    room = limit - anon_reserve(12, 64, spec.n_kv_heads, spec.head_dim)
+    assert room - 8 * 2**20 < load["budget"] <= room + 2**20, load["budget_how"]
+    missing = window - room
     assert load["streamed_bytes"] > 0 and load["resident_bytes"] > 0.3 * window
     # a token re-reads what was planned to stream (the kernel does not thrash the kept part; the page
     # cache's slack may keep a few MB of the streamed part: 0.93-0.96 x measured at 16 MiB reserve) ...
     assert 0.9 * load["streamed_bytes"] < per_token < 1.05 * load["streamed_bytes"]
-    # ... which is the missing bytes plus the room one streamed layer part needs (1/(n-1) for n layers)
-    assert 0.95 * missing < per_token < 1.3 * missing
+    # ... which is the missing bytes plus the room one streamed layer part needs (1/(n-1) = 9 % for 12
+    # layers; measured 1.09x, 116.2 of 108.8 MB): with the reserve left out of `missing` the ratio sat at
+    # 1.27-1.30 and a CI run failed a 1.3 bound by 0.1 MB
+    assert 0.95 * missing < per_token < 1.2 * missing
     # the cgroup's view agrees: block reads happened, the limit held
     st = res.trace.device_stats["w"]
     assert st["cg_blkio_read_bytes"] >= 7 * per_token

@@ -578,13 +578,16 @@ def test_validate_runs_the_papers_format_in_either_residency_mode(tmp_path: Path
     env = {**os.environ, "PRIMASIM_CACHE": str(tmp_path / "cache")}
     res = subprocess.run([sys.executable, "-m", "primasim", "validate", "--cluster", str(ctoml), "--model",
                           str(cfg_dir / "config.json"), "--quant", "q4k", "--residency", residency, "--tokens", "10",
-                          "--memory-scale", "0.005",  # each device's room for weights: ~0.2 MiB of the ~9 MB file
+                          # each device's room for weights: 0.9-2.8 MiB of the 7.9 MiB file (1.8 MiB layers);
+                          # at 0.005 (0.08-0.24 MiB) the plan needed all but 0.15 MiB of it and a CI machine's
+                          # probe measured less: "no allocation fits"
+                          "--memory-scale", "0.06",
                           "--prompt-tokens", "6", "--n-ctx", "128", "--option", "select_devices=false", "--out",
                           str(out), "--json"], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     summ = json.loads(res.stdout)
     assert summ["config"]["quant"] == "q4k" and summ["config"]["residency"] == residency
-    assert any("scaled by 0.005" in n for n in summ["notes"]), summ["notes"]
+    assert any("scaled by 0.06" in n for n in summ["notes"]), summ["notes"]
     found = list((tmp_path / "cache").rglob("model.gguf"))
     (gguf,) = [f for f in found if not any(p.endswith(".per-device") for p in f.parts)]
     copies = [f for f in found if f != gguf]  # lru: every emulated device maps a copy of its own (runtime/head.py)
@@ -595,7 +598,7 @@ def test_validate_runs_the_papers_format_in_either_residency_mode(tmp_path: Path
     rows = {(r["metric"], r["device"]): r for r in summ["comparison"]}
     tpot = rows[("TPOT", "")]
     assert tpot["predicted"] > 0 and tpot["measured"] > 0  # times of so small a model are noise on a shared host
-    # every device (~0.2 MiB for weights) held its layers the run's way: part of every layer, or the page cache
+    # every device (under a layer of room for weights) held its layers the run's way: part of every layer, or the page cache
     working = [d["name"] for d in summ["plan"]["devices"] if d["layers"]]
     assert working and all(summ["measured"]["devices"][n]["residency"] == {"planned": "streams", "lru": "lru"}[residency]
                            for n in working), summ["measured"]["devices"]
