@@ -346,7 +346,9 @@ def test_burst_probe_sees_a_blkio_throttle_as_rate_and_slice() -> None:
     finally:
         cg.rmdir()
     assert 0.8 * 150 * MB < res["rate"] < 1.25 * 150 * MB, res
-    assert res["burst"] > 0 and res["peak"] > 2 * res["rate"], res
+    # the slice's reads ran at the disk's own speed, above the throttle (by 2x+ here; by less on a slower
+    # disk or a loaded host: one run under load measured 289 MB/s, so the bound is not this host's figure)
+    assert res["burst"] > 0 and res["peak"] > 1.3 * res["rate"], res
     assert 0.04 < res["expiry"] < 0.25, res
 
 
