@@ -27,6 +27,7 @@ from .._measure import IoCounter, MemorySampler, device_cgroup, process_memory
 from ..pages import drop_pages, lock_code, resident_bytes, split_ranges, trim_heap
 from ..wire import Message, MsgType
 from . import residency as rs
+from .pagetrace import PageTrace
 from .prefetcher import Prefetcher
 from .recorder import MEM_SAMPLE, Recorder
 from .sender import Sender
@@ -118,6 +119,7 @@ class Session:
             except WorkerError as exc:
                 raise WorkerError(exc.what, where=f"device {self.name}", fix=exc.fix) from None
         self.prefetcher: Prefetcher | None = None  # started at LOAD if the residency prefetches
+        self.ptrace = PageTrace.from_env(str(self.stage.ckpt.path), self.name)  # diagnostic, off by default
         self.seqs: dict[int, SeqState] = {}
         # (seq, segment, activations or -- on the head, segment 0 -- the token ids to embed, pos, step)
         self.work: collections.deque[tuple[int, int, np.ndarray | list[int], int, int]] = collections.deque()
@@ -211,9 +213,15 @@ class Session:
     def release(self) -> dict[str, Any]:
         """Drop this worker's weight pages (a cold start; the checkpoint's checks read a few): what
         the process holds afterwards is the runtime's own footprint, which the emulator measures
-        before it limits the device's memory."""
+        before it limits the device's memory. The whole file, not only this worker's layers: the
+        kernel's read-around brings in the neighbours' bytes too, and those an earlier run left in
+        the page cache (charged to its removed cgroup, outside this device's limit) were found
+        there instead of read -- an lru device of the fidelity study read 14 MB a window where a
+        cold one reads 25 (experiments/results/lru_trace.md). Every worker is at this barrier
+        before any loads; pages another process maps stay (the kernel skips them)."""
         ranges = self.stage.all_ranges()
         drop_pages(ranges)
+        drop_pages([(str(f), 0, os.path.getsize(f)) for f in self.stage.ckpt.files])
         return {"bytes": sum(r[2] for r in ranges), **process_memory()}
 
     def load(self) -> dict[str, Any]:
@@ -375,7 +383,11 @@ class Session:
                 x, kv = self.stage.run(kv, x, pos, i, i + 1)
                 res.evict_layer(i)
         else:
+            if self.ptrace is not None:
+                self.ptrace.sample("before", (s, e), pos=pos, step=step)
             x, kv = self.stage.run(kv, x, pos, s, e)
+            if self.ptrace is not None:
+                self.ptrace.sample("after", (s, e), pos=pos, step=step)
             if self.prefetcher is not None:  # lru: the next window, while the rest of the ring computes,
                 # as far as the page cache's room holds it (lru_room): WILLNEED of more than that
                 # evicts the window's own first pages before use, and a 37 MB window into ~20 MB of
