@@ -85,18 +85,33 @@ def _more(dev: DeviceSpec, what: str, f: float) -> DeviceSpec:
     raise ValueError(what)
 
 
-@SETTINGS
+def _thrashes(cl: ClusterSpec, plan: Plan, name: str) -> bool:
+    """Whether device `name`'s layers exceed its memory (less the 1.2 GB `cases` adds for KV,
+    buffers and the head's output): it re-reads part of its window every token."""
+    need = plan.k * {d.name: d.layers for d in plan.devices}[name] * MODEL.layer_bytes
+    return need > cl.device(name).ram_avail - 1.2 * GB
+
+
+# Derandomised (a fixed sequence of examples, no example database): the suite must not pass here
+# and fail on a fresh CI machine that draws another sample. PRIMASIM_PROPERTY_EXAMPLES=200 searches
+# deeper (the same sequence, longer).
+@settings(SETTINGS, derandomize=True, database=None)
 @given(case=cases(), what=st.sampled_from(["ram_bw", "flops", "memory", "disk", "vram_bw", "network"]),
        factor=st.floats(1.05, 4.0), who=st.integers(0, 2))
 def test_more_of_any_resource_never_predicts_slower(case: tuple[ClusterSpec, Plan], what: str, factor: float,
                                                     who: int) -> None:
     cl, plan = case
+    name = cl.names[who % len(cl.names)]
+    # Left out, a known gap (the strict xfail below): with prefetch on, a device that thrashes
+    # re-reads more or less by when its WILLNEED finds room, which depends on whether demand reads
+    # are in flight at that instant -- so more of a resource on *another* device (or the network)
+    # can shift its timing into more re-reading. Everything else is held to the property.
+    assume(not (plan.prefetch and any(_thrashes(cl, plan, n) for n in cl.names if what == "network" or n != name)))
     base = _tpot(cl, plan)
     if what == "network":
         better = ClusterSpec(cl.name, cl.devices, dataclasses.replace(cl.network, bandwidth=cl.network.bandwidth * factor),
                              cl.head)
     else:
-        name = cl.names[who % len(cl.names)]
         better = cl.replace_device(_more(cl.device(name), what, factor))
     assert _tpot(better, plan) <= base * 1.001 + 1e-6
 
