@@ -92,10 +92,9 @@ def _thrashes(cl: ClusterSpec, plan: Plan, name: str) -> bool:
     return need > cl.device(name).ram_avail - 1.2 * GB
 
 
-# Derandomised (a fixed sequence of examples, no example database): the suite must not pass here
-# and fail on a fresh CI machine that draws another sample. PRIMASIM_PROPERTY_EXAMPLES=200 searches
-# deeper (the same sequence, longer).
-@settings(SETTINGS, derandomize=True, database=None)
+# (The suite's draws are derandomised by conftest's profile; PRIMASIM_HYPOTHESIS=explore draws
+# afresh, which the left-out region below keeps from finding the documented gap.)
+@SETTINGS
 @given(case=cases(), what=st.sampled_from(["ram_bw", "flops", "memory", "disk", "vram_bw", "network"]),
        factor=st.floats(1.05, 4.0), who=st.integers(0, 2))
 def test_more_of_any_resource_never_predicts_slower(case: tuple[ClusterSpec, Plan], what: str, factor: float,
