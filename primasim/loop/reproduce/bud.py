@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+import primasim.loop.reproduce.framework as fw
 from primasim.core.model_sources import load_model
 from primasim.sim import SimConfig, SimResult, simulate
 from primasim.sim._testbeds import bud_xeon
-
-from . import framework as fw
 
 # =========================================================================== Bud
 BUD_SRC = "Bud (arXiv 2406.07553) Tables 1-3"

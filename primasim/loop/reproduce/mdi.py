@@ -7,14 +7,13 @@ import math
 import pandas as pd
 from matplotlib.figure import Figure
 
+import primasim.loop.reproduce.framework as fw
 from primasim.core.cluster import ClusterSpec
 from primasim.core.model import ModelSpec
 from primasim.core.model_sources import load_model
 from primasim.core.plan import device_memory
 from primasim.sim import SimResult, simulate
 from primasim.sim._testbeds import mdi_jetsons
-
-from . import framework as fw
 
 # =========================================================================== MDI-LLM
 MDI_SRC = "MDI-LLM README figures / paper Sec. V"

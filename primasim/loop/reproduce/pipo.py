@@ -8,11 +8,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+import primasim.loop.reproduce.framework as fw
 from primasim.core.model_sources import load_model
 from primasim.sim import SimConfig, make_plan, simulate
 from primasim.sim._testbeds import pipo_laptop
-
-from . import framework as fw
 
 # =========================================================================== PIPO
 PIPO_SRC = "PIPO (arXiv 2504.03664) abstract"

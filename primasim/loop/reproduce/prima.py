@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+import primasim.loop.reproduce.framework as fw
 from primasim.core.cluster import ClusterSpec
 from primasim.core.model_sources import load_model
 from primasim.sim import SimResult, simulate
 from primasim.sim._fitted import value as fitted
-
-from . import framework as fw
 
 # =========================================================================== prima.cpp Table 4
 T4_SYSTEMS = ("llama.cpp", "exo", "dllama", "prima-no-halda", "prima-no-prefetch", "prima")

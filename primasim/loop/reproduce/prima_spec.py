@@ -22,12 +22,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+import primasim.loop.reproduce.framework as fw
 from primasim.core.model_sources import load_model
 from primasim.core.speculation import DraftSpec, FixedRate
 from primasim.plan.draft import plan_speculative
 from primasim.sim import SimResult, simulate
-
-from . import framework as fw
 
 SRC = "prima.cpp v2 Sec. 5 (speculative decoding)"
 MODELS = ("llama3-14b", "llama1-30b", "llama3-45b", "llama3-60b", "llama1-65b", "llama3-70b")

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import primasim.loop.validate.speculation as spv
 from primasim.core.cluster import ClusterSpec, load_cluster
 from primasim.core.errors import CheckpointError, PlanError, PrimasimError, SpecError
 from primasim.core.io import atomic_write_text
@@ -55,7 +56,6 @@ from primasim.runtime.head import cached_random_weights
 from primasim.sim import make_plan
 
 from ..row import Row
-from . import speculation as spv
 from .calibrate import ClusterProfile, Progress, profile_cluster
 from .compare import compare, measure, predict, prompt_ids
 from .hostload import HostLoad
