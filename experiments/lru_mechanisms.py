@@ -37,7 +37,7 @@ def _fidelity() -> Any:
     return mod
 
 
-def rows(runs: list[str]) -> list[dict[str, Any]]:
+def rows(runs: list[str], root: Path = ROOT) -> list[dict[str, Any]]:
     from primasim import load_model
     from primasim.core import runtime_facts
     from primasim.core.cluster import load_cluster
@@ -49,7 +49,7 @@ def rows(runs: list[str]) -> list[dict[str, Any]]:
     model = load_model(fid.MODEL, fid.QUANT)
     out = []
     for run in runs:
-        d = ROOT / run
+        d = root / run
         meta = json.loads((d / "fidelity_run.json").read_text())
         runtime_facts.ACT_RESERVE = int(meta.get("act_reserve_mib", 8.0) * 2**20)  # as the run reserved
         fid.HOST["cpus"] = int(meta.get("host_cpus", 0))
@@ -98,6 +98,8 @@ def report(out: list[dict[str, Any]], cmd: str) -> str:
              "(median, n) | where bytes off > 15 % |", "|---|---|---|---|---|---|---|"]
     for g in ("stream-2", "stream-3", "stream-4", ""):
         rs = [r for r in out if r["name"].startswith(g)]
+        if not rs:
+            continue
         t = [abs(err(r["pred_tpot"], r["meas_tpot"])) for r in rs]
         tt = [abs(err(r["pred_ttft"], r["meas_ttft"])) for r in rs]
         b = [abs(err(sum(v["pred_mb"] for v in r["dev"].values()), sum(v["meas_mb"] for v in r["dev"].values())))
@@ -122,10 +124,13 @@ def report(out: list[dict[str, Any]], cmd: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="run1,run2,run3,run4")
+    ap.add_argument("--root", default=str(ROOT), help="the study's results directory (run1..N inside)")
     ap.add_argument("--out", default=str(HERE / "results" / "lru_mechanisms.md"))
     a = ap.parse_args(argv)
     cmd = "python experiments/lru_mechanisms.py" + (f" --runs {a.runs}" if a.runs != "run1,run2,run3,run4" else "")
-    out = rows(a.runs.split(","))
+    if Path(a.root).resolve() != ROOT.resolve():
+        cmd += f" --root {a.root}"
+    out = rows(a.runs.split(","), Path(a.root))
     md = report(out, cmd)
     Path(a.out).write_text(md)
     print(md)

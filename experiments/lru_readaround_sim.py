@@ -63,7 +63,7 @@ def passes(windows: list[list[int]], room: float, read_ahead: float, laps: int =
         base += n
     if read_ahead:
         dev.map_file(MODEL, set(own), lb / n, head=False, base=base)
-        dev.cache.large_folios = True  # as sim/_runtime.py sets it with a profiled readahead
+        dev.cache.large_folios = False  # as sim/_runtime.py leaves it (its comment)
     per: list[float] = []
 
     def scan():  # type: ignore[no-untyped-def]

@@ -252,8 +252,9 @@ def test_readahead_into_a_small_memory_evicts_pages_before_use_and_rereads_them(
 
 
 def test_large_folios_go_active_at_their_first_scan_and_a_window_that_fits_stays() -> None:
-    """Linux 6.x with large folios (ext4): a chunk found with accessed PTEs at its first reclaim scan
-    is activated at once (referenced_ptes > 1), not rotated once with PG_referenced; so a cyclic
+    """The option PageCache.large_folios (off in the runtime model since lru devices were traced
+    keeping almost nothing on the active list, sim/_runtime.py): a chunk found with accessed PTEs at
+    its first reclaim scan is activated at once, not rotated once with PG_referenced; so a cyclic
     window a little smaller than its room stays resident while the read-around's unused bytes go
     (the kernel: a 36.5 MB window reads 0.23x a pass in 38 MB of room, experiments/lru_readaround.py),
     where one-reference rotation lets the read-around evict part of the window."""

@@ -127,11 +127,11 @@ class SimDevice:
     def map_file(self, model: ModelSpec, own: set[int], chunk: float, *, head: bool, base: int) -> None:
         """Lay the whole weight file out for readahead (set_file_layout): embedding, blocks and
         output layer in file order, this device's registered chunks where they are and the other
-        devices' parts as chunks of about `chunk` bytes (ids from `base`) it never computes with."""
+        devices' parts as chunks of about `chunk` bytes (ids from `base`) it never computes with;
+        each block its own bytes (`ModelSpec.block_bytes`: a mixed quantisation's blocks differ)."""
         assert self.cache is not None
-        lb = float(model.layer_bytes)
         parts: list[tuple[float, list[int] | None]] = [(float(model.input_bytes), None)]
-        parts += [(lb, self.weights.chunks[i] if i in own else None) for i in range(model.n_layers)]
+        parts += [(model.block_bytes(i), self.weights.chunks[i] if i in own else None) for i in range(model.n_layers)]
         parts.append((float(model.output_bytes), self.weights.output_chunks if head else None))
         file: list[int] = []
         for nbytes, ids in parts:

@@ -11,13 +11,14 @@ prefetch) meeting the policy. The policies are the kernels' own rules, each with
   - reclaim scans the inactive tail (folio_check_references): a mapped page whose accessed bit is
     set is rotated once with PG_referenced set, and activated if it is found accessed again; a
     page not accessed since the last scan is evicted, leaving a shadow entry with the
-    "nonresident age" (bytes evicted or activated so far). With `large_folios` (ext4 on 6.x: the
-    readahead builds folios of up to 2 MiB; /proc/meminfo FileHugePages) a chunk stands for
-    large folios mapped by many PTEs, and one found with accessed PTEs is activated at once
-    (referenced_ptes > 1). What that decides: a window a little smaller than its room stays
-    resident -- touched folios go active, the read-around's unused bytes are evicted -- and one
-    a little larger thrashes (experiments/lru_readaround.py: a 36.5 MB window reads 1.4x a pass in
-    37 MB of room and 0.23x in 38; rotated once instead, it thrashes up to ~45 MB);
+    "nonresident age" (bytes evicted or activated so far). `large_folios` (an option, off by
+    default and in the runtime model) activates a chunk found with accessed PTEs at its first
+    scan instead, as if every PTE of a large folio counted (ext4 on 6.x reads ahead in folios of up
+    to 2 MiB): it reproduces the knife edge of one replay (experiments/lru_readaround.py: a 36.5 MB
+    window reads 1.4x a pass in 37 MB of room and 0.23x in 38; rotated once, the model thrashes up
+    to ~45 MB) but not the runtime's lru devices traced on cold starts (PRIMASIM_PAGE_TRACE,
+    2026-12-08: 0.1-1.5 MB on the active list, one fault and 25 MB read per one-layer window; with
+    the option the model faulted twice a window and read 145 MB a token where they read 100);
   - a page whose read is still in flight is locked; reclaim cannot take it (shrink_folio_list:
     folio_trylock fails -> `keep`) and puts it back at the inactive list's head
     (move_folios_to_lru -> lruvec_add_folio), so read-ahead pages a scan will use soon get a

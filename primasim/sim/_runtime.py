@@ -276,17 +276,19 @@ class RuntimeRing:
             base = 0
             order: list[int] = []
             own = set(device_layers(self.plan, name))
-            for i in sorted(own):
-                order += dev.register_chunks(i, lb, n, metal=False, base=base)
+            for i in sorted(own):  # each block its own bytes (Q4_K_M's Q6_K blocks are larger)
+                order += dev.register_chunks(i, self.model.block_bytes(i), n, metal=False, base=base)
                 base += n
             if name == self.head:
                 order += dev.register_chunks(-1, float(self.model.output_bytes), n, metal=False, base=base)
                 base += n
             if dev.spec.read_ahead > 0:
                 dev.map_file(self.model, own, lb / n, head=name == self.head, base=base)
-                # the profiled host's page cache (ext4 on Linux 6.x) holds what readahead reads in
-                # large folios: touched ones go active at their first scan (PageCache.large_folios)
-                dev.cache.large_folios = dev.spec.os == "linux"
+                # touched pages are rotated once, not activated at their first scan
+                # (PageCache.large_folios stays off): a mapping's accessed PTEs count once per
+                # mapping (folio_referenced), and traced on the runtime (PRIMASIM_PAGE_TRACE,
+                # 2026-12-08, cold starts) lru devices kept 0.1-1.5 MB on the active file list
+                # of 26-31 MB, reading 25 MB a window for a one-layer window, as the model now does
             for cid in order:  # cold start + LOAD: read in order, the LRU keeps the latest
                 dev.cache.admit(cid, demand=True)
                 dev.cache.unlock(cid)
