@@ -85,13 +85,13 @@ def _p90(a: list[float]) -> float:
     return a[f] + (a[min(f + 1, len(a) - 1)] - a[f]) * (k - f)
 
 
-def report(out: list[dict[str, Any]], cmd: str) -> str:
+def report(out: list[dict[str, Any]], cmd: str, src: str = "fidelity_stream_q4k_room/run1..4") -> str:
     def err(p: float, m: float) -> float:
         return (p - m) / m * 100 if m else float("nan")
 
     lines = ["# lru rows: where the simulator misses, per device", "",
              f"`{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} (the simulator of this commit; the measurements of "
-             "fidelity_stream_q4k_room/run1..4). Bytes = disk MB read per token, pf = major faults per token, "
+             f"{src}). Bytes = disk MB read per token, pf = major faults per token, "
              "predicted / measured; stall = the simulator's compute waiting for faults, compute = the runtime's "
              "compute time per token (its faults included).", "",
              "| group | rows | TPOT median / P90 % | TTFT median % | bytes median / P90 % | TPOT err where bytes within 15 % "
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if Path(a.root).resolve() != ROOT.resolve():
         cmd += f" --root {a.root}"
     out = rows(a.runs.split(","), Path(a.root))
-    md = report(out, cmd)
+    md = report(out, cmd, f"{Path(a.root).name}/{a.runs}")
     Path(a.out).write_text(md)
     print(md)
     return 0

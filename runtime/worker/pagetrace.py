@@ -50,19 +50,22 @@ class PageTrace:
         return PageTrace(Path(d) / f"{device}.jsonl", path, device)
 
     def resident_mb(self) -> list[int]:
-        """Pages of the weight file in the page cache, per MiB of the file (256 pages a bin)."""
+        """Pages of the weight file in the page cache, per MiB of the file (256 pages a bin), over
+        every mapping of it (madvise splits one mapping into several)."""
         maps = _file_mappings(self.path)
         if not maps:
             return []
-        lo, hi, foff = max(maps, key=lambda m: m[1] - m[0])
-        n = (hi - lo) // PAGE
-        vec = np.zeros(n, dtype=np.uint8)
-        if _libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(n * PAGE), vec.ctypes.data_as(ctypes.c_void_p)):
-            return []
         per = (1 << 20) // PAGE
-        bits = (vec & 1).astype(np.int32)
-        pad = (-n) % per
-        return [int(x) for x in np.pad(bits, (0, pad)).reshape(-1, per).sum(axis=1)] if foff == 0 else []
+        size = max(foff + hi - lo for lo, hi, foff in maps)
+        bins = np.zeros(-(-size // (1 << 20)), dtype=np.int64)
+        for lo, hi, foff in maps:
+            n = (hi - lo) // PAGE
+            vec = np.zeros(n, dtype=np.uint8)
+            if _libc.mincore(ctypes.c_void_p(lo), ctypes.c_size_t(n * PAGE), vec.ctypes.data_as(ctypes.c_void_p)):
+                continue
+            pages = np.nonzero(vec & 1)[0] + foff // PAGE
+            np.add.at(bins, pages // per, 1)
+        return [int(x) for x in bins]
 
     def sample(self, tag: str, window: tuple[int, int], **extra: Any) -> None:
         st = self.group.memory_stat() if self.group is not None else {}
