@@ -17,7 +17,7 @@ prefetch) meeting the policy. The policies are the kernels' own rules, each with
     to 2 MiB): it reproduces the knife edge of one replay (experiments/lru_readaround.py: a 36.5 MB
     window reads 1.4x a pass in 37 MB of room and 0.23x in 38; rotated once, the model thrashes up
     to ~45 MB) but not the runtime's lru devices traced on cold starts (PRIMASIM_PAGE_TRACE,
-    2026-12-08: 0.1-1.5 MB on the active list, one fault and 25 MB read per one-layer window; with
+    2026-12-08: 0.1-0.2 MB on the active list, one fault and 25 MB read per one-layer window; with
     the option the model faulted twice a window and read 145 MB a token where they read 100);
   - a page whose read is still in flight is locked; reclaim cannot take it (shrink_folio_list:
     folio_trylock fails -> `keep`) and puts it back at the inactive list's head

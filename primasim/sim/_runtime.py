@@ -287,8 +287,8 @@ class RuntimeRing:
                 # touched pages are rotated once, not activated at their first scan
                 # (PageCache.large_folios stays off): a mapping's accessed PTEs count once per
                 # mapping (folio_referenced), and traced on the runtime (PRIMASIM_PAGE_TRACE,
-                # 2026-12-08, cold starts) lru devices kept 0.1-1.5 MB on the active file list
-                # of 26-31 MB, reading 25 MB a window for a one-layer window, as the model now does
+                # 2026-12-08, cold starts) one-layer lru windows kept 0.1-0.2 MB on the active
+                # file list of 17-43 MB and read 25 MB a window, as the model now does
             for cid in order:  # cold start + LOAD: read in order, the LRU keeps the latest
                 dev.cache.admit(cid, demand=True)
                 dev.cache.unlock(cid)
