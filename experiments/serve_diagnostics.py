@@ -120,6 +120,59 @@ def predict_run(plan: Any, cluster: Any, model: Any, prompt_tokens: int, host_cp
             "busy": m.busy}
 
 
+@contextlib.contextmanager
+def predicted_cpu() -> Any:
+    """Within the block, the simulator's devices on a shared host CPU record the CPU seconds they
+    are charged (`CpuQuota.used`, contention included): yields a dict filled with device -> seconds
+    when the block ends. (Wraps `CpuQuota.__init__` to find them: a diagnostic, not the model's API.)"""
+    from primasim.sim import _cpu
+
+    quotas: list[Any] = []
+    init = _cpu.CpuQuota.__init__
+
+    def collect(self: Any, dev: Any, *a: Any, **k: Any) -> None:
+        init(self, dev, *a, **k)
+        self.device_name = dev.spec.name
+        quotas.append(self)
+
+    out: dict[str, float] = {}
+    _cpu.CpuQuota.__init__ = collect  # type: ignore[method-assign]
+    try:
+        yield out
+    finally:
+        _cpu.CpuQuota.__init__ = init  # type: ignore[method-assign]
+        for q in quotas:
+            if q.host is not None:
+                out[q.device_name] = out.get(q.device_name, 0.0) + q.used
+
+
+def compute_cpu_s(dev: dict[str, Any]) -> float:
+    """A device's compute CPU seconds over a level: its main thread and XLA's executor thread (named
+    after the process, "python": the head's output layer runs there), not the background threads."""
+    return float(dev.get("main_cpu_s", 0.0)) + float(dev.get("thread:python", 0.0))
+
+
+def contention_report(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per level (`rate_req_s`, `tokens`; device -> CPU seconds `meas`ured, `pred`icted
+    with the host CPUs' contention, and without it: `flat`), each device's compute CPU per generated
+    token -- the contention each level met."""
+    if not rows:
+        return []
+    names = sorted({n for t in rows for n, v in t["pred"].items() if v > 0})  # devices that compute
+    lines = ["Contention the levels met: each device's compute CPU (main + XLA's executor thread) per generated "
+             "token, measured / predicted (host contention as modelled) / predicted without it, ms. A device whose "
+             "measured CPU per token rises with the load as the first prediction does met the modelled contention; "
+             "one that stays as flat as the second did not:", "",
+             "| offered req/s | " + " | ".join(f"{n} meas / pred / pred without" for n in names) + " |",
+             "|---" * (1 + len(names)) + "|"]
+    for t in rows:
+        tok = t["tokens"]
+        lines.append(f"| {t['rate_req_s']:.3f} | " + " | ".join(
+            f"{1e3 * t['meas'].get(n, math.nan) / tok:.1f} / {1e3 * t['pred'][n] / tok:.1f} / "
+            f"{1e3 * t['flat'].get(n, math.nan) / tok:.1f}" for n in names) + " |")
+    return lines + [""]
+
+
 def report(rows: dict[str, Any], levels: list[dict[str, Any]], pred_run: dict[str, Any] | None,
            tpot_p50: Callable[[dict[str, Any]], tuple[float | None, float | None]]) -> list[str]:
     """Markdown lines: the reference run against the simulator and the server, and per level the CPU

@@ -479,6 +479,7 @@ def _compare(meas: list[RequestRecord], sim: Any, row: dict[str, Any], prefix: s
 
 
 def analyze() -> None:
+    global HOST_CONTENTION
     rows = {r["level"]: r for r in read_journal(JOURNAL)}
     if not rows:
         raise SystemExit(f"nothing measured yet in {JOURNAL}")
@@ -490,7 +491,7 @@ def analyze() -> None:
     factors = {r["profile"]: run_factor(plan, level_cluster(r), rows[k])  # per hold, from its plain run
                for r in rows.values() if "profile" in r and str(r["level"]).startswith("profile:")
                if (k := "run" if r["profile"] == "serve_cluster.toml" else f"run:{r['profile']}") in rows}
-    table = []
+    table, cpu_rows = [], []
     for r in levels:
         meas = records_from_json(r["records"])
         ok = [x for x in meas if x.status == "ok"]
@@ -502,8 +503,16 @@ def analyze() -> None:
                "time": r.get("time")}
         path = level_path(rows, r)
         row["path_in_ms"], row["path_out_ms"] = 1e3 * path[0], 1e3 * path[1]
-        sim = simulate(plan, lcl, as_sent(meas), slots, path=path)
+        with diag.predicted_cpu() as cpu_pred:
+            sim = simulate(plan, lcl, as_sent(meas), slots, path=path)
         _compare(meas, sim, row)
+        if r.get("cpu") and HOST_CONTENTION:  # the contention each level met (a diagnostic)
+            HOST_CONTENTION = False
+            with diag.predicted_cpu() as cpu_flat:
+                simulate(plan, lcl, as_sent(meas), slots, path=path)
+            HOST_CONTENTION = True
+            cpu_rows.append({"rate_req_s": r["rate"], "tokens": sum(len(x.token_times) for x in ok), "pred": cpu_pred,
+                             "flat": cpu_flat, "meas": {n: diag.compute_cpu_s(d) for n, d in r["cpu"]["devices"].items()}})
         row["pred_prefill_ms"] = 1e3 * float(np.median([x.token_times[0] - path[1] - x.admitted for x in sim.records
                                                          if x.token_times and x.admitted is not None]))
         if f"profile_end:{row['profile']}" in rows:  # ablation: the hold's start profile alone
@@ -539,6 +548,7 @@ def analyze() -> None:
         plan, calibrated(profile_named(name)), load_model(MODEL), PROMPT, HOST_CPUS),
         lambda name: diag.layer_ms(load_cluster(RESULTS / name)))
     diag_lines += diag.split_report(table)
+    diag_lines += diag.contention_report(cpu_rows)
     _figure(table)
     _report(table, leave, plan, cap_meas, rows, factors, diag_lines)
 

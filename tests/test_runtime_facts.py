@@ -225,3 +225,29 @@ def test_two_host_cpus_computing_at_once_slow_each_other_by_the_measured_content
     # burst, but at 1.25x it takes 5 ms of CPU, past the budget: the tick at 8 ms is not reached
     # before the end, so it still ends in the first period, at 5 ms
     assert ends(1.25, [(0, 0.0, 8 * MS), (1, 0.0, 8 * MS)], cores=0.5) == pytest.approx([5 * MS, 5 * MS])
+
+
+def test_a_shared_host_cpu_reports_the_cpu_time_it_charged() -> None:
+    """`CpuQuota.used`: the CPU-seconds a device was charged on a shared host CPU, contention
+    included and the planning of completions (which runs ahead and rolls back) not counted."""
+    import simpy
+
+    from primasim.core.device import DeviceSpec
+    from primasim.sim._cpu import Host, HostCpu
+    from primasim.sim._runtime import CpuQuota
+
+    MS = 1e-3
+    dev = DeviceSpec(name="q", os="linux", cores=1, ram_total=2**30, ram_avail=2**30, ram_bw=1e10,
+                     cpu_flops={"f32": 4e10}, disk_seq=3e8)
+    env = simpy.Environment()
+    host = Host(env, contention=1.25)
+    qs = [CpuQuota(type("D", (), {"spec": dev})(), host=HostCpu(host, cpu)) for cpu in (0, 1)]
+
+    def job(q: CpuQuota, work: float):  # type: ignore[no-untyped-def]
+        yield q.start(env.now, work)
+
+    env.process(job(qs[0], 10 * MS))
+    env.process(job(qs[1], 4 * MS))
+    env.run()
+    # together for 5 ms (4 ms of work at 1.25x on each), then 6 ms alone
+    assert [q.used for q in qs] == pytest.approx([11 * MS, 5 * MS])

@@ -57,6 +57,7 @@ class CpuQuota:
         self.tick = tick
         self.index = -1  # the period of the pool's last refill
         self.pool = self.budget  # CPU-seconds (full speed) left; negative: a debt
+        self.used = 0.0  # CPU-seconds charged on a shared host CPU so far, contention included
         self.host = host  # the host CPU this device is pinned to, shared with others (or None)
 
     @property
@@ -177,6 +178,7 @@ class Host:
         for j in running:
             cpu_time = (nxt - t) / per_cpu[j.cpu]
             j.left = max(0.0, j.left - cpu_time * speed)
+            j.quota.used += cpu_time
             if j.quota.limited:
                 j.quota.pool -= cpu_time
             j.check = at_tick
@@ -194,15 +196,15 @@ class Host:
 
     def _first_end(self) -> float:
         """When the first of the current jobs ends (no arrival meanwhile); the state is kept."""
-        saved = [(j, j.left, j.check, j.quota.pool, j.quota.index) for j in self.jobs]
+        saved = [(j, j.left, j.check, j.quota.pool, j.quota.index, j.quota.used) for j in self.jobs]
         t = self.t
         try:
             while all(j.left > _EPS for j in self.jobs):
                 t = self._segment(t, math.inf)
             return t
         finally:
-            for j, left, check, pool, index in saved:
-                j.left, j.check, j.quota.pool, j.quota.index = left, check, pool, index
+            for j, left, check, pool, index, used in saved:
+                j.left, j.check, j.quota.pool, j.quota.index, j.quota.used = left, check, pool, index, used
 
     def _replan(self) -> None:
         self._plan += 1
