@@ -17,6 +17,7 @@ gpt-fast style: plain functions over a `ModelSpec` and a pytree of weights. f32 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -61,6 +62,10 @@ class Params:
     embed: QWeight | None = None  # token_embd (V, E)
     norm: jax.Array | None = None  # output_norm (E,)
     output: QWeight | None = None  # output (V, E); the embedding itself when tied
+
+    @functools.cached_property
+    def packed(self) -> dict[tuple[int, ...], _Packed]:  # layers -> their operands packed (`_pack`)
+        return {}
 
 
 GROUPS = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
@@ -199,10 +204,16 @@ def attention(q: jax.Array, keys: jax.Array, values: jax.Array, pos: jax.Array) 
     return out.transpose(0, 2, 1, 3, 4).reshape(B, T, H * D)
 
 
+def _norm(w: Layer, name: str) -> dict[str, Any]:
+    """A norm weight as `K.matmul` keywords: an array (E,), or (table, row) in a packed step."""
+    v = w[name]
+    return {"norm": v[0], "norm_row": v[1]} if isinstance(v, tuple) else {"norm": v}
+
+
 def block(spec: ModelSpec, interleaved: bool, files: Files, w: Layer, kv: LayerKV, x: jax.Array,
           pos: jax.Array, inv_freq: jax.Array, tables: jax.Array | None, span: int) -> tuple[jax.Array, LayerKV]:
     """One transformer block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
-    q, k, v = K.matmul(files, x, w["attn_qkv"], norm=w["attn_norm.weight"], eps=spec.norm_eps)
+    q, k, v = K.matmul(files, x, w["attn_qkv"], **_norm(w, "attn_norm.weight"), eps=spec.norm_eps)
     if spec.qkv_bias:
         q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
     if tables is None:  # contiguous cache: RoPE, the KV write and attention in one kernel call
@@ -211,7 +222,7 @@ def block(spec: ModelSpec, interleaved: bool, files: Files, w: Layer, kv: LayerK
         att, kc, vc = _attention_xla(spec, interleaved, kv, q, k, v, pos, inv_freq, tables, span)
     # the norms, SwiGLU and residual adds run inside the kernel calls (no XLA op each)
     x = K.matmul(files, att, w["attn_output"], residual=x)[0]
-    gate, up = K.matmul(files, x, w["ffn_gate_up"], norm=w["ffn_norm.weight"], eps=spec.norm_eps)
+    gate, up = K.matmul(files, x, w["ffn_gate_up"], **_norm(w, "ffn_norm.weight"), eps=spec.norm_eps)
     x = K.matmul(files, gate, w["ffn_down"], up=up, residual=x)[0]
     return x, (kc, vc)
 
@@ -247,15 +258,71 @@ def _blocks(files: Files, ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], x: ja
 _window = jax.jit(_blocks, static_argnames=("spec", "interleaved", "span"), donate_argnums=(2,))
 
 
-@partial(jax.jit, static_argnames=("spec", "interleaved", "span"), donate_argnums=(2,))
-def _forward(files: Files, ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], ids: jax.Array, pos: jax.Array,
-             inv_freq: jax.Array, emb: QWeight, norm: jax.Array, out: QWeight, *, spec: ModelSpec,
-             interleaved: bool, span: int) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...]]:
+# (first descriptor row, rows, cols) of one QWeight in a packed table; per layer (group name, that)
+_Where = tuple[int, tuple[int, ...], int]
+_Layout = tuple[tuple[tuple[tuple[str, _Where], ...], ...], _Where]
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """The operands of `forward` for some layers in a few arrays: every matrix's descriptors in one
+    table, the norm weights in another (attn, ffn per layer, then the output norm), the other 1-D
+    tensors (Qwen2's biases) per layer. A jitted call costs the host time per operand (pytree
+    flattening, buffer checks: ~0.2 ms for the 96 of a 16-block step when run between tokens,
+    docs/runtime.md); `layout` (static) says where each layer's matrices are."""
+
+    table: jax.Array
+    norms: jax.Array
+    extras: tuple[dict[str, jax.Array], ...]
+    layout: _Layout
+
+
+def _pack(params: Params, layers: tuple[int, ...]) -> _Packed:
+    """`_Packed` for `layers` (+ the head), memoised on the Params (built once per weights object)."""
+    got = params.packed.get(layers)
+    if got is not None:
+        return got
+    assert params.output is not None and params.norm is not None
+    descs, norms, extras, lay = [], [], [], []
+    row = 0
+
+    def where(w: QWeight) -> _Where:
+        nonlocal row
+        descs.append(np.asarray(w.desc)[w.first:w.first + len(w.rows)])
+        row += len(w.rows)
+        return (row - len(w.rows), w.rows, w.cols)
+
+    for i in layers:
+        w = params.layers[i]
+        lay.append(tuple((k, where(w[k])) for k in GROUPS))
+        norms += [np.asarray(w["attn_norm.weight"]), np.asarray(w["ffn_norm.weight"])]
+        extras.append({k: v for k, v in w.items() if k not in GROUPS and not k.endswith("_norm.weight")})
+    out = where(params.output)
+    norms.append(np.asarray(params.norm))
+    got = _Packed(jnp.asarray(np.concatenate(descs)), jnp.asarray(np.stack(norms).astype(np.float32)),
+                  tuple(extras), (tuple(lay), out))
+    params.packed[layers] = got
+    return got
+
+
+@partial(jax.jit, static_argnames=("spec", "interleaved", "span", "layout"), donate_argnums=(4,))
+def _forward(files: Files, table: jax.Array, norms: jax.Array, extras: tuple[dict[str, jax.Array], ...],
+             kvs: tuple[LayerKV, ...], ids: jax.Array, pos: jax.Array, inv_freq: jax.Array, emb: QWeight, *,
+             spec: ModelSpec, interleaved: bool, span: int,
+             layout: _Layout) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...]]:
     """Embedding, every block and the head in one call (single-device decode): the last
     position's logits (B, V) and their argmax (B,). Saves the dispatches and syncs between calls
-    (a few % per token); greedy decoding copies only the token ids to the host."""
-    x, kvs = _blocks(files, ws, kvs, K.embed(files, emb, ids), pos, inv_freq, None, spec, interleaved, span)
-    lg = K.matmul(files, x[:, -1], out, norm=norm, eps=spec.norm_eps)[0]
+    (a few % per token); greedy decoding copies only the token ids to the host. The weights come
+    packed (`_Packed`): every kernel call gets the same descriptor and norm tables."""
+    ws = []
+    for i, (groups, extra) in enumerate(zip(layout[0], extras)):
+        w: Layer = {k: QWeight(table, rows, cols, first) for k, (first, rows, cols) in groups}
+        w["attn_norm.weight"], w["ffn_norm.weight"] = (norms, 2 * i), (norms, 2 * i + 1)
+        ws.append({**w, **extra})
+    x, kvs = _blocks(files, tuple(ws), kvs, K.embed(files, emb, ids), pos, inv_freq, None, spec, interleaved, span)
+    first, rows, cols = layout[1]
+    lg = K.matmul(files, x[:, -1], QWeight(table, rows, cols, first), norm=norms, norm_row=2 * len(ws),
+                  eps=spec.norm_eps)[0]
     return lg, jnp.argmax(lg, axis=-1).astype(jnp.int32), kvs
 
 
@@ -361,9 +428,15 @@ def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[in
                           fix="allocate the cache with a larger max_seq")
     # host arrays go to the jitted call as they are (jnp.full / jnp.asarray would each dispatch an
     # XLA op of their own: ~0.5 ms of the host's CPU per decode token, measured)
-    args = (params.files, tuple(params.layers[i] for i in layers), kv.caches(layers), ids,
-            np.full((B,), pos, np.int32), params.inv_freq, params.embed, params.norm, params.output)
-    kw = {"spec": params.spec, "interleaved": params.qk_interleaved, "span": attention_span(pos + T, kv.max_seq)}
+    missing = [i for i in layers if i not in params.layers]
+    if missing:
+        raise WorkerError(f"no weights for layers {missing}", where="forward",
+                          fix="load_params with every layer of the window")
+    pk = _pack(params, layers)
+    args = (params.files, pk.table, pk.norms, pk.extras, kv.caches(layers), ids, np.full((B,), pos, np.int32),
+            params.inv_freq, params.embed)
+    kw = {"spec": params.spec, "interleaved": params.qk_interleaved, "span": attention_span(pos + T, kv.max_seq),
+          "layout": pk.layout}
     if compile_only:
         _forward.lower(*args, **kw).compile()
         return None, None, kv

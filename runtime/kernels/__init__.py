@@ -35,7 +35,7 @@ from primasim.core.errors import CheckpointError
 from ..quantize import row_bytes as row_bytes
 from .reference import TYPE_IDS, TYPE_NAMES
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 DESC_WORDS = 6  # offset lo, offset hi, ggml type, file index, rows, cols
 SUPPORTED = tuple(TYPE_IDS)  # weight types the kernels read
 _LOCK = threading.Lock()
@@ -137,18 +137,20 @@ def use_pool(name: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- weights
-@partial(jax.tree_util.register_dataclass, data_fields=["desc"], meta_fields=["rows", "cols"])
+@partial(jax.tree_util.register_dataclass, data_fields=["desc"], meta_fields=["rows", "cols", "first"])
 @dataclass(frozen=True)
 class QWeight:
     """One or more weight matrices (out_i, cols) in mapped files, computed together.
 
     `desc` (n, 6) uint32 per tensor: byte offset (low, high word), ggml type id, index into the
-    `files` operand list, rows, cols. Only the shapes are static, so the jit cache is shared by
-    every layer of the same architecture whatever the tensor types and offsets."""
+    `files` operand list, rows, cols; the tensors are rows first..first+len(rows)-1 of it (a decode
+    step passes one table for all its matrices). Only the shapes are static, so the jit cache is
+    shared by every layer of the same architecture whatever the tensor types and offsets."""
 
     desc: jax.Array
     rows: tuple[int, ...]
     cols: int
+    first: int = 0
 
 
 def describe(tensors: Sequence[tuple[int, int, str, int, int]]) -> np.ndarray:
@@ -194,13 +196,16 @@ M_NORM, M_SWIGLU, M_RESIDUAL = 1, 2, 4  # qk_ffi.cc Mode
 
 
 def matmul(files: Sequence[jax.Array], x: jax.Array, w: QWeight, *, norm: jax.Array | None = None,
-           eps: float = 0.0, up: jax.Array | None = None,
-           residual: jax.Array | None = None) -> tuple[jax.Array, ...]:
+           eps: float = 0.0, up: jax.Array | None = None, residual: jax.Array | None = None,
+           norm_row: int = 0) -> tuple[jax.Array, ...]:
     """x (..., cols) f32 times each tensor of `w` transposed: a tuple of (..., rows_i) f32.
 
     The block's element-wise steps can ride along (computed in the call, no XLA op of their own):
     `norm` (cols,): x -> rms_norm(x, eps) * norm first; `up` (shaped like x): x -> silu(x) * up
-    first; `residual` (shaped like result 0): result 0 -> residual + result 0."""
+    first; `residual` (shaped like result 0): result 0 -> residual + result 0.
+    Packed operands (a decode step passes one table of each instead of one array per call): the
+    tensors are rows `w.first`.. of `w.desc`, and `norm` may be a table (n, cols) whose row
+    `norm_row` is this call's weight."""
     if norm is not None and up is not None:
         raise ValueError("matmul: norm and up exclude each other")
     lead = x.shape[:-1]
@@ -212,7 +217,7 @@ def matmul(files: Sequence[jax.Array], x: jax.Array, w: QWeight, *, norm: jax.Ar
     library()
     return tuple(jax.ffi.ffi_call("primasim_matmul", out)(
         x.astype(jnp.float32), jnp.asarray(aux, jnp.float32), jnp.asarray(res, jnp.float32), w.desc, *files,
-        eps=np.float32(eps), mode=np.int32(mode)))
+        eps=np.float32(eps), mode=np.int32(mode), first=np.int32(w.first), aux_off=np.int64(norm_row * x.shape[-1])))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, inv_freq: jax.Array, kc: jax.Array,

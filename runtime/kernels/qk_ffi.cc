@@ -38,7 +38,7 @@ namespace ffi = xla::ffi;
 namespace qk {
 namespace {
 
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 constexpr int kDescWords = 6;
 constexpr int kMaxTensors = 16;
 constexpr int kGroup = 8;  // tokens per kernel call (weights unpacked once, used for all of them)
@@ -485,7 +485,7 @@ enum Mode : int32_t {
 
 ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffer<ffi::F32> resid,
                   ffi::Buffer<ffi::U32> desc, ffi::RemainingArgs files, ffi::RemainingRets outs,
-                  ffi::ThreadPool pool, float eps, int32_t mode) {
+                  ffi::ThreadPool pool, float eps, int32_t mode, int32_t first, int64_t aux_off) {
   const KernelSet* ks = kernels();
   const auto xd = x.dimensions();
   if (xd.size() < 1) return ffi::Error::InvalidArgument("primasim kernels: activations need a last axis");
@@ -493,9 +493,13 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
   const int64_t B = K ? (int64_t)x.element_count() / K : 0;
   const auto dd = desc.dimensions();
   const int nt = (int)outs.size();
-  if (dd.size() != 2 || dd[1] != kDescWords || dd[0] != nt || nt < 1 || nt > kMaxTensors)
-    return ffi::Error::InvalidArgument("primasim kernels: descriptor table must be (" + std::to_string(nt) +
-                                       ", 6) for " + std::to_string(nt) + " results");
+  // the call's tensors are rows first..first+nt-1 of the table (a whole model's table may be passed
+  // once to every call of a decode step: one operand instead of one per call)
+  if (dd.size() != 2 || dd[1] != kDescWords || first < 0 || dd[0] < (int64_t)first + nt || nt < 1 ||
+      nt > kMaxTensors)
+    return ffi::Error::InvalidArgument("primasim kernels: descriptor table must be (>= " +
+                                       std::to_string(first + nt) + ", 6) for " + std::to_string(nt) +
+                                       " results from row " + std::to_string(first));
   Tensor ts[kMaxTensors];
   bool need[P_COUNT] = {};
   int64_t total_rows = 0, total_bytes = 0;
@@ -506,7 +510,7 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
     const int64_t rows = od.size() ? od.back() : 0;
     if ((int64_t)(*o)->element_count() != B * rows)
       return ffi::Error::InvalidArgument(desc_error(i, "result shape does not match the activations"));
-    ffi::Error e = read_desc(desc.typed_data() + kDescWords * i, i, files, K, rows, ks, &ts[i]);
+    ffi::Error e = read_desc(desc.typed_data() + kDescWords * (first + i), i, files, K, rows, ks, &ts[i]);
     if (e.failure()) return e;
     ts[i].out = (*o)->typed_data();
     need[ts[i].prep] = true;
@@ -515,9 +519,13 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
   }
   if (B == 0 || total_rows == 0) return ffi::Error::Success();
   const bool pre = mode & (M_NORM | M_SWIGLU);
-  if ((mode & M_NORM) && (int64_t)aux.element_count() != K)
+  // the norm weight: elements aux_off..aux_off+K-1 of aux, a (K,) vector or a table of a step's
+  // norms (n, K) with aux_off a multiple of K
+  const int64_t aux_n = (int64_t)aux.element_count();
+  const auto ad = aux.dimensions();
+  if ((mode & M_NORM) && (ad.size() < 1 || ad.back() != K || aux_off < 0 || aux_off % K || aux_off + K > aux_n))
     return ffi::Error::InvalidArgument("primasim kernels: the norm weight must have the activations' width");
-  if ((mode & M_SWIGLU) && aux.element_count() != x.element_count())
+  if ((mode & M_SWIGLU) && (aux_off != 0 || aux.element_count() != x.element_count()))
     return ffi::Error::InvalidArgument("primasim kernels: the up projection must be shaped like the gate");
   if ((mode & M_RESIDUAL) && (int64_t)resid.element_count() != B * ts[0].rows)
     return ffi::Error::InvalidArgument("primasim kernels: the residual must be shaped like the first result");
@@ -537,7 +545,7 @@ ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> aux, ffi::Buffe
   if (pre) {  // the arithmetic of the JAX ops it replaces (f32; the norm's sum of squares in f64;
               // SwiGLU's exponential vectorised to ~1 ulp where the set has one, see qk.h)
     float* h = (float*)cur;
-    const float* a = aux.typed_data();
+    const float* a = aux.typed_data() + aux_off;
     for (int64_t b = 0; b < B; ++b) {
       const float* xr = xp + b * K;
       float* hr = h + b * K;
@@ -626,7 +634,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimMatmul, qk::Matmul,
                                   .RemainingRets()
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<float>("eps")
-                                  .Attr<int32_t>("mode"));
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("first")      // the call's first descriptor row
+                                  .Attr<int64_t>("aux_off"));  // the norm weight's first element in aux
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimEmbed, qk::Embed,
                               ffi::Ffi::Bind()
