@@ -133,10 +133,10 @@ class PagedKVPool:
                 self._lengths[s] += n_new
 
     # ------------------------------------------------------------------ KVStore
-    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, ...]:
+    def caches(self, layers: Sequence[int]) -> tuple[tuple[LayerKV, ...], None]:
         if self.tables is None:
             raise WorkerError("no block tables", where="PagedKVPool", fix="call prepare() before run_layers")
-        return tuple(self.layers[i] for i in layers)
+        return tuple(self.layers[i] for i in layers), None
 
     def replace(self, layers: Sequence[int], caches: Sequence[LayerKV]) -> PagedKVPool:
         self.layers.update(zip(layers, caches))

@@ -211,13 +211,16 @@ def _norm(w: Layer, name: str) -> dict[str, Any]:
 
 
 def block(spec: ModelSpec, interleaved: bool, files: Files, w: Layer, kv: LayerKV, x: jax.Array,
-          pos: jax.Array, inv_freq: jax.Array, tables: jax.Array | None, span: int) -> tuple[jax.Array, LayerKV]:
-    """One transformer block: x + attn(norm(x)), then + SwiGLU(norm(x))."""
+          pos: jax.Array, inv_freq: jax.Array, tables: jax.Array | None, span: int, layer: int = 0,
+          row0: jax.Array | None = None) -> tuple[jax.Array, LayerKV]:
+    """One transformer block: x + attn(norm(x)), then + SwiGLU(norm(x)). `kv`: this layer's caches,
+    or (contiguous) a stack of layers' (n, B, H_kv, S + 1, D) of which this is row row0[0] + layer."""
     q, k, v = K.matmul(files, x, w["attn_qkv"], **_norm(w, "attn_norm.weight"), eps=spec.norm_eps)
     if spec.qkv_bias:
         q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
     if tables is None:  # contiguous cache: RoPE, the KV write and attention in one kernel call
-        att, kc, vc = K.attend(q, k, v, pos, inv_freq, *kv, span=span, interleaved=interleaved)
+        att, kc, vc = K.attend(q, k, v, pos, inv_freq, *kv, span=span, interleaved=interleaved, layer=layer,
+                               row0=row0)
     else:
         att, kc, vc = _attention_xla(spec, interleaved, kv, q, k, v, pos, inv_freq, tables, span)
     # the norms, SwiGLU and residual adds run inside the kernel calls (no XLA op each)
@@ -245,9 +248,15 @@ def _attention_xla(spec: ModelSpec, interleaved: bool, kv: LayerKV, q: jax.Array
     return attention(q, keys, values, pos), kc, vc
 
 
-def _blocks(files: Files, ws: tuple[Layer, ...], kvs: tuple[LayerKV, ...], x: jax.Array, pos: jax.Array,
+def _blocks(files: Files, ws: tuple[Layer, ...], kvs: Any, x: jax.Array, pos: jax.Array,
             inv_freq: jax.Array, tables: jax.Array | None, spec: ModelSpec, interleaved: bool,
-            span: int) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+            span: int, row0: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """The blocks `ws` in order. `kvs`: the contiguous store's stacked (k, v), the window's layers
+    at rows row0[0].. of them (`KVCache.caches`), or per layer (k, v) of the paged pool (`tables`)."""
+    if tables is None:
+        for i, w in enumerate(ws):
+            x, kvs = block(spec, interleaved, files, w, kvs, x, pos, inv_freq, None, span, i, row0)
+        return x, kvs
     out = []
     for w, kv in zip(ws, kvs):
         x, kv = block(spec, interleaved, files, w, kv, x, pos, inv_freq, tables, span)
@@ -307,9 +316,8 @@ def _pack(params: Params, layers: tuple[int, ...]) -> _Packed:
 
 @partial(jax.jit, static_argnames=("spec", "interleaved", "span", "layout"), donate_argnums=(4,))
 def _forward(files: Files, table: jax.Array, norms: jax.Array, extras: tuple[dict[str, jax.Array], ...],
-             kvs: tuple[LayerKV, ...], ids: jax.Array, pos: jax.Array, inv_freq: jax.Array, emb: QWeight, *,
-             spec: ModelSpec, interleaved: bool, span: int,
-             layout: _Layout) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...]]:
+             kvs: LayerKV, row0: jax.Array, ids: jax.Array, pos: jax.Array, inv_freq: jax.Array, emb: QWeight, *,
+             spec: ModelSpec, interleaved: bool, span: int, layout: _Layout) -> tuple[jax.Array, jax.Array, LayerKV]:
     """Embedding, every block and the head in one call (single-device decode): the last
     position's logits (B, V) and their argmax (B,). Saves the dispatches and syncs between calls
     (a few % per token); greedy decoding copies only the token ids to the host. The weights come
@@ -319,7 +327,8 @@ def _forward(files: Files, table: jax.Array, norms: jax.Array, extras: tuple[dic
         w: Layer = {k: QWeight(table, rows, cols, first) for k, (first, rows, cols) in groups}
         w["attn_norm.weight"], w["ffn_norm.weight"] = (norms, 2 * i), (norms, 2 * i + 1)
         ws.append({**w, **extra})
-    x, kvs = _blocks(files, tuple(ws), kvs, K.embed(files, emb, ids), pos, inv_freq, None, spec, interleaved, span)
+    x, kvs = _blocks(files, tuple(ws), kvs, K.embed(files, emb, ids), pos, inv_freq, None, spec, interleaved, span,
+                     row0)
     first, rows, cols = layout[1]
     lg = K.matmul(files, x[:, -1], QWeight(table, rows, cols, first), norm=norms, norm_row=2 * len(ws),
                   eps=spec.norm_eps)[0]
@@ -328,54 +337,69 @@ def _forward(files: Files, table: jax.Array, norms: jax.Array, extras: tuple[dic
 
 # ---------------------------------------------------------------------------- KV stores
 class KVStore(Protocol):
-    """What `run_layers` needs from a KV cache: per-layer (k, v) arrays, block tables (paged) or
-    None (contiguous), the capacity per sequence, the granularity of positions (block size; 1 when
-    contiguous), and a way to put the updated arrays back."""
+    """What `run_layers` needs from a KV cache: the caches of a window's layers (`caches`: the
+    contiguous store's stacked arrays and the window's first row, or the paged pool's per-layer
+    arrays and None), block tables (paged) or None (contiguous), the capacity per sequence, the
+    granularity of positions (block size; 1 when contiguous), and a way to put the updated arrays back."""
 
     tables: jax.Array | None
     max_seq: int
     block_size: int
 
-    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, ...]: ...
+    def caches(self, layers: Sequence[int]) -> tuple[Any, np.ndarray | None]: ...
 
-    def replace(self, layers: Sequence[int], caches: Sequence[LayerKV]) -> KVStore: ...
+    def replace(self, layers: Sequence[int], caches: Any) -> KVStore: ...
 
 
 @dataclass
 class KVCache:
-    """Contiguous KV cache: per layer, k and v of shape (batch, n_kv_heads, max_seq + 1, head_dim),
-    f32 (the spare position is never used; see `_kv_write`).
+    """Contiguous KV cache: k and v of shape (n_layers, batch, n_kv_heads, max_seq + 1, head_dim)
+    f32, row r holding layer `order[r]` (the spare position is never used; see `_kv_write`). Two
+    arrays for all layers: the decode step's operands stay few (`_Packed`).
 
     Functional: `run_layers` donates the arrays and returns a new KVCache; do not reuse the old one.
     """
 
-    layers: dict[int, LayerKV]
+    k: Any
+    v: Any
+    order: tuple[int, ...]
     max_seq: int
     tables: None = None
     block_size: int = 1
 
-    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, ...]:
-        missing = [i for i in layers if i not in self.layers]
+    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, np.ndarray]:
+        """The stacked (k, v) and the row of `layers[0]` (the layers must be consecutive rows)."""
+        rows = {i: r for r, i in enumerate(self.order)}
+        missing = [i for i in layers if i not in rows]
         if missing:
             raise WorkerError(f"no KV cache for layers {missing}", where="run_layers",
                               fix="init_kv with every layer this worker runs")
-        return tuple(self.layers[i] for i in layers)
+        r0 = rows[layers[0]] if layers else 0
+        if [rows[i] for i in layers] != list(range(r0, r0 + len(layers))):
+            raise WorkerError(f"layers {list(layers)} are not consecutive in the KV cache ({list(self.order)})",
+                              where="run_layers", fix="init_kv with the layers in the order the windows run them")
+        return (self.k, self.v), np.array([r0], np.int32)
 
-    def replace(self, layers: Sequence[int], caches: Sequence[LayerKV]) -> KVCache:
-        return KVCache({**self.layers, **dict(zip(layers, caches))}, self.max_seq)
+    def replace(self, layers: Sequence[int], caches: LayerKV) -> KVCache:
+        return KVCache(caches[0], caches[1], self.order, self.max_seq)
+
+    @property
+    def layers(self) -> dict[int, LayerKV]:
+        """Per layer (k, v) (B, H_kv, S + 1, D): new arrays sliced from the stack (for inspection)."""
+        return {i: (self.k[r], self.v[r]) for r, i in enumerate(self.order)}
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.layers.values())
+        return int(self.k.nbytes + self.v.nbytes)
 
 
 def init_kv(spec: ModelSpec, layers: Sequence[int], max_seq: int, batch: int = 1, *,
             abstract: bool = False) -> KVCache:
     """Zeroed contiguous caches for `layers`: 2 * batch * (max_seq + 1) * n_kv_heads * head_dim * 4 bytes each.
     `abstract`: shapes only (jax.ShapeDtypeStruct), for compiling without allocating (`compile_only`)."""
-    shape = (batch, spec.n_kv_heads, max_seq + 1, spec.head_dim)
+    shape = (len(layers), batch, spec.n_kv_heads, max_seq + 1, spec.head_dim)
     make = (lambda: jax.ShapeDtypeStruct(shape, jnp.float32)) if abstract else (lambda: jnp.zeros(shape, jnp.float32))
-    return KVCache({i: (make(), make()) for i in layers}, max_seq)
+    return KVCache(make(), make(), tuple(layers), max_seq)
 
 
 # ---------------------------------------------------------------------------- the API
@@ -396,10 +420,11 @@ def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int 
     if missing:
         raise WorkerError(f"no weights for layers {missing}", where="run_layers",
                           fix="load_params with every layer of the window")
-    args = (params.files, tuple(params.layers[i] for i in layers), kv.caches(layers), x, np.ascontiguousarray(p),
+    caches, row0 = kv.caches(layers)
+    args = (params.files, tuple(params.layers[i] for i in layers), caches, x, np.ascontiguousarray(p),
             params.inv_freq, kv.tables)
     kw = {"spec": params.spec, "interleaved": params.qk_interleaved,
-          "span": attention_span(int(p.max()) + T, kv.max_seq, kv.block_size)}
+          "span": attention_span(int(p.max()) + T, kv.max_seq, kv.block_size), "row0": row0}
     if compile_only:
         _window.lower(*args, **kw).compile()  # jit's cache keeps it: the first real call does not compile
         return x, kv
@@ -433,7 +458,10 @@ def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[in
         raise WorkerError(f"no weights for layers {missing}", where="forward",
                           fix="load_params with every layer of the window")
     pk = _pack(params, layers)
-    args = (params.files, pk.table, pk.norms, pk.extras, kv.caches(layers), ids, np.full((B,), pos, np.int32),
+    caches, row0 = kv.caches(layers)
+    if row0 is None:
+        raise WorkerError("forward needs a contiguous KV cache", where="forward", fix="use init_kv, or run_layers")
+    args = (params.files, pk.table, pk.norms, pk.extras, caches, row0, ids, np.full((B,), pos, np.int32),
             params.inv_freq, params.embed)
     kw = {"spec": params.spec, "interleaved": params.qk_interleaved, "span": attention_span(pos + T, kv.max_seq),
           "layout": pk.layout}

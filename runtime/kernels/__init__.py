@@ -35,7 +35,7 @@ from primasim.core.errors import CheckpointError
 from ..quantize import row_bytes as row_bytes
 from .reference import TYPE_IDS, TYPE_NAMES
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 DESC_WORDS = 6  # offset lo, offset hi, ggml type, file index, rows, cols
 SUPPORTED = tuple(TYPE_IDS)  # weight types the kernels read
 _LOCK = threading.Lock()
@@ -220,19 +220,26 @@ def matmul(files: Sequence[jax.Array], x: jax.Array, w: QWeight, *, norm: jax.Ar
         eps=np.float32(eps), mode=np.int32(mode), first=np.int32(w.first), aux_off=np.int64(norm_row * x.shape[-1])))
 
 
+_ROW0 = np.zeros((1,), np.int32)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, inv_freq: jax.Array, kc: jax.Array,
-           vc: jax.Array, *, span: int, interleaved: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+           vc: jax.Array, *, span: int, interleaved: bool, layer: int = 0,
+           row0: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One block's attention on a contiguous KV cache in one call (qk_attn.cc): RoPE of q (B, T, H*D)
     and k (B, T, H_kv*D) at positions pos..pos+T-1 (`interleaved`: llama.cpp's Q/K row order), k
     and v written into the caches (B, H_kv, S, D) in place, causal GQA over the first `span`
-    positions. Returns (output (B, T, H*D), K cache, V cache)."""
+    positions. Returns (output (B, T, H*D), K cache, V cache). The caches may be a stack of layers
+    (n, B, H_kv, S, D): the call uses layer row0[0] + `layer` (row0 (1,) int32, a runtime value,
+    so windows at different rows of one stack share a compiled function)."""
     library()
     f32 = jnp.float32
     shapes = (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(kc.shape, f32),
               jax.ShapeDtypeStruct(vc.shape, f32))
-    out, kc, vc = jax.ffi.ffi_call("primasim_attend", shapes, input_output_aliases={5: 1, 6: 2})(
-        q.astype(f32), k.astype(f32), v.astype(f32), pos.astype(jnp.int32), inv_freq.astype(f32), kc, vc,
-        span=np.int64(span), interleaved=np.int32(interleaved))
+    r0 = jnp.asarray(_ROW0 if row0 is None else row0, jnp.int32)
+    out, kc, vc = jax.ffi.ffi_call("primasim_attend", shapes, input_output_aliases={6: 1, 7: 2})(
+        q.astype(f32), k.astype(f32), v.astype(f32), pos.astype(jnp.int32), inv_freq.astype(f32), r0, kc, vc,
+        span=np.int64(span), interleaved=np.int32(interleaved), layer=np.int64(layer))
     return out, kc, vc
 
 

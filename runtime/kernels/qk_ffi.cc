@@ -38,7 +38,7 @@ namespace ffi = xla::ffi;
 namespace qk {
 namespace {
 
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 constexpr int kDescWords = 6;
 constexpr int kMaxTensors = 16;
 constexpr int kGroup = 8;  // tokens per kernel call (weights unpacked once, used for all of them)
