@@ -9,9 +9,10 @@ gpt-fast style: plain functions over a `ModelSpec` and a pytree of weights. f32 
 - `run_layers` runs one window of blocks as one jitted call; jax caches the compiled function by
   the window's shapes (and the attention span bucket), so every window of the same size, batch
   and span reuses it, whatever the tensor types of its layers.
-- The KV cache is either contiguous (`init_kv`, one (B, H_kv, S + 1, D) array pair per layer) or
-  the paged pool of runtime/_kvcache.py; both are "stores" with `caches(layers)`, `tables` and
-  `replace(layers, caches)`, and their arrays are donated to the jitted step (updated in place).
+- The KV cache is either contiguous (`init_kv`, one (n_layers, B, H_kv, S + 1, D) array pair for
+  all layers) or the paged pool of runtime/_kvcache.py; both are "stores" with `caches(layers)`,
+  `tables` and `replace(layers, caches)`, and their arrays are donated to the jitted step (updated
+  in place). The single-device step gets its weights packed too (`_Packed`): few operands per call.
   Attention reads only the first `span` positions (power-of-two buckets, `attention_span`).
 """
 
