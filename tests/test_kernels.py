@@ -150,11 +150,10 @@ def test_parallel_rows_and_several_tensors() -> None:
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_one_token_rows_equal_row_by_row(qtype: str) -> None:
-    """Decode (one token): a matrix computed at once (chunks of rows on the pool; the K-quants four
-    rows per kernel call, `rows4`, then the rest one by one) equals each row computed alone, bit for
-    bit, with every kernel set."""
+    """Decode (one token): a matrix computed at once (chunks of rows on the pool) equals each row
+    computed alone, bit for bit, with every kernel set."""
     rng = np.random.default_rng(11)
-    cols, rows = 1024, 11
+    cols, rows = 1024, 7
     raw = random_rows(rng, qtype, rows, cols, "normal")
     x = activations(rng, 1, cols, False)
     for isa in K.isas():

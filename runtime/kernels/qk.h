@@ -126,14 +126,9 @@ typedef void (*SwigluFn)(const float* g, const float* u, float* out, int64_t n);
 typedef void (*AttendRowFn)(const float* q, const float* kb, const float* vb, int64_t D, int64_t n, float scale,
                             float* sc, float* out);
 
-// Four consecutive weight rows (row_bytes apart, nblk blocks each) against one prepared token row
-// (decode): out[0..3], equal to four calls of the type's DotFn with nt = 1.
-typedef void (*Rows4Fn)(const uint8_t* w, int64_t row_bytes, int64_t nblk, const uint8_t* act, float* out);
-
 struct KernelSet {
   const char* name;
   DotFn dot[T_COUNT];
-  Rows4Fn rows4[T_COUNT] = {};  // nullptr: one DotFn call per row
   int8_t prep[T_COUNT];  // Prep layout each dot kernel reads (P_NONE: type unsupported)
   PrepQ8KFn prep_q8k;
   SwigluFn swiglu;

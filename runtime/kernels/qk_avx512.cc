@@ -294,114 +294,6 @@ void dot_q6k(const uint8_t* w, int64_t nb, const uint8_t* const* act, int, float
   for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
 }
 
-// R rows against one token (decode, B = 1): the same arithmetic per row as dot_q45k<T, 1> (equal
-// results bit for bit), with the constants, the activation loads and the call shared by R rows. A
-// 1024-wide row is 4 Q4_K blocks, so one row per call spent ~20 % of its time outside the blocks
-// (one core, cache-resident 256x1024 Q4_K: 23 GB/s against 28 for one long row; docs/runtime.md).
-template <uint32_t T, int R>
-void rows_q45k(const uint8_t* w, int64_t row_bytes, int64_t nb, const uint8_t* act, float* out) {
-  constexpr int kBytes = T == T_Q5_K ? 176 : 144, kQs = T == T_Q5_K ? 48 : 16;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i sidx01 = _mm512_set_epi16(3, 3, 3, 3, 2, 2, 2, 2, 3, 3, 3, 3, 2, 2, 2, 2,
-                                          1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-  const __m512i sidx45 = _mm512_add_epi16(sidx01, _mm512_set1_epi16(4));
-  __m512 acc[R];
-  __m128 accm[R];
-  for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); accm[r] = _mm_setzero_ps(); }
-  for (int64_t b = 0; b < nb; ++b) {
-    const ActK* a = (const ActK*)act + b;
-    const __m512i a0 = _mm512_loadu_si512(a->qs), a1 = _mm512_loadu_si512(a->qs + 64);
-    const __m512i a2 = _mm512_loadu_si512(a->qs + 128), a3 = _mm512_loadu_si512(a->qs + 192);
-    const __m128i bs = _mm_loadu_si128((const __m128i*)a->bsum32);
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = w + r * row_bytes + b * kBytes;
-      const float d = h2f(blk), dmin = h2f(blk + 2);
-      uint32_t u[4];
-      memcpy(u, blk + 4, 12);
-      u[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-      const uint32_t mins_lo = u[1] & 0x3f3f3f3fu;
-      u[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-      u[0] &= 0x3f3f3f3fu;
-      u[2] = mins_lo;
-      const __m256i scmn = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
-      const __m512i sc = _mm512_castsi256_si512(scmn);
-      const __m128i mn = _mm256_extracti128_si256(scmn, 1);
-      const __m512i s01 = _mm512_permutexvar_epi16(sidx01, sc), s45 = _mm512_permutexvar_epi16(sidx45, sc);
-      const __m512i w0 = _mm512_loadu_si512(blk + kQs), w1 = _mm512_loadu_si512(blk + kQs + 64);
-      __m512i q0 = _mm512_and_si512(w0, m4), q1 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4);
-      __m512i q2 = _mm512_and_si512(w1, m4), q3 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4);
-      if (T == T_Q5_K) {
-        const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(blk + 16)));
-        const __m512i bit = _mm512_set1_epi8(0x10);
-        auto sel = [&](int lo, int hi) {
-          return _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << lo)), _mm256_set1_epi8((char)(1 << hi)), 1);
-        };
-        q0 = _mm512_or_si512(q0, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(qh, sel(0, 2)), bit));
-        q1 = _mm512_or_si512(q1, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(qh, sel(1, 3)), bit));
-        q2 = _mm512_or_si512(q2, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(qh, sel(4, 6)), bit));
-        q3 = _mm512_or_si512(q3, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(qh, sel(5, 7)), bit));
-      }
-      const __m512i z = _mm512_setzero_si512();
-      const __m512i d0 = _mm512_dpbusd_epi32(z, q0, a0), d1 = _mm512_dpbusd_epi32(z, q1, a1);
-      const __m512i d2 = _mm512_dpbusd_epi32(z, q2, a2), d3 = _mm512_dpbusd_epi32(z, q3, a3);
-      __m512i s = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d0, d1), s01);
-      s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(d2, d3), s45);
-      const __m128i mi = _mm_madd_epi16(mn, bs);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(d * a->d), acc[r]);
-      accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(mi), _mm_set1_ps(dmin * a->d), accm[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    __m128 m = _mm_add_ps(accm[r], _mm_movehl_ps(accm[r], accm[r]));
-    m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    out[r] = _mm512_reduce_add_ps(acc[r]) - _mm_cvtss_f32(m);
-  }
-}
-
-// Q6_K, R rows against one token: dot_q6k<1>'s arithmetic per row (see rows_q45k).
-template <int R>
-void rows_q6k(const uint8_t* w, int64_t row_bytes, int64_t nb, const uint8_t* act, float* out) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
-  const __m512i shl_a = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
-  const __m512i shr_b = _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(2), 1);
-  const __m512i sidx01 = _mm512_set_epi16(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2,
-                                          5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0);
-  const __m512i sidx23 = _mm512_add_epi16(sidx01, _mm512_set1_epi16(8));
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const ActK* a = (const ActK*)act + b;
-    const __m512i a0 = _mm512_loadu_si512(a->qs), a1 = _mm512_loadu_si512(a->qs + 64);
-    const __m512i a2 = _mm512_loadu_si512(a->qs + 128), a3 = _mm512_loadu_si512(a->qs + 192);
-    const __m256i bsums = _mm256_loadu_si256((const __m256i*)a->bsums);
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* blk = w + r * row_bytes + b * 210;
-      const float d = h2f(blk + 208);
-      const __m128i sc8 = _mm_loadu_si128((const __m128i*)(blk + 192));
-      const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
-      const __m512i s01 = _mm512_permutexvar_epi16(sidx01, _mm512_castsi256_si512(sc16));
-      const __m512i s23 = _mm512_permutexvar_epi16(sidx23, _mm512_castsi256_si512(sc16));
-      __m512i q[4];
-      for (int h = 0; h < 2; ++h) {
-        const __m512i L = _mm512_loadu_si512(blk + 64 * h);
-        const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(blk + 128 + 32 * h)));
-        q[2 * h] = _mm512_ternarylogic_epi32(_mm512_and_si512(L, m4), _mm512_sllv_epi16(H, shl_a), m30, 0xF8);
-        q[2 * h + 1] = _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4),
-                                                 _mm512_srlv_epi16(H, shr_b), m30, 0xF8);
-      }
-      const __m512i z = _mm512_setzero_si512();
-      const __m512i d0 = _mm512_dpbusd_epi32(z, q[0], a0), d1 = _mm512_dpbusd_epi32(z, q[1], a1);
-      const __m512i d2 = _mm512_dpbusd_epi32(z, q[2], a2), d3 = _mm512_dpbusd_epi32(z, q[3], a3);
-      __m512i acc_i = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d0, d1), s01);
-      acc_i = _mm512_dpwssd_epi32(acc_i, _mm512_packs_epi32(d2, d3), s23);
-      const __m256i off = _mm256_madd_epi16(sc16, bsums);
-      acc_i = _mm512_sub_epi32(acc_i, _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_i), _mm512_set1_ps(d * a->d), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
 // ------------------------------------------------------------------ table
 template <template <int> class K>
 void by_nt(const uint8_t* w, int64_t n, const uint8_t* const* a, int nt, float* o) {
@@ -454,9 +346,6 @@ KernelSet make_avx512(bool bf16) {
   k.dot[T_Q4_K] = by_nt<WQ4K>;  k.prep[T_Q4_K] = P_Q8K_PERM;
   k.dot[T_Q5_K] = by_nt<WQ5K>;  k.prep[T_Q5_K] = P_Q8K_PERM;
   k.dot[T_Q6_K] = by_nt<WQ6K>;  k.prep[T_Q6_K] = P_Q8K;
-  k.rows4[T_Q4_K] = rows_q45k<T_Q4_K, 4>;
-  k.rows4[T_Q5_K] = rows_q45k<T_Q5_K, 4>;
-  k.rows4[T_Q6_K] = rows_q6k<4>;
   return k;
 }
 

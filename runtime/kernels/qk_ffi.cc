@@ -73,7 +73,6 @@ const KernelSet* mixed_kernels() {
     m.name = "avx512q-avx2f";
     for (uint32_t t : {T_Q8_0, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q4_K, T_Q5_K, T_Q6_K}) {
       m.dot[t] = w.dot[t];
-      m.rows4[t] = w.rows4[t];
       m.prep[t] = w.prep[t];
     }
     return m;
@@ -377,7 +376,6 @@ struct Tensor {
   int64_t rows, row_bytes, nblk;
   uint32_t type;
   DotFn dot;
-  Rows4Fn rows4;
   int prep;
   float* out;
 };
@@ -417,7 +415,6 @@ ffi::Error read_desc(const uint32_t* d, int i, const ffi::RemainingArgs& files, 
   t->nblk = K / block_elems(type);
   t->type = type;
   t->dot = ks->dot[type];
-  t->rows4 = ks->rows4[type];
   t->prep = ks->prep[type];
   return ffi::Error::Success();
 }
@@ -443,12 +440,6 @@ void matmul_chunk(const void* c, int64_t k) {
   const int64_t r0 = ch.r0, r1 = ch.r1;
   const uint8_t* const* act = m.act[t.prep];
   float res[kGroup];
-  if (m.B == 1 && t.rows4) {  // decode: four rows per kernel call
-    int64_t r = r0;
-    for (; r + 4 <= r1; r += 4) t.rows4(t.w + r * t.row_bytes, t.row_bytes, t.nblk, act[0], t.out + r);
-    for (; r < r1; ++r) t.dot(t.w + r * t.row_bytes, t.nblk, act, 1, t.out + r);
-    return;
-  }
   for (int64_t g = 0; g < m.B; g += kGroup) {  // token groups inside the chunk: its rows stay in cache
     const int n = (int)(m.B - g < kGroup ? m.B - g : kGroup);
     for (int64_t r = r0; r < r1; ++r) {
@@ -725,7 +716,7 @@ __attribute__((visibility("default"))) double primasim_qk_matdot(uint32_t type, 
   BenchActs acts(p, x, K, nt);
   const uint8_t* const* act = acts.act;
   qk::Tensor ten{w, rows, K / qk::block_elems(type) * qk::block_bytes(type), K / qk::block_elems(type), type,
-                 ks->dot[type], ks->rows4[type], p, out};
+                 ks->dot[type], p, out};
   qk::MatmulCtx m;
   for (int i = 0; i < qk::P_COUNT; ++i) m.act[i] = act;
   const qk::Chunk whole{0, 0, (int32_t)rows};
