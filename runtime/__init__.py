@@ -31,7 +31,7 @@ _EXPORTS = {  # name -> module that defines it
     "resident_fraction": ".checkpoint",
     "write_random_checkpoint": ".checkpoint",
     "Generation": ".model",
-    "KVCache": ".model",
+    "KVCache": "._kvcache",
     "KVStore": ".model",
     "Params": ".model",
     "embed": ".model",

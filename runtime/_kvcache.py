@@ -1,4 +1,5 @@
-"""Paged KV pool for batched decode on one worker (Bud's "tiled" cache, vLLM's paged attention).
+"""The KV caches: the contiguous one (`KVCache`, `init_kv`: all layers stacked in one (k, v) pair)
+and the paged pool for batched decode on one worker (Bud's "tiled" cache, vLLM's paged attention).
 
 Instead of max-length caches per sequence, every layer has one pool of fixed-size blocks
 (n_blocks, n_kv_heads, block_size, head_dim); a sequence owns a list of blocks (its block table)
@@ -20,6 +21,8 @@ garbage only there and read it only behind the mask.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -141,3 +144,50 @@ class PagedKVPool:
     def replace(self, layers: Sequence[int], caches: Sequence[LayerKV]) -> PagedKVPool:
         self.layers.update(zip(layers, caches))
         return self
+
+
+@dataclass
+class KVCache:
+    """Contiguous KV cache: k and v of shape (n_layers, batch, n_kv_heads, max_seq + 1, head_dim)
+    f32, row r holding layer `order[r]` (the spare position is never used; see `_kv_write`). Two
+    arrays for all layers: the decode step's operands stay few (`_Packed`).
+
+    Functional: `run_layers` donates the arrays and returns a new KVCache; do not reuse the old one.
+    """
+
+    k: Any
+    v: Any
+    order: tuple[int, ...]
+    max_seq: int
+    tables: None = None
+    block_size: int = 1
+
+    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, np.ndarray]:
+        """The stacked (k, v) and the rows of `layers` in them (any order; `run_layers`' kv_rows)."""
+        rows = {i: r for r, i in enumerate(self.order)}
+        missing = [i for i in layers if i not in rows]
+        if missing:
+            raise WorkerError(f"no KV cache for layers {missing}", where="run_layers",
+                              fix="init_kv with every layer this worker runs")
+        return (self.k, self.v), np.array([rows[i] for i in layers], np.int32)
+
+    def replace(self, layers: Sequence[int], caches: LayerKV) -> KVCache:
+        return KVCache(caches[0], caches[1], self.order, self.max_seq)
+
+    @property
+    def layers(self) -> dict[int, LayerKV]:
+        """Per layer (k, v) (B, H_kv, S + 1, D): new arrays sliced from the stack (for inspection)."""
+        return {i: (self.k[r], self.v[r]) for r, i in enumerate(self.order)}
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+
+def init_kv(spec: ModelSpec, layers: Sequence[int], max_seq: int, batch: int = 1, *,
+            abstract: bool = False) -> KVCache:
+    """Zeroed contiguous caches for `layers`: 2 * batch * (max_seq + 1) * n_kv_heads * head_dim * 4 bytes each.
+    `abstract`: shapes only (jax.ShapeDtypeStruct), for compiling without allocating (`compile_only`)."""
+    shape = (len(layers), batch, spec.n_kv_heads, max_seq + 1, spec.head_dim)
+    make = (lambda: jax.ShapeDtypeStruct(shape, jnp.float32)) if abstract else (lambda: jnp.zeros(shape, jnp.float32))
+    return KVCache(make(), make(), tuple(layers), max_seq)

@@ -36,6 +36,7 @@ from primasim.core.model import ModelSpec
 from primasim.core.runtime_facts import attention_span
 
 from . import kernels as K
+from ._kvcache import init_kv
 from .checkpoint import Checkpoint
 from .kernels import TYPE_NAMES, QWeight
 from .quantize import BLOCK
@@ -213,15 +214,15 @@ def _norm(w: Layer, name: str) -> dict[str, Any]:
 
 def block(spec: ModelSpec, interleaved: bool, files: Files, w: Layer, kv: LayerKV, x: jax.Array,
           pos: jax.Array, inv_freq: jax.Array, tables: jax.Array | None, span: int, layer: int = 0,
-          row0: jax.Array | None = None) -> tuple[jax.Array, LayerKV]:
+          kv_rows: jax.Array | None = None) -> tuple[jax.Array, LayerKV]:
     """One transformer block: x + attn(norm(x)), then + SwiGLU(norm(x)). `kv`: this layer's caches,
-    or (contiguous) a stack of layers' (n, B, H_kv, S + 1, D) of which this is row row0[0] + layer."""
+    or (contiguous) a stack of layers' (n, B, H_kv, S + 1, D) of which this is row kv_rows[layer]."""
     q, k, v = K.matmul(files, x, w["attn_qkv"], **_norm(w, "attn_norm.weight"), eps=spec.norm_eps)
     if spec.qkv_bias:
         q, k, v = q + w["attn_q.bias"], k + w["attn_k.bias"], v + w["attn_v.bias"]
     if tables is None:  # contiguous cache: RoPE, the KV write and attention in one kernel call
         att, kc, vc = K.attend(q, k, v, pos, inv_freq, *kv, span=span, interleaved=interleaved, layer=layer,
-                               row0=row0)
+                               kv_rows=kv_rows)
     else:
         att, kc, vc = _attention_xla(spec, interleaved, kv, q, k, v, pos, inv_freq, tables, span)
     # the norms, SwiGLU and residual adds run inside the kernel calls (no XLA op each)
@@ -251,12 +252,12 @@ def _attention_xla(spec: ModelSpec, interleaved: bool, kv: LayerKV, q: jax.Array
 
 def _blocks(files: Files, ws: tuple[Layer, ...], kvs: Any, x: jax.Array, pos: jax.Array,
             inv_freq: jax.Array, tables: jax.Array | None, spec: ModelSpec, interleaved: bool,
-            span: int, row0: jax.Array | None = None) -> tuple[jax.Array, Any]:
+            span: int, kv_rows: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """The blocks `ws` in order. `kvs`: the contiguous store's stacked (k, v), the window's layers
-    at rows row0[0].. of them (`KVCache.caches`), or per layer (k, v) of the paged pool (`tables`)."""
+    at rows kv_rows of them (`KVCache.caches`), or per layer (k, v) of the paged pool (`tables`)."""
     if tables is None:
         for i, w in enumerate(ws):
-            x, kvs = block(spec, interleaved, files, w, kvs, x, pos, inv_freq, None, span, i, row0)
+            x, kvs = block(spec, interleaved, files, w, kvs, x, pos, inv_freq, None, span, i, kv_rows)
         return x, kvs
     out = []
     for w, kv in zip(ws, kvs):
@@ -317,7 +318,7 @@ def _pack(params: Params, layers: tuple[int, ...]) -> _Packed:
 
 @partial(jax.jit, static_argnames=("spec", "interleaved", "span", "layout"), donate_argnums=(4,))
 def _forward(files: Files, table: jax.Array, norms: jax.Array, extras: tuple[dict[str, jax.Array], ...],
-             kvs: LayerKV, row0: jax.Array, ids: jax.Array, pos: jax.Array, inv_freq: jax.Array, emb: QWeight, *,
+             kvs: LayerKV, kv_rows: jax.Array, ids: jax.Array, pos: jax.Array, inv_freq: jax.Array, emb: QWeight, *,
              spec: ModelSpec, interleaved: bool, span: int, layout: _Layout) -> tuple[jax.Array, jax.Array, LayerKV]:
     """Embedding, every block and the head in one call (single-device decode): the last
     position's logits (B, V) and their argmax (B,). Saves the dispatches and syncs between calls
@@ -329,7 +330,7 @@ def _forward(files: Files, table: jax.Array, norms: jax.Array, extras: tuple[dic
         w["attn_norm.weight"], w["ffn_norm.weight"] = (norms, 2 * i), (norms, 2 * i + 1)
         ws.append({**w, **extra})
     x, kvs = _blocks(files, tuple(ws), kvs, K.embed(files, emb, ids), pos, inv_freq, None, spec, interleaved, span,
-                     row0)
+                     kv_rows)
     first, rows, cols = layout[1]
     lg = K.matmul(files, x[:, -1], QWeight(table, rows, cols, first), norm=norms, norm_row=2 * len(ws),
                   eps=spec.norm_eps)[0]
@@ -352,57 +353,6 @@ class KVStore(Protocol):
     def replace(self, layers: Sequence[int], caches: Any) -> KVStore: ...
 
 
-@dataclass
-class KVCache:
-    """Contiguous KV cache: k and v of shape (n_layers, batch, n_kv_heads, max_seq + 1, head_dim)
-    f32, row r holding layer `order[r]` (the spare position is never used; see `_kv_write`). Two
-    arrays for all layers: the decode step's operands stay few (`_Packed`).
-
-    Functional: `run_layers` donates the arrays and returns a new KVCache; do not reuse the old one.
-    """
-
-    k: Any
-    v: Any
-    order: tuple[int, ...]
-    max_seq: int
-    tables: None = None
-    block_size: int = 1
-
-    def caches(self, layers: Sequence[int]) -> tuple[LayerKV, np.ndarray]:
-        """The stacked (k, v) and the row of `layers[0]` (the layers must be consecutive rows)."""
-        rows = {i: r for r, i in enumerate(self.order)}
-        missing = [i for i in layers if i not in rows]
-        if missing:
-            raise WorkerError(f"no KV cache for layers {missing}", where="run_layers",
-                              fix="init_kv with every layer this worker runs")
-        r0 = rows[layers[0]] if layers else 0
-        if [rows[i] for i in layers] != list(range(r0, r0 + len(layers))):
-            raise WorkerError(f"layers {list(layers)} are not consecutive in the KV cache ({list(self.order)})",
-                              where="run_layers", fix="init_kv with the layers in the order the windows run them")
-        return (self.k, self.v), np.array([r0], np.int32)
-
-    def replace(self, layers: Sequence[int], caches: LayerKV) -> KVCache:
-        return KVCache(caches[0], caches[1], self.order, self.max_seq)
-
-    @property
-    def layers(self) -> dict[int, LayerKV]:
-        """Per layer (k, v) (B, H_kv, S + 1, D): new arrays sliced from the stack (for inspection)."""
-        return {i: (self.k[r], self.v[r]) for r, i in enumerate(self.order)}
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes)
-
-
-def init_kv(spec: ModelSpec, layers: Sequence[int], max_seq: int, batch: int = 1, *,
-            abstract: bool = False) -> KVCache:
-    """Zeroed contiguous caches for `layers`: 2 * batch * (max_seq + 1) * n_kv_heads * head_dim * 4 bytes each.
-    `abstract`: shapes only (jax.ShapeDtypeStruct), for compiling without allocating (`compile_only`)."""
-    shape = (len(layers), batch, spec.n_kv_heads, max_seq + 1, spec.head_dim)
-    make = (lambda: jax.ShapeDtypeStruct(shape, jnp.float32)) if abstract else (lambda: jnp.zeros(shape, jnp.float32))
-    return KVCache(make(), make(), tuple(layers), max_seq)
-
-
 # ---------------------------------------------------------------------------- the API
 def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int | Sequence[int] | np.ndarray,
                layers: Sequence[int], *, compile_only: bool = False) -> tuple[jax.Array, KVStore]:
@@ -421,11 +371,11 @@ def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int 
     if missing:
         raise WorkerError(f"no weights for layers {missing}", where="run_layers",
                           fix="load_params with every layer of the window")
-    caches, row0 = kv.caches(layers)
+    caches, kv_rows = kv.caches(layers)
     args = (params.files, tuple(params.layers[i] for i in layers), caches, x, np.ascontiguousarray(p),
             params.inv_freq, kv.tables)
     kw = {"spec": params.spec, "interleaved": params.qk_interleaved,
-          "span": attention_span(int(p.max()) + T, kv.max_seq, kv.block_size), "row0": row0}
+          "span": attention_span(int(p.max()) + T, kv.max_seq, kv.block_size), "kv_rows": kv_rows}
     if compile_only:
         _window.lower(*args, **kw).compile()  # jit's cache keeps it: the first real call does not compile
         return x, kv
@@ -459,10 +409,10 @@ def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[in
         raise WorkerError(f"no weights for layers {missing}", where="forward",
                           fix="load_params with every layer of the window")
     pk = _pack(params, layers)
-    caches, row0 = kv.caches(layers)
-    if row0 is None:
+    caches, kv_rows = kv.caches(layers)
+    if kv_rows is None:
         raise WorkerError("forward needs a contiguous KV cache", where="forward", fix="use init_kv, or run_layers")
-    args = (params.files, pk.table, pk.norms, pk.extras, caches, row0, ids, np.full((B,), pos, np.int32),
+    args = (params.files, pk.table, pk.norms, pk.extras, caches, kv_rows, ids, np.full((B,), pos, np.int32),
             params.inv_freq, params.embed)
     kw = {"spec": params.spec, "interleaved": params.qk_interleaved, "span": attention_span(pos + T, kv.max_seq),
           "layout": pk.layout}

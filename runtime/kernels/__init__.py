@@ -225,18 +225,18 @@ _ROW0 = np.zeros((1,), np.int32)
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, inv_freq: jax.Array, kc: jax.Array,
            vc: jax.Array, *, span: int, interleaved: bool, layer: int = 0,
-           row0: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+           kv_rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One block's attention on a contiguous KV cache in one call (qk_attn.cc): RoPE of q (B, T, H*D)
     and k (B, T, H_kv*D) at positions pos..pos+T-1 (`interleaved`: llama.cpp's Q/K row order), k
     and v written into the caches (B, H_kv, S, D) in place, causal GQA over the first `span`
     positions. Returns (output (B, T, H*D), K cache, V cache). The caches may be a stack of layers
-    (n, B, H_kv, S, D): the call uses layer row0[0] + `layer` (row0 (1,) int32, a runtime value,
-    so windows at different rows of one stack share a compiled function)."""
+    (n, B, H_kv, S, D): the call uses row kv_rows[`layer`] (kv_rows int32, a runtime value, so
+    windows at different rows of one stack share a compiled function)."""
     library()
     f32 = jnp.float32
     shapes = (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(kc.shape, f32),
               jax.ShapeDtypeStruct(vc.shape, f32))
-    r0 = jnp.asarray(_ROW0 if row0 is None else row0, jnp.int32)
+    r0 = jnp.asarray(_ROW0 if kv_rows is None else kv_rows, jnp.int32)
     out, kc, vc = jax.ffi.ffi_call("primasim_attend", shapes, input_output_aliases={6: 1, 7: 2})(
         q.astype(f32), k.astype(f32), v.astype(f32), pos.astype(jnp.int32), inv_freq.astype(f32), r0, kc, vc,
         span=np.int64(span), interleaved=np.int32(interleaved), layer=np.int64(layer))

@@ -116,19 +116,20 @@ void parallel_for(ffi::ThreadPool* pool, int64_t n, std::function<void(int64_t)>
 
 // The caches are one layer's (B, H_kv, S, D) or a stack of layers (n, B, H_kv, S, D): a whole
 // model's cache is then two operands of the decode step instead of two per layer (each costs the
-// host time per call, runtime/model.py `_Packed`); this call's layer is row0[0] + layer.
+// host time per call, runtime/model.py `_Packed`); this call's layer is kv_rows[layer], a runtime
+// operand (windows at different rows share one compiled function; any order of layers).
 ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                  ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::S32> row0,
+                  ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::S32> kv_rows,
                   ffi::Buffer<ffi::F32> kc_in, ffi::Buffer<ffi::F32> vc_in, ffi::Result<ffi::Buffer<ffi::F32>> out,
                   ffi::Result<ffi::Buffer<ffi::F32>> kc_out, ffi::Result<ffi::Buffer<ffi::F32>> vc_out,
                   ffi::ThreadPool pool, int64_t span, int32_t interleaved, int64_t layer) {
   const auto cd5 = kc_in.dimensions(), qd = q.dimensions();
   const size_t nd = cd5.size();
   if ((nd != 4 && nd != 5) || qd.size() != 3 || vc_in.element_count() != kc_in.element_count() ||
-      row0.element_count() != 1)
+      layer < 0 || layer >= (int64_t)kv_rows.element_count())
     return ffi::Error::InvalidArgument("primasim attend: caches ([n,] B, H_kv, S, D) and q (B, T, H*D) expected");
   const int64_t* cd = cd5.begin() + (nd - 4);
-  const int64_t n_layers = nd == 5 ? cd5[0] : 1, li = (int64_t)row0.typed_data()[0] + layer;
+  const int64_t n_layers = nd == 5 ? cd5[0] : 1, li = kv_rows.typed_data()[layer];
   if (li < 0 || li >= n_layers)
     return ffi::Error::InvalidArgument("primasim attend: layer " + std::to_string(li) + " of a cache of " +
                                        std::to_string(n_layers));
@@ -217,7 +218,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimAttend, qk::Attend,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v (B, T, H_kv*D)
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pos (B,): position of token 0
                                   .Arg<ffi::Buffer<ffi::F32>>()   // RoPE inverse frequencies (D/2,)
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // row0 (1,): the first layer's row
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_rows (n,): each call's layer row
                                   .Arg<ffi::Buffer<ffi::F32>>()   // K cache ([n,] B, H_kv, S, D)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // V cache
                                   .Ret<ffi::Buffer<ffi::F32>>()   // attention output (B, T, H*D)
@@ -226,5 +227,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PrimasimAttend, qk::Attend,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("span")
                                   .Attr<int32_t>("interleaved")
-                                  .Attr<int64_t>("layer"));       // this call's row: row0[0] + layer
+                                  .Attr<int64_t>("layer"));       // this call's row: kv_rows[layer]
 #pragma GCC visibility pop
