@@ -36,7 +36,7 @@ from primasim.runtime import (  # noqa: E402
 
 
 @partial(jax.jit, static_argnames=("spec", "interleaved", "span", "layout"), donate_argnums=(4,))
-def _empty(files, table, norms, extras, kvs, row0, ids, pos, inv_freq, emb, *, spec, interleaved, span, layout):  # noqa: ANN001, ANN202, ARG001
+def _empty(files, table, norms, extras, kvs, kv_rows, ids, pos, inv_freq, emb, *, spec, interleaved, span, layout):  # noqa: ANN001, ANN202, ARG001
     return ids + 1, kvs
 
 
@@ -74,10 +74,10 @@ def main() -> int:
     _products(p.files, ws, xs).block_until_ready()
     kv = md.init_kv(p.spec, range(L), 1024)
     _, tok, kv = md.forward(p, kv, [list(range(1, 65))], 0)
-    kv_e, row0 = md.init_kv(p.spec, range(L), 1024).caches(range(L))
+    kv_e, kv_rows = md.init_kv(p.spec, range(L), 1024).caches(range(L))
     pk = md._pack(p, tuple(range(L)))
     kw = {"spec": p.spec, "interleaved": p.qk_interleaved, "span": 128, "layout": pk.layout}
-    n_args = len(jax.tree_util.tree_leaves((p.files, pk.table, pk.norms, pk.extras, kv_e, row0, 0, 0, p.inv_freq,
+    n_args = len(jax.tree_util.tree_leaves((p.files, pk.table, pk.norms, pk.extras, kv_e, kv_rows, 0, 0, p.inv_freq,
                                             p.embed)))
     kv_u = tuple((jax.numpy.array(a), jax.numpy.array(b)) for a, b in kv.layers.values())  # per layer, as before
     kw_u = {"spec": p.spec, "interleaved": p.qk_interleaved}
@@ -99,7 +99,7 @@ def main() -> int:
         if not np.array_equal(lg_u, np.asarray(lg)):
             raise SystemExit("the unpacked step's logits differ from model.forward's")
         t = time.perf_counter()
-        ids, kv_e = _empty(p.files, pk.table, pk.norms, pk.extras, kv_e, row0, np.ones((1, 1), np.int32),
+        ids, kv_e = _empty(p.files, pk.table, pk.norms, pk.extras, kv_e, kv_rows, np.ones((1, 1), np.int32),
                            np.full((1,), pos, np.int32), p.inv_freq, p.embed, **kw)
         np.asarray(ids)
         empty.append(time.perf_counter() - t)
