@@ -354,6 +354,11 @@ class KVStore(Protocol):
 
 
 # ---------------------------------------------------------------------------- the API
+def _check_layers(params: Params, layers: Sequence[int], where: str) -> None:
+    if missing := [i for i in layers if i not in params.layers]:
+        raise WorkerError(f"no weights for layers {missing}", where=where, fix="load_params with every layer of the window")
+
+
 def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int | Sequence[int] | np.ndarray,
                layers: Sequence[int], *, compile_only: bool = False) -> tuple[jax.Array, KVStore]:
     """Run one window of blocks on hidden states x (B, T, E) whose first token is at position `pos`
@@ -367,10 +372,7 @@ def run_layers(params: Params, kv: KVStore, x: jax.Array | np.ndarray, pos: int 
     if int(p.min()) < 0 or int(p.max()) + T > kv.max_seq:
         raise WorkerError(f"positions {int(p.min())}..{int(p.max()) + T - 1} exceed the KV cache ({kv.max_seq})",
                           where="run_layers", fix="allocate the cache with a larger max_seq")
-    missing = [i for i in layers if i not in params.layers]
-    if missing:
-        raise WorkerError(f"no weights for layers {missing}", where="run_layers",
-                          fix="load_params with every layer of the window")
+    _check_layers(params, layers, "run_layers")
     caches, kv_rows = kv.caches(layers)
     args = (params.files, tuple(params.layers[i] for i in layers), caches, x, np.ascontiguousarray(p),
             params.inv_freq, kv.tables)
@@ -404,10 +406,7 @@ def forward(params: Params, kv: KVStore, ids: Any, pos: int, layers: Sequence[in
                           fix="allocate the cache with a larger max_seq")
     # host arrays go to the jitted call as they are (jnp.full / jnp.asarray would each dispatch an
     # XLA op of their own: ~0.5 ms of the host's CPU per decode token, measured)
-    missing = [i for i in layers if i not in params.layers]
-    if missing:
-        raise WorkerError(f"no weights for layers {missing}", where="forward",
-                          fix="load_params with every layer of the window")
+    _check_layers(params, layers, "forward")
     pk = _pack(params, layers)
     caches, kv_rows = kv.caches(layers)
     if kv_rows is None:

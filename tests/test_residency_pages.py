@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from primasim.core.runtime_facts import ResidencyPlan
 from primasim.runtime.pages import resident_bytes, touch_pages
@@ -103,3 +104,27 @@ def test_the_output_row_blocks_cover_exactly_its_streamed_part() -> None:
     got = [r for _, _, rs in blocks for r in rs]
     assert sum(n for _, _, n in got) == rows * row_bytes - keep
     assert min(o for _, o, _ in got) == off + keep and max(o + n for _, o, n in got) == off + rows * row_bytes
+
+
+def test_the_page_trace_counts_a_mapped_files_resident_pages_per_mib_and_is_off_by_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PRIMASIM_PAGE_TRACE: one JSON line per sample with the file's pages in memory per MiB of it
+    (mincore over every mapping); unset, sampling writes nothing."""
+    import json
+
+    from primasim.runtime.worker.pagetrace import ENV, PageTrace
+
+    path = _file(tmp_path, 3 << 20)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        m[(1 << 20) + 5]  # one page of the second MiB
+        monkeypatch.delenv(ENV, raising=False)
+        PageTrace.from_env(str(path), "d").sample("before", (0, 1))
+        assert not list(tmp_path.glob("*.jsonl"))
+        monkeypatch.setenv(ENV, str(tmp_path / "trace"))
+        PageTrace.from_env(str(path), "d").sample("before", (0, 1), pos=3)
+    (line,) = (tmp_path / "trace" / "d.jsonl").read_text().splitlines()
+    rec = json.loads(line)
+    assert rec["tag"] == "before" and rec["window"] == [0, 1] and rec["pos"] == 3
+    bins = rec["resident_pages_per_mib"]
+    assert len(bins) == 3 and bins[1] >= 1 and bins[1] <= 256

@@ -189,8 +189,7 @@ def test_two_host_cpus_computing_at_once_slow_each_other_by_the_measured_content
     import simpy
 
     from primasim.core.device import DeviceSpec, EmulationSpec
-    from primasim.sim._cpu import Host, HostCpu
-    from primasim.sim._runtime import CpuQuota
+    from primasim.sim._cpu import CpuQuota, Host, HostCpu
 
     MS = 1e-3
     dev = DeviceSpec(name="q", os="linux", cores=1, ram_total=2**30, ram_avail=2**30, ram_bw=1e10,
@@ -233,8 +232,7 @@ def test_a_shared_host_cpu_reports_the_cpu_time_it_charged() -> None:
     import simpy
 
     from primasim.core.device import DeviceSpec
-    from primasim.sim._cpu import Host, HostCpu
-    from primasim.sim._runtime import CpuQuota
+    from primasim.sim._cpu import CpuQuota, Host, HostCpu
 
     MS = 1e-3
     dev = DeviceSpec(name="q", os="linux", cores=1, ram_total=2**30, ram_avail=2**30, ram_bw=1e10,

@@ -32,22 +32,20 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
 class PageTrace:
-    """One worker's trace file; `sample(tag, window)` appends a line."""
+    """One worker's trace file; `sample(tag, window)` appends a line (nothing when `out` is None: off)."""
 
-    def __init__(self, out: Path, path: str, device: str) -> None:
-        self.out = out
+    def __init__(self, out: Path | None, path: str, device: str) -> None:
         self.path = path
         self.device = device
-        self.group = own_group("memory")
-        self.fh = open(out, "a")  # noqa: SIM115 (lives as long as the session)
+        self.group = own_group("memory") if out is not None else None
+        self.fh = open(out, "a") if out is not None else None  # noqa: SIM115 (lives as long as the session)
 
     @staticmethod
-    def from_env(path: str, device: str) -> PageTrace | None:
+    def from_env(path: str, device: str) -> PageTrace:
         d = os.environ.get(ENV, "")
-        if not d:
-            return None
-        Path(d).mkdir(parents=True, exist_ok=True)
-        return PageTrace(Path(d) / f"{device}.jsonl", path, device)
+        if d:
+            Path(d).mkdir(parents=True, exist_ok=True)
+        return PageTrace(Path(d) / f"{device}.jsonl" if d else None, path, device)
 
     def resident_mb(self) -> list[int]:
         """Pages of the weight file in the page cache, per MiB of the file (256 pages a bin), over
@@ -68,6 +66,8 @@ class PageTrace:
         return [int(x) for x in bins]
 
     def sample(self, tag: str, window: tuple[int, int], **extra: Any) -> None:
+        if self.fh is None:
+            return
         st = self.group.memory_stat() if self.group is not None else {}
         keep = ("cache", "rss", "mapped_file", "active_file", "inactive_file", "pgpgin", "pgmajfault",
                 "total_cache", "total_rss", "total_active_file", "total_inactive_file", "file", "anon")

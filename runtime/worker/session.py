@@ -1,5 +1,8 @@
 """One driver's run on a worker: set-up (stage, KV caches, ring link), residency (LOAD), the ring's
-compute loop, the head's sampling, and the measurements the driver collects."""
+compute loop, the head's sampling, and the measurements the driver collects.
+
+Longer than ~600 lines: one run's state machine (SETUP -> LOAD -> steps -> STATS); its parts with
+a concept of their own already live beside it (residency, prefetcher, sender, recorder, serving)."""
 
 from __future__ import annotations
 
@@ -214,13 +217,9 @@ class Session:
         """Drop this worker's weight pages (a cold start; the checkpoint's checks read a few): what
         the process holds afterwards is the runtime's own footprint, which the emulator measures
         before it limits the device's memory. The whole file, not only this worker's layers: the
-        kernel's read-around brings in the neighbours' bytes too, and those an earlier run left in
-        the page cache (charged to its removed cgroup, outside this device's limit) were found
-        there instead of read -- an lru device of the fidelity study read 14 MB a window where a
-        cold one reads 25 (experiments/results/lru_trace.md). Every worker is at this barrier
-        before any loads; pages another process maps stay (the kernel skips them)."""
+        read-around brings in the neighbours' bytes, and those an earlier run left in the page cache
+        (outside this device's limit) were found instead of read (experiments/results/lru_trace.md)."""
         ranges = self.stage.all_ranges()
-        drop_pages(ranges)
         drop_pages([(str(f), 0, os.path.getsize(f)) for f in self.stage.ckpt.files])
         return {"bytes": sum(r[2] for r in ranges), **process_memory()}
 
@@ -383,11 +382,9 @@ class Session:
                 x, kv = self.stage.run(kv, x, pos, i, i + 1)
                 res.evict_layer(i)
         else:
-            if self.ptrace is not None:
-                self.ptrace.sample("before", (s, e), pos=pos, step=step)
+            self.ptrace.sample("before", (s, e), pos=pos, step=step)
             x, kv = self.stage.run(kv, x, pos, s, e)
-            if self.ptrace is not None:
-                self.ptrace.sample("after", (s, e), pos=pos, step=step)
+            self.ptrace.sample("after", (s, e), pos=pos, step=step)
             if self.prefetcher is not None:  # lru: the next window, while the rest of the ring computes,
                 # as far as the page cache's room holds it (lru_room): WILLNEED of more than that
                 # evicts the window's own first pages before use, and a 37 MB window into ~20 MB of
