@@ -234,8 +234,10 @@ def test_refuses_to_listen_beyond_loopback_without_a_key(tmp_path: Path) -> None
 def test_queue_bound(client) -> None:  # type: ignore[no-untyped-def]
     """More requests than --max-queue (8) at once: the rest get 429 (the client would retry them)."""
     errors, done = [], []
+    go = threading.Barrier(14)  # all at once: started one by one, early ones finished before the last was sent
 
     def one() -> None:
+        go.wait(60)
         try:
             client.completions.create(model=MODEL, prompt=[1], max_tokens=30, extra_body={"ignore_eos": True})
             done.append(1)

@@ -142,6 +142,9 @@ class Engine:
         self.buckets = prefill_buckets(self.n_ctx, options.prefill_buckets)
         self.requests: dict[int, EngineRequest] = {}
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        # submissions put / taken from the inbox (each written by one thread): the ones in between
+        # count as waiting, so a burst that arrives before the engine thread drains is bounded too
+        self._put = self._taken = 0
         self.state = "starting"  # starting | ready | recovering | failed | closed
         self.error = ""
         self.events: list[dict[str, Any]] = []  # start-ups, departures, recoveries (what /status shows)
@@ -186,6 +189,7 @@ class Engine:
         if self.state in ("failed", "closed"):
             raise WorkerError(self.error or "the engine is not running", where="serve",
                               fix="restart primasim serve")
+        self._put += 1
         self.inbox.put(("submit", req))
         self._wake()
 
@@ -196,7 +200,7 @@ class Engine:
     def counts(self) -> dict[str, int]:
         reqs = list(self.requests.values())
         return {"running": sum(r.admitted is not None and not r.done for r in reqs),
-                "waiting": sum(r.admitted is None and not r.done for r in reqs)}
+                "waiting": sum(r.admitted is None and not r.done for r in reqs) + self._put - self._taken}
 
     def status(self) -> dict[str, Any]:
         d = self.driver
@@ -330,6 +334,7 @@ class Engine:
                 return
             if kind == "submit":
                 self.requests[arg.rid] = arg
+                self._taken += 1
                 if self.state == "ready":
                     self._send_submit(arg)
             elif kind == "cancel":
